@@ -1,0 +1,36 @@
+"""rollingq_kernels: fused attention with query rotation and RollingQ statistics.
+
+One call computes, in a single pass over K and V, the rotation of the chosen query rows,
+exact scaled-dot-product attention (online softmax, O(L) memory) and the statistics RollingQ
+needs (attention mass per modality, per-modality key sums, log-sum-exp).
+"""
+
+from ._stats import AttentionStats
+from .api import rolling_attention
+from .backends import NoBackendError, backend_status, registered_backends
+from .reference import (
+    attention_imbalance_rate,
+    key_modality_from_lengths,
+    modality_cosine,
+    rolling_attention_reference,
+    rollingq_target,
+    rollingq_weights,
+    rotation_between,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionStats",
+    "NoBackendError",
+    "attention_imbalance_rate",
+    "backend_status",
+    "key_modality_from_lengths",
+    "modality_cosine",
+    "registered_backends",
+    "rolling_attention",
+    "rolling_attention_reference",
+    "rollingq_target",
+    "rollingq_weights",
+    "rotation_between",
+]

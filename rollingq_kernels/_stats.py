@@ -1,0 +1,38 @@
+"""The statistics record every backend returns next to the attention output."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class AttentionStats(NamedTuple):
+    """What RollingQ needs from one attention call, computed in the same pass as the output.
+
+    A NamedTuple, so it is a pytree: it passes through ``torch.compile`` and DDP unchanged.
+    All fields are float32 (float64 when the inputs are float64) and carry no gradient.
+
+    Fields:
+        modality_mass: (B, H, Lq, M) -- sum of the softmax probabilities of query row i over the
+            keys of modality m. Keys with id -1 are attended but counted in no modality, so a row
+            sums to 1 minus its mass on those keys (0 for a row that sees no key).
+        key_sum: (B, H, M, D) -- sum of the unscaled keys of modality m over non-padded keys.
+        key_count: (B, M) -- number of non-padded keys of modality m.
+        lse: (B, H, Lq) -- natural-log log-sum-exp of the scaled scores of row i over its visible
+            keys; -inf for a row that sees no key.
+    """
+
+    modality_mass: torch.Tensor
+    key_sum: torch.Tensor
+    key_count: torch.Tensor
+    lse: torch.Tensor
+
+    @property
+    def num_modalities(self) -> int:
+        return self.key_count.shape[-1]
+
+    def key_mean(self) -> torch.Tensor:
+        """(B, H, M, D) mean key of each modality; zero where a modality has no key."""
+        count = self.key_count.clamp_min(1.0)[:, None, :, None]
+        return self.key_sum / count
