@@ -21,7 +21,7 @@ _SUPPORTED_DTYPES = {
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _check_tensor(name: str, t, *, optional: bool = False) -> None:
