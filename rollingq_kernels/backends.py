@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -109,23 +110,41 @@ class BackendSpec:
         return reasons
 
     def load(self):
-        return importlib.import_module(self.module)
+        """The implementing module (imported on first use); raises ImportError if it cannot be."""
+        why = _import_module(self.module)
+        if why:
+            raise ImportError(why)
+        return sys.modules[self.module]
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         """Every reason this backend cannot run ``p``; empty when it can."""
         reasons = self.static_reasons(p)
         if reasons:
             return reasons
-        try:
-            mod = self.load()
-        except ModuleNotFoundError as exc:
-            return [f"not available: {exc}"]
-        except Exception as exc:  # a broken optional dependency must not break dispatch
-            return [f"cannot be imported: {type(exc).__name__}: {exc}"]
+        why = _import_module(self.module)
+        if why:
+            return [why]
+        mod = sys.modules[self.module]
         why = mod.unavailable_reason()
         if why:
             return [why]
         return list(mod.unsupported_reasons(p))
+
+
+@torch.compiler.assume_constant_result
+def _import_module(name: str) -> str:
+    """Import a backend module; return "" or why it cannot be imported.
+
+    Marked constant so that torch.compile evaluates it once while tracing instead of breaking the
+    graph on the import machinery; the module is then read from sys.modules.
+    """
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        return f"not available: {exc}"
+    except Exception as exc:  # a broken optional dependency must not break dispatch
+        return f"cannot be imported: {type(exc).__name__}: {exc}"
+    return ""
 
 
 class NoBackendError(RuntimeError):
@@ -160,11 +179,8 @@ def backend_status(p: Optional[AttentionProblem] = None) -> Dict[str, List[str]]
         if p is not None:
             status[name] = spec.reasons(p)
             continue
-        try:
-            why = spec.load().unavailable_reason()
-            status[name] = [why] if why else []
-        except Exception as exc:
-            status[name] = [f"cannot be imported: {type(exc).__name__}: {exc}"]
+        why = _import_module(spec.module) or sys.modules[spec.module].unavailable_reason()
+        status[name] = [why] if why else []
     return status
 
 

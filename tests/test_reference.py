@@ -216,3 +216,19 @@ def test_random_orthogonal_helper_is_orthogonal():
     R = random_orthogonal(7, 3, dtype=torch.float64)
     eye = torch.eye(7, dtype=torch.float64)
     assert torch.allclose(R @ R.transpose(-1, -2), eye.expand(3, 7, 7), atol=1e-12)
+
+
+def test_torch_compile_fullgraph_through_validation_and_dispatch():
+    # Validation, dispatch and the reference must trace without a graph break.
+    c = make_case(2, 2, 7, 9, 8, rotation="shared", rows="subset", modalities=2, padding=True)
+    kw = dict(c.kwargs)
+
+    def f(q, k, v):
+        out, st = rolling_attention(q, k, v, **kw, backend="reference")
+        return out, st.modality_mass
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    out, mass = compiled(c.q, c.k, c.v)
+    want_out, want_st = rolling_attention_reference(c.q, c.k, c.v, **kw)
+    assert_close(out, want_out, rel=1e-12, name="out")
+    assert_close(mass, want_st.modality_mass, rel=1e-12, name="mass")
