@@ -252,8 +252,10 @@ class RollingQAttention(nn.Module):
         E = self.embed_dim
         w = self.in_proj_weight
         b = self.in_proj_bias
-        ws = (w[:E], w[E : 2 * E], w[2 * E :])
-        bs = (None, None, None) if b is None else (b[:E], b[E : 2 * E], b[2 * E :])
+        # unbind, not three slices: its backward writes one (3E, E) gradient instead of
+        # zero-filling a full-size gradient per slice
+        ws = w.view(3, E, E).unbind(0)
+        bs = (None, None, None) if b is None else b.view(3, E).unbind(0)
         return ws, bs
 
     def forward(
