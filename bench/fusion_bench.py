@@ -11,8 +11,9 @@ tokens behind a [CLS] token (L = 1101), float32, gradients to every parameter an
              side, the kernel attends from one query per head over the raw tokens.
 
 Both RollingQFusion rows also return the RollingQ statistics (need_stats=True), as in training.
-Each row reports median / p20 / p80 of the step, the speed-up over the unfused step measured in
-the same process, and the loss and gradient errors relative to the unfused step.
+Each row reports median / p20 / p80 of the step, the speed-up over the unfused step (the median of
+per-round ratios; the rounds interleave the three steps, so load changes on a shared machine hit
+both sides of each ratio), and the loss and gradient errors relative to the unfused step.
 
     python -m bench.fusion_bench [--quick]
 """
@@ -35,21 +36,9 @@ from rollingq_kernels import RollingQFusion
 from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import select_backend
 
-try:  # the shared harness, when present
-    from bench.harness import machine_info, time_fn
+try:  # the shared harness's machine description, when present
+    from bench.harness import machine_info
 except ImportError:  # pragma: no cover - standalone use
-
-    def time_fn(fn: Callable[[], object], *, warmup: int = 2, reps: int = 7, **_) -> Dict:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-        return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
 
     def machine_info() -> Dict[str, str]:
         return {
@@ -58,6 +47,12 @@ except ImportError:  # pragma: no cover - standalone use
             "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
         }
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 CLASSES = 10
@@ -139,28 +134,43 @@ def run(quick: bool = False) -> List[dict]:
             max(_rel(a, b) for a, b in zip(grads, ref_grads)),
         )
 
-    reps = {
-        "unfused": 2 if quick else 5,
-        "projected": 3 if quick else 7,
-        "absorbed": 10 if quick else 30,
-    }
-    timings = {
-        k: time_fn(step(k), warmup=1 if k == "unfused" else 3, reps=n) for k, n in reps.items()
-    }
+    # Interleaved rounds: each round times every step back to back, so a load change on a
+    # shared machine hits both sides of a ratio; the speed-up is the median of per-round ratios.
+    rounds = 2 if quick else 4
+    per_round = {"unfused": 1, "projected": 1, "absorbed": 3 if quick else 7}
+    kinds = list(per_round)
+    fns = {k: step(k) for k in kinds}
+    for k in kinds:  # warm-up
+        for _ in range(1 if k == "unfused" else 3):
+            fns[k]()
+    samples = {k: [] for k in kinds}
+    ratios = {k: [] for k in kinds}
+    for _ in range(rounds):
+        round_ms = {}
+        for k in kinds:
+            times = [_time_ms(fns[k]) for _ in range(per_round[k])]
+            samples[k].extend(times)
+            round_ms[k] = statistics.median(times)
+        for k in kinds:
+            ratios[k].append(round_ms["unfused"] / round_ms[k])
     info = machine_info()
     backend = _backend_name(fusion.sequence(tokens)[0].detach())
-    base = timings["unfused"]["median_ms"]
     rows = []
-    for kind, t in timings.items():
+    for kind in kinds:
+        t = sorted(samples[kind])
+        q = statistics.quantiles(t, n=5) if len(t) >= 2 else [t[0]] * 4
         rows.append(
             {
                 "step": kind,
                 "shape": f"B={B} E={E} H={H} L=1+{lengths[0]}+{lengths[1]}",
                 "backend": "torch" if kind == "unfused" else backend,
-                "median_ms": t["median_ms"],
-                "p20_ms": t["p20_ms"],
-                "p80_ms": t["p80_ms"],
-                "speedup": base / t["median_ms"],
+                "median_ms": statistics.median(t),
+                "p20_ms": q[0],
+                "p80_ms": q[3],
+                "speedup": statistics.median(ratios[kind]),
+                "speedup_min": min(ratios[kind]),
+                "speedup_max": max(ratios[kind]),
+                "runs": len(t),
                 "loss_rel_err": errors[kind][0],
                 "grad_rel_err": errors[kind][1],
                 "threads": torch.get_num_threads(),
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(
             f"{r['step']:<10} {r['backend']:<10} {r['median_ms']:>10.2f} {r['p20_ms']:>9.2f} "
-            f"{r['p80_ms']:>9.2f} {r['speedup']:>8.1f}x {r['loss_rel_err']:>9.1e} "
+            f"{r['p80_ms']:>9.2f} {r['speedup']:>8.1f}x "
+            f"{r['speedup_min']:>6.1f}..{r['speedup_max']:<5.1f} {r['loss_rel_err']:>9.1e} "
             f"{r['grad_rel_err']:>9.1e}"
         )
     return 0

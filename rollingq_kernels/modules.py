@@ -392,6 +392,65 @@ class RollingQAttention(nn.Module):
         return out, RollingQStats(kstats, tracked, row)
 
 
+class SharedHeadAttentionFunction(torch.autograd.Function):
+    """One query row per head over keys = values = x, shared by all heads (Lq = 1).
+
+    Forward: :func:`rolling_attention` on ``a`` (H, E) broadcast over the batch and ``x``
+    (B, L, E) broadcast over the heads (stride-0 views), with statistics (the log-sum-exp is
+    needed for the backward). Returns (mixed (B, H, E), modality_mass, key_sum, key_count, lse);
+    only ``mixed`` is differentiable.
+
+    Backward, written for this shape because both gradients are rank one per (sample, head):
+    with p_j = exp(scale a.x_j - lse) and ds_j = p_j (g.x_j - g.mixed) for the incoming g,
+    dx_j = sum_h (scale ds_hj a_h + p_hj g_h) and da_h = scale sum_j ds_hj x_j. That is two reads of
+    x and one write of dx in x's own layout, instead of a generic attention backward that
+    materialises separate (B, H, L, E) key and value gradients and then sums them over the heads.
+    """
+
+    @staticmethod
+    def forward(ctx, a, x, keep, ids, num_modalities, scale, backend):
+        B, L, E = x.shape
+        H = a.shape[0]
+        mixed, st = rolling_attention(
+            a.view(1, H, 1, E).expand(B, H, 1, E),
+            x.unsqueeze(1).expand(B, H, L, E),
+            x.unsqueeze(1).expand(B, H, L, E),
+            key_modality=ids,
+            num_modalities=num_modalities,
+            key_padding_mask=keep,
+            scale=scale,
+            return_stats=True,
+            backend=backend,
+        )
+        mixed = mixed[:, :, 0]
+        ctx.save_for_backward(a, x, keep, mixed, st.lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(*st)
+        return (mixed, *st)
+
+    @staticmethod
+    def backward(ctx, g, *unused):
+        a, x, keep, mixed, lse = ctx.saved_tensors
+        scale = ctx.scale
+        B, L, E = x.shape
+        H = a.shape[0]
+        g = g.to(x.dtype)
+        # one pass over x for both a.x_j and g.x_j: (B, L, 2H)
+        both = torch.cat([a.unsqueeze(0).expand(B, H, E), g], dim=1)  # (B, 2H, E)
+        dots = torch.bmm(x, both.transpose(1, 2))
+        acc = lse.dtype
+        logits = dots[..., :H].to(acc) * scale - lse[:, :, 0].unsqueeze(1)  # (B, L, H)
+        p = torch.exp(logits)
+        if keep is not None:  # where, not a product: a padded key's exp may overflow
+            p = p.masked_fill(~keep.unsqueeze(-1), 0.0)
+        delta = (g.to(acc) * mixed.to(acc)).sum(-1).unsqueeze(1)  # (B, 1, H)
+        ds = p * (dots[..., H:].to(acc) - delta)
+        coef = torch.cat([ds * scale, p], dim=-1).to(x.dtype)  # (B, L, 2H)
+        dx = torch.bmm(coef, both)  # (B, L, E), contiguous
+        da = (ds * scale).to(x.dtype).reshape(B * L, H).transpose(0, 1) @ x.reshape(B * L, E)
+        return da, dx, None, None, None, None, None
+
+
 class RollingQFusion(nn.Module):
     """The paper's attention fusion: [CLS | tokens of modality 0 | modality 1 | ...] -> [CLS].
 
@@ -532,21 +591,18 @@ class RollingQFusion(nn.Module):
         qh = q.view(H, D)
         # (H, E): each head's query pulled back through its key projection
         absorbed = torch.einsum("hd,hde->he", qh, wk.view(H, D, E))
-        q4 = absorbed.view(1, H, 1, E).expand(B, H, 1, E)
-        kv = x.unsqueeze(1).expand(B, H, L, E)  # one shared key/value head, stride 0 over H
-        result = rolling_attention(
-            q4,
-            kv,
-            kv,
-            key_modality=ids if need_stats else None,
-            num_modalities=M if need_stats else None,
-            key_padding_mask=_mha_to_keep_mask(pad, "padding_masks"),
-            scale=1.0 / math.sqrt(D),
-            return_stats=need_stats,
-            backend=attn.backend,
+        outputs = SharedHeadAttentionFunction.apply(
+            absorbed,
+            x,
+            _mha_to_keep_mask(pad, "padding_masks"),
+            ids if need_stats else None,
+            M if need_stats else None,
+            1.0 / math.sqrt(D),
+            attn.backend,
         )
-        mixed, kstats = result if need_stats else (result, None)  # (B, H, 1, E)
-        heads = torch.einsum("bhe,hde->bhd", mixed[:, :, 0], wv.view(H, D, E))
+        mixed = outputs[0]  # (B, H, E)
+        kstats = AttentionStats(*outputs[1:])
+        heads = torch.einsum("bhe,hde->bhd", mixed, wv.view(H, D, E))
         if bv is not None:
             heads = heads + bv.view(H, D)
         out = attn.out_proj(heads.reshape(B, E))

@@ -283,3 +283,34 @@ def test_fusion_stats_are_the_projected_keys():
     assert stats.attention.key_count.tolist() == [[4.0, 6.0, 3.0]] * B
     mass = stats.attention.modality_mass.sum(-1)  # (B, H, 1): all but the [CLS] key's share
     assert bool(((mass > 0) & (mass < 1)).all())
+
+
+def test_shared_head_attention_gradcheck_and_huge_padded_tokens():
+    from rollingq_kernels.modules import SharedHeadAttentionFunction
+
+    g = torch.Generator().manual_seed(88)
+    B, L, E, H = 2, 7, 6, 3
+    a = torch.randn(H, E, dtype=F64, generator=g, requires_grad=True)
+    x = torch.randn(B, L, E, dtype=F64, generator=g, requires_grad=True)
+    keep = torch.rand(B, L, generator=g) < 0.7
+    keep[:, 0] = True
+
+    def mixed(a, x):
+        return SharedHeadAttentionFunction.apply(a, x, keep, None, None, 0.4, "auto")[0]
+
+    assert torch.autograd.gradcheck(mixed, (a, x))
+    # padded tokens with enormous values: their exp would overflow; they must still get
+    # exactly zero gradient and leave every other gradient finite and right
+    x_big = x.detach().clone()
+    x_big[~keep] = 1e6
+    x_big.requires_grad_(True)
+    out = mixed(a, x_big)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    assert torch.isfinite(x_big.grad).all() and torch.isfinite(a.grad).all()
+    assert bool((x_big.grad[~keep] == 0).all())
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref = a.detach().clone().requires_grad_(True)
+    (mixed(a_ref, x_ref) * w).sum().backward()
+    assert_close(x_big.grad[keep], x_ref.grad[keep], rel=1e-12, name="dx")
+    assert_close(a.grad, a_ref.grad, rel=1e-12, name="da")
