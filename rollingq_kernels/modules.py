@@ -395,26 +395,30 @@ class RollingQAttention(nn.Module):
 class SharedHeadAttentionFunction(torch.autograd.Function):
     """One query row per head over keys = values = x, shared by all heads (Lq = 1).
 
-    Forward: :func:`rolling_attention` on ``a`` (H, E) broadcast over the batch and ``x``
-    (B, L, E) broadcast over the heads (stride-0 views), with statistics (the log-sum-exp is
-    needed for the backward). Returns (mixed (B, H, E), modality_mass, key_sum, key_count, lse);
-    only ``mixed`` is differentiable.
+    ``apply(a, keep, ids, num_modalities, scale, backend, *segments)``: x (B, L, E) is the
+    concatenation of ``segments`` (each (B, L_s, E)) along L. Forward: :func:`rolling_attention`
+    on ``a`` (H, E) broadcast over the batch and x broadcast over the heads (stride-0 views), with
+    statistics (the log-sum-exp is needed for the backward). Returns (mixed (B, H, E),
+    modality_mass, key_sum, key_count, lse); only ``mixed`` is differentiable.
 
     Backward, written for this shape because both gradients are rank one per (sample, head):
     with p_j = exp(scale a.x_j - lse) and ds_j = p_j (g.x_j - g.mixed) for the incoming g,
-    dx_j = sum_h (scale ds_hj a_h + p_hj g_h) and da_h = scale sum_j ds_hj x_j. That is two reads of
-    x and one write of dx in x's own layout, instead of a generic attention backward that
-    materialises separate (B, H, L, E) key and value gradients and then sums them over the heads.
+    dx_j = sum_h (scale ds_hj a_h + p_hj g_h) and da_h = scale sum_j ds_hj x_j. Per segment that
+    is two reads of its tokens and one write of their gradient, as a fresh tensor the optimiser can
+    take without a copy -- instead of a generic attention backward that materialises separate
+    (B, H, L, E) key and value gradients in different layouts and sums them over the heads.
     """
 
     @staticmethod
-    def forward(ctx, a, x, keep, ids, num_modalities, scale, backend):
+    def forward(ctx, a, keep, ids, num_modalities, scale, backend, *segments):
+        x = torch.cat(segments, dim=1) if len(segments) > 1 else segments[0]
         B, L, E = x.shape
         H = a.shape[0]
+        kv = x.unsqueeze(1).expand(B, H, L, E)
         mixed, st = rolling_attention(
             a.view(1, H, 1, E).expand(B, H, 1, E),
-            x.unsqueeze(1).expand(B, H, L, E),
-            x.unsqueeze(1).expand(B, H, L, E),
+            kv,
+            kv,
             key_modality=ids,
             num_modalities=num_modalities,
             key_padding_mask=keep,
@@ -423,32 +427,44 @@ class SharedHeadAttentionFunction(torch.autograd.Function):
             backend=backend,
         )
         mixed = mixed[:, :, 0]
-        ctx.save_for_backward(a, x, keep, mixed, st.lse)
+        # the segments, not x: x is freed now, and the backward works segment by segment
+        ctx.save_for_backward(a, keep, mixed, st.lse, *segments)
         ctx.scale = scale
         ctx.mark_non_differentiable(*st)
         return (mixed, *st)
 
     @staticmethod
     def backward(ctx, g, *unused):
-        a, x, keep, mixed, lse = ctx.saved_tensors
+        a, keep, mixed, lse, *segments = ctx.saved_tensors
         scale = ctx.scale
-        B, L, E = x.shape
-        H = a.shape[0]
-        g = g.to(x.dtype)
-        # one pass over x for both a.x_j and g.x_j: (B, L, 2H)
-        both = torch.cat([a.unsqueeze(0).expand(B, H, E), g], dim=1)  # (B, 2H, E)
-        dots = torch.bmm(x, both.transpose(1, 2))
+        H, E = a.shape
+        B = g.shape[0]
+        dtype = segments[0].dtype
         acc = lse.dtype
-        logits = dots[..., :H].to(acc) * scale - lse[:, :, 0].unsqueeze(1)  # (B, L, H)
-        p = torch.exp(logits)
-        if keep is not None:  # where, not a product: a padded key's exp may overflow
-            p = p.masked_fill(~keep.unsqueeze(-1), 0.0)
+        both = torch.cat([a.unsqueeze(0).expand(B, H, E), g.to(dtype)], dim=1)  # (B, 2H, E)
         delta = (g.to(acc) * mixed.to(acc)).sum(-1).unsqueeze(1)  # (B, 1, H)
-        ds = p * (dots[..., H:].to(acc) - delta)
-        coef = torch.cat([ds * scale, p], dim=-1).to(x.dtype)  # (B, L, 2H)
-        dx = torch.bmm(coef, both)  # (B, L, E), contiguous
-        da = (ds * scale).to(x.dtype).reshape(B * L, H).transpose(0, 1) @ x.reshape(B * L, E)
-        return da, dx, None, None, None, None, None
+        lse_row = lse[:, :, 0].unsqueeze(1)  # (B, 1, H)
+        da = torch.zeros(H, E, dtype=dtype, device=a.device)
+        grads = []
+        start = 0
+        for seg in segments:
+            n = seg.shape[1]
+            if not ctx.needs_input_grad[6 + len(grads)] and not ctx.needs_input_grad[0]:
+                grads.append(None)
+                start += n
+                continue
+            dots = torch.bmm(seg.expand(B, n, E), both.transpose(1, 2))  # (B, n, 2H): a.x, g.x
+            p = torch.exp(dots[..., :H].to(acc) * scale - lse_row)
+            if keep is not None:  # where, not a product: a padded key's exp may overflow
+                p = p.masked_fill(~keep[:, start : start + n].unsqueeze(-1), 0.0)
+            ds = p * (dots[..., H:].to(acc) - delta)
+            coef = torch.cat([ds * scale, p], dim=-1).to(dtype)  # (B, n, 2H)
+            grads.append(torch.bmm(coef, both) if ctx.needs_input_grad[6 + len(grads)] else None)
+            da += coef[..., :H].reshape(B * n, H).transpose(0, 1) @ seg.expand(B, n, E).reshape(
+                B * n, E
+            )
+            start += n
+        return (da, None, None, None, None, None, *grads)
 
 
 class RollingQFusion(nn.Module):
@@ -512,6 +528,11 @@ class RollingQFusion(nn.Module):
 
         ``padding_masks``: one bool (B, L_m) or None per modality, True = padding (ignored).
         """
+        segments, ids, pad = self._segments(tokens, padding_masks)
+        return torch.cat(segments, dim=1), ids, pad
+
+    def _segments(self, tokens, padding_masks):
+        # ([cls (B, 1, E), *tokens], ids, pad): the pieces of the sequence, not yet concatenated
         if len(tokens) == 0:
             raise ValueError("tokens must hold at least one modality")
         B = tokens[0].shape[0]
@@ -522,9 +543,8 @@ class RollingQFusion(nn.Module):
                     f"tokens[{m}] must have shape ({B}, L_{m}, {E}); got {tuple(t.shape)}"
                 )
         cls = self.cls_token.view(1, 1, E).expand(B, 1, E).to(tokens[0].dtype)
-        x = torch.cat([cls, *tokens], dim=1)
         lengths = [1] + [t.shape[1] for t in tokens]
-        ids = key_modality_from_lengths(lengths, [False] + [True] * len(tokens), device=x.device)
+        ids = key_modality_from_lengths(lengths, [False] + [True] * len(tokens), device=cls.device)
         pad = None
         if padding_masks is not None:
             if len(padding_masks) != len(tokens):
@@ -532,10 +552,10 @@ class RollingQFusion(nn.Module):
                     f"padding_masks needs one entry per modality ({len(tokens)}); got {len(padding_masks)}"
                 )
             if any(p is not None for p in padding_masks):
-                parts = [torch.zeros(B, 1, dtype=torch.bool, device=x.device)]
+                parts = [torch.zeros(B, 1, dtype=torch.bool, device=cls.device)]
                 for m, (p, t) in enumerate(zip(padding_masks, tokens)):
                     if p is None:
-                        p = torch.zeros(B, t.shape[1], dtype=torch.bool, device=x.device)
+                        p = torch.zeros(B, t.shape[1], dtype=torch.bool, device=cls.device)
                     elif p.dtype != torch.bool or tuple(p.shape) != (B, t.shape[1]):
                         raise ValueError(
                             f"padding_masks[{m}] must be bool ({B}, {t.shape[1]}); got "
@@ -543,7 +563,7 @@ class RollingQFusion(nn.Module):
                         )
                     parts.append(p)
                 pad = torch.cat(parts, dim=1)
-        return x, ids, pad
+        return [cls, *tokens], ids, pad
 
     def forward(
         self,
@@ -567,6 +587,9 @@ class RollingQFusion(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {list(self.MODES)}; got {mode!r}")
+        if mode == "absorbed":
+            segments, ids, pad = self._segments(tokens, padding_masks)
+            return self._absorbed(segments, ids, pad, len(tokens), need_stats)
         x, ids, pad = self.sequence(tokens, padding_masks)
         M = len(tokens)
         kw = {"key_padding_mask": pad, "need_stats": need_stats}
@@ -575,17 +598,16 @@ class RollingQFusion(nn.Module):
         if mode == "full":
             out, stats = self.attn(x, **kw)
             return out[:, 0], stats
-        if mode == "projected":
-            out, stats = self.attn(x[:, :1], x, **kw)
-            return out[:, 0], stats
-        return self._absorbed(x, ids, pad, M, need_stats)
+        out, stats = self.attn(x[:, :1], x, **kw)
+        return out[:, 0], stats
 
-    def _absorbed(self, x, ids, pad, M, need_stats):
+    def _absorbed(self, segments, ids, pad, M, need_stats):
         attn = self.attn
-        B, L, E = x.shape
+        B, E = segments[0].shape[0], self.embed_dim
+        dtype = segments[0].dtype
         H, D = attn.num_heads, attn.head_dim
         (wq, wk, wv), (bq, bk, bv) = attn._split()
-        q = F.linear(self.cls_token.to(x.dtype), wq, bq)  # (E,): the same [CLS] query per sample
+        q = F.linear(self.cls_token.to(dtype), wq, bq)  # (E,): the same [CLS] query per sample
         if not attn._rotation_plan()["identity"]:
             q = attn.rotation @ q
         qh = q.view(H, D)
@@ -593,12 +615,12 @@ class RollingQFusion(nn.Module):
         absorbed = torch.einsum("hd,hde->he", qh, wk.view(H, D, E))
         outputs = SharedHeadAttentionFunction.apply(
             absorbed,
-            x,
             _mha_to_keep_mask(pad, "padding_masks"),
             ids if need_stats else None,
             M if need_stats else None,
             1.0 / math.sqrt(D),
             attn.backend,
+            *segments,
         )
         mixed = outputs[0]  # (B, H, E)
         kstats = AttentionStats(*outputs[1:])

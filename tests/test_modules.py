@@ -291,26 +291,28 @@ def test_shared_head_attention_gradcheck_and_huge_padded_tokens():
     g = torch.Generator().manual_seed(88)
     B, L, E, H = 2, 7, 6, 3
     a = torch.randn(H, E, dtype=F64, generator=g, requires_grad=True)
-    x = torch.randn(B, L, E, dtype=F64, generator=g, requires_grad=True)
+    x = torch.randn(B, L, E, dtype=F64, generator=g)
     keep = torch.rand(B, L, generator=g) < 0.7
     keep[:, 0] = True
 
-    def mixed(a, x):
-        return SharedHeadAttentionFunction.apply(a, x, keep, None, None, 0.4, "auto")[0]
+    def mixed(a, x0, x1):  # the sequence in two segments, as the fusion passes it
+        return SharedHeadAttentionFunction.apply(a, keep, None, None, 0.4, "auto", x0, x1)[0]
 
-    assert torch.autograd.gradcheck(mixed, (a, x))
+    x0, x1 = (t.clone().requires_grad_(True) for t in (x[:, :3], x[:, 3:]))
+    assert torch.autograd.gradcheck(mixed, (a, x0, x1))
     # padded tokens with enormous values: their exp would overflow; they must still get
     # exactly zero gradient and leave every other gradient finite and right
-    x_big = x.detach().clone()
+    x_big = x.clone()
     x_big[~keep] = 1e6
-    x_big.requires_grad_(True)
-    out = mixed(a, x_big)
+    b0, b1 = (t.clone().requires_grad_(True) for t in (x_big[:, :3], x_big[:, 3:]))
+    out = mixed(a, b0, b1)
     w = torch.randn_like(out)
     (out * w).sum().backward()
-    assert torch.isfinite(x_big.grad).all() and torch.isfinite(a.grad).all()
-    assert bool((x_big.grad[~keep] == 0).all())
-    x_ref = x.detach().clone().requires_grad_(True)
+    dx_big = torch.cat([b0.grad, b1.grad], 1)
+    assert torch.isfinite(dx_big).all() and torch.isfinite(a.grad).all()
+    assert bool((dx_big[~keep] == 0).all())
     a_ref = a.detach().clone().requires_grad_(True)
-    (mixed(a_ref, x_ref) * w).sum().backward()
-    assert_close(x_big.grad[keep], x_ref.grad[keep], rel=1e-12, name="dx")
+    (mixed(a_ref, x0, x1) * w).sum().backward()
+    dx_ref = torch.cat([x0.grad, x1.grad], 1)
+    assert_close(dx_big[keep], dx_ref[keep], rel=1e-12, name="dx")
     assert_close(a.grad, a_ref.grad, rel=1e-12, name="da")
