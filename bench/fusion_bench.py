@@ -183,7 +183,10 @@ def run(quick: bool = False) -> List[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0: as is)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine_info()
     print(
         f"machine: {info.get('cpu')}, torch {torch.__version__}, threads {torch.get_num_threads()}"

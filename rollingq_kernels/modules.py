@@ -331,11 +331,16 @@ class RollingQAttention(nn.Module):
         kernel_rotation = None
         kernel_rows = None
         explicit_rows = None
+        folded = False
         if not plan["identity"] and rows != ():
-            if rows is None:
-                # every row: R (W_q x + b_q) = (R W_q) x + R b_q, an (E, E, E) product per call
+            if rows is None and B * Lq > E:
+                # every row: R (W_q x + b_q) = (R W_q) x + R b_q, one (E, E, E) product per call,
+                # cheaper than rotating B * Lq > E rows
                 wq = R @ wq
                 bq = None if bq is None else R @ bq
+                folded = True
+            elif rows is None:
+                explicit_rows = tuple(range(Lq))
             elif plan["per_head"] is not None:
                 kernel_rotation = plan["per_head"]
                 sel = torch.zeros(Lq, dtype=torch.bool)
@@ -344,7 +349,6 @@ class RollingQAttention(nn.Module):
             else:
                 explicit_rows = rows
 
-        folded = not plan["identity"] and rows is None
         if self_attention and not folded:
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
@@ -355,7 +359,9 @@ class RollingQAttention(nn.Module):
             else:
                 k = F.linear(key, wk, bk)
                 v = F.linear(value, wv, bv)
-        if explicit_rows is not None:
+        if explicit_rows is not None and len(explicit_rows) == Lq:
+            q = q @ R.transpose(0, 1)
+        elif explicit_rows is not None:
             idx = torch.tensor(explicit_rows, device=q.device)
             q = q.index_copy(1, idx, q.index_select(1, idx) @ R.transpose(0, 1))
 
@@ -387,7 +393,7 @@ class RollingQAttention(nn.Module):
         row = min(self.tracked_row(), Lq - 1)
         with torch.no_grad():
             tracked = q[:, row].detach()
-            if kernel_rotation is not None and bool(kernel_rows[row]):
+            if kernel_rotation is not None and row in rows:
                 tracked = tracked @ R.transpose(0, 1)
         return out, RollingQStats(kstats, tracked, row)
 

@@ -97,18 +97,19 @@ def _block_diagonal(H, D, g):
 
 
 @pytest.mark.parametrize(
-    "H,structure,rows",
+    "H,structure,rows,L",
     [
-        (4, "dense", (0,)),  # a separate matmul on the [CLS] row
-        (4, "dense", (0, 3)),
-        (4, "block", (0,)),  # the kernel's per-head rotation
-        (1, "dense", (0, 2)),  # one head: always the kernel's rotation
-        (4, "dense", "all"),  # folded into the query projection
-        (4, "dense", (0, 1, 2, 3, 4, 5, 6)),  # every row listed: folded too
+        (4, "dense", (0,), 7),  # a separate matmul on the [CLS] row
+        (4, "dense", (0, 3), 7),
+        (4, "block", (0,), 7),  # the kernel's per-head rotation
+        (1, "dense", (0, 2), 7),  # one head: always the kernel's rotation
+        (4, "dense", "all", 7),  # B * L <= E: every row rotated after the projection
+        (4, "dense", "all", 9),  # B * L > E: folded into the query projection
+        (4, "dense", (0, 1, 2, 3, 4, 5, 6, 7, 8), 9),  # every row listed: folded too
     ],
 )
-def test_cls_rotation_matches_multihead_attention_on_rotated_queries(H, structure, rows):
-    E, B, L = 24, 3, 7
+def test_cls_rotation_matches_multihead_attention_on_rotated_queries(H, structure, rows, L):
+    E, B = 24, 3
     D = E // H
     g = torch.Generator().manual_seed(100 + H + len(rows))
     mha = _mha(E, H, seed=5)
