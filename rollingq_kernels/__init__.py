@@ -8,6 +8,8 @@ needs (attention mass per modality, per-modality key sums, log-sum-exp).
 from ._stats import AttentionStats
 from .api import rolling_attention
 from .backends import NoBackendError, backend_status, registered_backends
+from .controller import RollingQ, RollingQReport
+from .modules import RollingQAttention, RollingQFusion, RollingQStats
 from .reference import (
     attention_imbalance_rate,
     key_modality_from_lengths,
@@ -23,6 +25,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats",
     "NoBackendError",
+    "RollingQ",
+    "RollingQAttention",
+    "RollingQFusion",
+    "RollingQReport",
+    "RollingQStats",
     "attention_imbalance_rate",
     "backend_status",
     "key_modality_from_lengths",
