@@ -3,7 +3,8 @@
 // Everything here is a small inline function marked RQ_HD: __host__ __device__ under nvcc,
 // plain inline under a host compiler. The kernels call exactly these functions for the
 // online-softmax update, the split-K merge, masks and tile bounds, so a host program that runs
-// the same tile loop with them (csrc/cuda/host_emulation.cpp) checks the algorithm on the CPU.
+// the same tile loop with them (csrc/cuda/emulation/host_emulation.cpp) checks the algorithm on
+// the CPU.
 #pragma once
 
 #include <cstdint>
