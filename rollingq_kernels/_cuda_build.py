@@ -76,3 +76,16 @@ def find_nvcc() -> Optional[str]:
             if os.path.exists(cand):
                 return cand
     return shutil.which("nvcc")
+
+
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit root (with include/cuda_runtime_api.h), or None."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = find_nvcc()
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands.append("/usr/local/cuda")
+    for home in cands:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
