@@ -329,3 +329,24 @@ def test_forward_path_choice(lib):
 def test_generic_block_size_fits_shared_memory(lib):
     for per_warp, want in [(1024, 4), (9220, 4), (12288, 4), (16388, 2), (30000, 1), (90000, 1)]:
         assert lib.rq_generic_warps_per_block(per_warp) == want
+
+
+@pytest.mark.parametrize("d,n", [(64, 64), (128, 64), (16, 32)])
+def test_tensor_core_fragment_addressing(lib, d, n):
+    # One warp of the tensor-core kernel: its smem addressing (mma_layout.h) feeding mma.sync as
+    # the PTX ISA lays out the fragments (emulated), S = Q K^T -> P (repacked from the
+    # accumulators) -> O = P V, must equal the matrix product.
+    ld = d + 8  # the kernel's padded row pitch
+    g = torch.Generator().manual_seed(d + n)
+    Q = torch.randn(16, ld, generator=g)
+    K = torch.randn(n, ld, generator=g)
+    V = torch.randn(n, ld, generator=g)
+    out = torch.full((16, d), float("nan"))
+    f = ctypes.POINTER(ctypes.c_float)
+    lib.rq_mma_warp_tile.argtypes = [f, f, f, ctypes.c_int, ctypes.c_int, ctypes.c_int, f]
+    ptrs = [ctypes.cast(t.data_ptr(), f) for t in (Q, K, V)]
+    assert lib.rq_mma_warp_tile(*ptrs, d, n, ld, ctypes.cast(out.data_ptr(), f)) == 0
+    q, k, v = (t[:, :d].double() for t in (Q, K, V))
+    want = (0.01 * (q @ k.T).float().double()) @ v
+    assert_close(out, want, rel=1e-5, name="warp tile O")
+    assert lib.rq_mma_layout_consistent() == 1

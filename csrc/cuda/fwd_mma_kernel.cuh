@@ -10,6 +10,7 @@
 
 #include "device_utils.cuh"
 #include "dispatch.h"
+#include "mma_layout.h"
 
 namespace rollingq {
 
@@ -96,19 +97,17 @@ __global__ void __launch_bounds__(MmaFwdTraits<kD>::kThreads)
   }
 
   // A fragments of this warp's 16 rows for the whole head dim stay in registers.
-  const int r0 = warp * 16 + g;
   uint32_t qa[kD / 16][4];
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
-    const T* q0 = Qs + r0 * kLd + ks * 16 + 2 * t;
-    const T* q1 = q0 + 8 * kLd;
-    qa[ks][0] = *reinterpret_cast<const uint32_t*>(q0);
-    qa[ks][1] = *reinterpret_cast<const uint32_t*>(q1);
-    qa[ks][2] = *reinterpret_cast<const uint32_t*>(q0 + 8);
-    qa[ks][3] = *reinterpret_cast<const uint32_t*>(q1 + 8);
+    const T* qtile = Qs + warp * 16 * kLd + ks * 16;
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg)
+      qa[ks][reg] = *reinterpret_cast<const uint32_t*>(qtile + mma::a_offset(lane, reg, kLd));
   }
 
-  // Each lane owns two rows (r0 and r0 + 8) of the warp's tile.
+  // Each lane owns two rows of the warp's tile: r0 (C elements 0, 1) and r0 + 8 (elements 2, 3).
+  const int r0 = warp * 16 + g;
   const int64_t row_i[2] = {m0 + r0, m0 + r0 + 8};
   float acc_o[kD / 8][4];
 #pragma unroll
@@ -139,9 +138,10 @@ __global__ void __launch_bounds__(MmaFwdTraits<kD>::kThreads)
     for (int ks = 0; ks < kD / 16; ++ks) {
 #pragma unroll
       for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        const T* kp = Ks + (nt * 8 + g) * kLd + ks * 16 + 2 * t;
-        dev::mma_16816<T>(s[nt], qa[ks], *reinterpret_cast<const uint32_t*>(kp),
-                          *reinterpret_cast<const uint32_t*>(kp + 8));
+        const T* kp = Ks + nt * 8 * kLd + ks * 16;
+        dev::mma_16816<T>(s[nt], qa[ks],
+                          *reinterpret_cast<const uint32_t*>(kp + mma::b_offset_nk(lane, 0, kLd)),
+                          *reinterpret_cast<const uint32_t*>(kp + mma::b_offset_nk(lane, 1, kLd)));
       }
     }
 
@@ -151,8 +151,8 @@ __global__ void __launch_bounds__(MmaFwdTraits<kD>::kThreads)
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int col = nt * 8 + 2 * t + (e & 1);
+        const int r = e >> 1;  // row r0 + 8 r == warp * 16 + mma::c_row(lane, e)
+        const int col = nt * 8 + mma::c_col(lane, e);
         const bool vis = tile::visible(row_i[r], n0 + col, codes[col], kCausal);
         const float x = vis ? s[nt][e] * scale : tile::neg_inf_f();
         s[nt][e] = x;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(MmaFwdTraits<kD>::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const int col = nt * 8 + 2 * t + (e & 1);
+        const int col = nt * 8 + mma::c_col(lane, e);
         const float pr = tile::prob(s[nt][e], m_run[r]);
         s[nt][e] = pr;
         l_run[r] += pr;
@@ -193,16 +193,19 @@ __global__ void __launch_bounds__(MmaFwdTraits<kD>::kThreads)
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t pa[4];
-      pa[0] = dev::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = dev::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = dev::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = dev::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const float* st = s[2 * kk + mma::c_tile(reg)];
+        pa[reg] = dev::pack2<T>(st[mma::c_elem(reg, 0)], st[mma::c_elem(reg, 1)]);
+      }
 #pragma unroll
       for (int nt = 0; nt < kD / 8; ++nt) {
-        // B[k][n] = V[key k][n]: the two halves of b0 come from rows 2t and 2t + 1.
-        const T* vp = Vs + (kk * 16 + 2 * t) * kLd + nt * 8 + g;
-        const uint32_t b0 = dev::pack2_raw(vp, vp + kLd);
-        const uint32_t b1 = dev::pack2_raw(vp + 8 * kLd, vp + 9 * kLd);
+        // B[k][n] = V[key k][n]: the two halves of a register come from two key rows.
+        const T* vp = Vs + kk * 16 * kLd + nt * 8;
+        const uint32_t b0 = dev::pack2_raw(vp + mma::b_offset_kn(lane, 0, 0, kLd),
+                                           vp + mma::b_offset_kn(lane, 0, 1, kLd));
+        const uint32_t b1 = dev::pack2_raw(vp + mma::b_offset_kn(lane, 1, 0, kLd),
+                                           vp + mma::b_offset_kn(lane, 1, 1, kLd));
         dev::mma_16816<T>(acc_o[nt], pa, b0, b1);
       }
     }
@@ -225,7 +228,7 @@ __global__ void __launch_bounds__(MmaFwdTraits<kD>::kThreads)
     T* orow = og + i * p.out_row_stride;
 #pragma unroll
     for (int nt = 0; nt < kD / 8; ++nt) {
-      const int col = nt * 8 + 2 * t;
+      const int col = nt * 8 + mma::c_col(lane, 2 * r);
       orow[col] = dev::from_float<T>(acc_o[nt][2 * r] * inv);
       orow[col + 1] = dev::from_float<T>(acc_o[nt][2 * r + 1] * inv);
     }
