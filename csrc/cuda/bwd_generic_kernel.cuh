@@ -2,7 +2,8 @@
 //
 // FlashAttention-2 recomputation: P = exp(scale * q_rot k^T - lse) from the forward's lse, no
 // stored probabilities. Three kernels on one stream:
-//   1. bwd_prep_kernel  (one warp per query row): q_rot = R q (float32 workspace),
+//   1. bwd_prep_kernel  (one warp per query row): q_rot = R q rounded to T, as the forward
+//                       used it (float32 workspace),
 //                       delta = rowsum(dout * out).
 //   2. bwd_dq_kernel    (one warp per query row): dq_rot = scale * sum_j dS_ij k_j with
 //                       dS = P * (dout v^T - delta); dq = dq_rot @ R on rotated rows.
@@ -36,7 +37,9 @@ __global__ void bwd_prep_kernel(const AttentionBwdParams p) {
   if (tile::row_is_rotated(p, b, i)) {
     const float* R = static_cast<const float*>(p.rotation) + h * (int64_t)D * D;
     auto qv = [qs](int c) { return qs[c]; };
-    for (int a = lane; a < D; a += 32) qrot[a] = tile::rotate_component(R, qv, D, a);
+    // rounded to the input type: the forward kernels computed lse from the rounded row
+    for (int a = lane; a < D; a += 32)
+      qrot[a] = dev::round_to<T>(tile::rotate_component(R, qv, D, a));
   } else {
     for (int d = lane; d < D; d += 32) qrot[d] = qs[d];
   }

@@ -34,6 +34,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// x as the nearest value of type T (identity for float).
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
 // Two floats packed into one 32-bit register of two 16-bit values (the low half is `lo`), the
 // operand format of mma.sync for f16 / bf16.
 template <typename T>

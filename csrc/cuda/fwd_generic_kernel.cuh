@@ -47,7 +47,8 @@ __global__ void fwd_generic_kernel(const AttentionParams p) {
       auto qv = [qs](int c) { return qs[c]; };
       for (int a = lane; a < D; a += 32) qtmp[a] = tile::rotate_component(R, qv, D, a);
       __syncwarp();
-      for (int a = lane; a < D; a += 32) qs[a] = qtmp[a];
+      // rounded to the input type, as the tensor-core path holds it (and the backward reads it)
+      for (int a = lane; a < D; a += 32) qs[a] = dev::round_to<T>(qtmp[a]);
       __syncwarp();
     }
 
