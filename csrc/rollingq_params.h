@@ -64,6 +64,9 @@ struct AttentionBwdParams : AttentionParams {
   // Workspaces owned by the caller, accumulation type, contiguous:
   void* delta = nullptr;     // (B, H, Lq): rowsum(dout * out)
   void* dq_accum = nullptr;  // (B, H, Lq, D) or nullptr when the backend does not need it
+  // The rotated queries R q_i (unrotated rows copied), (B, H, Lq, D), accumulation type,
+  // contiguous; written and read by backends that recompute scores from it (CUDA), else nullptr.
+  void* q_rot = nullptr;
 };
 
 }  // namespace rollingq

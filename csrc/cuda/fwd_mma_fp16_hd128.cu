@@ -1,0 +1,6 @@
+// Instantiation: tensor-core forward, fp16, head dim 128 (causal and non-causal).
+#include "fwd_mma_kernel.cuh"
+
+namespace rollingq {
+template const char* launch_fwd_mma<__half, 128>(const AttentionParams&, cudaStream_t);
+}  // namespace rollingq

@@ -1,0 +1,19 @@
+// Entry points of the CUDA kernels, free of torch and CUDA headers (the binding includes this).
+//
+// Every function returns nullptr on success or a static message naming what went wrong (a CUDA
+// launch error, or a size the kernels do not handle); the binding turns it into a TORCH_CHECK.
+#pragma once
+
+#include "../rollingq_params.h"
+#include "params_fill.h"
+
+namespace rollingq {
+
+// out, lse and (when num_modalities > 0) modality_mass, key_sum, key_count are all written.
+const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* stream);
+
+// dq, dk, dv are written; delta and q_rot are workspaces the caller allocates
+// ((B, H, Lq) and (B, H, Lq, D), float32, contiguous).
+const char* run_attention_bwd(const AttentionBwdParams& p, ScalarKind kind, void* stream);
+
+}  // namespace rollingq
