@@ -133,7 +133,7 @@ def _capability() -> Tuple[int, int]:
     return torch.cuda.get_device_capability()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
