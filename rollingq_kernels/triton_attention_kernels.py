@@ -240,7 +240,8 @@ def _rolling_attn_fwd_kernel(
         key_ok = n_valid
         if HAS_PAD:
             key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
-        vis = key_ok[None, :] & m_valid[:, None]
+        # rows past Lq need no mask: they read zeros, stay finite and are never stored
+        vis = key_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(vis, s * qk_scale, float("-inf"))
