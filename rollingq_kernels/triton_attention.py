@@ -145,14 +145,19 @@ def _cfg(bm: int, bn: int, warps: int, stages: int):
 def _fwd_configs():
     if triton is None:
         return []
-    # (BLOCK_M, BLOCK_N, warps, stages); 16-row tiles serve decoding-like calls (Lq <= 16).
+    # (BLOCK_M, BLOCK_N, warps, stages), best first: the first one _prune keeps is the untuned
+    # default. sm_90 takes the 3-stage 128-row tiles at every head dim; on sm_8x (less shared
+    # memory) _prune drops them for head dims >= 128, leaving (128, 64, 8, 2) first.
+    # 16-row tiles serve decoding-like calls (Lq <= 16).
     table = [
         (128, 64, 8, 3),
         (128, 128, 8, 2),
         (128, 64, 4, 3),
+        (128, 64, 8, 2),
         (128, 32, 4, 3),
         (64, 64, 4, 3),
         (64, 64, 4, 2),
+        (64, 64, 8, 2),
         (64, 32, 4, 2),
         (32, 64, 4, 2),
         (16, 64, 4, 2),
@@ -201,14 +206,19 @@ def _prune(configs, named_args, kind: str, **kwargs):
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         small_rows = max(16, _next_pow2(lq))
-        if kind in ("fwd", "dq"):
-            # rows beyond Lq are wasted work; short query blocks only pay for short queries
-            if bm > small_rows or (lq > 64 and bm < 64):
-                continue
+        # query tiles larger than Lq are wasted work; 16/32-row tiles only pay for short queries
+        if bm > small_rows:
+            continue
+        if kind in ("fwd", "dq") and lq > 64 and bm < 64:
+            continue
         if kind == "dkdv" and bn > max(16, _next_pow2(lk)):
             continue
-        if width >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
+        # register budget of the float32 accumulators: (BLOCK_M or BLOCK_N) x head dim
+        if width >= 256:
+            if c.num_stages > 2 or bm * bn > 64 * 64:
+                continue
+            if (kind == "dkdv" and bn > 64) or (kind == "dq" and bm > 64):
+                continue
         if width >= 128 and kind != "fwd" and bm * bn > 64 * 128:
             continue
         if major == 8 and c.num_stages > 2 and width >= 128 and bm >= 128:
@@ -218,7 +228,9 @@ def _prune(configs, named_args, kind: str, **kwargs):
         keep.append(c)
     if not keep:
         keep = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return keep
+    # at most five candidates: every one is compiled once per specialisation, and tuning time
+    # adds up over head dims and feature flags
+    return keep[:5]
 
 
 _FWD_KEY = [
@@ -251,11 +263,22 @@ if triton is not None:
 _INTERP_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _launch(tuned, raw, grid, *args, **meta):
+def _autotune_enabled() -> bool:
+    return os.environ.get("ROLLINGQ_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _launch(kind: str, tuned, raw, grid, lq: int, lk: int, *args, **meta):
+    """Run a tunable kernel: the fixed small config in the interpreter; on a GPU the autotuned
+    kernel, or (ROLLINGQ_TRITON_AUTOTUNE=0, e.g. in tests, to skip tuning time) the first config
+    the pruning keeps for these shapes and this GPU."""
     if _interpreting():
         raw[grid](*args, **meta, **_INTERP_META)
-    else:
+    elif _autotune_enabled():
         tuned[grid](*args, **meta)
+    else:
+        configs = {"fwd": _fwd_configs, "dkdv": _bwd_dkdv_configs, "dq": _bwd_dq_configs}[kind]()
+        cfg = _prune(configs, {"Lq": lq, "Lk": lk}, kind, **meta)[0]
+        raw[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _bucket(n: int) -> int:
@@ -418,9 +441,12 @@ def rolling_attention_triton_forward(
         return (_cdiv(Lq, meta["BLOCK_M"]), B * H, splits * dv_chunks)
 
     _launch(
+        "fwd",
         _fwd_tuned if not _interpreting() else None,
         _k._rolling_attn_fwd_kernel,
         grid,
+        Lq,
+        Lk,
         q,
         k,
         v,
@@ -568,17 +594,21 @@ def rolling_attention_triton_backward(
     pad_arg = pad_u8 if pad_u8 is not None else delta
     chunks = max(d_chunks, dv_chunks)
     _launch(
+        "dkdv",
         _dkdv_tuned if not _interpreting() else None,
         _k._rolling_attn_bwd_dkdv_kernel,
         lambda m: (_cdiv(Lk, m["BLOCK_N"]), B * H, chunks),
+        Lq, Lk,
         q, k, v, pad_arg, dout, lse, delta, dk, dv,
         *common,
         **meta,
     )  # fmt: skip
     _launch(
+        "dq",
         _dq_tuned if not _interpreting() else None,
         _k._rolling_attn_bwd_dq_kernel,
         lambda m: (_cdiv(Lq, m["BLOCK_M"]), B * H, d_chunks),
+        Lq, Lk,
         q, k, v, pad_arg, dout, lse, delta, dq_buf,
         *common,
         **meta,
