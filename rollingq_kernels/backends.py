@@ -109,23 +109,47 @@ class BackendSpec:
         return reasons
 
     def load(self):
-        return importlib.import_module(self.module)
+        why = _import_backend_module(self.module)
+        if why:
+            raise ImportError(f"backend {self.name!r} {why}")
+        return _LOADED_MODULES[self.module]
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         """Every reason this backend cannot run ``p``; empty when it can."""
         reasons = self.static_reasons(p)
         if reasons:
             return reasons
-        try:
-            mod = self.load()
-        except ModuleNotFoundError as exc:
-            return [f"not available: {exc}"]
-        except Exception as exc:  # a broken optional dependency must not break dispatch
-            return [f"cannot be imported: {type(exc).__name__}: {exc}"]
+        why = _import_backend_module(self.module)
+        if why:
+            return [why]
+        mod = _LOADED_MODULES[self.module]
         why = mod.unavailable_reason()
         if why:
             return [why]
         return list(mod.unsupported_reasons(p))
+
+
+_LOADED_MODULES: Dict[str, object] = {}
+
+
+def _import_backend_module(name: str) -> str:
+    """Import a backend module into _LOADED_MODULES; "" on success, else why it failed."""
+    if name in _LOADED_MODULES:
+        return ""
+    try:
+        _LOADED_MODULES[name] = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        return f"not available: {exc}"
+    except Exception as exc:  # a broken optional dependency must not break dispatch
+        return f"cannot be imported: {type(exc).__name__}: {exc}"
+    return ""
+
+
+# Dynamo refuses to trace importlib, which would break rolling_attention's full graph under
+# torch.compile: there the import runs once, eagerly, while tracing, and only its (constant)
+# outcome enters the graph; the module is then read from the dict, which Dynamo can guard.
+if hasattr(torch, "_dynamo") and hasattr(torch._dynamo, "assume_constant_result"):
+    _import_backend_module = torch._dynamo.assume_constant_result(_import_backend_module)
 
 
 class NoBackendError(RuntimeError):
