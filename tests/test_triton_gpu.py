@@ -41,15 +41,15 @@ def _run(case, **extra):
     return res if isinstance(res, tuple) else (res, None)
 
 
+# Few feature sets and shapes: every (dtype, flags, tile) combination is a kernel compile.
 FEATURES = {
     "plain": dict(),
     "rot_perhead_subset_pad_m3": dict(rotation="per_head", rows="subset", modalities=3,
                                       padding=True),
-    "rot_shared_causal_m2": dict(rotation="shared", modalities=2, causal=True),
     "batchrows_pad_causal_m8": dict(rotation="per_head", rows="batch", modalities=8,
                                     padding=True, causal=True),
 }  # fmt: skip
-SHAPES = [(1, 1), (7, 7), (129, 129), (1000, 1000), (1, 1000), (77, 300), (300, 77)]
+SHAPES = [(1, 1), (7, 7), (129, 129), (1000, 1000), (77, 300), (300, 77)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
