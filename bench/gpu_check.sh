@@ -12,6 +12,8 @@
 #   GPU_CHECK_BUDGET     total seconds to aim for (default 450)
 #   GPU_CHECK_BUILD_EXT  1 = also build the C++/CUDA extensions (setup.py build_ext --inplace);
 #                        a failed build is reported and the Triton checks go on
+#   GPU_CHECK_REHEARSAL  1 = rehearse the script on a machine without a GPU: no install, GPU tests
+#                        skipped, benchmark in --dry-run mode through Triton's interpreter
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -22,14 +24,22 @@ BUDGET=${GPU_CHECK_BUDGET:-450}
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-unset TRITON_INTERPRET ROLLINGQ_BACKEND
+unset ROLLINGQ_BACKEND
+REHEARSAL=${GPU_CHECK_REHEARSAL:-0}
+BENCH_ARGS=()
+if [ "$REHEARSAL" = 1 ]; then
+  export TRITON_INTERPRET=1
+  BENCH_ARGS=(--dry-run)
+else
+  unset TRITON_INTERPRET
+fi
 T0=$SECONDS
 step() { echo; echo "== $* (t=$((SECONDS - T0)) s)"; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
 
 step "environment"
 "$PY" - << 'EOF' 2>&1 | tee "$OUT/environment.txt"
-import platform, sys
+import os, platform, sys
 import torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
@@ -38,6 +48,9 @@ try:
 except Exception as exc:
     sys.exit(f"triton cannot be imported: {exc}")
 if not torch.cuda.is_available():
+    if os.environ.get("GPU_CHECK_REHEARSAL") == "1":
+        print("no CUDA device: rehearsal only")
+        sys.exit(0)
     sys.exit("no CUDA device: this check needs a GPU")
 p = torch.cuda.get_device_properties(0)
 print("device", p.name, "sm_%d%d" % (p.major, p.minor), "SMs", p.multi_processor_count,
@@ -46,7 +59,9 @@ EOF
 if [ "${PIPESTATUS[0]}" != 0 ]; then echo "environment check failed"; exit 2; fi
 
 step "install (no download, no extension build)"
-if ROLLINGQ_NO_EXT=1 timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+if [ "$REHEARSAL" = 1 ]; then
+  echo "rehearsal: not installing; the checks use PYTHONPATH=$ROOT"
+elif ROLLINGQ_NO_EXT=1 timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
     -e . > "$OUT/install.log" 2>&1; then
   echo "installed in editable mode"
 else
@@ -76,7 +91,7 @@ step "benchmark: bench/gpu_bench.py (autotuned)"
 BENCH_LIMIT=$(left)
 [ "$BENCH_LIMIT" -lt 60 ] && BENCH_LIMIT=60
 timeout "$BENCH_LIMIT" "$PY" bench/gpu_bench.py --out "$OUT" --budget $((BENCH_LIMIT - 45)) \
-  2>&1 | tee "$OUT/gpu_bench.log"
+  "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/gpu_bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 [ "$BENCH_RC" = 124 ] && echo "benchmark stopped after ${BENCH_LIMIT} s (time limit)"
 
