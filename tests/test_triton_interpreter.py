@@ -344,3 +344,66 @@ def test_registry_dispatch_traces_in_one_graph():
 
     out, stats = torch.compile(call, fullgraph=True, backend="eager")(case.q, case.k, case.v)
     check_against_reference(case, out, stats, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU-only host logic, checked with stand-ins (no kernel runs)
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("lq,lk,d", [(1, 4096, 128), (77, 300, 40), (4096, 4096, 128),
+                                     (2048, 2048, 256), (1101, 1101, 768)])  # fmt: skip
+def test_config_pruning(monkeypatch, cap, kind, lq, lk, d):
+    monkeypatch.setattr(ta, "_capability", lambda: cap)
+    configs = {"fwd": ta._fwd_configs, "dkdv": ta._bwd_dkdv_configs, "dq": ta._bwd_dq_configs}
+    block_d, chunks = ta._head_plan(d, 64)
+    kept = ta._prune(configs[kind](), {"Lq": lq, "Lk": lk}, kind, BLOCK_D=block_d,
+                     D_CHUNKS=chunks, BLOCK_DV=block_d if chunks == 1 else 128)  # fmt: skip
+    assert 1 <= len(kept) <= 5
+    for c in kept:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        assert bm <= max(16, ta._next_pow2(lq))
+        if kind == "dkdv":
+            assert bn <= max(16, ta._next_pow2(lk))
+        if d == 256:
+            assert bm * bn <= 64 * 64 and c.num_stages <= 2
+        if cap[0] == 8:
+            assert not (bm == 128 and bn == 128)
+
+
+def test_untuned_launch_passes_the_first_kept_config(monkeypatch):
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append((grid, args, kwargs))
+
+            return launch
+
+    monkeypatch.setattr(ta, "_interpreting", lambda: False)
+    monkeypatch.setattr(ta, "_capability", lambda: (9, 0))
+    monkeypatch.setenv("ROLLINGQ_TRITON_AUTOTUNE", "0")
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, D_CHUNKS=1, DV_CHUNKS=1, CAUSAL=False)
+    ta._launch("fwd", None, FakeKernel(), "grid", 4096, 4096, "arg0", **meta)
+    (grid, args, kwargs), = calls  # fmt: skip
+    first = ta._prune(ta._fwd_configs(), {"Lq": 4096, "Lk": 4096}, "fwd", **meta)[0]
+    assert args == ("arg0",) and grid == "grid"
+    assert kwargs["BLOCK_M"] == first.kwargs["BLOCK_M"]
+    assert kwargs["BLOCK_N"] == first.kwargs["BLOCK_N"]
+    assert kwargs["num_warps"] == first.num_warps and kwargs["num_stages"] == first.num_stages
+    assert kwargs["CAUSAL"] is False
+
+
+def test_split_plan_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(ta, "_interpreting", lambda: False)
+    monkeypatch.setattr(ta, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    # [CLS]-only query over 16k keys, few heads: split into 128-aligned chunks covering all keys
+    splits, per = ta._num_splits(8, 1, 16384, cuda)
+    assert splits > 1 and per % 128 == 0 and (splits - 1) * per < 16384 <= splits * per
+    # long queries or short key ranges are never split
+    assert ta._num_splits(8, 4096, 4096, cuda)[0] == 1
+    assert ta._num_splits(8, 1, 300, cuda)[0] == 1
+    assert ta._num_splits(256, 1, 16384, cuda)[0] == 1
