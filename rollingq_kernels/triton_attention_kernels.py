@@ -75,6 +75,88 @@ def _key_sum_range(
 
 
 @triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
+    offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    BOUNDARY: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
+    PRECISION: tl.constexpr, MASS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Key tiles [start, end) of the forward's online softmax; returns the updated accumulators.
+
+    BOUNDARY tiles mask keys at or past ``vis_hi`` and, when causal, keys past each row; interior
+    tiles only mask padded keys (and nothing at all without padding).
+    """
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < vis_hi
+        if D_CHUNKS == 1:
+            kt = tl.load(
+                k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
+                mask=n_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
+            s = _mm(q, kt, PRECISION, UPCAST)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for c in tl.static_range(D_CHUNKS):
+                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                c_valid = offs_c < D
+                qc = tl.load(
+                    q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
+                    mask=m_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                kc = tl.load(
+                    k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
+                    mask=n_valid[None, :] & c_valid[:, None],
+                    other=0.0,
+                )
+                s += _mm(qc, kc, PRECISION, UPCAST)
+        key_ok = n_valid
+        if HAS_PAD:
+            key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
+        if BOUNDARY or HAS_PAD:
+            # rows past Lq need no mask: they read zeros, stay finite and are never stored
+            vis = key_ok[None, :]
+            if CAUSAL and BOUNDARY:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            s = s * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(
+            v_base + offs_n[:, None] * svl + offs_dv[None, :] * svd,
+            mask=n_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + _mm(p.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
+        if STATS:
+            ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
+            onehot = ids[:, None] == offs_mod[None, :]
+            # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
+            if MASS_FP32:
+                pm = _mm(p, onehot.to(tl.float32), "ieee", UPCAST)
+            else:
+                pm = _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
+            mass = mass * alpha[:, None] + pm
+            if D_CHUNKS == 1:
+                if do_ksum:
+                    ksum_t += _mm(kt.to(tl.float32), onehot.to(tl.float32), "ieee", UPCAST)
+        m_i = m_new
+
+    return acc, l_i, m_i, mass, ksum_t
+
+
+@triton.jit
 def _rolling_attn_fwd_kernel(
     Q,
     K,
@@ -203,6 +285,8 @@ def _rolling_attn_fwd_kernel(
                 else:
                     q32 = rot
             q = q32.to(Q.dtype.element_ty)
+    else:
+        q = 0  # the chunked path loads query chunks per key tile instead
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -211,65 +295,28 @@ def _rolling_attn_fwd_kernel(
     ksum_t = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
     do_ksum = (pid_m == 0) & (dvc == 0)
 
-    for start_n in range(lo, vis_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < vis_hi
-        if D_CHUNKS == 1:
-            kt = tl.load(
-                k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
-                mask=n_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-            s = _mm(q, kt, PRECISION, UPCAST)
-        else:
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c in tl.static_range(D_CHUNKS):
-                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
-                c_valid = offs_c < D
-                qc = tl.load(
-                    q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
-                    mask=m_valid[:, None] & c_valid[None, :],
-                    other=0.0,
-                )
-                kc = tl.load(
-                    k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
-                    mask=n_valid[None, :] & c_valid[:, None],
-                    other=0.0,
-                )
-                s += _mm(qc, kc, PRECISION, UPCAST)
-        key_ok = n_valid
-        if HAS_PAD:
-            key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
-        # rows past Lq need no mask: they read zeros, stay finite and are never stored
-        vis = key_ok[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(vis, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(
-            v_base + offs_n[:, None] * svl + offs_dv[None, :] * svd,
-            mask=n_valid[:, None] & dv_valid[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + _mm(p.to(V.dtype.element_ty), vt, PRECISION, UPCAST)
-        if STATS:
-            ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
-            onehot = ids[:, None] == offs_mod[None, :]
-            # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
-            if MASS_FP32:
-                pm = _mm(p, onehot.to(tl.float32), "ieee", UPCAST)
-            else:
-                pm = _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
-            mass = mass * alpha[:, None] + pm
-            if D_CHUNKS == 1:
-                if do_ksum:
-                    ksum_t += _mm(kt.to(tl.float32), onehot.to(tl.float32), "ieee", UPCAST)
-        m_i = m_new
+    # Interior tiles (every key in range, all visible to every row when causal) skip the score
+    # mask unless there is key padding; the boundary tiles after them apply it.
+    interior_hi = lo + ((vis_hi - lo) // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        # tile [s, s + BLOCK_N) is fully visible when its last key <= the tile's first row
+        first_row = pid_m * BLOCK_M
+        causal_hi = lo + tl.maximum(first_row + 1 - lo, 0) // BLOCK_N * BLOCK_N
+        interior_hi = tl.minimum(interior_hi, causal_hi)
+    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
+        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+        sql, sqd, skl, skd, svl, svd, lo, interior_hi, vis_hi, offs_m, m_valid, offs_d, d_valid,
+        offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, False, HAS_PAD, CAUSAL, STATS, PRECISION,
+        MASS_FP32, UPCAST,
+    )  # fmt: skip
+    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
+        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+        sql, sqd, skl, skd, svl, svd, interior_hi, vis_hi, vis_hi, offs_m, m_valid, offs_d,
+        d_valid, offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, True, HAS_PAD, CAUSAL, STATS, PRECISION,
+        MASS_FP32, UPCAST,
+    )  # fmt: skip
 
     row = (split * BH + pid_bh).to(tl.int64) * Lq + offs_m
     l_use = tl.where(l_i > 0.0, l_i, 1.0)
