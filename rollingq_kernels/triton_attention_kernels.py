@@ -19,8 +19,10 @@ Only ``@triton.jit`` code lives here; launchers, configs and the torch op are in
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into the softmax scale
+# kernels may only read globals that are constexpr
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -327,7 +329,7 @@ def _rolling_attn_fwd_kernel(
         mask=m_valid[:, None] & dv_valid[None, :],
     )
     if dvc == 0:
-        lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_use)) * LN2, float("-inf"))
+        lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_use)) * _LN2, float("-inf"))
         tl.store(LSE + row, lse, mask=m_valid)
         if STATS:
             tl.store(
@@ -679,7 +681,7 @@ def _rolling_attn_bwd_dkdv_kernel(
                 other=0.0,
             )
         lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
         vis = key_ok[:, None] & m_valid[None, :]
         if CAUSAL:
             vis = vis & (offs_m[None, :] >= offs_n[:, None])
@@ -815,7 +817,7 @@ def _rolling_attn_bwd_dq_kernel(
             other=0.0,
         )
     lse = tl.load(LSE + row, mask=m_valid, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
     delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
 
     hi = Lk
