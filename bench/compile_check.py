@@ -105,13 +105,13 @@ def variants(quick):
     full = ("rot", "pad", "causal", "stats")
     out = [
         _fwd_variant("bf16", 128, 4096, 4096, full),
-        _fwd_variant("bf16", 128, 4096, 4096, ()),
-        _fwd_variant("bf16", 1, 1, 16384, ("rot", "stats"), split=True),
-        _fwd_variant("bf16", 768, 1101, 1101, ("pad", "stats")),
+        _fwd_variant("bf16", 128, 1, 16384, ("rot", "stats"), split=True),
         *_bwd_variants("bf16", 128, 4096, 4096, ("pad", "causal")),
     ]
     if not quick:
         out += [
+            _fwd_variant("bf16", 128, 4096, 4096, ()),
+            _fwd_variant("bf16", 768, 1101, 1101, ("pad", "stats")),
             _fwd_variant("fp32", 64, 4096, 4096, full),
             _fwd_variant("fp16", 256, 2048, 2048, full),
             _fwd_variant("bf16", 40, 77, 300, full),
@@ -157,11 +157,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the most important variants only")
     ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    ap.add_argument("--only", default="", help="only the variants whose name contains this")
     args = ap.parse_args(argv)
     failures = 0
     for arch in args.arch or [90, 80]:
         jobs = []
         for name, kind, fn, pointers, floats, meta, lq, lk in variants(args.quick):
+            if args.only not in name:
+                continue
             cfg = _config(kind, arch, lq, lk, meta)
             const = dict(meta, **cfg.kwargs)
             label = f"{name} [{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}]"
@@ -169,7 +172,7 @@ def main(argv=None):
                 (label, lambda fn=fn, p=pointers, f=floats, c=const, cfg=cfg, arch=arch: _compile(
                     fn, p, f, c, arch, cfg.num_warps, cfg.num_stages))
             )  # fmt: skip
-        jobs += list(_misc(arch))
+        jobs += [job for job in _misc(arch) if args.only in job[0]]
         for label, job in jobs:
             t = time.perf_counter()
             try:

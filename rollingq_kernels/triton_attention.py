@@ -198,11 +198,10 @@ def _bwd_dq_configs():
 def _prune(configs, named_args, kind: str, **kwargs):
     args = {**named_args, **kwargs}
     lq, lk = int(args["Lq"]), int(args["Lk"])
-    block_d = int(args["BLOCK_D"]) * (1 if int(args["D_CHUNKS"]) == 1 else 2)
-    block_dv = int(args["BLOCK_DV"])
-    width = max(block_d, block_dv)
+    chunked = int(args["D_CHUNKS"]) > 1 or int(args["DV_CHUNKS"]) > 1
+    width = max(int(args["BLOCK_D"]), int(args["BLOCK_DV"]))
     major, _ = _capability()
-    keep = []
+    keep, seen = [], set()
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         small_rows = max(16, _next_pow2(lq))
@@ -213,21 +212,31 @@ def _prune(configs, named_args, kind: str, **kwargs):
             continue
         if kind == "dkdv" and bn > max(16, _next_pow2(lk)):
             continue
+        if chunked:
+            # head dims above 256 loop over chunks: a pipelined loop would buffer every chunk's
+            # loads (over 200 KiB of shared memory at D = 768), so one stage and 64 x 64 tiles
+            if bm * bn > 64 * 64:
+                continue
+            c = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
         # register budget of the float32 accumulators: (BLOCK_M or BLOCK_N) x head dim
-        if width >= 256:
+        elif width >= 256:
             if c.num_stages > 2 or bm * bn > 64 * 64:
                 continue
             if (kind == "dkdv" and bn > 64) or (kind == "dq" and bm > 64):
                 continue
-        if width >= 128 and kind != "fwd" and bm * bn > 64 * 128:
+        if not chunked and width >= 128 and kind != "fwd" and bm * bn > 64 * 128:
             continue
         if major == 8 and c.num_stages > 2 and width >= 128 and bm >= 128:
             continue  # sm_80/86/89: less shared memory per SM than sm_90
         if major < 9 and bm == 128 and bn == 128:
             continue
-        keep.append(c)
+        key = (bm, bn, c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            keep.append(c)
     if not keep:
-        keep = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        c = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        keep = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
     # at most five candidates: every one is compiled once per specialisation, and tuning time
     # adds up over head dims and feature flags
     return keep[:5]

@@ -10,7 +10,9 @@ Only ``@triton.jit`` code lives here; launchers, configs and the torch op are in
   lse is stored in natural-log units, as the stats contract says.
 * A head dim up to 256 is held in registers whole (``D_CHUNKS == 1``, padded to a power of two
   and masked). Larger head dims (the paper's D = 768) are walked in chunks of ``BLOCK_D``:
-  scores are accumulated chunk by chunk and each program owns one chunk of the output.
+  scores are accumulated chunk by chunk and each program owns one chunk of the output. Chunk
+  loops are ``range`` loops, not ``static_range``: unrolled, every chunk's operands would get
+  their own shared-memory buffers (400 KiB at D = 768).
 * ``_mm`` is the single place a ``tl.dot`` is issued, so the precision policy (IEEE or TF32 for
   float32 operands) and the interpreter work-around (bfloat16 dots computed in float32) are
   decided once.
@@ -102,7 +104,7 @@ def _fwd_inner(
             s = _mm(q, kt, PRECISION, UPCAST)
         else:
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c in tl.static_range(D_CHUNKS):
+            for c in range(D_CHUNKS):
                 offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
                 c_valid = offs_c < D
                 qc = tl.load(
@@ -366,7 +368,7 @@ def _rolling_attn_fwd_kernel(
                     mask=d_valid[:, None] & (offs_mod[None, :] < M),
                 )
             else:
-                for c in tl.static_range(D_CHUNKS):
+                for c in range(D_CHUNKS):
                     offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
                     c_valid = offs_c < D
                     ks = _key_sum_range(
@@ -661,7 +663,7 @@ def _rolling_attn_bwd_dkdv_kernel(
             st = _mm(k, qt, PRECISION, UPCAST)
         else:
             st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in tl.static_range(D_CHUNKS):
+            for cc in range(D_CHUNKS):
                 offs_c = cc * BLOCK_D + offs_d0
                 c_valid = offs_c < D
                 kc = tl.load(
@@ -704,7 +706,7 @@ def _rolling_attn_bwd_dkdv_kernel(
             dpt = _mm(v, dot_, PRECISION, UPCAST)
         else:
             dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in tl.static_range(DV_CHUNKS):
+            for cc in range(DV_CHUNKS):
                 offs_c = cc * BLOCK_DV + offs_dv0
                 c_valid = offs_c < Dv
                 vc = tl.load(
@@ -836,7 +838,7 @@ def _rolling_attn_bwd_dq_kernel(
             s = _mm(q, kt, PRECISION, UPCAST)
         else:
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for cc in tl.static_range(D_CHUNKS):
+            for cc in range(D_CHUNKS):
                 offs_c = cc * BLOCK_D + offs_d0
                 c_valid = offs_c < D
                 qc = tl.load(
@@ -871,7 +873,7 @@ def _rolling_attn_bwd_dq_kernel(
             dp = _mm(do, vt, PRECISION, UPCAST)
         else:
             dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for cc in tl.static_range(DV_CHUNKS):
+            for cc in range(DV_CHUNKS):
                 offs_c = cc * BLOCK_DV + offs_dv0
                 c_valid = offs_c < Dv
                 doc = tl.load(

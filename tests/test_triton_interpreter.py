@@ -356,10 +356,13 @@ def test_config_pruning(monkeypatch, cap, kind, lq, lk, d):
     configs = {"fwd": ta._fwd_configs, "dkdv": ta._bwd_dkdv_configs, "dq": ta._bwd_dq_configs}
     block_d, chunks = ta._head_plan(d, 64)
     kept = ta._prune(configs[kind](), {"Lq": lq, "Lk": lk}, kind, BLOCK_D=block_d,
-                     D_CHUNKS=chunks, BLOCK_DV=block_d if chunks == 1 else 128)  # fmt: skip
+                     D_CHUNKS=chunks, BLOCK_DV=block_d if chunks == 1 else 128,
+                     DV_CHUNKS=1 if chunks == 1 else 6)  # fmt: skip
     assert 1 <= len(kept) <= 5
     for c in kept:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if chunks > 1:  # chunked head dims: one stage, small tiles (shared memory)
+            assert c.num_stages == 1 and bm * bn <= 64 * 64
         assert bm <= max(16, ta._next_pow2(lq))
         if kind == "dkdv":
             assert bn <= max(16, ta._next_pow2(lk))
@@ -404,3 +407,31 @@ def test_split_plan_on_a_gpu(monkeypatch):
     assert ta._num_splits(8, 4096, 4096, cuda)[0] == 1
     assert ta._num_splits(8, 1, 300, cuda)[0] == 1
     assert ta._num_splits(256, 1, 16384, cuda)[0] == 1
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter does not run Triton's compiler: compile the main kernel variants for sm_90
+    in a subprocess without the interpreter (ptxas ships with triton; no GPU needed)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "bench", "compile_check.py"),
+            "--quick",
+            "--arch",
+            "90",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 failure(s)" in proc.stdout
