@@ -63,17 +63,6 @@ def test_forward_parity(dtype, feature, Lq, Lk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("D", [8, 40, 96, 128, 256, 768])
-def test_head_dims(dtype, D):
-    B, H = (2, 1) if D == 768 else (2, 2)
-    case = make_case(B, H, 129, 257, D, seed=D, layout="strided", rotation="per_head",
-                     rows="subset", modalities=2, padding=True)  # fmt: skip
-    c = _cuda(case, dtype)
-    out, stats = _run(c)
-    check_against_reference(c, out, stats, dtype=dtype, what=f"D={D}: ")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("Lk", [1000, 4099])
 def test_cls_only_query_split_keys(dtype, Lk):
     """Lq = 1 (the [CLS] row): the key splitting path with merged lse and statistics."""
@@ -113,7 +102,7 @@ def _grad_check(case, dtype, what):
         assert err <= bound, f"{what}{n}: {err:.3e} > 2x PyTorch's {dtype} error ({bound:.3e})"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize(
     "kw",
     [
@@ -128,6 +117,12 @@ def _grad_check(case, dtype, what):
 def test_gradients(dtype, kw):
     case = make_case(seed=11, return_stats=False, layout="blhd", **kw)
     _grad_check(case, dtype, f"{dtype_id(dtype)} {kw}: ")
+
+
+def test_gradients_float16():
+    case = make_case(2, 2, 129, 129, 64, seed=12, return_stats=False, layout="blhd",
+                     rotation="per_head", rows="subset", padding=True, causal=True)  # fmt: skip
+    _grad_check(case, torch.float16, "float16: ")
 
 
 def test_auto_picks_triton_for_cuda_tensors():
@@ -168,3 +163,15 @@ def test_opcheck_cuda():
     args = (c.q, c.k, c.v, p.rotation, None, p.key_modality, p.key_padding_mask,
             p.num_modalities, False, p.scale)  # fmt: skip
     torch.library.opcheck(torch.ops.rollingq.triton_fwd.default, args)
+
+
+# last: the widest kernels take longest to compile (128 is covered above)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("D", [8, 40, 96, 256, 768])
+def test_head_dims(dtype, D):
+    B, H = (2, 1) if D == 768 else (2, 2)
+    case = make_case(B, H, 129, 257, D, seed=D, layout="strided", rotation="per_head",
+                     rows="subset", modalities=2, padding=True)  # fmt: skip
+    c = _cuda(case, dtype)
+    out, stats = _run(c)
+    check_against_reference(c, out, stats, dtype=dtype, what=f"D={D}: ")
