@@ -1,0 +1,898 @@
+"""Triton kernels of rolling attention: forward (rotation prologue, online softmax, statistics),
+the split-K merge, the backward (FlashAttention-2 style) and the row rotation.
+
+Only ``@triton.jit`` code lives here; launchers, configs and the torch op are in
+``triton_attention.py``. Conventions shared by every kernel:
+
+* q, k, v and dO are read through their strides (b, h, l, d); every tensor a kernel writes is
+  contiguous and allocated by the launcher.
+* Scores are kept in log2 units: ``s2 = (q . k) * scale * log2(e)``, so ``exp2`` replaces ``exp``;
+  lse is stored in natural-log units, as the stats contract says.
+* A head dim up to 256 is held in registers whole (``D_CHUNKS == 1``, padded to a power of two
+  and masked). Larger head dims (the paper's D = 768) are walked in chunks of ``BLOCK_D``:
+  scores are accumulated chunk by chunk and each program owns one chunk of the output. Chunk
+  loops are ``range`` loops, not ``static_range``: unrolled, every chunk's operands would get
+  their own shared-memory buffers (400 KiB at D = 768).
+* ``_mm`` is the single place a ``tl.dot`` is issued, so the precision policy (IEEE or TF32 for
+  float32 operands) and the interpreter work-around (bfloat16 dots computed in float32) are
+  decided once.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host side: folded into the softmax scale
+# kernels may only read globals that are constexpr
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # PRECISION: "none" for 16-bit operands (tensor cores, float32 accumulation), "ieee" or
+    # "tf32" for float32 operands. UPCAST: compute in float32 (Triton's CPU interpreter has no
+    # bfloat16 matmul).
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PRECISION == "none":
+        r = tl.dot(a, b)
+    else:
+        r = tl.dot(a, b, input_precision=PRECISION)
+    return r
+
+
+@triton.jit
+def _key_sum_range(
+    k_base,
+    IDS,
+    PAD,
+    ids_row,
+    skl,
+    skd,
+    lo,
+    hi,
+    offs_d,
+    d_valid,
+    offs_mod,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    M_PAD: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Transposed per-modality key sums (BLOCK_D, M_PAD) of the keys in [lo, hi), float32.
+    acc = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        if HAS_PAD:
+            n_valid = n_valid & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
+        ids = tl.load(IDS + ids_row + offs_n, mask=n_valid, other=-1)
+        onehot = (ids[:, None] == offs_mod[None, :]).to(tl.float32)
+        kt = tl.load(
+            k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
+            mask=n_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+        acc += _mm(kt.to(tl.float32), onehot, "ieee", UPCAST)
+    return acc
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
+    offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    BOUNDARY: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
+    PRECISION: tl.constexpr, MASS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Key tiles [start, end) of the forward's online softmax; returns the updated accumulators.
+
+    BOUNDARY tiles mask keys at or past ``vis_hi`` and, when causal, keys past each row; interior
+    tiles only mask padded keys (and nothing at all without padding).
+    """
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < vis_hi
+        if D_CHUNKS == 1:
+            kt = tl.load(
+                k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
+                mask=n_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
+            s = _mm(q, kt, PRECISION, UPCAST)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for c in range(D_CHUNKS):
+                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                c_valid = offs_c < D
+                qc = tl.load(
+                    q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
+                    mask=m_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                kc = tl.load(
+                    k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
+                    mask=n_valid[None, :] & c_valid[:, None],
+                    other=0.0,
+                )
+                s += _mm(qc, kc, PRECISION, UPCAST)
+        key_ok = n_valid
+        if HAS_PAD:
+            key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
+        if BOUNDARY or HAS_PAD:
+            # rows past Lq need no mask: they read zeros, stay finite and are never stored
+            vis = key_ok[None, :]
+            if CAUSAL and BOUNDARY:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            s = s * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(
+            v_base + offs_n[:, None] * svl + offs_dv[None, :] * svd,
+            mask=n_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + _mm(p.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
+        if STATS:
+            ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
+            onehot = ids[:, None] == offs_mod[None, :]
+            # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
+            if MASS_FP32:
+                pm = _mm(p, onehot.to(tl.float32), "ieee", UPCAST)
+            else:
+                pm = _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
+            mass = mass * alpha[:, None] + pm
+            if D_CHUNKS == 1:
+                if do_ksum:
+                    ksum_t += _mm(kt.to(tl.float32), onehot.to(tl.float32), "ieee", UPCAST)
+        m_i = m_new
+
+    return acc, l_i, m_i, mass, ksum_t
+
+
+@triton.jit
+def _rolling_attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    R,
+    ROWS,
+    IDS,
+    PAD,
+    O,
+    LSE,
+    MASS,
+    KSUM,
+    sqb,
+    sqh,
+    sql,
+    sqd,
+    skb,
+    skh,
+    skl,
+    skd,
+    svb,
+    svh,
+    svl,
+    svd,
+    H,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    M,
+    keys_per_split,
+    qk_scale,
+    LQ_KEY,  # autotuning keys only (bucketed Lq, Lk)
+    LK_KEY,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    DV_CHUNKS: tl.constexpr,
+    ROT_CHUNK: tl.constexpr,
+    M_PAD: tl.constexpr,
+    ROTATE: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    STATS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROT_PRECISION: tl.constexpr,
+    MASS_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One (query tile, batch*head, split*Dv-chunk) program.
+
+    Writes rows ``split * B*H*Lq + bh*Lq + i`` of O (Dv wide), LSE (natural log) and MASS (M wide);
+    without split-K there is one split and these are the final outputs. Per-modality key sums of
+    the split's key range go to KSUM[split, bh] (M, D); they are computed by the programs of
+    query tile 0 (and Dv chunk 0) only, so every key is counted once per (split, b, h): inside the
+    main loop for the keys that tile visits, then in a tail loop for the keys a causal mask hid
+    from it (those programs stop earliest, so the tail also evens out the causal work).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    split = pid_z // DV_CHUNKS
+    dvc = pid_z % DV_CHUNKS
+    BH = tl.num_programs(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    ids_row = b * Lk
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    offs_dv = dvc * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_valid = offs_dv < Dv
+    offs_mod = tl.arange(0, M_PAD)
+
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, Lk)
+    vis_hi = hi
+    if CAUSAL:
+        # top-left causal: row i sees keys j <= i; the tile's last row is pid_m*BLOCK_M+BLOCK_M-1
+        # (never below lo, so the key-sum tail below stays inside this split's range)
+        vis_hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M), lo)
+
+    if D_CHUNKS == 1:
+        q = tl.load(
+            q_base + offs_m[:, None] * sql + offs_d[None, :] * sqd,
+            mask=m_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        if ROTATE:
+            # q_i <- R q_i, in row form q @ R^T, float32. With a row subset only tiles that hold
+            # a selected row pay for the product (the paper rotates the [CLS] row alone).
+            q32 = q.to(tl.float32)
+            if HAS_ROWS:
+                sel = tl.load(ROWS + b * Lq + offs_m, mask=m_valid, other=0) != 0
+                n_sel = tl.sum(sel.to(tl.int32), axis=0)
+            else:
+                n_sel = 1
+            if n_sel > 0:
+                rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                r_base = R + h * D * D
+                for c in tl.static_range(BLOCK_D // ROT_CHUNK):
+                    offs_c = c * ROT_CHUNK + tl.arange(0, ROT_CHUNK)
+                    c_valid = offs_c < D
+                    qc = tl.load(
+                        q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
+                        mask=m_valid[:, None] & c_valid[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    # W[j, i] = R[i, j]
+                    w = tl.load(
+                        r_base + offs_d[None, :] * D + offs_c[:, None],
+                        mask=c_valid[:, None] & d_valid[None, :],
+                        other=0.0,
+                    )
+                    rot += _mm(qc, w, ROT_PRECISION, UPCAST)
+                if HAS_ROWS:
+                    q32 = tl.where(sel[:, None], rot, q32)
+                else:
+                    q32 = rot
+            q = q32.to(Q.dtype.element_ty)
+    else:
+        q = 0  # the chunked path loads query chunks per key tile instead
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_M, M_PAD], dtype=tl.float32)
+    ksum_t = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
+    do_ksum = (pid_m == 0) & (dvc == 0)
+
+    # Interior tiles (every key in range, all visible to every row when causal) skip the score
+    # mask unless there is key padding; the boundary tiles after them apply it.
+    interior_hi = lo + ((vis_hi - lo) // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        # tile [s, s + BLOCK_N) is fully visible when its last key <= the tile's first row
+        first_row = pid_m * BLOCK_M
+        causal_hi = lo + tl.maximum(first_row + 1 - lo, 0) // BLOCK_N * BLOCK_N
+        interior_hi = tl.minimum(interior_hi, causal_hi)
+    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
+        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+        sql, sqd, skl, skd, svl, svd, lo, interior_hi, vis_hi, offs_m, m_valid, offs_d, d_valid,
+        offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, False, HAS_PAD, CAUSAL, STATS, PRECISION,
+        MASS_FP32, UPCAST,
+    )  # fmt: skip
+    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
+        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+        sql, sqd, skl, skd, svl, svd, interior_hi, vis_hi, vis_hi, offs_m, m_valid, offs_d,
+        d_valid, offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, True, HAS_PAD, CAUSAL, STATS, PRECISION,
+        MASS_FP32, UPCAST,
+    )  # fmt: skip
+
+    row = (split * BH + pid_bh).to(tl.int64) * Lq + offs_m
+    l_use = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_use[:, None]
+    tl.store(
+        O + row[:, None] * Dv + offs_dv[None, :],
+        out.to(O.dtype.element_ty),
+        mask=m_valid[:, None] & dv_valid[None, :],
+    )
+    if dvc == 0:
+        lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_use)) * _LN2, float("-inf"))
+        tl.store(LSE + row, lse, mask=m_valid)
+        if STATS:
+            tl.store(
+                MASS + row[:, None] * M + offs_mod[None, :],
+                mass / l_use[:, None],
+                mask=m_valid[:, None] & (offs_mod[None, :] < M),
+            )
+    if STATS:
+        if do_ksum:
+            ks_base = KSUM + (split * BH + pid_bh).to(tl.int64) * M * D
+            if D_CHUNKS == 1:
+                if CAUSAL:
+                    ksum_t += _key_sum_range(
+                        k_base,
+                        IDS,
+                        PAD,
+                        ids_row,
+                        skl,
+                        skd,
+                        vis_hi,
+                        hi,
+                        offs_d,
+                        d_valid,
+                        offs_mod,
+                        BLOCK_N,
+                        BLOCK_D,
+                        M_PAD,
+                        HAS_PAD,
+                        UPCAST,
+                    )
+                tl.store(
+                    ks_base + offs_mod[None, :] * D + offs_d[:, None],
+                    ksum_t,
+                    mask=d_valid[:, None] & (offs_mod[None, :] < M),
+                )
+            else:
+                for c in range(D_CHUNKS):
+                    offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                    c_valid = offs_c < D
+                    ks = _key_sum_range(
+                        k_base,
+                        IDS,
+                        PAD,
+                        ids_row,
+                        skl,
+                        skd,
+                        lo,
+                        hi,
+                        offs_c,
+                        c_valid,
+                        offs_mod,
+                        BLOCK_N,
+                        BLOCK_D,
+                        M_PAD,
+                        HAS_PAD,
+                        UPCAST,
+                    )
+                    tl.store(
+                        ks_base + offs_mod[None, :] * D + offs_c[:, None],
+                        ks,
+                        mask=c_valid[:, None] & (offs_mod[None, :] < M),
+                    )
+
+
+@triton.jit
+def _rolling_attn_merge_kernel(
+    OP,
+    LSEP,
+    MASSP,
+    O,
+    LSE,
+    MASS,
+    S,
+    ROWS_TOTAL,
+    Dv,
+    M,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DV_CHUNKS: tl.constexpr,
+    M_PAD: tl.constexpr,
+    STATS: tl.constexpr,
+):
+    """Flash-decoding merge: combine the S partial results of one row, weighted by exp(lse_s).
+
+    Partials are normalised per split (out_s, mass_s sum to that split's mass), so the merged
+    value is sum_s w_s * x_s with w_s = exp(lse_s - lse). A row no split saw stays 0, lse -inf.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_valid = offs_s < S
+    lse_s = tl.load(LSEP + offs_s * ROWS_TOTAL + row, mask=s_valid, other=float("-inf"))
+    mx = tl.max(lse_s, axis=0)
+    mx_use = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse_s - mx_use)
+    total = tl.sum(w, axis=0)
+    inv = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
+    w = w * inv
+    lse = tl.where(total > 0.0, mx_use + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    tl.store(LSE + row, lse)
+    for c in tl.static_range(DV_CHUNKS):
+        offs_dv = c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        dv_valid = offs_dv < Dv
+        part = tl.load(
+            OP + (offs_s[:, None] * ROWS_TOTAL + row) * Dv + offs_dv[None, :],
+            mask=s_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        out = tl.sum(part * w[:, None], axis=0)
+        tl.store(O + row * Dv + offs_dv, out.to(O.dtype.element_ty), mask=dv_valid)
+    if STATS:
+        offs_mod = tl.arange(0, M_PAD)
+        mod_valid = offs_mod < M
+        part = tl.load(
+            MASSP + (offs_s[:, None] * ROWS_TOTAL + row) * M + offs_mod[None, :],
+            mask=s_valid[:, None] & mod_valid[None, :],
+            other=0.0,
+        )
+        tl.store(MASS + row * M + offs_mod, tl.sum(part * w[:, None], axis=0), mask=mod_valid)
+
+
+@triton.jit
+def _rotate_rows_kernel(
+    X,
+    R,
+    ROWS,
+    Y,
+    sxb,
+    sxh,
+    sxl,
+    sxd,
+    H,
+    L,
+    D,
+    stride_rj,
+    stride_ri,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """y_i = sum_j x_j R[h][i, j] (stride_rj=1, stride_ri=D: q @ R^T, the forward rotation) or
+    sum_j x_j R[h][j, i] (stride_rj=D, stride_ri=1: dq_rot @ R, its gradient) on the selected rows;
+    other rows are copied. One (row tile, batch*head, output chunk) per program; Y contiguous."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_o = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    x_base = X + b * sxb + h * sxh
+    r_base = R + h * D * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < L
+    offs_o = pid_o * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_valid = offs_o < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_c in range(0, D, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)
+        c_valid = offs_c < D
+        x = tl.load(
+            x_base + offs_m[:, None] * sxl + offs_c[None, :] * sxd,
+            mask=m_valid[:, None] & c_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(
+            r_base + offs_c[:, None] * stride_rj + offs_o[None, :] * stride_ri,
+            mask=c_valid[:, None] & o_valid[None, :],
+            other=0.0,
+        )
+        acc += _mm(x, w, PRECISION, UPCAST)
+    if HAS_ROWS:
+        sel = tl.load(ROWS + b * L + offs_m, mask=m_valid, other=0) != 0
+        x = tl.load(
+            x_base + offs_m[:, None] * sxl + offs_o[None, :] * sxd,
+            mask=m_valid[:, None] & o_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.where(sel[:, None], acc, x)
+    row = pid_bh.to(tl.int64) * L + offs_m
+    tl.store(
+        Y + row[:, None] * D + offs_o[None, :],
+        acc.to(Y.dtype.element_ty),
+        mask=m_valid[:, None] & o_valid[None, :],
+    )
+
+
+@triton.jit
+def _rolling_attn_bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    sdb,
+    sdh,
+    sdl,
+    sdd,
+    H,
+    Lq,
+    Dv,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DV_CHUNKS: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id (float32); O is contiguous, dO any strides."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < Lq
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c in tl.static_range(DV_CHUNKS):
+        offs_dv = c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        mask = m_valid[:, None] & (offs_dv[None, :] < Dv)
+        o = tl.load(O + row[:, None] * Dv + offs_dv[None, :], mask=mask, other=0.0)
+        do = tl.load(
+            DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_dv[None, :] * sdd,
+            mask=mask,
+            other=0.0,
+        )
+        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + row, delta, mask=m_valid)
+
+
+@triton.jit
+def _rolling_attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    PAD,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sql,
+    sqd,
+    skb,
+    skh,
+    skl,
+    skd,
+    svb,
+    svh,
+    svl,
+    svd,
+    sdb,
+    sdh,
+    sdl,
+    sdd,
+    H,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    scale,
+    qk_scale,
+    LQ_KEY,
+    LK_KEY,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    DV_CHUNKS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """dK, dV of one key tile, streaming the query tiles that can see it (Q is the rotated q).
+
+    Program axis 2 is the head-dim chunk c this program writes (of dK and of dV); with head dims
+    up to 256 there is one. Scores and dP are recomputed over the full head dims either way.
+    Works in the transposed form (keys along rows): sT = K Q^T, pT = exp(sT - lse).
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdb + h * sdh
+    row0 = pid_bh.to(tl.int64) * Lq
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < Lk
+    key_ok = n_valid
+    if HAS_PAD:
+        key_ok = key_ok & (tl.load(PAD + b * Lk + offs_n, mask=n_valid, other=0) != 0)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    # the chunk this program owns; with one chunk it is the whole (padded) head dim
+    offs_dk = c * BLOCK_D + offs_d0
+    dk_valid = offs_dk < D
+    offs_dvc = c * BLOCK_DV + offs_dv0
+    dvc_valid = offs_dvc < Dv
+    if D_CHUNKS == 1:
+        k = tl.load(
+            k_base + offs_n[:, None] * skl + offs_d0[None, :] * skd,
+            mask=n_valid[:, None] & (offs_d0[None, :] < D),
+            other=0.0,
+        )
+    if DV_CHUNKS == 1:
+        v = tl.load(
+            v_base + offs_n[:, None] * svl + offs_dv0[None, :] * svd,
+            mask=n_valid[:, None] & (offs_dv0[None, :] < Dv),
+            other=0.0,
+        )
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    m_lo = 0
+    if CAUSAL:
+        m_lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    for start_m in range(m_lo, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < Lq
+        if D_CHUNKS == 1:
+            qt = tl.load(
+                q_base + offs_m[None, :] * sql + offs_d0[:, None] * sqd,
+                mask=m_valid[None, :] & (offs_d0[:, None] < D),
+                other=0.0,
+            )
+            st = _mm(k, qt, PRECISION, UPCAST)
+        else:
+            st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for cc in range(D_CHUNKS):
+                offs_c = cc * BLOCK_D + offs_d0
+                c_valid = offs_c < D
+                kc = tl.load(
+                    k_base + offs_n[:, None] * skl + offs_c[None, :] * skd,
+                    mask=n_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                qc = tl.load(
+                    q_base + offs_m[None, :] * sql + offs_c[:, None] * sqd,
+                    mask=m_valid[None, :] & c_valid[:, None],
+                    other=0.0,
+                )
+                st += _mm(kc, qc, PRECISION, UPCAST)
+            qt = tl.load(
+                q_base + offs_m[None, :] * sql + offs_dk[:, None] * sqd,
+                mask=m_valid[None, :] & dk_valid[:, None],
+                other=0.0,
+            )
+        lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+        vis = key_ok[:, None] & m_valid[None, :]
+        if CAUSAL:
+            vis = vis & (offs_m[None, :] >= offs_n[:, None])
+        pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+        # dO^T: the whole (padded) Dv when it fits, else this program's chunk
+        if DV_CHUNKS == 1:
+            dot_ = tl.load(
+                do_base + offs_m[None, :] * sdl + offs_dv0[:, None] * sdd,
+                mask=m_valid[None, :] & (offs_dv0[:, None] < Dv),
+                other=0.0,
+            )
+        else:
+            dot_ = tl.load(
+                do_base + offs_m[None, :] * sdl + offs_dvc[:, None] * sdd,
+                mask=m_valid[None, :] & dvc_valid[:, None],
+                other=0.0,
+            )
+        dv += _mm(pt.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
+        if DV_CHUNKS == 1:
+            dpt = _mm(v, dot_, PRECISION, UPCAST)
+        else:
+            dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for cc in range(DV_CHUNKS):
+                offs_c = cc * BLOCK_DV + offs_dv0
+                c_valid = offs_c < Dv
+                vc = tl.load(
+                    v_base + offs_n[:, None] * svl + offs_c[None, :] * svd,
+                    mask=n_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                doc = tl.load(
+                    do_base + offs_m[None, :] * sdl + offs_c[:, None] * sdd,
+                    mask=m_valid[None, :] & c_valid[:, None],
+                    other=0.0,
+                )
+                dpt += _mm(vc, doc, PRECISION, UPCAST)
+        delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
+        dst = pt * (dpt - delta[None, :])
+        dk += _mm(dst.to(Q.dtype.element_ty), tl.trans(qt), PRECISION, UPCAST)
+
+    dk = dk * scale
+    krow = pid_bh.to(tl.int64) * Lk + offs_n
+    tl.store(
+        DK + krow[:, None] * D + offs_dk[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=n_valid[:, None] & dk_valid[None, :],
+    )
+    tl.store(
+        DV + krow[:, None] * Dv + offs_dvc[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=n_valid[:, None] & dvc_valid[None, :],
+    )
+
+
+@triton.jit
+def _rolling_attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    PAD,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sqb,
+    sqh,
+    sql,
+    sqd,
+    skb,
+    skh,
+    skl,
+    skd,
+    svb,
+    svh,
+    svl,
+    svd,
+    sdb,
+    sdh,
+    sdl,
+    sdd,
+    H,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    scale,
+    qk_scale,
+    LQ_KEY,
+    LK_KEY,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    DV_CHUNKS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """dQ (of the rotated queries) of one query tile, streaming the key tiles it sees.
+
+    Program axis 2 is the head-dim chunk of dQ this program writes. DQ is contiguous; the
+    launcher applies the rotation's transpose afterwards when there is a rotation.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdb + h * sdh
+    row = pid_bh.to(tl.int64) * Lq + tl.arange(0, BLOCK_M) + pid_m * BLOCK_M
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < Lq
+    offs_d0 = tl.arange(0, BLOCK_D)
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    offs_dq = c * BLOCK_D + offs_d0
+    dq_valid = offs_dq < D
+    if D_CHUNKS == 1:
+        q = tl.load(
+            q_base + offs_m[:, None] * sql + offs_d0[None, :] * sqd,
+            mask=m_valid[:, None] & (offs_d0[None, :] < D),
+            other=0.0,
+        )
+    if DV_CHUNKS == 1:
+        do = tl.load(
+            do_base + offs_m[:, None] * sdl + offs_dv0[None, :] * sdd,
+            mask=m_valid[:, None] & (offs_dv0[None, :] < Dv),
+            other=0.0,
+        )
+    lse = tl.load(LSE + row, mask=m_valid, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
+
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        if D_CHUNKS == 1:
+            kt = tl.load(
+                k_base + offs_n[None, :] * skl + offs_d0[:, None] * skd,
+                mask=n_valid[None, :] & (offs_d0[:, None] < D),
+                other=0.0,
+            )
+            s = _mm(q, kt, PRECISION, UPCAST)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for cc in range(D_CHUNKS):
+                offs_c = cc * BLOCK_D + offs_d0
+                c_valid = offs_c < D
+                qc = tl.load(
+                    q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
+                    mask=m_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                kc = tl.load(
+                    k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
+                    mask=n_valid[None, :] & c_valid[:, None],
+                    other=0.0,
+                )
+                s += _mm(qc, kc, PRECISION, UPCAST)
+            kt = tl.load(
+                k_base + offs_n[None, :] * skl + offs_dq[:, None] * skd,
+                mask=n_valid[None, :] & dq_valid[:, None],
+                other=0.0,
+            )
+        key_ok = n_valid
+        if HAS_PAD:
+            key_ok = key_ok & (tl.load(PAD + b * Lk + offs_n, mask=n_valid, other=0) != 0)
+        vis = key_ok[None, :] & m_valid[:, None]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if DV_CHUNKS == 1:
+            vt = tl.load(
+                v_base + offs_n[None, :] * svl + offs_dv0[:, None] * svd,
+                mask=n_valid[None, :] & (offs_dv0[:, None] < Dv),
+                other=0.0,
+            )
+            dp = _mm(do, vt, PRECISION, UPCAST)
+        else:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for cc in range(DV_CHUNKS):
+                offs_c = cc * BLOCK_DV + offs_dv0
+                c_valid = offs_c < Dv
+                doc = tl.load(
+                    do_base + offs_m[:, None] * sdl + offs_c[None, :] * sdd,
+                    mask=m_valid[:, None] & c_valid[None, :],
+                    other=0.0,
+                )
+                vc = tl.load(
+                    v_base + offs_n[None, :] * svl + offs_c[:, None] * svd,
+                    mask=n_valid[None, :] & c_valid[:, None],
+                    other=0.0,
+                )
+                dp += _mm(doc, vc, PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(K.dtype.element_ty), tl.trans(kt), PRECISION, UPCAST)
+
+    dq = dq * scale
+    tl.store(
+        DQ + row[:, None] * D + offs_dq[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=m_valid[:, None] & dq_valid[None, :],
+    )
