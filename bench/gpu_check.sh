@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the Triton backend, for a CUDA machine with torch and triton already installed and
-# no package registry: install the package without downloading anything, run the GPU tests
-# (pytest marker `gpu`, tests/test_triton_gpu.py), then the benchmark (bench/gpu_bench.py).
-# Designed to finish within 8 minutes on an H200.
+# GPU check of the Triton and CUDA backends, for a CUDA machine with torch and triton already
+# installed and no package registry: install the package without downloading anything, build the
+# C++/CUDA extensions, run the GPU tests (pytest marker `gpu`: tests/test_triton_gpu.py, then
+# tests/test_cuda_gpu.py when the CUDA extension built), then the benchmarks (bench/gpu_bench.py,
+# bench/cuda_bench.py). Designed to finish within 8 minutes on an H200.
 #
 #   bash bench/gpu_check.sh
 #
@@ -10,8 +11,8 @@
 #   OUT                  where logs, junit xml and benchmark json/markdown go (default ./gpu_check_out)
 #   PYTHON               interpreter to use (default python3, else python)
 #   GPU_CHECK_BUDGET     total seconds to aim for (default 450)
-#   GPU_CHECK_BUILD_EXT  1 = also build the C++/CUDA extensions (setup.py build_ext --inplace);
-#                        a failed build is reported and the Triton checks go on
+#   GPU_CHECK_BUILD_EXT  1 (default) = build the C++/CUDA extensions (setup.py build_ext --inplace);
+#                        a failed build is reported and the Triton checks go on; 0 = Triton only
 #   GPU_CHECK_REHEARSAL  1 = rehearse the script on a machine without a GPU: no install, GPU tests
 #                        skipped, benchmark in --dry-run mode through Triton's interpreter
 set -u -o pipefail
@@ -67,11 +68,13 @@ elif ROLLINGQ_NO_EXT=1 timeout 120 "$PY" -m pip install --no-build-isolation --n
 else
   echo "pip install did not work (see install.log); the checks use PYTHONPATH=$ROOT"
 fi
-if [ "${GPU_CHECK_BUILD_EXT:-0}" = 1 ]; then
-  step "C++/CUDA extensions (optional)"
-  if MAX_JOBS=${MAX_JOBS:-16} timeout 300 "$PY" setup.py build_ext --inplace \
+CUDA_EXT=0
+if [ "${GPU_CHECK_BUILD_EXT:-1}" = 1 ] && [ "$REHEARSAL" != 1 ]; then
+  step "C++/CUDA extensions"
+  if MAX_JOBS=${MAX_JOBS:-16} timeout 240 "$PY" setup.py build_ext --inplace \
       > "$OUT/build_ext.log" 2>&1; then
     echo "extensions built"
+    CUDA_EXT=1
   else
     echo "extension build failed (see build_ext.log); the Triton checks go on"
   fi
@@ -80,14 +83,26 @@ fi
 print('triton backend:', ta.unavailable_reason() or 'available')" || exit 2
 
 step "GPU tests: pytest -m gpu tests/test_triton_gpu.py (untuned configs)"
-# the benchmark keeps at least 210 s; tests are ordered so a time limit cuts the least important
-TEST_LIMIT=$(( $(left) - 210 ))
-[ "$TEST_LIMIT" -gt 260 ] && TEST_LIMIT=260
+# the benchmarks keep at least 210 s (and the CUDA step 90 s when its extension built); tests are
+# ordered so a time limit cuts the least important
+TEST_LIMIT=$(( $(left) - 210 - 90 * CUDA_EXT ))
+[ "$TEST_LIMIT" -gt 200 ] && TEST_LIMIT=200
 [ "$TEST_LIMIT" -lt 60 ] && TEST_LIMIT=60
 ROLLINGQ_TRITON_AUTOTUNE=0 timeout "$TEST_LIMIT" "$PY" -m pytest -m gpu tests/test_triton_gpu.py \
   -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
 TEST_RC=${PIPESTATUS[0]}
 [ "$TEST_RC" = 124 ] && echo "pytest stopped after ${TEST_LIMIT} s (time limit)"
+
+CUDA_RC=skipped
+if [ "$CUDA_EXT" = 1 ]; then
+  step "CUDA backend: pytest -m gpu tests/test_cuda_gpu.py, then bench/cuda_bench.py"
+  "$PY" -c "import rollingq_kernels.cuda_attention as ca; \
+print('cuda backend:', ca.unavailable_reason() or 'available')"
+  timeout 60 "$PY" -m pytest -m gpu tests/test_cuda_gpu.py -x -q -p no:cacheprovider \
+    --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+  CUDA_RC=${PIPESTATUS[0]}
+  timeout 30 "$PY" -m bench.cuda_bench 2>&1 | tee "$OUT/cuda_bench.log" | tail -15
+fi
 
 step "benchmark: bench/gpu_bench.py (autotuned)"
 BENCH_LIMIT=$(left)
@@ -98,5 +113,5 @@ BENCH_RC=${PIPESTATUS[0]}
 [ "$BENCH_RC" = 124 ] && echo "benchmark stopped after ${BENCH_LIMIT} s (time limit)"
 
 step "done"
-echo "pytest rc=$TEST_RC  benchmark rc=$BENCH_RC  total $((SECONDS - T0)) s  outputs in $OUT"
+echo "pytest rc=$TEST_RC  cuda pytest rc=$CUDA_RC  benchmark rc=$BENCH_RC  total $((SECONDS - T0)) s  outputs in $OUT"
 [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
