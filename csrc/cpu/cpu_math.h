@@ -11,6 +11,11 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ROLLINGQ_AVX2 1
+#endif
+
 extern "C" {
 // Fortran BLAS symbols exported by libtorch_cpu (MKL on x86 wheels, OpenBLAS elsewhere).
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -127,6 +132,91 @@ inline A dot(const A* x, const A* y, int64_t n) {
   for (int l = 0; l < kLanes; ++l) sum += acc[l];
   return sum;
 }
+
+#ifdef ROLLINGQ_AVX2
+// AVX2 versions of the float row loops (the compiler does not vectorise the exp loop or the
+// max reduction on its own). Same maths as exp_fast above, eight lanes at a time.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), res);
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax256(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <>
+inline float row_max<float>(const float* s, int64_t n) {
+  __m256 a0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), a1 = a0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_max_ps(a0, _mm256_loadu_ps(s + j));
+    a1 = _mm256_max_ps(a1, _mm256_loadu_ps(s + j + 8));
+  }
+  float m = hmax256(_mm256_max_ps(a0, a1));
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+template <>
+inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 e0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh));
+    const __m256 e1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), sh));
+    _mm256_storeu_ps(s + j, e0);
+    _mm256_storeu_ps(s + j + 8, e1);
+    a0 = _mm256_add_ps(a0, e0);
+    a1 = _mm256_add_ps(a1, e1);
+  }
+  float sum = hsum256(_mm256_add_ps(a0, a1));
+  for (; j < n; ++j) {
+    s[j] = exp_fast(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
+template <>
+inline float dot<float>(const float* x, const float* y, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8), a1);
+  }
+  float sum = hsum256(_mm256_add_ps(a0, a1));
+  for (; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+#endif  // ROLLINGQ_AVX2
 
 template <typename A>
 inline void add_row(A* dst, const A* src, int64_t n) {
