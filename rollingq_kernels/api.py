@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
@@ -42,28 +41,6 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - torch < 2.3
         return False
-
-
-# Backend modules by name, filled as backends are chosen; read by compiled code (see below).
-_MODULES: dict = {}
-
-
-@torch._dynamo.assume_constant_result
-def _choose_backend(backend: str, *fields) -> str:
-    # Run as plain Python even under torch.compile: the choice depends only on shapes, dtypes and
-    # devices, and the registry imports modules, which the compiler cannot trace.
-    spec = select_backend(AttentionProblem(*fields), backend)
-    if spec.name not in _MODULES:
-        _MODULES[spec.name] = spec.load()
-    return spec.name
-
-
-def _backend_module(problem: AttentionProblem, backend: str):
-    if not _compiling():
-        spec = select_backend(problem, backend)
-        return spec.load()
-    fields = [getattr(problem, f.name) for f in dataclasses.fields(problem)]
-    return _MODULES[_choose_backend(backend, *fields)]
 
 
 def make_problem(
@@ -303,7 +280,8 @@ def rolling_attention(
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         # Empty problems (B, H, Lq or Lk = 0) are answered by the reference on any backend.
         backend = "reference"
-    out, stats = _backend_module(problem, backend).forward(problem)
+    spec = select_backend(problem, backend)
+    out, stats = spec.load().forward(problem)
     if return_stats:
         return out, stats
     return out
