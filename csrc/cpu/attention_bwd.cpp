@@ -28,12 +28,12 @@ void bwd_kernel(const AttentionBwdParams& p) {
   constexpr bool kDirect = std::is_same<T, A>::value;
   const int64_t B = p.batch, H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k;
   const int64_t D = p.head_dim, Dv = p.value_dim;
-  const int64_t qt = bwd_query_tile(Lq), kb = key_block(Lk, std::max(D, Dv));
+  const int64_t qt = bwd_query_tile(Lq), kb = key_block(Lk);
   const A scale = static_cast<A>(p.scale);
   const A neg_inf = -std::numeric_limits<A>::infinity();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> qbuf(qt * D), tmp(qt * D), dobuf(qt * Dv), s(qt * kb), dp(qt * kb);
+    std::vector<A> qbuf(qt * D), tmp(2 * qt * D), dobuf(qt * Dv), s(qt * kb), dp(qt * kb);
     std::vector<A> dq(qt * D), delta(qt), lse(qt), bias(kb);
     std::vector<A> dk(Lk * D), dv(Lk * Dv);
     std::vector<A> kall(kDirect ? 0 : Lk * D), vall(kDirect ? 0 : Lk * Dv);
@@ -130,13 +130,10 @@ void bwd_kernel(const AttentionBwdParams& p) {
                      dk.data() + j0 * D, D);
         }
 
-        if (p.rotation != nullptr) {
+        if (p.rotation != nullptr) {  // q' = q R^T  =>  dq = dq' R on rotated rows
           const bool* rows = p.rotated_rows ? p.rotated_rows + b * Lq + i0 : nullptr;
           const A* R = static_cast<const A*>(p.rotation) + h * D * D;
-          gemm_rm<A>(false, false, qn, D, D, A(1), dq.data(), D, R, D, A(0), tmp.data(), D);
-          for (int64_t r = 0; r < qn; ++r)
-            if (rows == nullptr || rows[r])
-              std::copy(tmp.data() + r * D, tmp.data() + (r + 1) * D, dq.data() + r * D);
+          rotate_rows(dq.data(), rows, qn, D, R, /*transpose_r=*/false, tmp.data());
         }
         T* dq_out = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
         for (int64_t r = 0; r < qn; ++r)

@@ -50,7 +50,7 @@ void fwd_kernel(const AttentionParams& p) {
   const int64_t B = p.batch, H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k;
   const int64_t D = p.head_dim, Dv = p.value_dim;
   const int M = p.num_modalities;
-  const int64_t qt = query_tile(Lq), kb = key_block(Lk, std::max(D, Dv));
+  const int64_t qt = query_tile(Lq), kb = key_block(Lk);
   const int64_t tiles = (Lq + qt - 1) / qt;
   const A scale = static_cast<A>(p.scale);
   const A neg_inf = -std::numeric_limits<A>::infinity();
@@ -63,7 +63,7 @@ void fwd_kernel(const AttentionParams& p) {
   A* mass_base = static_cast<A*>(p.modality_mass);
 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> qbuf(qt * D), tmp(qt * D), s(qt * kb), acc(qt * Dv);
+    std::vector<A> qbuf(qt * D), tmp(2 * qt * D), s(qt * kb), acc(qt * Dv);
     std::vector<A> kbuf(kDirect ? 0 : kb * D), vbuf(kDirect ? 0 : kb * Dv);
     std::vector<A> row_m(qt), row_l(qt), mass(qt * std::max(M, 1)), weight(kb * std::max(M, 1));
     std::vector<A> bias(kb);
