@@ -21,18 +21,18 @@ namespace rollingq {
 namespace cpu {
 namespace {
 
-inline int64_t bwd_query_tile(int64_t lq) { return std::max<int64_t>(1, std::min<int64_t>(64, lq)); }
 
 template <typename T, typename A>
 void bwd_kernel(const AttentionBwdParams& p) {
   constexpr bool kDirect = std::is_same<T, A>::value;
   const int64_t B = p.batch, H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k;
   const int64_t D = p.head_dim, Dv = p.value_dim;
-  const int64_t qt = bwd_query_tile(Lq), kb = key_block(Lk);
+  const int64_t qt = query_tile(Lq), kb = key_block(Lk);
   const A scale = static_cast<A>(p.scale);
   const A neg_inf = -std::numeric_limits<A>::infinity();
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(5 * Lq * Lk * (D + Dv));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> qbuf(qt * D), tmp(2 * qt * D), dobuf(qt * Dv), s(qt * kb), dp(qt * kb);
     std::vector<A> dq(qt * D), delta(qt), lse(qt), bias(kb);
     std::vector<A> dk(Lk * D), dv(Lk * Dv);

@@ -21,6 +21,14 @@ inline int64_t key_block(int64_t lk) {
   return std::max<int64_t>(1, std::min<int64_t>(512, lk));
 }
 
+// Tasks per parallel chunk: enough that a chunk does a few MFLOP, so that small problems run on
+// the calling thread instead of paying for waking the pool (at::parallel_for runs a range shorter
+// than the grain inline).
+inline int64_t grain_for(int64_t flops_per_task) {
+  constexpr int64_t kMinChunkFlops = int64_t(1) << 22;
+  return std::max<int64_t>(1, kMinChunkFlops / std::max<int64_t>(1, flops_per_task));
+}
+
 // x[r] <- x[r] @ R^T (transpose_r) or x[r] @ R for the rows r < n with sel[r] (every row when
 // sel is null). Only the selected rows are multiplied: RollingQ rotates the [CLS] row alone, and
 // at D = 768 rotating a whole tile would cost a third of the attention itself.

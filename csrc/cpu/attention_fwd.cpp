@@ -62,7 +62,8 @@ void fwd_kernel(const AttentionParams& p) {
   A* lse_base = static_cast<A*>(p.lse);
   A* mass_base = static_cast<A*>(p.modality_mass);
 
-  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(2 * qt * Lk * (D + Dv));
+  at::parallel_for(0, B * H * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> qbuf(qt * D), tmp(2 * qt * D), s(qt * kb), acc(qt * Dv);
     std::vector<A> kbuf(kDirect ? 0 : kb * D), vbuf(kDirect ? 0 : kb * Dv);
     std::vector<A> row_m(qt), row_l(qt), mass(qt * std::max(M, 1)), weight(kb * std::max(M, 1));
