@@ -192,7 +192,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   p.modality_mass = mass.data_ptr();
   p.key_sum = key_sum.data_ptr();
   p.key_count = key_count.data_ptr();
-  if (B * H > 0) cpu::attention_fwd(p, element_type(q));
+  if (B * H > 0)
+    cpu::attention_fwd(p, element_type(q));
+  else
+    key_count.zero_();  // H = 0 with B > 0: no key is counted anywhere
   return {out, lse, mass, key_sum, key_count};
 }
 
