@@ -73,6 +73,32 @@ def test_forward_matches_reference(name, kw, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "lengths,counted",
+    [
+        ((1, 600, 499), (False, True, True)),  # [CLS | modality 0 | modality 1], blocks of 512
+        ((3, 40, 60, 500, 7, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 230), None),  # few + many runs
+    ],
+    ids=["cls_two_segments", "mixed_run_counts"],
+)
+def test_forward_with_segment_modalities(lengths, counted, dtype):
+    # Contiguous modality segments take the kernel's per-run path for the mass, blocks with many
+    # runs the per-modality dot products; both must match the reference.
+    from rollingq_kernels import key_modality_from_lengths
+
+    ids = key_modality_from_lengths(lengths, counted)
+    M = int(ids.max()) + 1
+    case = make_case(
+        dtype=dtype, B=2, H=2, Lq=65, Lk=ids.numel(), D=32, rotation="shared", rows="batch",
+        padding=True, causal=False, seed=37,
+    )  # fmt: skip
+    per_sample = torch.stack([ids, ids.roll(7)])  # a boundary moved in sample 1
+    case.kwargs.update(key_modality=per_sample, num_modalities=M)
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=dtype, what="segments: ")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_without_stats_returns_the_same_output(dtype):
     case = make_case(dtype=dtype, Lq=33, rotation="shared", rows="subset", padding=True, seed=3)
     case.kwargs["return_stats"] = False

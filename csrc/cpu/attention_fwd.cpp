@@ -44,6 +44,9 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   }
 }
 
+// Most runs of equal modality ids in a key block for which the mass is taken run by run.
+constexpr size_t kMaxRuns = 8;
+
 template <typename T, typename A>
 void fwd_kernel(const AttentionParams& p) {
   constexpr bool kDirect = std::is_same<T, A>::value;  // K/V usable by BLAS in place
@@ -67,7 +70,8 @@ void fwd_kernel(const AttentionParams& p) {
     std::vector<A> qbuf(qt * D), tmp(2 * qt * D), s(qt * kb), acc(qt * Dv);
     std::vector<A> kbuf(kDirect ? 0 : kb * D), vbuf(kDirect ? 0 : kb * Dv);
     std::vector<A> row_m(qt), row_l(qt), mass(qt * std::max(M, 1)), weight(kb * std::max(M, 1));
-    std::vector<A> bias(kb);
+    std::vector<A> bias(kb), run_mass(std::max(M, 1));
+    std::vector<int64_t> run_start, run_id;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
       const int64_t i0 = tile * qt, qn = std::min(qt, Lq - i0);
@@ -115,10 +119,26 @@ void fwd_kernel(const AttentionParams& p) {
             padded |= !pad[j0 + j];
           }
         }
+        // Modality mass. Modalities usually come as segments ([CLS | tokens of 0 | tokens of 1]),
+        // so a block holds a few runs of equal ids: the exp pass then runs per run and each
+        // run's sum is its modality's mass, for free. Blocks with many runs fall back to one
+        // dot product per modality with a 0/1 weight row (padded keys have p = 0 anyway).
+        bool by_runs = false;
         if (M > 0) {
-          // weight[m][j] = 1 when key j counts in modality m (padded keys get p = 0 anyway)
-          for (int m = 0; m < M; ++m)
-            for (int64_t j = 0; j < kn; ++j) weight[m * kb + j] = ids[j0 + j] == m ? A(1) : A(0);
+          run_start.clear();
+          run_id.clear();
+          for (int64_t j = 0; j < kn && run_start.size() <= kMaxRuns; ++j) {
+            if (j == 0 || ids[j0 + j] != ids[j0 + j - 1]) {
+              run_start.push_back(j);
+              run_id.push_back(ids[j0 + j]);
+            }
+          }
+          by_runs = run_start.size() <= kMaxRuns;
+          run_start.push_back(kn);
+          if (!by_runs)
+            for (int m = 0; m < M; ++m)
+              for (int64_t j = 0; j < kn; ++j)
+                weight[m * kb + j] = ids[j0 + j] == m ? A(1) : A(0);
         }
 
         for (int64_t r = 0; r < qn; ++r) {
@@ -134,14 +154,28 @@ void fwd_kernel(const AttentionParams& p) {
             continue;
           }
           const A alpha = exp_fast(row_m[r] - m_new);  // 0 when row_m was -inf
-          const A sum = exp_shift_sum(sr, kn, m_new);
+          A sum = 0;
+          if (by_runs) {
+            std::fill(run_mass.begin(), run_mass.end(), A(0));
+            for (size_t u = 0; u + 1 < run_start.size(); ++u) {
+              const A part =
+                  exp_shift_sum(sr + run_start[u], run_start[u + 1] - run_start[u], m_new);
+              sum += part;
+              if (run_id[u] >= 0) run_mass[run_id[u]] += part;
+            }
+          } else {
+            sum = exp_shift_sum(sr, kn, m_new);
+          }
           row_l[r] = row_l[r] * alpha + sum;
           row_m[r] = m_new;
           if (alpha != A(1)) {
             scale_row(acc.data() + r * Dv, alpha, Dv);
             if (M > 0) scale_row(mass.data() + r * M, alpha, M);
           }
-          for (int m = 0; m < M; ++m) mass[r * M + m] += dot(sr, weight.data() + m * kb, kn);
+          if (by_runs)
+            for (int m = 0; m < M; ++m) mass[r * M + m] += run_mass[m];
+          else
+            for (int m = 0; m < M; ++m) mass[r * M + m] += dot(sr, weight.data() + m * kb, kn);
         }
         gemm_rm<A>(false, false, qn, Dv, kn, A(1), s.data(), kb, vp, ldv, A(1), acc.data(), Dv);
       }
