@@ -80,7 +80,7 @@ def _cpu_extension():
         return None
     from torch.utils.cpp_extension import CppExtension
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=fast"]
     if os.environ.get("ROLLINGQ_PORTABLE") == "1":
         cxx.remove("-march=native")
     ext = CppExtension(

@@ -1,0 +1,375 @@
+"""The fused CPU kernel (backend "cpu", op rollingq::attention_fwd / attention_bwd).
+
+Every check compares with the float64 reference on fresh random inputs, with the outputs the
+kernel allocates poisoned with NaN so that an element it forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    assert_close,
+    check_against_reference,
+    dtype_id,
+    make_case,
+    nan_poisoned_outputs,
+    random_orthogonal,
+    reference,
+)
+
+from rollingq_kernels import fused_op, rolling_attention, rolling_attention_reference
+from rollingq_kernels.api import make_problem
+from rollingq_kernels.backends import select_backend
+
+pytestmark = pytest.mark.skipif(
+    fused_op.load_error() is not None, reason=str(fused_op.load_error())
+)
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+# (id, make_case keyword arguments): every feature alone, then in combination, odd sizes.
+CASES = [
+    ("plain", dict()),
+    ("rot_shared", dict(rotation="shared")),
+    ("rot_per_head_row_subset", dict(rotation="per_head", rows="subset")),
+    ("rot_rows_per_sample", dict(rotation="shared", rows="batch")),
+    ("mod2", dict(modalities=2)),
+    ("mod3_no_cls", dict(modalities=3, cls_key=False)),
+    ("padding_empty_sample", dict(padding=True, modalities=2)),
+    ("causal", dict(causal=True)),
+    (
+        "all_features",
+        dict(rotation="per_head", rows="batch", modalities=3, padding=True, causal=True),
+    ),
+    ("lq_lt_lk_causal", dict(Lq=7, Lk=129, causal=True, modalities=2, rotation="shared")),
+    ("lq_gt_lk_causal", dict(Lq=129, Lk=7, causal=True, padding=True, modalities=2)),
+    ("lq1", dict(Lq=1, Lk=129, rotation="shared", modalities=2)),
+    ("lk1", dict(Lq=7, Lk=1, modalities=2)),
+    ("l1", dict(Lq=1, Lk=1, rotation="per_head", modalities=2)),
+    ("l129_d96", dict(B=1, H=2, Lq=129, D=96, rotation="per_head", rows="subset", modalities=2)),
+    ("l1000_d40", dict(B=1, H=2, Lq=1000, D=40, rotation="shared", modalities=2, padding=True)),
+    ("d1", dict(D=1, rotation="shared", modalities=2, causal=True)),
+    ("d8_dv24", dict(D=8, Dv=24, rotation="shared", modalities=2, padding=True)),
+    ("d768", dict(B=1, H=1, Lq=33, Lk=70, D=768, rotation="shared", rows="subset", modalities=2)),
+    ("scale", dict(scale=0.3, modalities=2, causal=True)),
+    ("blhd", dict(layout="blhd", Lq=129, rotation="per_head", modalities=2, padding=True)),
+    ("strided", dict(layout="strided", Lq=33, rotation="shared", modalities=3, causal=True)),
+]
+
+
+def _run(case, **extra):
+    with nan_poisoned_outputs():
+        return rolling_attention(case.q, case.k, case.v, backend="cpu", **case.kwargs, **extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(name, kw, dtype):
+    case = make_case(dtype=dtype, seed=hash(name) % 1000, **kw)
+    out, stats = _run(case)
+    assert out.dtype == dtype and out.shape == case.q.shape[:3] + case.v.shape[3:]
+    check_against_reference(case, out, stats, dtype=dtype, what=f"{name}: ")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "lengths,counted",
+    [
+        ((1, 600, 499), (False, True, True)),  # [CLS | modality 0 | modality 1], blocks of 512
+        ((3, 40, 60, 500, 7, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 230), None),  # few + many runs
+    ],
+    ids=["cls_two_segments", "mixed_run_counts"],
+)
+def test_forward_with_segment_modalities(lengths, counted, dtype):
+    # Contiguous modality segments take the kernel's per-run path for the mass, blocks with many
+    # runs the per-modality dot products; both must match the reference.
+    from rollingq_kernels import key_modality_from_lengths
+
+    ids = key_modality_from_lengths(lengths, counted)
+    M = int(ids.max()) + 1
+    case = make_case(
+        dtype=dtype, B=2, H=2, Lq=65, Lk=ids.numel(), D=32, rotation="shared", rows="batch",
+        padding=True, causal=False, seed=37,
+    )  # fmt: skip
+    per_sample = torch.stack([ids, ids.roll(7)])  # a boundary moved in sample 1
+    case.kwargs.update(key_modality=per_sample, num_modalities=M)
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=dtype, what="segments: ")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_without_stats_returns_the_same_output(dtype):
+    case = make_case(dtype=dtype, Lq=33, rotation="shared", rows="subset", padding=True, seed=3)
+    case.kwargs["return_stats"] = False
+    out = _run(case)
+    assert isinstance(out, torch.Tensor)
+    check_against_reference(case, out, None, dtype=dtype)
+
+
+def test_empty_rows_are_zero_with_minus_inf_lse():
+    case = make_case(dtype=torch.float32, B=2, Lq=9, padding=True, modalities=2, seed=5)
+    out, stats = _run(case)
+    # make_case pads every key of sample 0
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(stats.lse[0], torch.full_like(stats.lse[0], float("-inf")))
+    assert torch.equal(stats.modality_mass[0], torch.zeros_like(stats.modality_mass[0]))
+    assert not torch.isnan(out).any() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("Lq,Lk", [(0, 5), (4, 0), (0, 0)])
+def test_op_on_empty_sequences(Lq, Lk):
+    # The API answers empty problems with the reference; the op itself must still be right.
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(2, 3, Lq, 8, generator=g)
+    k = torch.randn(2, 3, Lk, 8, generator=g)
+    v = torch.randn(2, 3, Lk, 8, generator=g)
+    ids = torch.randint(-1, 2, (2, Lk), generator=g, dtype=torch.int32)
+    with nan_poisoned_outputs():
+        out, lse, mass, key_sum, key_count = torch.ops.rollingq.attention_fwd(
+            q, k, v, None, None, ids, 2, None, False, 0.5
+        )
+    ref_out, ref = rolling_attention_reference(
+        q, k, v, key_modality=ids, num_modalities=2, scale=0.5, return_stats=True
+    )
+    for name, a, b in zip(
+        ("out", "lse", "mass", "key_sum", "key_count"),
+        (out, lse, mass, key_sum, key_count),
+        (ref_out, ref.lse, ref.modality_mass, ref.key_sum, ref.key_count),
+    ):
+        assert a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+def test_mass_rows_sum_to_one_minus_unattributed_keys():
+    case = make_case(dtype=torch.float32, B=2, H=2, Lq=65, Lk=300, modalities=3, seed=11)
+    out, stats = _run(case)
+    ids = case.kwargs["key_modality"]
+    ref_out, ref_stats = reference(case)
+    # mass on the -1 keys, from the reference probabilities
+    p = torch.softmax(
+        (case.q.double() @ case.k.double().transpose(-1, -2)) / case.q.shape[-1] ** 0.5, -1
+    )
+    unattributed = (p * (ids == -1)[:, None, None, :]).sum(-1)
+    total = stats.modality_mass.double().sum(-1)
+    assert (total - (1 - unattributed)).abs().max().item() < 1e-5
+    assert_close(out, ref_out, rel=1e-5, name="out")
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    case = make_case(dtype=torch.float32, rotation="shared", modalities=2)
+    problem = make_problem(case.q, case.k, case.v, **case.kwargs)
+    assert select_backend(problem, "auto").name == "cpu"
+
+
+def _input_copies(case):
+    """Copies of a q/k/v-shaped tensor made while the cpu backend runs ``case``."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
+        out = rolling_attention(case.q, case.k, case.v, backend="cpu", **case.kwargs)
+    events = prof.events()
+    assert any(e.name == "rollingq::attention_fwd" for e in events)
+    qkv_shape = list(case.q.shape)
+    copies = [
+        (e.name, e.input_shapes)
+        for e in events
+        if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+        and qkv_shape in list(e.input_shapes)
+    ]
+    return out, copies
+
+
+def test_transposed_layout_is_read_in_place():
+    # A (B, L, H, D) projection viewed as (B, H, L, D) must reach the kernel without a copy.
+    case = make_case(dtype=torch.float32, layout="blhd", Lq=65, rotation="shared", seed=2)
+    case.kwargs["return_stats"] = False
+    assert not case.q.is_contiguous()
+    out, copies = _input_copies(case)
+    assert not copies, f"inputs were copied: {copies}"
+    check_against_reference(case, out, None, dtype=torch.float32)
+    # the probe does see copies: a last dim with stride 2 is (and may be) copied
+    strided = make_case(dtype=torch.float32, layout="strided", Lq=65, seed=2)
+    strided.kwargs["return_stats"] = False
+    assert _input_copies(strided)[1]
+
+
+# ---- threads --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_one_and_two_threads_agree(dtype):
+    case = make_case(
+        dtype=dtype, B=2, H=3, Lq=300, D=40, rotation="per_head", modalities=2, padding=True,
+        causal=True, seed=7,
+    )  # fmt: skip
+    case.requires_grad_()
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out, stats = rolling_attention(case.q, case.k, case.v, backend="cpu", **case.kwargs)
+        grads = torch.autograd.grad(out, (case.q, case.k, case.v), torch.ones_like(out))
+        results.append((out, *stats, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- gradients ------------------------------------------------------------------------------
+
+
+def _op_out(q, k, v, rotation, rows, ids, M, pad, causal, scale):
+    return torch.ops.rollingq.attention_fwd(q, k, v, rotation, rows, ids, M, pad, causal, scale)[0]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rotation="per_head", rows="batch", padding=True, causal=True, modalities=2),
+        dict(Lq=5, Lk=7, rotation="shared", padding=True),
+        dict(Lq=6, Lk=3, causal=True, rotation="shared", rows="subset"),
+    ],
+    ids=["rot_rows_pad_causal", "lq_lt_lk_pad", "lq_gt_lk_causal"],
+)
+def test_gradcheck_float64(kw):
+    kw = {"B": 2, "H": 2, "Lq": 5, "D": 4, **kw}
+    case = make_case(dtype=torch.float64, seed=13, **kw)
+    problem = make_problem(case.q, case.k, case.v, **case.kwargs)
+    q, k, v = (t.detach().requires_grad_() for t in (case.q, case.k, case.v))
+    rest = (
+        problem.rotation,
+        problem.rotated_queries,
+        problem.key_modality,
+        problem.num_modalities,
+        problem.key_padding_mask,
+        problem.is_causal,
+        problem.scale,
+    )
+    assert torch.autograd.gradcheck(lambda a, b, c: _op_out(a, b, c, *rest), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(B=2, H=3, Lq=129, D=40, rotation="per_head", rows="batch", padding=True, causal=True),
+        dict(B=1, H=2, Lq=70, Lk=300, D=64, Dv=48, rotation="shared", padding=True),
+        dict(B=1, H=1, Lq=1, Lk=600, D=96, layout="blhd", rotation="shared"),
+        dict(B=1, H=1, Lq=65, Lk=40, D=768, layout="strided", rotation="shared", rows="subset"),
+    ],
+    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided"],
+)
+def test_backward_matches_reference_autograd(kw, dtype):
+    case = make_case(dtype=dtype, seed=17, modalities=2, **kw)
+    g = torch.randn(case.q.shape[:3] + case.v.shape[3:], dtype=torch.float64)
+
+    inputs = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    with nan_poisoned_outputs():
+        out, _ = rolling_attention(*inputs, backend="cpu", **case.kwargs)
+        got = torch.autograd.grad(out, inputs, g.to(dtype))
+
+    c64 = case.to(dtype=torch.float64)
+    kw64 = dict(c64.kwargs)
+    if kw64.get("rotation") is not None:
+        kw64["rotation"] = kw64["rotation"].double()
+    ref_in = [t.detach().requires_grad_() for t in (c64.q, c64.k, c64.v)]
+    ref_out, _ = rolling_attention(*ref_in, backend="reference", **kw64)
+    want = torch.autograd.grad(ref_out, ref_in, g)
+    # float32 gradients: the error of float32 arithmetic over L-long sums, well below 1e-4;
+    # bfloat16: the rounding of the inputs and of the stored gradients (8 bits of mantissa).
+    rel = 2e-5 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype
+        assert_close(a, b, rel=rel, name=f"d{name}")
+
+
+# ---- registration ---------------------------------------------------------------------------
+
+
+def _op_args(dtype, requires_grad):
+    case = make_case(
+        dtype=dtype, B=2, H=2, Lq=9, Lk=11, D=8, rotation="per_head", rows="batch",
+        modalities=2, padding=True, causal=True, seed=19,
+    )  # fmt: skip
+    p = make_problem(case.q, case.k, case.v, **case.kwargs)
+    q, k, v = (t.detach().requires_grad_(requires_grad) for t in (case.q, case.k, case.v))
+    return (q, k, v, p.rotation, p.rotated_queries, p.key_modality, p.num_modalities,
+            p.key_padding_mask, p.is_causal, p.scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_opcheck_forward(dtype):
+    torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, _op_args(dtype, True))
+    no_stats = list(_op_args(dtype, False))
+    no_stats[5], no_stats[6] = None, 0
+    torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, tuple(no_stats))
+
+
+def test_opcheck_backward():
+    q, k, v, rot, rows, ids, m, pad, causal, scale = _op_args(torch.float64, False)
+    out, lse, *_ = torch.ops.rollingq.attention_fwd(q, k, v, rot, rows, ids, m, pad, causal, scale)
+    grad = torch.randn_like(out)
+    args = (grad, q, k, v, out, lse, rot, rows, pad, causal, scale)
+    torch.library.opcheck(torch.ops.rollingq.attention_bwd.default, args)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    case = make_case(
+        dtype=torch.float32, Lq=17, rotation="per_head", rows="batch", modalities=2, padding=True,
+        causal=True, seed=23,
+    )  # fmt: skip
+    kw = dict(case.kwargs)
+
+    def step(q, k, v):
+        out, stats = rolling_attention(q, k, v, **kw)
+        return out, out.square().sum(), stats
+
+    inputs = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out, loss, stats = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    check_against_reference(case, out, stats, dtype=torch.float32)
+    eager_in = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    _, eager_loss, eager_stats = step(*eager_in)
+    eager_grads = torch.autograd.grad(eager_loss, eager_in)
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip((*stats, *grads), (*eager_stats, *eager_grads)):
+        torch.testing.assert_close(a, b)
+    explanation = torch._dynamo.explain(step)(*inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_op_rejects_bad_arguments_by_name():
+    q, k, v, rot, rows, ids, m, pad, causal, scale = _op_args(torch.float32, False)
+    with pytest.raises(RuntimeError, match=r"rotation must have shape"):
+        torch.ops.rollingq.attention_fwd(q, k, v, rot[:, :4], rows, ids, m, pad, causal, scale)
+    bad_ids = ids.clone()
+    bad_ids[0, 0] = 2
+    with pytest.raises(RuntimeError, match=r"key_modality ids must lie in \[-1, 1\]"):
+        torch.ops.rollingq.attention_fwd(q, k, v, rot, rows, bad_ids, m, pad, causal, scale)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must be a bool tensor"):
+        torch.ops.rollingq.attention_fwd(q, k, v, rot, rows, ids, m, pad.int(), causal, scale)
+    with pytest.raises(RuntimeError, match=r"k must have shape \(2, 2, Lk, 8\)"):
+        torch.ops.rollingq.attention_fwd(q, k[..., :4], v, rot, rows, ids, m, pad, causal, scale)
+    with pytest.raises(RuntimeError, match=r"v has dtype Double but q has Float"):
+        torch.ops.rollingq.attention_fwd(q, k, v.double(), rot, rows, ids, m, pad, causal, scale)
+
+
+def test_library_built_for_another_torch_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "_C.cpython-fake.so"
+    fake.write_bytes(b"\x7fELF....rollingq-torch-version=1.0.0;....")
+    monkeypatch.setattr(fused_op, "_PACKAGE_DIR", str(tmp_path))
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 but torch .* installed"):
+        fused_op._load_library("_C")
+
+
+def test_rotation_is_orthogonal_input_not_renormalised():
+    # The kernel applies exactly the matrix it is given (the API does not re-orthogonalise):
+    # a scaled rotation must scale the rotated scores like the reference does.
+    case = make_case(dtype=torch.float64, Lq=9, modalities=2, seed=29)
+    case.kwargs["rotation"] = 1.5 * random_orthogonal(16)
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=torch.float64)
