@@ -17,18 +17,13 @@ Rows (``run()`` returns them as dicts):
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import textwrap
-import time
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+
+from bench.harness import interleaved_times, machine_info, peak_extra_mib
+from bench.harness import make_rollingq_inputs as make_inputs
 
 FWD_SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64), (2, 12, 577, 64), (16, 1, 1101, 768)]
 QUICK_SHAPES = [(2, 4, 257, 64), (2, 1, 301, 768)]
@@ -36,38 +31,9 @@ MEMORY_SHAPE = (1, 8, 16384, 64)
 THREADS = 2
 
 
-def make_inputs(B: int, H: int, L: int, D: int, seed: int = 0):
-    """q, k, v as (B, L, H, D) projections viewed as (B, H, L, D), and the RollingQ arguments:
-    sequence [CLS | modality 0 | modality 1], the [CLS] row rotated, statistics on."""
-    from rollingq_kernels import key_modality_from_lengths
-
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3))
-    n0 = (L - 1) // 2
-    ids = key_modality_from_lengths((1, n0, L - 1 - n0), (False, True, True))
-    rot = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64)).Q.float()
-    rows = torch.zeros(L, dtype=torch.bool)
-    rows[0] = True
-    kwargs = dict(
-        rotation=rot, rotated_queries=rows, key_modality=ids, num_modalities=2, return_stats=True
-    )
-    return q, k, v, kwargs
-
-
-def interleaved_medians(
-    fns: Sequence[Callable[[], object]], *, warmup: int, reps: int
-) -> List[float]:
-    """Median seconds of each function, calling them in turn ``reps`` times after warm-up."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+def interleaved_medians(fns, *, warmup: int, reps: int) -> List[float]:
+    """Median seconds of each function, called in turn (see bench.harness.interleaved_times)."""
+    return [t["median_ms"] * 1e-3 for t in interleaved_times(fns, warmup=warmup, reps=reps)]
 
 
 def _flops(B, H, L, D, mode):
@@ -129,86 +95,22 @@ def bench_forward_backward(shape, *, reps: int) -> Dict:
     }
 
 
-# Peak memory: a fresh interpreter allocates the inputs, warms the kernel up on a small problem
-# (thread pool, library), resets the kernel's resident-set high-water mark through
-# /proc/self/clear_refs ("5"), runs one call and reads VmHWM. What the call added is
-# VmHWM - VmRSS(before); the outputs it returns are subtracted to leave the working memory.
-# tracemalloc cannot see torch's allocations and torch's CPU allocator keeps no peak statistic.
-_MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    sys.path.insert(0, sys.argv[1])
-    torch.set_num_threads(int(sys.argv[2]))
-    from bench.cpu_bench import make_inputs
-    from rollingq_kernels import rolling_attention
-    import torch.nn.functional as F
-    B, H, L, D = (int(x) for x in sys.argv[3].split(","))
-    which = sys.argv[4]
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    q, k, v, kw = make_inputs(B, H, L, D)
-    sq, sk, sv, skw = make_inputs(1, H, 64, D)
-    if which == "fused":
-        call = lambda q, k, v, kw: rolling_attention(q, k, v, backend="cpu", **kw)
-    else:
-        call = lambda q, k, v, kw: F.scaled_dot_product_attention(q, k, v)
-    call(sq, sk, sv, skw)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    result = call(q, k, v, kw)
-    peak = status("VmHWM")
-    tensors = [result] if isinstance(result, torch.Tensor) else [result[0], *result[1]]
-    out_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    print(peak - before - out_bytes, out_bytes)
-    """
-)
-
-
-def peak_extra_mib(shape, which: str = "fused") -> Dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _MEMORY_SCRIPT,
-            root,
-            str(THREADS),
-            ",".join(str(s) for s in shape),
-            which,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")),
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {res.stderr[-2000:]}")
-    extra, out_bytes = (int(x) for x in res.stdout.split())
-    return {"extra_mib": extra / 2**20, "outputs_mib": out_bytes / 2**20}
-
-
-def run(quick: bool = False) -> List[Dict]:
-    """All rows of the CPU benchmark (fp32, 2 threads). ``quick``: small shapes, few repetitions."""
+def run(quick: bool = False, forward: bool = True) -> List[Dict]:
+    """All rows of the CPU benchmark (fp32, 2 threads). ``quick``: small shapes, few repetitions;
+    ``forward=False`` leaves out the forward rows (bench.report measures those for every backend)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         rows: List[Dict] = []
         shapes = QUICK_SHAPES if quick else FWD_SHAPES
-        for shape in shapes:
+        for shape in shapes if forward else []:
             reps = 3 if quick else (5 if shape[2] * shape[3] > 300_000 else 9)
             rows.append(bench_forward(shape, reps=reps))
         for shape in shapes[:-1] if not quick else shapes[:1]:
             rows.append(bench_forward_backward(shape, reps=3 if quick else 5))
         mem_shape = (1, 8, 2048, 64) if quick else MEMORY_SHAPE
-        fused = peak_extra_mib(mem_shape, "fused")
-        sdpa = peak_extra_mib(mem_shape, "sdpa")
+        fused = peak_extra_mib(mem_shape, "cpu", threads=THREADS)
+        sdpa = peak_extra_mib(mem_shape, "sdpa", threads=THREADS)
         B, H, L, _ = mem_shape
         rows.append(
             {
@@ -229,19 +131,12 @@ def run(quick: bool = False) -> List[Dict]:
 
 
 def machine() -> Dict[str, str]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    info = machine_info()
     return {
-        "machine": f"{model}, {os.cpu_count()} cores",
+        "machine": f"{info['cpu']}, {info['cores']} cores",
         "threads": str(THREADS),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
+        "torch": info["torch"],
+        "date": info["date"],
     }
 
 

@@ -11,13 +11,13 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -43,65 +43,125 @@ def attention_flops(
     return {"fwd": f, "bwd": 2.5 * f, "fwd_bwd": 3.5 * f}[mode]
 
 
-def time_fn(
-    fn: Callable[[], object], *, warmup: int = 2, reps: int = 7, min_time: float = 0.0
-) -> Dict[str, float]:
-    """Median / p20 / p80 wall time in milliseconds after ``warmup`` calls."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start_all) < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 100:
-            break
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+def _summary(times_ms: List[float]) -> Dict[str, float]:
+    times_ms = sorted(times_ms)
+    q = statistics.quantiles(times_ms, n=5) if len(times_ms) >= 2 else [times_ms[0]] * 4
     return {
-        "median_ms": statistics.median(times),
+        "median_ms": statistics.median(times_ms),
         "p20_ms": q[0],
         "p80_ms": q[3],
-        "reps": len(times),
+        "reps": len(times_ms),
     }
 
 
-def maxrss_mib() -> float:
-    """The process's resident-set high-water mark in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def interleaved_times(
+    fns: Sequence[Callable[[], object]], *, warmup: int = 1, reps: int = 7
+) -> List[Dict[str, float]]:
+    """Median / p20 / p80 milliseconds of each function, called in turn (one call of each per
+    round) after ``warmup`` rounds, so that load from other processes hits all of them alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    sync()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [_summary(t) for t in times]
 
 
-def peak_memory_in_subprocess(snippet_setup: str, snippet_run: str, *, timeout: int = 600) -> float:
-    """Peak resident memory (MiB) that ``snippet_run`` adds above the state after ``snippet_setup``.
+def make_rollingq_inputs(B: int, H: int, L: int, D: int, *, dtype=torch.float32, seed: int = 0):
+    """The kernel as RollingQ calls it: q, k, v are (B, L, H, D) projections viewed as
+    (B, H, L, D) (read in place), the sequence is [CLS | modality 0 | modality 1], the [CLS] row is
+    rotated and the statistics are on. Returns q, k, v and the keyword arguments."""
+    from rollingq_kernels import key_modality_from_lengths
 
-    The CPU allocator keeps no high-water mark, so each measurement runs in a fresh interpreter:
-    the RSS high-water mark is read after the inputs exist and again after one run; the difference
-    is the run's peak working memory including its outputs. Large buffers are mmap-backed and go
-    back to the system when freed, so the inputs' pages are the only baseline.
-    """
-    code = (
-        "import resource, torch, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        f"{snippet_setup}\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"{snippet_run}\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print((peak - base) / 1024.0)\n"
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+    n0 = (L - 1) // 2
+    ids = key_modality_from_lengths((1, n0, L - 1 - n0), (False, True, True))
+    rot = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64)).Q.float()
+    rows = torch.zeros(L, dtype=torch.bool)
+    rows[0] = True
+    kwargs = dict(
+        rotation=rot, rotated_queries=rows, key_modality=ids, num_modalities=2, return_stats=True
     )
+    return q, k, v, kwargs
+
+
+# Peak memory of one call, in a fresh interpreter: allocate the inputs, warm the call up on a
+# small problem (thread pool, libraries), reset the resident-set high-water mark through
+# /proc/self/clear_refs ("5"), run one call and read VmHWM. What the call added is
+# VmHWM - VmRSS(before); the outputs it returns are subtracted to leave its working memory.
+# tracemalloc cannot see torch's allocations and torch's CPU allocator keeps no peak statistic.
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    torch.set_num_threads(int(sys.argv[2]))
+    from bench.harness import make_rollingq_inputs
+    from rollingq_kernels import rolling_attention
+    import torch.nn.functional as F
+    B, H, L, D = (int(x) for x in sys.argv[3].split(","))
+    which = sys.argv[4]
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    q, k, v, kw = make_rollingq_inputs(B, H, L, D)
+    sq, sk, sv, skw = make_rollingq_inputs(1, H, 64, D)
+    if which == "sdpa":
+        call = lambda q, k, v, kw: F.scaled_dot_product_attention(q, k, v)
+    else:
+        call = lambda q, k, v, kw: rolling_attention(q, k, v, backend=which, **kw)
+    call(sq, sk, sv, skw)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    result = call(q, k, v, kw)
+    peak = status("VmHWM")
+    tensors = [result] if isinstance(result, torch.Tensor) else [result[0], *result[1]]
+    out_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    print(peak - before - out_bytes, out_bytes)
+    """
+)
+
+
+def peak_extra_mib(shape, which: str, *, threads: Optional[int] = None) -> Dict[str, float]:
+    """Working memory (MiB) one forward call adds above its inputs and outputs, CPU only.
+
+    ``which``: "sdpa" (torch SDPA on the same q, k, v, no statistics) or a backend name (called
+    with the RollingQ arguments of :func:`make_rollingq_inputs`).
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    threads = torch.get_num_threads() if threads is None else threads
     res = subprocess.run(
-        [sys.executable, "-c", code],
+        [
+            sys.executable,
+            "-c",
+            _MEMORY_SCRIPT,
+            root,
+            str(threads),
+            ",".join(str(s) for s in shape),
+            which,
+        ],
         capture_output=True,
         text=True,
-        timeout=timeout,
-        env=dict(os.environ),
+        timeout=900,
+        env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")),
     )
     if res.returncode != 0:
-        raise RuntimeError(f"memory probe failed:\n{res.stderr[-2000:]}")
-    return float(res.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"memory probe failed: {res.stderr[-2000:]}")
+    extra, out_bytes = (int(x) for x in res.stdout.split())
+    return {"extra_mib": extra / 2**20, "outputs_mib": out_bytes / 2**20}
 
 
 def machine_info() -> Dict[str, str]:

@@ -4,9 +4,10 @@ For each shape, side by side in one process on the same inputs:
   * torch SDPA (the anchor): plain attention on pre-rotated queries, no statistics;
   * every registered backend that can run here, with the [CLS] row rotated and the statistics;
   * the reference (materialised softmax + separate statistics, what the paper's code does).
-Columns: median time (ms), time relative to SDPA, GFLOP/s (4*B*H*Lq*Lk*D), peak memory above the
-inputs (MiB, fresh process per row), and the max abs error of the output against the float64
-reference. Rows are saved with machine, versions and date to bench/results/report.json.
+The functions of one shape are called in turn, round by round, so load hits all alike. Columns:
+median time (ms), time relative to SDPA, GFLOP/s (4*B*H*Lq*Lk*D), the working memory one call adds
+above its inputs and outputs (MiB, fresh process per row, see bench/harness.py), and the max abs
+error of the output against the float64 reference. Rows are saved with machine, versions and date to bench/results/report.json.
 
     python -m bench.report [--quick] [--no-memory] [--shapes B,H,L,D ...] [--only attention]
 """
@@ -18,117 +19,61 @@ import importlib
 import sys
 from typing import List
 
-import torch
 import torch.nn.functional as F
 
 import rollingq_kernels as rk
 from bench.harness import (
     attention_flops,
     format_table,
+    interleaved_times,
     machine_info,
-    peak_memory_in_subprocess,
+    make_rollingq_inputs,
+    peak_extra_mib,
     save_rows,
-    time_fn,
 )
 from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import registered_backends
 from rollingq_kernels.reference import apply_rotation
 
-DEFAULT_SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64), (16, 1, 1101, 768)]
+DEFAULT_SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64), (2, 12, 577, 64), (16, 1, 1101, 768)]
 QUICK_SHAPES = [(2, 4, 257, 64), (2, 1, 301, 768)]
 
 
-def make_inputs(B: int, H: int, L: int, D: int, dtype=torch.float32, seed: int = 0):
-    """[CLS | modality 0 | modality 1] with a rotated [CLS] row, as RollingQ uses the kernel."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, L, D, generator=g).to(dtype)
-    k = torch.randn(B, H, L, D, generator=g).to(dtype)
-    v = torch.randn(B, H, L, D, generator=g).to(dtype)
-    n0 = (L - 1) // 2
-    ids = rk.key_modality_from_lengths((1, n0, L - 1 - n0), (False, True, True))
-    rot = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64)).Q.float()
-    rows = torch.zeros(L, dtype=torch.bool)
-    rows[0] = True
-    kwargs = dict(
-        rotation=rot, rotated_queries=rows, key_modality=ids, num_modalities=2, return_stats=True
-    )
-    return q, k, v, kwargs
-
-
-_MEM_SETUP = """
-import rollingq_kernels as rk, torch
-from bench.report import make_inputs
-q, k, v, kw = make_inputs({B}, {H}, {L}, {D})
-torch.set_num_threads({threads})
-"""
-_MEM_RUN = {
-    "torch_sdpa": "out = torch.nn.functional.scaled_dot_product_attention(q, k, v)",
-    "backend": "out = rk.rolling_attention(q, k, v, **kw, backend={name!r})",
-}
-
-
-def _measure(name, fn, *, shape, flops, ref, memory, mem_setup, mem_run, reps) -> dict:
-    out = fn()
-    out = out[0] if isinstance(out, tuple) else out
-    t = time_fn(fn, warmup=1, reps=reps)
-    r = {
-        "shape": shape,
-        "backend": name,
-        "median_ms": t["median_ms"],
-        "p20_ms": t["p20_ms"],
-        "p80_ms": t["p80_ms"],
-        "gflops": flops / (t["median_ms"] * 1e-3) / 1e9,
-        "max_err": (out.double() - ref).abs().max().item(),
-    }
-    if memory:
-        try:
-            r["peak_mib"] = peak_memory_in_subprocess(mem_setup, mem_run)
-        except Exception as exc:  # report, never hide
-            r["peak_mib"] = None
-            r["note"] = f"memory probe failed: {exc}"[:200]
-    return r
-
-
 def bench_shape(B: int, H: int, L: int, D: int, *, memory: bool, reps: int) -> List[dict]:
-    q, k, v, kw = make_inputs(B, H, L, D)
+    """One shape: SDPA, every backend that can run it, interleaved call by call."""
+    q, k, v, kw = make_rollingq_inputs(B, H, L, D)
     q_rot = apply_rotation(q, kw["rotation"], kw["rotated_queries"])
     ref_kw = {**kw, "rotation": kw["rotation"].double(), "return_stats": False}
     ref = rk.rolling_attention_reference(q.double(), k.double(), v.double(), **ref_kw)
-    common = dict(
-        shape=f"({B}, {H}, {L}, {D})",
-        flops=attention_flops(B, H, L, L, D),
-        ref=ref,
-        memory=memory,
-        mem_setup=_MEM_SETUP.format(B=B, H=H, L=L, D=D, threads=torch.get_num_threads()),
-        reps=reps,
-    )
-    sdpa = _measure(
-        "torch SDPA (no rot/stats)",
-        lambda: F.scaled_dot_product_attention(q_rot, k, v),
-        mem_run=_MEM_RUN["torch_sdpa"],
-        **common,
-    )
-    rows = [sdpa]
+    shape = f"({B}, {H}, {L}, {D})"
+    names = ["sdpa"]
+    fns = [lambda: F.scaled_dot_product_attention(q_rot, k, v)]
+    rows = [{"shape": shape, "backend": "torch SDPA (no rot/stats)"}]
     problem = make_problem(q, k, v, **kw)
+    skipped = []
     for name in registered_backends():
         reasons = rk.backends._REGISTRY[name].reasons(problem)
         if reasons:
-            rows.append(
-                {"shape": common["shape"], "backend": name, "note": "; ".join(reasons)[:120]}
-            )
+            skipped.append({"shape": shape, "backend": name, "note": "; ".join(reasons)[:120]})
             continue
-        rows.append(
-            _measure(
-                f"{name} (rot+stats)",
-                lambda n=name: rk.rolling_attention(q, k, v, **kw, backend=n),
-                mem_run=_MEM_RUN["backend"].format(name=name),
-                **common,
-            )
-        )
-    for r in rows:
-        if "median_ms" in r:
-            r["vs_sdpa"] = r["median_ms"] / sdpa["median_ms"]
-    return rows
+        names.append(name)
+        fns.append(lambda n=name: rk.rolling_attention(q, k, v, **kw, backend=n)[0])
+        rows.append({"shape": shape, "backend": f"{name} (rot+stats)"})
+    # Heavy rows (the O(L^2) reference) get fewer rounds only through `reps`; all rows the same.
+    times = interleaved_times(fns, warmup=1, reps=reps)
+    flops = attention_flops(B, H, L, L, D)
+    for name, fn, row, t in zip(names, fns, rows, times):
+        out = fn()
+        row.update(t)
+        row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
+        row["vs_sdpa"] = t["median_ms"] / times[0]["median_ms"]
+        row["max_err"] = (out.double() - ref).abs().max().item()
+        if memory:
+            try:
+                row["peak_mib"] = peak_extra_mib((B, H, L, D), name)["extra_mib"]
+            except Exception as exc:  # report, never hide
+                row["note"] = f"memory probe failed: {exc}"[:200]
+    return rows + skipped
 
 
 def bench_attention(shapes, *, memory: bool, reps: int) -> List[dict]:
@@ -145,7 +90,7 @@ ATTN_COLUMNS = [
     ("median ms", "median_ms", "{:.2f}"),
     ("x SDPA time", "vs_sdpa", "{:.2f}"),
     ("GFLOP/s", "gflops", "{:.1f}"),
-    ("peak MiB", "peak_mib", "{:.0f}"),
+    ("peak MiB above in/out", "peak_mib", "{:.1f}"),
     ("max err vs fp64", "max_err", "{:.1e}"),
     ("note", "note", None),
 ]
@@ -155,6 +100,10 @@ SUITES = {
     "bench.cpu_bench": "CPU kernel: forward / backward vs SDPA, memory",
     "bench.fusion_bench": "RollingQ fusion training step (paper shape)",
 }
+
+
+# The report's attention table already has every backend's forward; the CPU suite adds the rest.
+SUITE_ARGS = {"bench.cpu_bench": {"forward": False}}
 
 
 def _generic_table(rows: List[dict]) -> str:
@@ -207,7 +156,7 @@ def main(argv=None) -> int:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError:
             continue
-        suite_rows = mod.run(quick=args.quick)
+        suite_rows = mod.run(**SUITE_ARGS.get(mod_name, {}), quick=args.quick)
         print(f"## {title}")
         print(_generic_table(suite_rows))
         print()

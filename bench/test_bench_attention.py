@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import rollingq_kernels as rk
-from bench.report import make_inputs
+from bench.harness import make_rollingq_inputs as make_inputs
 from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import _REGISTRY
 from rollingq_kernels.reference import apply_rotation
