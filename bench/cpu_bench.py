@@ -22,7 +22,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench.harness import interleaved_times, machine_info, peak_extra_mib
+from bench.harness import attention_flops, interleaved_times, machine_info, peak_extra_mib
 from bench.harness import make_rollingq_inputs as make_inputs
 
 FWD_SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64), (2, 12, 577, 64), (16, 1, 1101, 768)]
@@ -37,8 +37,7 @@ def interleaved_medians(fns, *, warmup: int, reps: int) -> List[float]:
 
 
 def _flops(B, H, L, D, mode):
-    f = 4.0 * B * H * L * L * D
-    return f if mode == "fwd" else 3.5 * f
+    return attention_flops(B, H, L, L, D, mode=mode)
 
 
 def bench_forward(shape, *, reps: int, with_reference: bool = True) -> Dict:

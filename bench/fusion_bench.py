@@ -23,30 +23,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
 
+from bench.harness import machine_info
 from rollingq_kernels import RollingQFusion
 from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import select_backend
-
-try:  # the shared harness's machine description, when present
-    from bench.harness import machine_info
-except ImportError:  # pragma: no cover - standalone use
-
-    def machine_info() -> Dict[str, str]:
-        return {
-            "cpu": platform.processor() or platform.machine(),
-            "torch_threads": str(torch.get_num_threads()),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-        }
 
 
 def _time_ms(fn: Callable[[], object]) -> float:
