@@ -170,7 +170,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cuda(
   p.modality_mass = M > 0 ? mass.data_ptr() : nullptr;
   p.key_sum = M > 0 ? key_sum.data_ptr() : nullptr;
   p.key_count = M > 0 ? key_count.data_ptr() : nullptr;
-  const char* err = run_attention_fwd(p, kind, c10::cuda::getCurrentCUDAStream().stream());
+  // key codes of the tensor-core path (a few bytes per key; the caching allocator makes it cheap)
+  const size_t ws_bytes = forward_workspace_bytes(p, kind);
+  Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  const char* err = run_attention_fwd(p, kind, c10::cuda::getCurrentCUDAStream().stream(),
+                                      ws_bytes > 0 ? workspace.data_ptr() : nullptr);
   TORCH_CHECK(err == nullptr, "rollingq attention_fwd (CUDA): ", err);
   return {out, lse, mass, key_sum, key_count};
 }

@@ -1,7 +1,7 @@
 // The one place where runtime switches (dtype, head dim, causal) become template parameters,
 // and the declarations of the launchers that the instantiation files define.
 //
-//   fwd_mma_{fp16,bf16}_hd{64,128}.cu   launch_fwd_mma<T, kD>      (causal switched inside)
+//   fwd_mma_{fp16,bf16}_hd{64,128}.cu   launch_fwd_mma<T, kD>      (causal, statistics inside)
 //   fwd_generic.cu                      launch_fwd_generic<T>      (causal switched inside)
 //   bwd_generic.cu                      launch_bwd_generic<T>
 //   launch.cu                           run_attention_fwd / run_attention_bwd: path + dtype switch
@@ -48,8 +48,10 @@
 
 namespace rollingq {
 
+// `workspace`: mma_workspace_bytes(p) bytes of device memory (fwd_mma_config.h), or nullptr when
+// that is 0.
 template <typename T, int kD>
-const char* launch_fwd_mma(const AttentionParams& p, cudaStream_t stream);
+const char* launch_fwd_mma(const AttentionParams& p, void* workspace, cudaStream_t stream);
 
 template <typename T>
 const char* launch_fwd_generic(const AttentionParams& p, cudaStream_t stream);

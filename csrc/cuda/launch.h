@@ -10,7 +10,10 @@
 namespace rollingq {
 
 // out, lse and (when num_modalities > 0) modality_mass, key_sum, key_count are all written.
-const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* stream);
+// `workspace`: forward_workspace_bytes(p, kind) bytes of device memory (params_fill.h), which the
+// caller allocates on the stream's device; nullptr when that is 0.
+const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* stream,
+                              void* workspace);
 
 // dq, dk, dv are written; delta and q_rot are workspaces the caller allocates
 // ((B, H, Lq) and (B, H, Lq, D), float32, contiguous).
