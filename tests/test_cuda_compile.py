@@ -5,7 +5,10 @@ headers.
 The kernels cannot run without a GPU; this is the check that they build exactly as the extension
 build compiles them (same flags, same half/bfloat16 macros as torch's builder). The jobs run in
 parallel over the machine's cores, into a temporary directory (nothing is cached in the repo).
-ptxas must report no register spills: a spill in a tile kernel is a performance bug.
+ptxas must report no register spills: a spill in a tile kernel is a performance bug. Where a
+disassembler is at hand (cuobjdump: CUDA_HOME, PATH or the triton wheel), the machine code of the
+tensor-core forward is also checked for what its design promises: ldmatrix (LDSM) and cp.async
+(LDGSTS) in the key-tile loop, 128 MMAs per warp and tile, and few plain shared loads.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def compiled(tmp_path_factory):
     sys.stderr.write(
         f"\n[cuda compile check] {len(jobs)} jobs on {workers} workers: {total:.1f}s\n"
     )
+    results["_dir"] = str(out_dir)
     return results
 
 
@@ -107,6 +111,35 @@ def test_kernel_compiles(compiled, name):
     kernels = output.count("Compiling entry function")
     assert len(spills) == kernels, f"ptxas did not report on every kernel of {name}:\n{output}"
     assert all(int(s) == 0 for s in spills), f"{name} spills registers:\n{output}"
+
+
+MMA_FILES = [k for k in KERNELS if k.startswith("fwd_mma_") and "_hd" in k]
+
+
+@pytest.mark.parametrize("name", MMA_FILES)
+def test_tensor_core_forward_machine_code(compiled, name, tmp_path_factory):
+    from bench import cuda_cost_table as cct
+
+    code, _, _ = compiled[name]
+    assert code == 0
+    cuobjdump = cct.find_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA_HOME, PATH or the triton wheel) to read the machine code")
+    obj = os.path.join(compiled["_dir"], f"{name}.o")
+    kernels = {}
+    for arch in ARCHS:
+        res = subprocess.run([cuobjdump, "-sass", "-arch", arch, obj], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        for fn, instrs in cct.parse_sass(res.stdout).items():
+            if "fwd_mma_kernel" in fn:
+                kernels[(arch, fn)] = cct.mix(cct.main_loop(instrs))
+    assert len(kernels) == 4 * len(ARCHS), sorted(kernels)  # causal x statistics, per arch
+    for (arch, fn), loop in kernels.items():
+        what = f"{name} {arch} {fn}: key-tile loop {loop}"
+        extra = 0 if "Lb0EEEv" in fn else loop["HMMA"] - 128  # one-hot mass MMAs with statistics
+        assert loop["HMMA"] - extra == 128 and 0 <= extra <= 8, what
+        assert loop["LDSM"] >= 32 and loop["LDGSTS"] >= 4, what
+        assert loop["LDS"] <= 20, what  # the fragments all come through ldmatrix
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")

@@ -49,8 +49,15 @@ struct MmaFwdConfig {
   // D = 128 would need 64 more registers, so they are re-read with ldmatrix per key tile.
   static constexpr bool kQInRegs = kD <= 64;
   static constexpr int kKeySumPitch = kD + 8;
-  // Blocks per SM the register allocation must allow (ptxas caps registers accordingly).
-  static constexpr int kMinBlocksPerSm = 2;  // floats; 8-byte accesses stay conflict-free
+  // Register cap (__maxnreg__) of each variant for the architecture it is compiled for: 255,
+  // which lets 2 blocks of 128 threads share an SM, lowered where ptxas (nvcc 13.0) would
+  // otherwise spill a few bytes. Near 255 its allocation is erratic (a lower cap makes it hoist
+  // fewer fragment loads); tests/test_cuda_compile.py fails on any spill, so a compiler that
+  // behaves differently is noticed, and bench/cuda_cost_table.py shows the counts.
+  template <bool kCausal, bool kStats>
+  static constexpr int max_registers(int arch) {
+    return (arch >= 900 && kD == 128 && !kStats) ? (kCausal ? 224 : 232) : 255;
+  }  // floats; 8-byte accesses stay conflict-free
 
   static constexpr size_t kQOffset = 0;
   static constexpr size_t kKOffset = kQOffset + (size_t)kBlockM * kD * 2;

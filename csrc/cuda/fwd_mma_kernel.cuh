@@ -75,6 +75,15 @@ RQ_DEV void load_codes(int8_t* dst, const int8_t* src, int tid) {
   if (tid < kBytes / 16) simt::cp_async_16(dst + 16 * tid, src + 16 * tid);
 }
 
+// &tile[swz(row, col)] for an ldmatrix row address: `row7` must be row % 8 (the lane's, for
+// every operand the kernel loads) and col a multiple of 8. The XOR is taken of an opaque copy
+// of row7, so each ldmatrix recomputes its address with one LOP3 instead of the compiler
+// keeping one address register per distinct swizzle pattern across the whole loop.
+template <int kD>
+RQ_DEV const uint16_t* ldsm_addr(const uint16_t* tile, int row, int col, int row7) {
+  return tile + row * kD + (((col >> 3) ^ simt::opaque(row7)) << 3);
+}
+
 RQ_DEV float quad_max(float x) {
   x = fmaxf(x, simt::shfl_xor(x, 1));
   return fmaxf(x, simt::shfl_xor(x, 2));
@@ -141,8 +150,8 @@ RQ_DEV void key_sum_tile(const uint16_t* Ks, const int8_t* codes, float* ksum_s,
     for (int dp = 0; dp < kDT / 2; ++dp) {
       uint32_t kb[4];
       simt::ldmatrix_x4_trans(
-          kb, Ks + layout::swz<kD>(16 * kk + layout::ldsm_bkn_row(lane),
-                                   8 * kDT * warp + 16 * dp + layout::ldsm_bkn_col(lane)));
+          kb, ldsm_addr<kD>(Ks, 16 * kk + layout::ldsm_bkn_row(lane),
+                            8 * kDT * warp + 16 * dp + layout::ldsm_bkn_col(lane), lane & 7));
       simt::mma_16816<T>(acc[2 * dp], a, kb[0], kb[1]);
       simt::mma_16816<T>(acc[2 * dp + 1], a, kb[2], kb[3]);
     }
@@ -277,8 +286,8 @@ RQ_DEV void fwd_block(const AttentionParams& p, const MmaFwdWorkspace& ws, unsig
     for (int mt = 0; mt < kMT; ++mt) {
       RQ_UNROLL
       for (int ks = 0; ks < kKS; ++ks)
-        simt::ldmatrix_x4(qf[mt][ks], Qs + layout::swz<kD>(row_w + 16 * mt + layout::ldsm_a_row(lane),
-                                                          16 * ks + layout::ldsm_a_col(lane)));
+        simt::ldmatrix_x4(qf[mt][ks], ldsm_addr<kD>(Qs, row_w + 16 * mt + layout::ldsm_a_row(lane),
+                                                    16 * ks + layout::ldsm_a_col(lane), lane & 7));
     }
   }
 
@@ -327,15 +336,15 @@ RQ_DEV void fwd_block(const AttentionParams& p, const MmaFwdWorkspace& ws, unsig
             RQ_UNROLL
             for (int r = 0; r < 4; ++r) qa[mt][r] = qf[mt][ks][r];
           } else {
-            simt::ldmatrix_x4(qa[mt], Qs + layout::swz<kD>(row_w + 16 * mt + layout::ldsm_a_row(lane),
-                                                          16 * ks + layout::ldsm_a_col(lane)));
+            simt::ldmatrix_x4(qa[mt], ldsm_addr<kD>(Qs, row_w + 16 * mt + layout::ldsm_a_row(lane),
+                                                    16 * ks + layout::ldsm_a_col(lane), lane & 7));
           }
         }
         RQ_UNROLL
         for (int np = 0; np < kNT / 2; ++np) {
           uint32_t kb[4];
-          simt::ldmatrix_x4(kb, Ks + layout::swz<kD>(16 * np + layout::ldsm_bnk_row(lane),
-                                                     16 * ks + layout::ldsm_bnk_col(lane)));
+          simt::ldmatrix_x4(kb, ldsm_addr<kD>(Ks, 16 * np + layout::ldsm_bnk_row(lane),
+                                              16 * ks + layout::ldsm_bnk_col(lane), lane & 7));
           RQ_UNROLL
           for (int mt = 0; mt < kMT; ++mt) {
             simt::mma_16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
@@ -439,8 +448,8 @@ RQ_DEV void fwd_block(const AttentionParams& p, const MmaFwdWorkspace& ws, unsig
         RQ_UNROLL
         for (int dp = 0; dp < kOT / 2; ++dp) {
           uint32_t vb[4];
-          simt::ldmatrix_x4_trans(vb, Vs + layout::swz<kD>(16 * kk + layout::ldsm_bkn_row(lane),
-                                                           16 * dp + layout::ldsm_bkn_col(lane)));
+          simt::ldmatrix_x4_trans(vb, ldsm_addr<kD>(Vs, 16 * kk + layout::ldsm_bkn_row(lane),
+                                                    16 * dp + layout::ldsm_bkn_col(lane), lane & 7));
           RQ_UNROLL
           for (int mt = 0; mt < kMT; ++mt) {
             simt::mma_16816<T>(acc_o[mt][2 * dp], pa[mt], vb[0], vb[1]);
@@ -563,8 +572,14 @@ RQ_DEV void key_codes_block(const AttentionParams& p, const MmaFwdWorkspace& ws,
 }  // namespace fwd_mma
 
 #if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
+#define RQ_CUDA_ARCH __CUDA_ARCH__
+#else
+#define RQ_CUDA_ARCH 0
+#endif
+// 128 threads per block (MmaFwdConfig::kThreads); the register cap is per variant and arch.
 template <typename T, int kD, bool kCausal, bool kStats>
-__global__ void __launch_bounds__(MmaFwdConfig<kD>::kThreads, MmaFwdConfig<kD>::kMinBlocksPerSm)
+__global__ void __maxnreg__((MmaFwdConfig<kD>::template max_registers<kCausal, kStats>(RQ_CUDA_ARCH)))
     fwd_mma_kernel(const AttentionParams p, const MmaFwdWorkspace ws) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   fwd_mma::fwd_block<T, kD, kCausal, kStats>(p, ws, smem_raw);

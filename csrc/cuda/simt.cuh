@@ -109,6 +109,14 @@ RQ_DEV void stg(V* p, V v) {
   *p = v;
 }
 
+// v, as a value the compiler may not hoist out of a loop or share between uses: an address
+// computed from it is recomputed next to each use instead of occupying a register all along.
+RQ_DEV int opaque(int v) {
+  int r;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(r) : "r"(v));
+  return r;
+}
+
 RQ_DEV float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -177,6 +185,7 @@ template <typename V>
 inline void stg(V* p, V v, RQ_SITE) {
   emu::global_store(p, &v, sizeof(V), file, line);
 }
+inline int opaque(int v) { return v; }
 inline float exp2_approx(float x) { return std::exp2(x); }
 inline float log_approx(float x) { return std::log(x); }
 
