@@ -75,8 +75,10 @@ def short_name(demangled: str) -> str:
     name, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
     args = [{"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}.get(a, a) for a in args]
     if name == "fwd_mma_kernel" and len(args) == 4:
-        return f"fwd_mma {args[0]} D{args[1]}" + (" causal" if args[2] == "true" else "") + (
-            " stats" if args[3] == "true" else ""
+        return (
+            f"fwd_mma {args[0]} D{args[1]}"
+            + (" causal" if args[2] == "true" else "")
+            + (" stats" if args[3] == "true" else "")
         )
     return f"{name}<{','.join(args)}>"
 
@@ -101,7 +103,9 @@ def parse_ptxas(text: str) -> Dict[str, dict]:
             continue
         if cur is None:
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line
+        )
         if m:
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
         m = re.search(r"Used (\d+) registers", line)
@@ -112,7 +116,9 @@ def parse_ptxas(text: str) -> Dict[str, dict]:
     return info
 
 
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
+_INSTR = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);"
+)
 
 
 def parse_sass(text: str) -> Dict[str, List[tuple]]:
@@ -171,7 +177,7 @@ def dynamic_smem(csrc: str, tmp: str) -> Dict[str, int]:
     with open(prog, "w") as f:
         f.write(
             '#include <cstdio>\n#include "cuda/fwd_mma_config.h"\nint main() {\n'
-            '  using namespace rollingq;\n'
+            "  using namespace rollingq;\n"
             '  std::printf("64 %zu %zu\\n", MmaFwdConfig<64>::smem_bytes(false), '
             "MmaFwdConfig<64>::smem_bytes(true));\n"
             '  std::printf("128 %zu %zu\\n", MmaFwdConfig<128>::smem_bytes(false), '
@@ -181,7 +187,9 @@ def dynamic_smem(csrc: str, tmp: str) -> Dict[str, int]:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     subprocess.run([cxx, "-std=c++17", f"-I{csrc}", prog, "-o", exe], check=True)
     out = {}
-    for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split("\n"):
+    for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split(
+        "\n"
+    ):
         if line.strip():
             d, plain, stats = line.split()
             out[f"D{d}"] = int(plain)
@@ -241,8 +249,14 @@ def render(rows: List[dict], markdown: bool) -> str:
         dyn = r.get("dyn_smem")
         smem = f"{r.get('static_smem', 0)}" + (f"+{dyn}" if dyn is not None else "")
         loop = r.get("loop") or {}
-        cells = [r["kernel"], r["arch"], str(r.get("regs", "?")),
-                 f"{r.get('spill_st', '?')}/{r.get('spill_ld', '?')}", str(r.get("stack", "?")), smem]
+        cells = [
+            r["kernel"],
+            r["arch"],
+            str(r.get("regs", "?")),
+            f"{r.get('spill_st', '?')}/{r.get('spill_ld', '?')}",
+            str(r.get("stack", "?")),
+            smem,
+        ]
         cells += [str(loop.get(k, "-")) for k in ("HMMA", "LDSM", "LDGSTS", "LDS", "STS", "FFMA",
                                                   "FMUL", "FADD", "MUFU", "SHFL", "BAR", "total")]  # fmt: skip
         lines.append(("| " + " | ".join(cells) + " |") if markdown else "\t".join(cells))
@@ -254,7 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: both")
     ap.add_argument("--src", default=_cuda_build.CUDA_DIR, help="a csrc/cuda directory")
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 2)))
+    ap.add_argument(
+        "--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 2))
+    )
     args = ap.parse_args(argv)
     if _cuda_build.find_nvcc() is None:
         print("nvcc not found (CUDA_HOME, CUDA_PATH, PATH)", file=sys.stderr)

@@ -128,7 +128,9 @@ def test_tensor_core_forward_machine_code(compiled, name, tmp_path_factory):
     obj = os.path.join(compiled["_dir"], f"{name}.o")
     kernels = {}
     for arch in ARCHS:
-        res = subprocess.run([cuobjdump, "-sass", "-arch", arch, obj], capture_output=True, text=True)
+        res = subprocess.run(
+            [cuobjdump, "-sass", "-arch", arch, obj], capture_output=True, text=True
+        )
         assert res.returncode == 0, res.stderr
         for fn, instrs in cct.parse_sass(res.stdout).items():
             if "fwd_mma_kernel" in fn:

@@ -2,8 +2,9 @@
 
 Marked ``gpu``: skipped on machines without a CUDA device (tests/conftest.py). On a GPU they build
 the extension (prebuilt or JIT) and check every kernel path: the tensor-core forward (fp16/bf16,
-D = 64 and 128, up to 4 modalities), the generic forward (fp32, other head dims, D = 768, M > 4,
-Dv != D, unaligned rows) and the backward (gradients vs the reference's autograd).
+D = 64 and 128, up to 8 modalities, scale > 0), the generic forward (fp32, other head dims,
+D = 768, M > 8, Dv != D, unaligned rows, scale <= 0) and the backward (gradients vs the
+reference's autograd).
 """
 
 from __future__ import annotations
@@ -91,11 +92,29 @@ def test_generic_forward(dtype, shape):
     check_against_reference(case, out, stats, dtype=dtype)
 
 
+@pytest.mark.parametrize("M", [6, 8, 9], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("dtype", LOW, ids=dtype_id)
-def test_many_modalities_take_the_generic_path(dtype):
-    case = make_case(B=2, H=2, Lq=100, D=64, modalities=6, padding=True, seed=3)
+def test_modality_counts(dtype, M):
+    # up to 8 modalities on the tensor-core path (one n8 tile of one-hot columns), 9 generic
+    case = make_case(B=2, H=2, Lq=100, Lk=150, D=64, modalities=M, padding=True, seed=3)
     out, stats = _run(case, dtype)
     check_against_reference(case, out, stats, dtype=dtype)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_tensor_core_forward_long_sequence_with_stats(D):
+    # many key tiles: the cp.async pipeline in steady state, the key-sum pass over a long ring
+    case = make_case(B=1, H=2, Lq=1500, Lk=2100, D=D, modalities=2, padding=True,
+                     rotation="per_head", rows="subset", seed=D)  # fmt: skip
+    out, stats = _run(case, torch.bfloat16)
+    check_against_reference(case, out, stats, dtype=torch.bfloat16)
+
+
+def test_negative_scale_takes_the_generic_path():
+    for scale in (-0.3, -1.0):
+        case = make_case(B=2, H=2, Lq=70, D=64, modalities=2, scale=scale, seed=9)
+        out, stats = _run(case, torch.float16)
+        check_against_reference(case, out, stats, dtype=torch.float16, what=f"scale={scale}: ")
 
 
 @pytest.mark.parametrize("layout", ["blhd", "strided"])

@@ -319,7 +319,8 @@ def test_forward_path_choice(lib):
     assert _path(lib, torch.bfloat16, (2, 3, 5, 128)) == MMA128
     assert _path(lib, torch.bfloat16, (2, 3, 5, 128), layout="blhd") == MMA128
     assert _path(lib, torch.float16, (2, 3, 5, 64), M=8) == MMA64
-    assert _path(lib, torch.float16, (2, 3, 5, 64), M=9) == GENERIC  # one n8 tile of one-hot columns
+    # the one-hot columns of the modality mass fill one n8 tile
+    assert _path(lib, torch.float16, (2, 3, 5, 64), M=9) == GENERIC
     assert _path(lib, torch.float16, (2, 3, 5, 64), scale=-0.5) == GENERIC  # needs scale > 0
     assert _path(lib, torch.float16, (2, 3, 5, 64), scale=0.0) == GENERIC
     assert _path(lib, torch.float32, (2, 3, 5, 64)) == GENERIC
@@ -430,7 +431,9 @@ def _decode(reg, half):
     return bits >> 8, bits & 0xFF
 
 
-@pytest.mark.parametrize("d,row0,ks,np_,dp", [(64, 16, 1, 3, 2), (128, 96, 7, 1, 6), (64, 0, 0, 0, 0)])
+@pytest.mark.parametrize(
+    "d,row0,ks,np_,dp", [(64, 16, 1, 3, 2), (128, 96, 7, 1, 6), (64, 0, 0, 0, 0)]
+)
 def test_ldmatrix_delivers_the_mma_operand_fragments(simt, d, row0, ks, np_, dp):
     # The kernel's ldmatrix addressing on swizzled tiles against the operand layout of
     # mma.m16n8k16 in the PTX ISA (lane l, g = l // 4, t = l % 4):
@@ -444,7 +447,9 @@ def test_ldmatrix_delivers_the_mma_operand_fragments(simt, d, row0, ks, np_, dp)
             for half in range(2):
                 # Q rows row0.., head-dim columns 16 ks..
                 assert _decode(a[4 * lane + j], half) == (
-                    row0 + g + 8 * (j & 1), 16 * ks + 2 * t + 8 * (j >> 1) + half)
+                    row0 + g + 8 * (j & 1),
+                    16 * ks + 2 * t + 8 * (j >> 1) + half,
+                )
                 # K tile, B[k][n] = K[n][k]: registers 0, 1 n-tile 2 np, registers 2, 3 n-tile 2 np + 1
                 n, kb = 16 * np_ + g + 8 * (j >> 1), 16 * ks + 2 * t + 8 * (j & 1) + half
                 assert _decode(k[4 * lane + j], half) == (n, kb)
