@@ -173,6 +173,19 @@ def test_empty_rows_and_keys():
     assert not torch.isnan(out).any() and ref_out.shape == out.shape
 
 
+@pytest.mark.parametrize("Lq,Lk", [(0, 77), (9, 0)])
+def test_no_query_rows_or_no_keys(Lq, Lk):
+    # Lq = 0: the tensor-core path still owes the key sums and counts; Lk = 0: generic path
+    case = make_case(B=2, H=2, Lq=Lq, Lk=Lk, D=64, modalities=3, cls_key=False, seed=5)
+    out, stats = _run(case, torch.bfloat16)
+    ref_out, ref = reference(case)
+    assert out.shape == ref_out.shape and not torch.isnan(out).any()
+    assert_close(stats.key_sum, ref.key_sum, rel=2e-2, name="key_sum")
+    assert torch.equal(stats.key_count.double().cpu(), ref.key_count)
+    if Lq:
+        assert torch.isneginf(stats.lse).all() and torch.equal(out, torch.zeros_like(out))
+
+
 def test_opcheck_fwd():
     # schema, fake impl and CUDA impl agree (torch.library.opcheck)
     from rollingq_kernels import fused_op  # noqa: F401  (registers the ops)

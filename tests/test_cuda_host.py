@@ -19,7 +19,7 @@ import torch
 
 from rollingq_kernels import _cuda_build
 from rollingq_kernels.reference import rolling_attention_reference
-from tests.helpers import assert_close, check_against_reference, dtype_id, make_case
+from tests.helpers import assert_close, check_against_reference, dtype_id, make_case, reference
 
 _CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
@@ -609,7 +609,20 @@ def test_tensor_core_forward_empty_rows_and_a_single_key(simt):
     check_against_reference(case, inp.out, inp.stats(), dtype=torch.float16)
 
 
+def test_tensor_core_forward_without_query_rows(simt):
+    # Lq = 0: no row to write, but the key sums and counts are still owed (one block per head)
+    case = make_case(B=2, H=2, Lq=0, Lk=77, D=128, modalities=3, padding=True, seed=6)
+    inp = _simt_forward(simt, case, torch.bfloat16)
+    _, ref = reference(case)
+    assert inp.out.numel() == 0 and inp.lse.numel() == 0
+    assert_close(inp.key_sum, ref.key_sum, rel=2e-2, name="key_sum")  # of the bf16 keys
+    assert torch.equal(inp.key_count.double(), ref.key_count)
+
+
 def test_tensor_core_path_declines_what_it_cannot_run(simt):
     case = make_case(B=1, H=1, Lq=9, D=64, seed=1)
     with pytest.raises(AssertionError, match="generic path"):
         _simt_forward(simt, case, torch.bfloat16, scale=-0.125)
+    case = make_case(B=1, H=1, Lq=9, Lk=0, D=64, modalities=2, cls_key=False, seed=1)  # no key
+    with pytest.raises(AssertionError, match="generic path"):
+        _simt_forward(simt, case, torch.bfloat16)

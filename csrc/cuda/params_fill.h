@@ -82,6 +82,8 @@ inline FwdPath choose_forward_path(const AttentionParams& p, ScalarKind kind) {
   if (p.head_dim != p.value_dim) return FwdPath::kGeneric;
   if (p.num_modalities > kMmaMaxModalities) return FwdPath::kGeneric;
   if (!(p.scale > 0.0)) return FwdPath::kGeneric;
+  // (no key at all: nothing for its key-code pass to describe; the generic path writes the zeros)
+  if (p.seqlen_k == 0) return FwdPath::kGeneric;
   // its row and key positions are 32-bit
   if (p.seqlen_q >= ((int64_t)1 << 31) - kMmaBlockM || p.seqlen_k >= ((int64_t)1 << 31) - 64)
     return FwdPath::kGeneric;
