@@ -232,7 +232,11 @@ def analyse(src_dir: str, archs: List[str], jobs: int) -> List[dict]:
                     row["loop"] = mix(main_loop(sass[fn]))
                     row["all"] = mix(sass[fn])
                 rows.append(row)
-    return rows
+    # one row per (kernel, arch): the key-code kernels are instantiated in several files
+    unique = {}
+    for r in rows:
+        unique.setdefault((r["kernel"], r["arch"]), r)
+    return [unique[k] for k in sorted(unique)]
 
 
 def render(rows: List[dict], markdown: bool) -> str:
