@@ -9,12 +9,13 @@ from ._stats import AttentionStats
 from .api import rolling_attention
 from .backends import NoBackendError, backend_status, registered_backends
 from .controller import RollingQ, RollingQReport
-from .modules import RollingQAttention, RollingQFusion, RollingQStats
-from .reference import (
+from .fusion import RollingQFusion
+from .mha import RollingQAttention, RollingQStats
+from .reference import rolling_attention_reference
+from .rollingq_math import (
     attention_imbalance_rate,
     key_modality_from_lengths,
     modality_cosine,
-    rolling_attention_reference,
     rollingq_target,
     rollingq_weights,
     rotation_between,

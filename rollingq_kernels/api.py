@@ -7,9 +7,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._stats import AttentionStats
+from ._stats import AttentionStats, accumulation_dtype
 from .backends import AttentionProblem, select_backend
-from .reference import accumulation_dtype
 
 __all__ = ["rolling_attention", "make_problem"]
 

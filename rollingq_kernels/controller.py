@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._stats import AttentionStats
-from .modules import RollingQAttention, RollingQStats
-from .reference import (
+from .mha import RollingQAttention, RollingQStats
+from .rollingq_math import (
     attention_imbalance_rate,
     modality_cosine,
     rollingq_target,
