@@ -117,9 +117,16 @@ class RollingQFusion(nn.Module):
         The statistics are mapped back to projected keys (mean key = W_k mean(x) + b_k).
       * "projected": project the keys and values of every token, attend from the [CLS] row.
       * "full": project and attend the whole sequence, keep row 0 (what the paper's code does).
+
+    ``init`` chooses the initialisation of the projections: "mha" (default), that of
+    nn.MultiheadAttention (xavier_uniform_ on the stacked (3E, E) in-projection, nn.Linear's
+    default for ``out_proj``, zero biases); "xavier_normal", that of the official RollingQ code
+    (xavier_normal_ on each of the four (E, E) projections separately, zero biases). The [CLS]
+    token starts as N(0, 0.02^2) either way.
     """
 
     MODES = ("absorbed", "projected", "full")
+    INITS = ("mha", "xavier_normal")
 
     def __init__(
         self,
@@ -128,6 +135,7 @@ class RollingQFusion(nn.Module):
         *,
         bias: bool = True,
         mode: str = "absorbed",
+        init: str = "mha",
         backend: str = "auto",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -135,6 +143,8 @@ class RollingQFusion(nn.Module):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {list(self.MODES)}; got {mode!r}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {list(self.INITS)}; got {init!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.mode = mode
@@ -150,6 +160,20 @@ class RollingQFusion(nn.Module):
             device=device,
             dtype=dtype,
         )
+        if init == "xavier_normal":
+            self.reset_projections_xavier_normal()
+
+    @torch.no_grad()
+    def reset_projections_xavier_normal(self) -> None:
+        """Re-initialise the projections as the official RollingQ code does: xavier_normal_ on
+        each (E, E) projection (query, key, value, output) separately, every bias zero."""
+        attn = self.attn
+        for w in attn.in_proj_weight.view(3, self.embed_dim, self.embed_dim).unbind(0):
+            nn.init.xavier_normal_(w)
+        nn.init.xavier_normal_(attn.out_proj.weight)
+        for b in (attn.in_proj_bias, attn.out_proj.bias):
+            if b is not None:
+                nn.init.zeros_(b)
 
     def sequence(
         self,
