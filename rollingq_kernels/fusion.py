@@ -136,6 +136,7 @@ class RollingQFusion(nn.Module):
         bias: bool = True,
         mode: str = "absorbed",
         init: str = "mha",
+        dropout: float = 0.0,
         backend: str = "auto",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -145,9 +146,12 @@ class RollingQFusion(nn.Module):
             raise ValueError(f"mode must be one of {list(self.MODES)}; got {mode!r}")
         if init not in self.INITS:
             raise ValueError(f"init must be one of {list(self.INITS)}; got {init!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.mode = mode
+        self.dropout = float(dropout)
         self.cls_token = nn.Parameter(torch.empty(embed_dim, device=device, dtype=dtype))
         nn.init.normal_(self.cls_token, std=0.02)
         self.attn = RollingQAttention(
@@ -156,10 +160,12 @@ class RollingQFusion(nn.Module):
             bias=bias,
             batch_first=True,
             rotated_queries=0,
+            dropout=dropout,
             backend=backend,
             device=device,
             dtype=dtype,
         )
+        self.out_dropout = nn.Dropout(dropout)
         if init == "xavier_normal":
             self.reset_projections_xavier_normal()
 
@@ -245,7 +251,8 @@ class RollingQFusion(nn.Module):
             raise ValueError(f"mode must be one of {list(self.MODES)}; got {mode!r}")
         if mode == "absorbed":
             segments, ids, pad = self._segments(tokens, padding_masks)
-            return self._absorbed(segments, ids, pad, len(tokens), need_stats)
+            out, stats = self._absorbed(segments, ids, pad, len(tokens), need_stats)
+            return self.out_dropout(out), stats
         x, ids, pad = self.sequence(tokens, padding_masks)
         M = len(tokens)
         kw = {"key_padding_mask": pad, "need_stats": need_stats}
@@ -253,12 +260,17 @@ class RollingQFusion(nn.Module):
             kw.update(key_modality=ids, num_modalities=M)
         if mode == "full":
             out, stats = self.attn(x, **kw)
-            return out[:, 0], stats
-        out, stats = self.attn(x[:, :1], x, **kw)
-        return out[:, 0], stats
+        else:
+            out, stats = self.attn(x[:, :1], x, **kw)
+        return self.out_dropout(out[:, 0]), stats
 
     def _absorbed(self, segments, ids, pad, M, need_stats):
         attn = self.attn
+        if self.training and self.dropout > 0.0:
+            raise NotImplementedError(
+                f"RollingQFusion(dropout={self.dropout}) in training: dropout on the attention "
+                "probabilities is not available in this build; use dropout=0.0 or .eval()"
+            )
         B, E = segments[0].shape[0], self.embed_dim
         dtype = segments[0].dtype
         H, D = attn.num_heads, attn.head_dim
