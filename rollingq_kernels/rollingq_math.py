@@ -137,8 +137,10 @@ def rotation_between(
     method="plane": the rotation within span(x, y), identity on its orthogonal complement.
         x ~ y gives the identity; x ~ -y rotates by pi in a plane through x (any such plane works).
     method="svd": U V^T from the SVD of y x^T, with the last column of U negated if that makes
-        det +1 (the construction of the paper's official code). On the complement of span(x, y) it
-        is some orthogonal map chosen by the SVD, not necessarily the identity.
+        det +1 (the construction of the official RollingQ code). Only x_hat -> y_hat is fixed:
+        y x^T has rank one, so the rest of U and V is whichever orthonormal completion LAPACK
+        returns, which changes with the build, the device, the dtype and the last bits of the
+        input; it is not the identity on the complement of span(x, y), even for x ~ y.
     Computed in float64 internally; returned in x's dtype.
     """
     if x.dim() != 1 or y.shape != x.shape:
