@@ -11,7 +11,7 @@ Usage, with the statistics the fused kernel computes during ordinary training st
             rq.observe(stats)                  # a few (M, E) sums; no extra pass, no sync
         report = rq.step()                     # AIR; rotates the [CLS] query when it should
 
-The maths (DESIGN.md section 3) is the reference's: :func:`modality_cosine`,
+The maths (docs/design.md section 5) is in rollingq_math.py: :func:`modality_cosine`,
 :func:`attention_imbalance_rate`, :func:`rollingq_weights`, :func:`rollingq_target` and
 :func:`rotation_between`. Under ``torch.distributed`` the sums and counts are all-reduced in
 ``step()``, so every rank computes the same rotation.
