@@ -16,7 +16,7 @@ the AIR of the last training batch of the epoch, the target from an end-of-epoch
 (:meth:`RollingQ.estimate`) with mean keys taken as the mean of per-batch means, and the SVD
 rotation. docs/rollingq.md lists every difference and why the default differs.
 
-The maths (DESIGN.md section 3) is in :mod:`rollingq_math`: :func:`modality_cosine`,
+The maths (docs/design.md section 5) is in rollingq_math.py: :func:`modality_cosine`,
 :func:`attention_imbalance_rate`, :func:`rollingq_weights`, :func:`rollingq_target`,
 :func:`rotation_between` and :func:`compose_rotations`. Under ``torch.distributed`` the sums and
 counts are all-reduced in ``step()``, so every rank computes the same rotation.

@@ -9,16 +9,18 @@ backend is tested against this module; it imports no backend.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ._stats import AttentionStats, accumulation_dtype
+from .dropout import dropout_keep_mask
 
 __all__ = [
     "rolling_attention_reference",
     "accumulation_dtype",
     "apply_rotation",
+    "causal_offset_of",
     "visibility_mask",
     "modality_onehot",
 ]
@@ -50,6 +52,19 @@ def apply_rotation(
     return torch.where(sel[:, None, :, None], rotated, q)
 
 
+def causal_offset_of(attn_mask, is_causal: bool, lq: int, lk: int) -> Optional[int]:
+    """The causal alignment of a call as one integer, or None when it is not causal: key j is
+    visible to row i when j <= i + offset. ``is_causal`` (SDPA's top-left alignment) is 0;
+    ``torch.nn.attention.bias.causal_upper_left`` is 0 and ``causal_lower_right`` is Lk - Lq."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if isinstance(attn_mask, CausalBias):
+        if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+            return lk - lq
+        return 0
+    return 0 if is_causal else None
+
+
 def visibility_mask(
     batch: int,
     lq: int,
@@ -58,16 +73,16 @@ def visibility_mask(
     key_padding_mask: Optional[torch.Tensor],
     is_causal: bool,
     device: torch.device,
+    causal_offset: int = 0,
 ) -> torch.Tensor:
-    """Bool (B, 1, Lq, Lk): True where query i may attend to key j.
-
-    Causal is top-left aligned as in SDPA: key j is visible to row i when j <= i.
-    """
+    """Bool (B, 1, Lq, Lk): True where query i may attend to key j (padding and causality only;
+    ``attn_mask`` is applied to the scores separately). Causal: key j is visible to row i when
+    j <= i + causal_offset (0 is SDPA's top-left alignment)."""
     visible = torch.ones(batch, 1, lq, lk, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.to(torch.bool)[:, None, None, :]
     if is_causal:
-        visible = visible & torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+        visible = visible & torch.ones(lq, lk, dtype=torch.bool, device=device).tril(causal_offset)
     return visible
 
 
@@ -106,48 +121,93 @@ def rolling_attention_reference(
     key_modality: Optional[torch.Tensor] = None,
     num_modalities: Optional[int] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask: Union[None, torch.Tensor, torch.nn.attention.bias.CausalBias] = None,
     is_causal: bool = False,
+    causal_offset: Optional[int] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+    enable_gqa: bool = False,
     return_stats: bool = False,
 ):
-    """Rolling attention computed the obvious way (materialised softmax). See DESIGN.md section 2.
+    """Rolling attention computed the obvious way (materialised softmax); docs/design.md.
 
     Args:
-        q: (B, H, Lq, D); k: (B, H, Lk, D); v: (B, H, Lk, Dv). Any strides, same dtype.
+        q: (B, H, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv). Any strides, same dtype.
+            Hkv == H, or with ``enable_gqa`` a divisor of H (query head h reads kv head
+            h // (H // Hkv)).
         rotation: None, (D, D) or (H, D, D); rotated rows become q_i <- R q_i.
         rotated_queries: None (all rows), bool (Lq,) or (B, Lq).
         key_modality: None (every key is modality 0), integer (Lk,) or (B, Lk) with ids in
             [-1, M); -1 keys are attended but counted in no modality.
         num_modalities: M; None means max id + 1 (at least 1).
         key_padding_mask: None or bool (B, Lk), True = the key takes part.
-        is_causal: top-left aligned causal mask.
+        attn_mask: None; a bool tensor broadcastable to (B, H, Lq, Lk), True = takes part; a
+            float tensor added to the scaled scores; or a ``CausalBias``. SDPA's semantics.
+        is_causal: top-left aligned causal mask (key j visible to row i when j <= i).
+        causal_offset: with ``is_causal``, key j is visible to row i when j <= i + offset
+            (overrides the alignment is_causal implies; a CausalBias sets it too).
         scale: softmax scale, default 1/sqrt(D).
+        dropout_p, rng_state: attention dropout on the probabilities with the keep-mask of
+            :func:`rollingq_kernels.dropout.dropout_keep_mask` for ``rng_state`` (required when
+            ``dropout_p > 0``). The statistics are taken before dropout.
         return_stats: also return :class:`AttentionStats`.
 
     Returns:
         out (B, H, Lq, Dv) in q's dtype, and the stats when ``return_stats``. The arithmetic is done
-        in float32 (float64 for float64 inputs), so a float64 call is the oracle.
+        in float32 (float64 for float64 inputs), so a float64 call is the oracle. NaN and inf follow
+        the definition softmax(q k^T * scale + mask) v, as SDPA's math backend does; a row that
+        sees no key gives zeros, lse = -inf and zero mass.
     """
+    from torch.nn.attention.bias import CausalBias
+
     B, H, Lq, D = q.shape
-    Lk = k.shape[-2]
+    Hkv, Lk = k.shape[1], k.shape[-2]
     acc = accumulation_dtype(q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    if isinstance(attn_mask, CausalBias):
+        causal_offset = causal_offset_of(attn_mask, False, Lq, Lk)
+        is_causal, attn_mask = True, None
+    elif is_causal and causal_offset is None:
+        causal_offset = 0
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    if Hkv != H:
+        if not enable_gqa or H % Hkv:
+            raise ValueError(f"k has {Hkv} heads and q {H}: that needs enable_gqa and H % Hkv == 0")
+        kf = kf.repeat_interleave(H // Hkv, dim=1)
+        vf = vf.repeat_interleave(H // Hkv, dim=1)
     rot = None if rotation is None else rotation.to(acc)
     qf = apply_rotation(qf, rot, rotated_queries)
 
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(acc)
     visible = visibility_mask(
-        B, Lq, Lk, key_padding_mask=key_padding_mask, is_causal=is_causal, device=q.device
+        B,
+        Lq,
+        Lk,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        causal_offset=causal_offset or 0,
+        device=q.device,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # A row that sees no key has lse = -inf; shift it by 0 instead so exp() gives 0, not NaN.
-    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    # Only -inf: lse = +inf (an infinite score) or NaN must reach the output as NaN, as in SDPA.
+    shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - shift[..., None])
-    probs = torch.where(visible, probs, torch.zeros_like(probs))
-    out = torch.matmul(probs, vf).to(q.dtype)
+    weights = probs
+    if dropout_p > 0.0:
+        if rng_state is None:
+            raise ValueError("dropout_p > 0 needs rng_state (seed, offset)")
+        keep = dropout_keep_mask(rng_state, dropout_p, (B, H, Lq, Lk), device=q.device)
+        weights = probs * keep.to(acc) / (1.0 - dropout_p)
+    out = torch.matmul(weights, vf).to(q.dtype)
     if not return_stats:
         return out
 

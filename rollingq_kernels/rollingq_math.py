@@ -1,4 +1,4 @@
-"""The RollingQ maths (docs/design.md section 3): modality layouts, cosines, the Attention
+"""The RollingQ maths (docs/design.md section 5): modality layouts, cosines, the Attention
 Imbalance Rate, the target direction and the rotation that reaches it.
 
 Used by the controller and the modules at training time; independent of every attention backend

@@ -1,4 +1,4 @@
-"""RollingQ maths (DESIGN.md section 3) against the paper's formulas on hand-made vectors."""
+"""RollingQ maths (docs/design.md section 5) against the paper's formulas on hand-made vectors."""
 
 import math
 import subprocess
