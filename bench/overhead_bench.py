@@ -79,7 +79,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     info = machine_info()
     isa = torch.backends.cpu.get_cpu_capability()
-    print(f"# per-call cost, (1, 1, 16, 64) float32; {info.get('cpu')} ({isa}), {info['cores']} cores")
+    print(
+        f"# per-call cost, (1, 1, 16, 64) float32; {info.get('cpu')} ({isa}), {info['cores']} cores"
+    )
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| call | us per call (median) | x SDPA |")
     print("|---|---|---|")
