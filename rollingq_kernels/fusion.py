@@ -147,6 +147,46 @@ class SharedHeadAttentionFunction(torch.autograd.Function):
         return (da, None, None, None, None, None, None, None, *grads)
 
 
+def _shared_attention_gqa(
+    a, keep, ids, num_modalities, scale, backend, dropout_p, rng_state, *segments
+):
+    """What :class:`SharedHeadAttentionFunction` computes, through the generic path instead:
+    :func:`rolling_attention` with one key/value head shared by the H query heads
+    (``enable_gqa=True``) and the kernel's own backward (dK and dV, summed into the tokens'
+    gradient by autograd). Kept to measure the two side by side (bench/fusion_bench.py)."""
+    x = torch.cat(segments, dim=1) if len(segments) > 1 else segments[0]
+    B, L, E = x.shape
+    H = a.shape[0]
+    kv = x.unsqueeze(1)  # (B, 1, L, E)
+    dropout_p = float(dropout_p)
+    out, st = rolling_attention(
+        a.view(1, H, 1, E).expand(B, H, 1, E),
+        kv,
+        kv,
+        key_modality=ids,
+        num_modalities=num_modalities,
+        key_padding_mask=keep,
+        scale=scale,
+        dropout_p=dropout_p,
+        rng_state=rng_state if dropout_p > 0.0 else None,
+        enable_gqa=True,
+        return_stats=True,
+        backend=backend,
+    )
+    acc = st.lse.dtype
+    if dropout_p > 0.0:
+        # the kept, rescaled probability mass, differentiable: the softmax materialised (Lq = 1)
+        scores = torch.matmul(x, a.transpose(0, 1).to(x.dtype)).to(acc) * scale  # (B, L, H)
+        if keep is not None:
+            scores = scores.masked_fill(~keep.unsqueeze(-1), float("-inf"))
+        keep_mask = dropout_keep_mask(rng_state, dropout_p, (B, H, 1, L), device=x.device)
+        factor = keep_mask[:, :, 0].transpose(1, 2).to(acc) / (1.0 - dropout_p)
+        prob_sum = (torch.softmax(scores, dim=1) * factor).sum(1)
+    else:
+        prob_sum = torch.ones(B, H, dtype=acc, device=x.device)
+    return (out[:, :, 0], prob_sum, *st)
+
+
 def _probabilities(x, a, lse, scale, keep, start, n):
     # p_j = exp(scale a_h.x_j - lse_h) for keys start..start+n of x, (B, n, H), in lse's dtype;
     # exactly 0 on padded keys
@@ -225,6 +265,9 @@ class RollingQFusion(nn.Module):
             dtype=dtype,
         )
         self.out_dropout = nn.Dropout(dropout)
+        # how the absorbed path attends: "shared" (SharedHeadAttentionFunction, its own backward)
+        # or "gqa" (rolling_attention with one shared key/value head); see bench/fusion_bench.py
+        self._absorbed_attention = "shared"
         if init == "xavier_normal":
             self.reset_projections_xavier_normal()
 
@@ -337,7 +380,12 @@ class RollingQFusion(nn.Module):
         qh = q.view(H, D)
         # (H, E): each head's query pulled back through its key projection
         absorbed = torch.einsum("hd,hde->he", qh, wk.view(H, D, E))
-        outputs = SharedHeadAttentionFunction.apply(
+        shared = (
+            _shared_attention_gqa
+            if self._absorbed_attention == "gqa"
+            else SharedHeadAttentionFunction.apply
+        )
+        outputs = shared(
             absorbed,
             _mha_to_keep_mask(pad, "padding_masks"),
             ids if need_stats else None,

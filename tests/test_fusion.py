@@ -199,3 +199,36 @@ def test_fusion_output_dropout():
     assert ratio == pytest.approx(1 / (1 - p), rel=0.15)
     with pytest.raises(ValueError, match="dropout must lie in"):
         RollingQFusion(E, dropout=1.0)
+
+
+@pytest.mark.parametrize("H", [1, 3])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_absorbed_attention_through_gqa_equals_the_shared_head_function(H, p):
+    # the generic path (rolling_attention, one key/value head, enable_gqa) against the
+    # hand-written backward: outputs, statistics and every gradient
+    E, B, lengths = 12, 3, (5, 8)
+    g = torch.Generator().manual_seed(60 + H + int(10 * p))
+    torch.manual_seed(g.initial_seed())
+    fusion = RollingQFusion(E, H, dtype=F64, dropout=p)
+    with torch.no_grad():
+        fusion.attn.in_proj_bias.normal_()
+    fusion.attn.compose_rotation(random_orthogonal(E, dtype=F64, generator=g))
+    fusion.out_dropout = torch.nn.Identity()
+    tokens = [torch.randn(B, n, E, dtype=F64, generator=g, requires_grad=True) for n in lengths]
+    masks = [torch.rand(B, n, generator=g) < 0.3 for n in lengths]
+    for m in masks:
+        m[:, 0] = False
+    w = torch.randn(B, E, dtype=F64, generator=g)
+    results = {}
+    for impl in ("shared", "gqa"):
+        fusion._absorbed_attention = impl
+        torch.manual_seed(7)  # the same dropout seed for both
+        out, stats = fusion(tokens, padding_masks=masks, need_stats=True)
+        grads = torch.autograd.grad((out * w).sum(), [*fusion.parameters(), *tokens])
+        results[impl] = (out, stats, grads)
+    (o1, s1, g1), (o2, s2, g2) = results["shared"], results["gqa"]
+    assert_close(o2, o1, rel=1e-12, name="out")
+    for a, b in zip(s2.attention, s1.attention):
+        assert_close(a, b, rel=1e-12, name="stats")
+    for i, (a, b) in enumerate(zip(g2, g1)):
+        assert_close(a, b, rel=1e-10, atol=1e-13, name=f"grad {i}")
