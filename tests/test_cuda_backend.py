@@ -120,3 +120,26 @@ def test_unavailable_reason_names_a_failed_jit_build(pretend_gpu, monkeypatch):
     monkeypatch.setattr(pretend_gpu, "_jit_build", broken_build)
     why = pretend_gpu.unavailable_reason()
     assert "JIT build of the CUDA extension failed" in why and "nvcc fatal: bad flag" in why
+
+
+def test_registry_declines_the_features_the_cuda_kernels_do_not_implement():
+    # "auto" (or backend="cuda") never sends these to the kernels; the binding refuses them too
+    from torch.nn.attention.bias import causal_lower_right
+
+    from rollingq_kernels.backends import _REGISTRY
+
+    features = _REGISTRY["cuda"].features
+    q = torch.randn(1, 4, 6, 8)
+    kv = torch.randn(1, 2, 9, 8)
+    cases = {
+        "bool attn_mask": make_problem(q, q, q, attn_mask=torch.rand(6, 6) < 0.5),
+        "float attn_mask": make_problem(q, q, q, attn_mask=torch.randn(6, 6)),
+        "offset 3": make_problem(q, kv, kv, attn_mask=causal_lower_right(6, 9), enable_gqa=True),
+        "dropout": make_problem(q, q, q, dropout_p=0.1, rng_state=torch.tensor([1, 0])),
+        "grouped-query": make_problem(q, kv, kv, enable_gqa=True),
+    }
+    for what, p in cases.items():
+        reasons = features.reasons(p)
+        assert any(what in r for r in reasons), (what, reasons)
+    plain = make_problem(q, q, q, is_causal=True, key_padding_mask=torch.ones(1, 6, dtype=bool))
+    assert features.reasons(plain) == []

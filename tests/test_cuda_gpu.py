@@ -194,3 +194,23 @@ def test_opcheck_fwd():
     ids = case.kwargs["key_modality"].to(torch.int32).cuda()
     args = (case.q, case.k, case.v, None, None, ids, 2, None, None, False, 0, 0.125, 0.0, None)
     torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, args)
+
+
+def test_direct_op_calls_with_unimplemented_features_raise():
+    # a torch.ops call the CUDA kernels cannot honour is refused by name, never answered wrongly
+    from rollingq_kernels import op_contract  # noqa: F401  (defines the ops' schema)
+
+    q = torch.randn(1, 2, 9, 64, device="cuda", dtype=torch.float16)
+    kv = torch.randn(1, 1, 9, 64, device="cuda", dtype=torch.float16)
+    mask = torch.ones(9, 9, device="cuda", dtype=torch.bool).expand(1, 2, 9, 9)
+    rng = torch.tensor([1, 0])
+    op = torch.ops.rollingq.attention_fwd.default
+    calls = {
+        "attn_mask": (q, q, q, None, None, None, 0, None, mask, False, 0, 0.125, 0.0, None),
+        "causal_offset": (q, q, q, None, None, None, 0, None, None, True, 2, 0.125, 0.0, None),
+        "dropout": (q, q, q, None, None, None, 0, None, None, False, 0, 0.125, 0.1, rng),
+        "grouped-query": (q, kv, kv, None, None, None, 0, None, None, False, 0, 0.125, 0.0, None),
+    }
+    for name, args in calls.items():
+        with pytest.raises(NotImplementedError, match=name):
+            op(*args)
