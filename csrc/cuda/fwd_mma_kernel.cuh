@@ -4,7 +4,6 @@
 // warps owns 128 query rows, 32 per warp, and walks the key tiles of its (batch, head) in order.
 // Per key tile:
 //   wait K(n), barrier; cp.async V(n)                   (V streams in during Q K^T)
-//   [key-sum block only] key sums += one-hot^T K(n)     (mma.sync on the K tile already loaded)
 //   S = Q K^T                                           (ldmatrix K; Q from registers or ldmatrix)
 //   wait V(n), barrier; cp.async K(n + 1)               (K streams in during softmax and P V)
 //   mask (only tiles with padding, the sequence end or the causal diagonal), online softmax in
@@ -12,10 +11,10 @@
 //   O += P V                                            (ldmatrix.trans V)
 //   mass += P onehot(codes)                             (with statistics: one more n8 MMA column
 //                                                        block; rescaled with O, divided by l)
-// Statistics: the per-modality mass is an extra MMA against one-hot columns built in registers
-// from the key codes; the key sums are a one-hot^T K product that only one block per (batch,
-// head) computes, on the K tiles it has loaded anyway (plus, with a causal mask, the key tiles
-// no query row sees); the key counts come from the pass that writes the key codes.
+// Statistics: the per-modality mass is that extra MMA against one-hot columns built in registers
+// from the key codes; the key sums are a one-hot^T K product on tensor cores that one block per
+// (batch, head) computes after its own rows, streaming the head's K tiles through its freed
+// shared memory; the key counts come from the pass that writes the key codes.
 //
 // The kernel is written against simt.cuh only, so the CPU emulation runs this very code.
 #pragma once
