@@ -626,6 +626,26 @@ def test_tensor_core_forward_without_query_rows(simt):
     assert torch.equal(inp.key_count.double(), ref.key_count)
 
 
+def test_tensor_core_forward_ignores_out_of_range_ids(simt):
+    # A direct op call may pass int32 ids outside [-1, M) (the binding narrows nothing then): such
+    # keys take part and count nowhere, like id -1; 259 must not alias modality 3 as an int8.
+    case = make_case(B=2, H=2, Lq=40, Lk=90, D=64, modalities=4, seed=8)
+    inp = _MmaInputs(case, torch.bfloat16)
+    ids = inp.side[2].clone()
+    bad = torch.zeros_like(ids, dtype=torch.bool)
+    bad[:, 5::7] = True
+    ids[bad] = torch.tensor([259, -7, 4, 1 << 20], dtype=torch.int32).repeat(ids.numel())[
+        : int(bad.sum())
+    ]
+    inp.side[2] = ids
+    args = inp.args()
+    assert simt.rq_simt_forward(ctypes.byref(args)) == 0, _simt_error(simt)
+    want = case.kwargs["key_modality"].clone()
+    want[bad] = -1
+    case.kwargs["key_modality"] = want
+    check_against_reference(case, inp.out, inp.stats(), dtype=torch.bfloat16)
+
+
 def test_tensor_core_path_declines_what_it_cannot_run(simt):
     case = make_case(B=1, H=1, Lq=9, D=64, seed=1)
     with pytest.raises(AssertionError, match="generic path"):

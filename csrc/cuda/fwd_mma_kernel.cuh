@@ -533,8 +533,9 @@ RQ_DEV void key_codes_block(const AttentionParams& p, const MmaFwdWorkspace& ws,
       } else if (ids == nullptr) {
         code = tile::kNoModality;
       } else {
+        // ids outside [0, M) (only a direct op call can pass them) take part, counted nowhere
         const int id = simt::ldg(ids + j);
-        code = id < 0 ? tile::kNoModality : id;
+        code = id < 0 || id >= M ? tile::kNoModality : id;
       }
     }
     const uint32_t visible = simt::ballot(code != tile::kInvisible);
