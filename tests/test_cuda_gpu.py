@@ -134,7 +134,7 @@ def test_bit_identical_reruns():
 
 
 @pytest.mark.parametrize("feature", ["plain", "causal", "rotation", "everything"], ids=lambda f: f)
-@pytest.mark.parametrize("D", [64, 96])
+@pytest.mark.parametrize("D", [64, 96, 128])  # 64, 128: tensor-core backward (fp16/bf16)
 @pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
 def test_gradients(dtype, D, feature):
     kw = dict(FEATURES[feature])

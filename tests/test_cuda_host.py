@@ -653,3 +653,79 @@ def test_tensor_core_path_declines_what_it_cannot_run(simt):
     case = make_case(B=1, H=1, Lq=9, Lk=0, D=64, modalities=2, cls_key=False, seed=1)  # no key
     with pytest.raises(AssertionError, match="generic path"):
         _simt_forward(simt, case, torch.bfloat16)
+
+
+# ---- the tensor-core backward, run by the SIMT executor --------------------------------------------
+
+
+class MmaBwdArgs(ctypes.Structure):
+    _fields_ = [
+        ("fwd", MmaArgs),
+        ("dout", TensorDesc),
+        ("dq", TensorDesc),
+        ("dk", TensorDesc),
+        ("dv", TensorDesc),
+        ("delta", ctypes.c_void_p),
+        ("q_rot", ctypes.c_void_p),
+    ]
+
+
+def _simt_backward(simt, case, dtype, dout):
+    """Forward then backward of the tensor-core path; the gradients (dq, dk, dv) in dtype."""
+    simt.rq_simt_backward.argtypes = [ctypes.POINTER(MmaBwdArgs)]
+    inp = _simt_forward(simt, case, dtype)
+    B, H, Lq, D = inp.q.shape
+    grads = [torch.full(t.shape, float("nan"), dtype=dtype) for t in (inp.q, inp.k, inp.v)]
+    dout_t = dout.to(dtype)
+    delta = torch.full((B, H, Lq), float("nan"))
+    q_rot = torch.full((B, H, Lq, D), float("nan"))
+    args = MmaBwdArgs(
+        inp.args(), _desc(dout_t), *(_desc(g) for g in grads), delta.data_ptr(), q_rot.data_ptr()
+    )
+    rc = simt.rq_simt_backward(ctypes.byref(args))
+    assert rc == 0, _simt_error(simt)
+    return inp, grads
+
+
+def _reference_grads(case, dout, dtype):
+    """Gradients of the reference in float64, on inputs rounded to dtype (what the kernel sees)."""
+    c = case.to(dtype=dtype).to(dtype=torch.float64)
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (c.q, c.k, c.v))
+    kw = {n: c.kwargs[n] for n in ("rotated_queries", "key_padding_mask", "is_causal")
+          if n in c.kwargs}  # fmt: skip
+    if c.kwargs.get("rotation") is not None:
+        kw["rotation"] = c.kwargs["rotation"].to(torch.float64)
+    out = rolling_attention_reference(q, k, v, **kw)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+# relative L2 error of the gradients against the float64 reference on the rounded inputs: P and dS
+# are rounded to the 16-bit type before their MMAs (as in FlashAttention-2)
+BWD_TOL = {torch.float16: 1.5e-3, torch.bfloat16: 1e-2}  # measured: 4e-4 and 3.5e-3
+
+
+# every feature in float16 (the tighter bound) at Lq 129, Lk 150; bfloat16 and the short shape
+# (Lk < Lq, one partial key tile) on the full case
+BWD_CASES = [(torch.float16, f, "Lq129Lk150") for f in
+             ("plain", "causal", "padding", "rotation_rows", "everything")] + [
+    (torch.bfloat16, "everything", "Lq129Lk150"),
+    (torch.float16, "everything", "Lq70Lk13"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    "dtype,feature,shape", BWD_CASES, ids=[f"{dtype_id(d)}-{f}-{s}" for d, f, s in BWD_CASES]
+)
+def test_tensor_core_backward_matches_reference_gradients(simt, dtype, feature, shape, d):
+    kw = dict(MMA_SHAPES[shape])
+    kw.update(MMA_FEATURES[feature])
+    kw["return_stats"] = False
+    case = make_case(B=2, H=2, D=d, seed=zlib.crc32(f"bwd/{feature}/{shape}".encode()) % 1000, **kw)
+    g = torch.Generator().manual_seed(d)
+    dout = torch.randn(2, 2, kw["Lq"], d, generator=g, dtype=torch.float64)
+    _, grads = _simt_backward(simt, case, dtype, dout)
+    ref = _reference_grads(case, dout, dtype)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref):
+        assert_close(got, want, rel=BWD_TOL[dtype], name=f"{feature} D={d} {name}")
+    _assert_conflict_free(simt)

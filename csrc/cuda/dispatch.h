@@ -4,6 +4,7 @@
 //   fwd_mma_{fp16,bf16}_hd{64,128}.cu   launch_fwd_mma<T, kD>      (causal, statistics inside)
 //   fwd_generic.cu                      launch_fwd_generic<T>      (causal switched inside)
 //   bwd_generic.cu                      launch_bwd_generic<T>
+//   bwd_mma_{fp16,bf16}_hd{64,128}.cu   launch_bwd_mma<T, kD>      (causal switched inside)
 //   launch.cu                           run_attention_fwd / run_attention_bwd: path + dtype switch
 #pragma once
 
@@ -58,5 +59,10 @@ const char* launch_fwd_generic(const AttentionParams& p, cudaStream_t stream);
 
 template <typename T>
 const char* launch_bwd_generic(const AttentionBwdParams& p, cudaStream_t stream);
+
+// The q_rot workspace (B, H, Lq, D float32, as the generic backward uses it) holds the rotated
+// rows in T on this path.
+template <typename T, int kD>
+const char* launch_bwd_mma(const AttentionBwdParams& p, cudaStream_t stream);
 
 }  // namespace rollingq

@@ -41,6 +41,14 @@ const char* run_attention_bwd(const AttentionBwdParams& p, ScalarKind kind, void
   if (p.q_rot == nullptr || p.delta == nullptr)
     return "rollingq CUDA backward: the q_rot and delta workspaces are required";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const BwdPath path = choose_backward_path(p, kind);
+  if (path != BwdPath::kGeneric) {
+    const bool hd64 = path == BwdPath::kMma64;
+    if (kind == ScalarKind::kFloat16)
+      return hd64 ? launch_bwd_mma<__half, 64>(p, stream) : launch_bwd_mma<__half, 128>(p, stream);
+    return hd64 ? launch_bwd_mma<__nv_bfloat16, 64>(p, stream)
+                : launch_bwd_mma<__nv_bfloat16, 128>(p, stream);
+  }
   return RQ_DTYPE_SWITCH(kind, T, [&]() -> const char* { return launch_bwd_generic<T>(p, stream); });
 }
 

@@ -98,6 +98,28 @@ inline FwdPath choose_forward_path(const AttentionParams& p, ScalarKind kind) {
   return FwdPath::kGeneric;
 }
 
+// The backward's tensor-core path: the forward's conditions that concern it (fp16/bf16, D = Dv in
+// {64, 128}, scale > 0, keys present, 32-bit positions) and 16-byte aligned rows of every tensor
+// it reads or writes; the generic kernels otherwise.
+enum class BwdPath : int { kGeneric = 0, kMma64 = 1, kMma128 = 2 };
+
+inline BwdPath choose_backward_path(const AttentionBwdParams& p, ScalarKind kind) {
+  if (kind == ScalarKind::kFloat32 || p.head_dim != p.value_dim) return BwdPath::kGeneric;
+  if (p.head_dim != 64 && p.head_dim != 128) return BwdPath::kGeneric;
+  if (!(p.scale > 0.0) || p.seqlen_k == 0) return BwdPath::kGeneric;
+  if (p.seqlen_q >= ((int64_t)1 << 31) - 256 || p.seqlen_k >= ((int64_t)1 << 31) - 256)
+    return BwdPath::kGeneric;
+  const bool aligned =
+      rows_16b_aligned(p.q, 2, p.q_batch_stride, p.q_head_stride, p.q_row_stride) &&
+      rows_16b_aligned(p.k, 2, p.k_batch_stride, p.k_head_stride, p.k_row_stride) &&
+      rows_16b_aligned(p.v, 2, p.v_batch_stride, p.v_head_stride, p.v_row_stride) &&
+      rows_16b_aligned(p.dout, 2, p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride) &&
+      rows_16b_aligned(p.dk, 2, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride) &&
+      rows_16b_aligned(p.dv, 2, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  if (!aligned) return BwdPath::kGeneric;
+  return p.head_dim == 64 ? BwdPath::kMma64 : BwdPath::kMma128;
+}
+
 // Device workspace the forward needs (bytes): the key-code records of the tensor-core path.
 inline size_t forward_workspace_bytes(const AttentionParams& p, ScalarKind kind) {
   return choose_forward_path(p, kind) == FwdPath::kGeneric ? 0 : mma_workspace_bytes(p);

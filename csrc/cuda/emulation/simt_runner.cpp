@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../bwd_mma_kernel.cuh"
 #include "../fwd_mma_kernel.cuh"
 #include "../params_fill.h"
 #include "simt_emulator.h"
@@ -68,6 +69,48 @@ std::string dispatch_forward(const AttentionParams& p, const TensorDesc* qkvo) {
   if (p.is_causal)
     return stats ? run_forward<T, kD, true, true>(p, qkvo) : run_forward<T, kD, true, false>(p, qkvo);
   return stats ? run_forward<T, kD, false, true>(p, qkvo) : run_forward<T, kD, false, false>(p, qkvo);
+}
+
+template <typename T, int kD, bool kCausal>
+std::string run_backward(const AttentionBwdParams& p, const TensorDesc* descs) {
+  using Cfg = MmaBwdConfig<kD>;
+  const int64_t B = p.batch, H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim;
+  emu::clear_buffers();
+  // q, k, v, out, dout read; dq, dk, dv written
+  const char* names[8] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv"};
+  for (int i = 0; i < 8; ++i)
+    emu::register_buffer(descs[i].ptr, extent_elems(descs[i]) * 2, i >= 5, names[i]);
+  emu::register_buffer(p.rotation, (size_t)(H * D * D) * 4, false, "rotation");
+  emu::register_buffer(p.rotated_rows, (size_t)(B * Lq), false, "rotated_rows");
+  emu::register_buffer(p.key_padding, (size_t)(B * Lk), false, "key_padding");
+  emu::register_buffer(p.lse, (size_t)(B * H * Lq) * 4, false, "lse");
+  emu::register_buffer(p.delta, (size_t)(B * H * Lq) * 4, true, "delta");
+  emu::register_buffer(p.q_rot, (size_t)(B * H * Lq * D) * 4, true, "q_rot");
+  uint16_t* q_rot = p.rotation != nullptr ? static_cast<uint16_t*>(p.q_rot) : nullptr;
+  std::string err;
+  if (Lq > 0) {
+    err = emu::launch(
+        emu::Dim3{(int)tile::ceil_div(Lq, kBwdPrepRows), (int)H, (int)B}, 128, 0,
+        [&](unsigned char*) { bwd_mma::prep_block<T, kD>(p, q_rot); }, &g_stats);
+    if (!err.empty()) return "prep: " + err;
+    err = emu::launch(
+        emu::Dim3{(int)tile::ceil_div(Lq, Cfg::kDqBlockM), (int)H, (int)B}, Cfg::kThreads,
+        Cfg::kDqSmem,
+        [&](unsigned char* smem) { bwd_mma::dq_block<T, kD, kCausal>(p, q_rot, smem); },
+        &g_stats);
+    if (!err.empty()) return "dq: " + err;
+  }
+  err = emu::launch(
+      emu::Dim3{(int)tile::ceil_div(Lk, Cfg::kKvBlockN), (int)H, (int)B}, Cfg::kThreads,
+      Cfg::kKvSmem,
+      [&](unsigned char* smem) { bwd_mma::dkdv_block<T, kD, kCausal>(p, q_rot, smem); },
+      &g_stats);
+  return err.empty() ? err : "dkdv: " + err;
+}
+
+template <typename T, int kD>
+std::string dispatch_backward(const AttentionBwdParams& p, const TensorDesc* descs) {
+  return p.is_causal ? run_backward<T, kD, true>(p, descs) : run_backward<T, kD, false>(p, descs);
 }
 
 // ---- probes -----------------------------------------------------------------------------------
@@ -214,6 +257,42 @@ int rq_simt_forward(const RqMmaArgs* a) {
     g_error = hd64 ? dispatch_forward<simt::fp16, 64>(p, qkvo) : dispatch_forward<simt::fp16, 128>(p, qkvo);
   else
     g_error = hd64 ? dispatch_forward<simt::bf16, 64>(p, qkvo) : dispatch_forward<simt::bf16, 128>(p, qkvo);
+  return g_error.empty() ? 0 : -1;
+}
+
+struct RqMmaBwdArgs {
+  RqMmaArgs fwd;  // out and lse are inputs here
+  rollingq::TensorDesc dout, dq, dk, dv;
+  float* delta;  // (B, H, Lq) workspace
+  void* q_rot;   // (B, H, Lq, D) float32-sized workspace
+};
+
+// The tensor-core backward (prep, dq, dkdv kernels); 0 on success, else -1 (rq_simt_error).
+int rq_simt_backward(const RqMmaBwdArgs* a) {
+  using namespace rollingq;
+  AttentionBwdParams p;
+  fill_forward_params(&p, a->fwd.q, a->fwd.k, a->fwd.v, a->fwd.out, a->fwd.scale,
+                      a->fwd.is_causal != 0);
+  fill_backward_params(&p, a->dout, a->dq, a->dk, a->dv);
+  p.rotation = a->fwd.rotation;
+  p.rotated_rows = a->fwd.rotated_rows;
+  p.key_padding = a->fwd.key_padding;
+  p.lse = a->fwd.lse;
+  p.delta = a->delta;
+  p.q_rot = a->q_rot;
+  const ScalarKind kind = static_cast<ScalarKind>(a->fwd.kind);
+  const TensorDesc descs[8] = {a->fwd.q, a->fwd.k, a->fwd.v, a->fwd.out, a->dout, a->dq, a->dk, a->dv};
+  g_stats.clear();
+  const BwdPath path = choose_backward_path(p, kind);
+  if (path == BwdPath::kGeneric) {
+    g_error = "these inputs take the generic backward, not the tensor-core one";
+    return -1;
+  }
+  const bool hd64 = path == BwdPath::kMma64;
+  if (kind == ScalarKind::kFloat16)
+    g_error = hd64 ? dispatch_backward<simt::fp16, 64>(p, descs) : dispatch_backward<simt::fp16, 128>(p, descs);
+  else
+    g_error = hd64 ? dispatch_backward<simt::bf16, 64>(p, descs) : dispatch_backward<simt::bf16, 128>(p, descs);
   return g_error.empty() ? 0 : -1;
 }
 
