@@ -523,7 +523,7 @@ __global__ void __maxnreg__((MmaBwdConfig<kD>::max_registers(RQ_CUDA_ARCH)))
   bwd_mma::dkdv_block<T, kD, kCausal>(p, q_rot, smem_kv);
 }
 
-// The q_rot workspace (p.q_rot, sized for float32) holds the rotated rows in T here.
+// p.q_rot: (B, H, Lq, D) contiguous in T, written by the prep kernel, when there is a rotation.
 template <typename T, int kD>
 const char* launch_bwd_mma(const AttentionBwdParams& p, cudaStream_t stream) {
   using Cfg = MmaBwdConfig<kD>;

@@ -60,8 +60,7 @@ const char* launch_fwd_generic(const AttentionParams& p, cudaStream_t stream);
 template <typename T>
 const char* launch_bwd_generic(const AttentionBwdParams& p, cudaStream_t stream);
 
-// The q_rot workspace (B, H, Lq, D float32, as the generic backward uses it) holds the rotated
-// rows in T on this path.
+// p.q_rot: (B, H, Lq, D) contiguous in T when p.rotation is set (the rotated q), else unused.
 template <typename T, int kD>
 const char* launch_bwd_mma(const AttentionBwdParams& p, cudaStream_t stream);
 

@@ -38,10 +38,13 @@ const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* s
 const char* run_attention_bwd(const AttentionBwdParams& p, ScalarKind kind, void* stream_ptr) {
   if (const char* e = check_grid(p)) return e;
   if (p.batch == 0 || p.heads == 0) return nullptr;
-  if (p.q_rot == nullptr || p.delta == nullptr)
-    return "rollingq CUDA backward: the q_rot and delta workspaces are required";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const BwdPath path = choose_backward_path(p, kind);
+  // (with no query row, the workspaces are empty and their pointers may be null)
+  if (p.seqlen_q > 0 && p.delta == nullptr)
+    return "rollingq CUDA backward: the delta workspace is required";
+  if (p.seqlen_q > 0 && p.q_rot == nullptr && (path == BwdPath::kGeneric || p.rotation != nullptr))
+    return "rollingq CUDA backward: the q_rot workspace is required";
   if (path != BwdPath::kGeneric) {
     const bool hd64 = path == BwdPath::kMma64;
     if (kind == ScalarKind::kFloat16)

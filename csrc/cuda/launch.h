@@ -15,7 +15,9 @@ namespace rollingq {
 const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* stream,
                               void* workspace);
 
-// dq, dk, dv are written; delta and q_rot are workspaces the caller allocates
+// dq, dk, dv are written; delta ((B, H, Lq) float32) and q_rot are workspaces the caller
+// allocates: q_rot is (B, H, Lq, D) float32 on the generic path (choose_backward_path), the same
+// shape in the input dtype on the tensor-core path when there is a rotation, else unused
 // ((B, H, Lq) and (B, H, Lq, D), float32, contiguous).
 const char* run_attention_bwd(const AttentionBwdParams& p, ScalarKind kind, void* stream);
 
