@@ -169,31 +169,38 @@ def mix(body: List[tuple]) -> Dict[str, int]:
 
 
 def dynamic_smem(csrc: str, tmp: str) -> Dict[str, int]:
-    """Dynamic shared memory of each tensor-core forward variant, from fwd_mma_config.h."""
-    header = os.path.join(csrc, "cuda", "fwd_mma_config.h")
-    if not os.path.exists(header):
+    """Dynamic shared memory of each tensor-core kernel variant, from its config header."""
+    fwd = os.path.exists(os.path.join(csrc, "cuda", "fwd_mma_config.h"))
+    bwd = os.path.exists(os.path.join(csrc, "cuda", "bwd_mma_config.h"))
+    if not fwd:
         return {}
+    lines = ["#include <cstdio>", '#include "cuda/fwd_mma_config.h"']
+    if bwd:
+        lines.append('#include "cuda/bwd_mma_config.h"')
+    lines += ["int main() {", "  using namespace rollingq;"]
+    for d in (64, 128):
+        lines.append(
+            f'  std::printf("D{d} %zu\\nD{d} stats %zu\\n", MmaFwdConfig<{d}>::smem_bytes(false), '
+            f"MmaFwdConfig<{d}>::smem_bytes(true));"
+        )
+        if bwd:
+            lines.append(
+                f'  std::printf("dq D{d} %zu\\ndkdv D{d} %zu\\n", MmaBwdConfig<{d}>::kDqSmem, '
+                f"MmaBwdConfig<{d}>::kKvSmem);"
+            )
+    lines.append("}")
     prog = os.path.join(tmp, "smem.cpp")
     with open(prog, "w") as f:
-        f.write(
-            '#include <cstdio>\n#include "cuda/fwd_mma_config.h"\nint main() {\n'
-            "  using namespace rollingq;\n"
-            '  std::printf("64 %zu %zu\\n", MmaFwdConfig<64>::smem_bytes(false), '
-            "MmaFwdConfig<64>::smem_bytes(true));\n"
-            '  std::printf("128 %zu %zu\\n", MmaFwdConfig<128>::smem_bytes(false), '
-            "MmaFwdConfig<128>::smem_bytes(true));\n}\n"
-        )
+        f.write("\n".join(lines) + "\n")
     exe = os.path.join(tmp, "smem")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     subprocess.run([cxx, "-std=c++17", f"-I{csrc}", prog, "-o", exe], check=True)
     out = {}
-    for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split(
-        "\n"
-    ):
+    text = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+    for line in text.splitlines():
         if line.strip():
-            d, plain, stats = line.split()
-            out[f"D{d}"] = int(plain)
-            out[f"D{d} stats"] = int(stats)
+            key, value = line.rsplit(" ", 1)
+            out[key] = int(value)
     return out
 
 
@@ -227,6 +234,9 @@ def analyse(src_dir: str, archs: List[str], jobs: int) -> List[dict]:
                 m = re.match(r"fwd_mma \w+ D(\d+)", name)
                 if m:
                     key = f"D{m.group(1)}" + (" stats" if name.endswith("stats") else "")
+                m = re.match(r"bwd_mma_(dq|dkdv)_kernel<\w+,(\d+),", name)
+                if m:
+                    key = f"{m.group(1)} D{m.group(2)}"
                 row["dyn_smem"] = smem_dyn.get(key) if key else None
                 if fn in sass:
                     row["loop"] = mix(main_loop(sass[fn]))
