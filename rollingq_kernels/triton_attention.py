@@ -62,6 +62,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Interpreter runs use small fixed tiles (16 x 16) so that small test shapes span several tiles.
+# Memory-safety tests instead set this to an ``EmulatedGpu`` so that the interpreter launches
+# exactly what a GPU of that kind would: its pruned configs (``config_index`` picks which one the
+# autotuner might choose), its split-K plan and the GPU block sizes of the helper kernels.
+_EMULATED_GPU = None
+
+
+class EmulatedGpu:
+    def __init__(self, capability=(9, 0), sm_count=132, config_index=0):
+        self.capability = tuple(capability)
+        self.sm_count = int(sm_count)
+        self.config_index = int(config_index)
+
+
+def _small_tiles() -> bool:
+    return _interpreting() and _EMULATED_GPU is None
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -128,6 +146,8 @@ def _key_count(p) -> Tensor:
 
 
 def _capability() -> Tuple[int, int]:
+    if _EMULATED_GPU is not None:
+        return _EMULATED_GPU.capability
     if not torch.cuda.is_available():
         return (0, 0)
     return torch.cuda.get_device_capability()
@@ -280,7 +300,12 @@ def _launch(kind: str, tuned, raw, grid, lq: int, lk: int, *args, **meta):
     """Run a tunable kernel: the fixed small config in the interpreter; on a GPU the autotuned
     kernel, or (ROLLINGQ_TRITON_AUTOTUNE=0, e.g. in tests, to skip tuning time) the first config
     the pruning keeps for these shapes and this GPU."""
-    if _interpreting():
+    if _interpreting() and _EMULATED_GPU is not None:
+        configs = {"fwd": _fwd_configs, "dkdv": _bwd_dkdv_configs, "dq": _bwd_dq_configs}[kind]()
+        kept = _prune(configs, {"Lq": lq, "Lk": lk}, kind, **meta)
+        cfg = kept[min(_EMULATED_GPU.config_index, len(kept) - 1)]
+        raw[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif _interpreting():
         raw[grid](*args, **meta, **_INTERP_META)
     elif _autotune_enabled():
         tuned[grid](*args, **meta)
@@ -318,7 +343,9 @@ def _as_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def _num_splits(bh: int, lq: int, lk: int, device: torch.device) -> Tuple[int, int]:
     """Split-K (flash-decoding) plan (splits, keys per split) for short query blocks."""
-    if _interpreting() or device.type != "cuda":
+    if _EMULATED_GPU is not None:
+        n_sm, granule, min_keys = _EMULATED_GPU.sm_count, 128, 512
+    elif _interpreting() or device.type != "cuda":
         n_sm, granule, min_keys = 2, 16, 32
     else:
         n_sm, granule, min_keys = _sm_count(device.index or 0), 128, 512
@@ -354,7 +381,7 @@ def rotate_rows(
     B, H, L, D = x.shape
     y = torch.empty(B, H, L, D, dtype=out_dtype, device=x.device)
     rows_u8 = _as_u8(rows)
-    block_m = 16 if _interpreting() else 64
+    block_m = 16 if _small_tiles() else 64
     block_d = min(64, max(16, _next_pow2(D)))
     block_c = min(32, max(16, _next_pow2(D)))
     grid = (_cdiv(L, block_m), B * H, _cdiv(D, block_d))
@@ -557,7 +584,7 @@ def rolling_attention_triton_backward(
         block_dv, dv_chunks = _TILED_BWD_BLOCK, _cdiv(Dv, _TILED_BWD_BLOCK)
 
     delta = torch.empty(B, H, Lq, dtype=f32, device=dev)
-    pre_bm = 16 if _interpreting() else 64
+    pre_bm = 16 if _small_tiles() else 64
     pre_dv = min(128, max(16, _next_pow2(Dv)))
     _k._rolling_attn_bwd_preprocess_kernel[(_cdiv(Lq, pre_bm), B * H)](
         out,
