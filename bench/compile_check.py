@@ -14,6 +14,7 @@ constexprs, BLOCK sizes, num_warps and num_stages. ptxas (shipped with triton) r
 spill stores/loads and the stack frame; the compiled metadata gives the shared memory.
 
 Sets of variants:
+    smoke  exactly what bench/gpu_smoke.py launches
     ci     a few representative launches (seconds to minutes); `make test` runs it for sm_90
     bench  what bench/gpu_bench.py launches (bf16, every config the autotuner may pick)
     tests  what tests/test_triton_gpu.py and bench/gpu_smoke.py launch (first config, untuned)
@@ -281,7 +282,30 @@ def _ci_scenarios() -> List[Scenario]:
     ]  # fmt: skip
 
 
+def _from_smoke() -> List[Scenario]:
+    """The exact calls of bench/gpu_smoke.py (same shapes, layouts and flags)."""
+    import importlib
+
+    smoke = importlib.import_module("bench.gpu_smoke")
+    out = []
+    for name, fn, spec, _isolated, counts in smoke.checks(rehearsal=False):
+        if not counts:
+            continue
+        kw = dict(rot=spec.rot, rows="subset" if spec.rows == "cls" else "all",
+                  stats=spec.stats, pad=spec.pad, causal=spec.causal)  # fmt: skip
+        args = (spec.B, spec.H, spec.Lq, spec.Lk, spec.D, spec.dtype)
+        bwd_only = fn.__name__ == "backward_check"
+        if not bwd_only:
+            out.append(Scenario(f"smoke {name}", *args, tags={"smoke"}, **kw))
+        if fn.__name__ in ("backward_check", "paper_check"):
+            kw.update(stats=0)
+            out.append(Scenario(f"smoke {name} bwd", *args, bwd=True, tags={"smoke"}, **kw))
+    return out
+
+
 def scenarios(which: str) -> List[Scenario]:
+    if which == "smoke":
+        return _from_smoke()
     if which == "ci":
         return _ci_scenarios()
     if which == "bench":
@@ -458,7 +482,10 @@ def markdown(rows) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="all", choices=["ci", "bench", "tests", "all"])
+    ap.add_argument("--set", default="all", choices=["ci", "smoke", "bench", "tests", "all"])
+    ap.add_argument("--warm", action="store_true",
+                    help="only fill Triton's own kernel cache (as the GPU run will look it up), "
+                         "report nothing; used by bench/gpu_check.sh to compile in parallel")
     ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     ap.add_argument("--only", default="", help="only scenarios whose name contains this")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
@@ -481,6 +508,17 @@ def main(argv=None):
             print(f"sm_{r['arch']} {r['scenario']}: {r['label']} {_cfg_str(r['cfg'])}")
         return 0
     t0 = time.perf_counter()
+    if args.warm:
+        from triton import knobs
+
+        cache_dir = knobs.cache.dir
+        payloads = [r["payload"] + (cache_dir,) for r in rows]
+        with cf.ProcessPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(_job, payloads))
+        n_err = sum("error" in r for r in results)
+        print(f"warmed {cache_dir}: {len(rows) - n_err} kernels compiled, {n_err} errors, "
+              f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+        return 0
     with tempfile.TemporaryDirectory() as cache:
         payloads = [r["payload"] + (cache,) for r in rows]
         if args.jobs > 1:

@@ -1,0 +1,126 @@
+"""Memory safety of the Triton kernels at the tile sizes a GPU really runs.
+
+The interpreter tests use 16 x 16 tiles. Here the launchers run as on an sm_90 / sm_80 GPU
+(``triton_attention.EmulatedGpu``: the configs the pruning keeps for those shapes, each one the
+autotuner might pick; the GPU split-K plan; the GPU block sizes of the helper kernels) inside
+``tests/triton_bounds.checked_memory``, which fails on any masked-in load or store outside the
+storage of the launch's tensor arguments. Shapes are the benchmark's (batch reduced, lengths
+with the same remainders modulo every tile size: 77 and 205 behave like 1101 at 16/32/64/128
+rows), and results are also compared with the float64 reference.
+
+The full matrix (both architectures, every kept config, every provider) is marked ``slow``.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (the CPU interpreter)", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from helpers import check_against_reference, make_case, nan_poisoned_outputs  # noqa: E402
+from triton_bounds import OutOfBoundsAccess, checked_memory  # noqa: E402
+
+from rollingq_kernels import triton_attention as ta  # noqa: E402
+from rollingq_kernels.api import make_problem  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+
+@triton.jit
+def _copy_kernel(X, Y, n, LOAD_BOUND, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < LOAD_BOUND, other=0.0)
+    tl.store(Y + offs, x, mask=offs < n)
+
+
+def _raises_oob(fn):
+    try:
+        fn()
+    except Exception as exc:  # the interpreter wraps what a kernel raises
+        cause = exc
+        while cause is not None and not isinstance(cause, OutOfBoundsAccess):
+            cause = cause.__cause__ or cause.__context__
+        return cause is not None or "OutOfBoundsAccess" in str(exc)
+    return False
+
+
+def test_checker_accepts_masked_tails_and_catches_overruns():
+    x, y = torch.randn(40), torch.empty(16)
+    with checked_memory():
+        _copy_kernel[(1,)](x, y, 16, 40, BLOCK=64)  # masked tails: fine
+        assert torch.equal(y, x[:16])
+        assert _raises_oob(lambda: _copy_kernel[(1,)](x, y, 16, 41, BLOCK=64))  # reads x[40]
+        assert _raises_oob(lambda: _copy_kernel[(1,)](x, y, 17, 40, BLOCK=64))  # writes y[16]
+
+
+def _emulate(monkeypatch, arch, index):
+    monkeypatch.setattr(ta, "_EMULATED_GPU", ta.EmulatedGpu(arch, 132 if arch[0] == 9 else 108,
+                                                             index))  # fmt: skip
+
+
+def _run_checked(case, backward):
+    p = make_problem(case.q, case.k, case.v, **case.kwargs)
+    with checked_memory(), nan_poisoned_outputs():
+        out, stats = ta.forward(p)
+        grads = None
+        if backward:
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (case.q, case.k, case.v), g)
+    return out, stats, grads
+
+
+# (name, make_case kwargs, backward): the benchmark's and the smoke check's shapes, small batch
+CASES = {
+    "paper_d768_cls_rs": (dict(B=2, H=1, Lq=77, D=768, rotation="per_head", rows="subset",
+                               modalities=2, layout="blhd"), True),
+    "paper_d768_cls_only_split": (dict(B=1, H=1, Lq=1, Lk=600, D=768, rotation="per_head",
+                                       rows="subset", modalities=2, layout="blhd"), False),
+    "d128_rs_pad_causal": (dict(B=1, H=2, Lq=205, D=128, rotation="per_head", modalities=2,
+                                padding=True, causal=True, layout="blhd"), True),
+    "d128_cls_only_split": (dict(B=1, H=2, Lq=1, Lk=1101, D=128, rotation="per_head",
+                                 rows="subset", modalities=2, layout="blhd"), False),
+    "d256_plain_strided": (dict(B=1, H=1, Lq=77, Lk=205, D=256, layout="strided",
+                                return_stats=False), True),
+}  # fmt: skip
+FAST = {("paper_d768_cls_rs", (9, 0), 0), ("d128_cls_only_split", (9, 0), 0),
+        ("d128_rs_pad_causal", (9, 0), 0)}  # fmt: skip
+
+
+def _params():
+    out = []
+    for name in CASES:
+        for arch in ((9, 0), (8, 0)):
+            for index in range(5):
+                marks = () if (name, arch, index) in FAST else (pytest.mark.slow,)
+                out.append(pytest.param(name, arch, index, marks=marks,
+                                        id=f"{name}-sm{arch[0]}{arch[1]}-cfg{index}"))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name,arch,index", _params())
+def test_device_tiles_stay_in_bounds(monkeypatch, name, arch, index):
+    kw, backward = CASES[name]
+    _emulate(monkeypatch, arch, index)
+    case = make_case(dtype=torch.bfloat16, seed=index, **kw)
+    if backward:
+        case.requires_grad_()
+    out, stats, grads = _run_checked(case, backward)
+    check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"{name}: ")
+    if grads is not None:
+        for g in grads:
+            assert torch.isfinite(g).all()
+
+
+def test_emulation_plans_like_the_device(monkeypatch):
+    # the emulated launch must take the GPU's split-K plan and tile sizes, not the interpreter's
+    _emulate(monkeypatch, (9, 0), 0)
+    assert ta._num_splits(1, 1, 1101, torch.device("cpu")) == (9, 128)
+    assert not ta._small_tiles()
+    kept = ta._prune(ta._fwd_configs(), {"Lq": 1101, "Lk": 1101}, "fwd", BLOCK_D=64, BLOCK_DV=128,
+                     D_CHUNKS=12, DV_CHUNKS=6)  # fmt: skip
+    assert all(c.num_stages == 1 for c in kept)
