@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter does not compile")
@@ -95,7 +95,9 @@ class Launch:
 
 def _arg(x):
     if isinstance(x, torch.Tensor):
-        return TensorArg(str(x.dtype).replace("torch.", ""), _BASE_PTR + x.storage_offset() * x.element_size())
+        return TensorArg(
+            str(x.dtype).replace("torch.", ""), _BASE_PTR + x.storage_offset() * x.element_size()
+        )
     return x
 
 
@@ -109,7 +111,9 @@ def recording(arch: int, tuned: bool, sink: List[Launch]):
         "launch": ta._launch,
         "interp": ta._interpreting,
         "emu": ta._EMULATED_GPU,
-        "kernels": {n: getattr(K, n) for n in dir(K) if n.startswith("_") and n.endswith("_kernel")},
+        "kernels": {
+            n: getattr(K, n) for n in dir(K) if n.startswith("_") and n.endswith("_kernel")
+        },
     }
 
     def launch(kind, _tuned, raw, grid, lq, lk, *args, **meta):
@@ -245,8 +249,22 @@ def _test_scenarios() -> List[Scenario]:
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     for n, dt in dts.items():
         for Lq, Lk in ((1, 1), (7, 7), (129, 129), (1000, 1000), (77, 300), (300, 77)):
-            out.append(Scenario(f"test {n} d64 {Lq}x{Lk} rot+pad+stats", 2, 3, Lq, Lk, 64, dt,
-                                rot=True, rows="subset", stats=3, pad=True, tags={"tests"}))
+            out.append(
+                Scenario(
+                    f"test {n} d64 {Lq}x{Lk} rot+pad+stats",
+                    2,
+                    3,
+                    Lq,
+                    Lk,
+                    64,
+                    dt,
+                    rot=True,
+                    rows="subset",
+                    stats=3,
+                    pad=True,
+                    tags={"tests"},
+                )
+            )
             out.append(Scenario(f"test {n} d64 {Lq}x{Lk} causal+pad+stats", 2, 3, Lq, Lk, 64,
                                 dt, rot=True, rows="subset", stats=8, pad=True, causal=True,
                                 tags={"tests"}))  # fmt: skip
@@ -388,8 +406,10 @@ def _label(launch: Launch) -> str:
     flags = [f for f in ("ROTATE", "HAS_PAD", "CAUSAL", "STATS") if kw.get(f)]
     if kw.get("D_CHUNKS", 1) > 1:
         flags.append(f"chunks{kw['D_CHUNKS']}x{kw.get('DV_CHUNKS')}")
-    if launch.kernel == "_rolling_attn_fwd_kernel" and launch.args[7].dtype == "float32" and (
-        launch.args[0].dtype != "float32"
+    if (
+        launch.kernel == "_rolling_attn_fwd_kernel"
+        and launch.args[7].dtype == "float32"
+        and (launch.args[0].dtype != "float32")
     ):
         flags.append("split")
     return f"{name}{'[' + ','.join(f.lower() for f in flags) + ']' if flags else ''}"
@@ -410,7 +430,9 @@ def collect(which: str, arches: List[int], only: str = "") -> List[dict]:
                     if key in seen:
                         seen[key]["scenarios"].append(sc.name)
                         continue
-                    dtype = ln.args[0].dtype if ln.args and isinstance(ln.args[0], TensorArg) else "?"
+                    dtype = (
+                        ln.args[0].dtype if ln.args and isinstance(ln.args[0], TensorArg) else "?"
+                    )
                     row = dict(
                         arch=arch, scenario=sc.name, scenarios=[sc.name], kernel=ln.kernel,
                         label=_label(ln), dtype=dtype, cfg=cfg, first=i == 0,
@@ -437,7 +459,9 @@ def verdict(row, fail_on_spill=False) -> Optional[str]:
     if "error" in r:
         return "compile error"
     if r["shared"] > SMEM_LIMIT[row["arch"]]:
-        return f"shared memory {r['shared'] / 1024:.1f} KiB > {SMEM_LIMIT[row['arch']] / 1024:.0f} KiB"
+        return (
+            f"shared memory {r['shared'] / 1024:.1f} KiB > {SMEM_LIMIT[row['arch']] / 1024:.0f} KiB"
+        )
     if fail_on_spill and (r.get("spill_st") or 0) > 0:
         return "spills"
     return None
@@ -450,9 +474,11 @@ def markdown(rows) -> str:
             r["arch"]
         ] = r
     arches = sorted({r["arch"] for r in rows}, reverse=True)
-    head = "| variant | kernel | dtype | config | " + " | ".join(
-        f"sm_{a}: regs / spill st-ld (B) / stack (B) / smem (KiB)" for a in arches
-    ) + " |"
+    head = (
+        "| variant | kernel | dtype | config | "
+        + " | ".join(f"sm_{a}: regs / spill st-ld (B) / stack (B) / smem (KiB)" for a in arches)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (4 + len(arches))]
     for (sc, _kernel, label, dtype, _cfg), per in by.items():
         any_row = next(iter(per.values()))
@@ -483,9 +509,12 @@ def markdown(rows) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="all", choices=["ci", "smoke", "bench", "tests", "all"])
-    ap.add_argument("--warm", action="store_true",
-                    help="only fill Triton's own kernel cache (as the GPU run will look it up), "
-                         "report nothing; used by bench/gpu_check.sh to compile in parallel")
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="only fill Triton's own kernel cache (as the GPU run will look it up), "
+        "report nothing; used by bench/gpu_check.sh to compile in parallel",
+    )
     ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     ap.add_argument("--only", default="", help="only scenarios whose name contains this")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))

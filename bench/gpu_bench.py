@@ -328,7 +328,7 @@ def run_case(case, todo, dry):
                     else:
                         qf, kf, vf = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
-                        def flash_fb(qf=qf, kf=kf, vf=vf):
+                        def flash_fb(qf=qf, kf=kf, vf=vf, rotated=rotated, g=g, rot=rot, sel=sel):
                             qr = _rotated(qf, rot, sel) if rotated else qf
                             _flash(qr, kf, vf).backward(g)
 
@@ -456,7 +456,7 @@ def summary_table(rows):
             else:
                 cells.append(str(r.get("status", "-")).split(":")[0])
 
-        def ratio(name):
+        def ratio(name, got=got):
             r = got[name]
             return f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else "-"
 

@@ -79,7 +79,9 @@ def build(out_dir, parts_file=None):
                     sm = json.load(fh)
                 bad = [c["name"] for c in sm["checks"] if c["counts"] and c["status"] != "PASS"]
                 base = [f"{c['name']}: {c['status']}" for c in sm["checks"] if not c["counts"]]
-                detail = f"verdict {sm['verdict']}" + (f"; failing: {', '.join(bad)}" if bad else "")
+                detail = f"verdict {sm['verdict']}" + (
+                    f"; failing: {', '.join(bad)}" if bad else ""
+                )
                 if base:
                     detail += "; " + "; ".join(base)
                 ok = sm["verdict"] == "PASS"
