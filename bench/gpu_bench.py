@@ -206,6 +206,19 @@ def provider_fn(name, q, k, v, rot, sel, ids, mode):
 
     else:
         raise ValueError(name)
+    # fault injection for the harness's own test (tests/test_gpu_check.py): "crash:NAME" kills
+    # the process as an illegal memory access would, "wrong:NAME" corrupts the output
+    faults = os.environ.get("GPU_BENCH_FAULT", "").split(",")
+    if f"crash:{name}" in faults:
+
+        def f(f=f):
+            os._exit(134)
+
+    elif f"wrong:{name}" in faults:
+
+        def f(f=f):
+            return f() * 2.0
+
     if mode == "fwd":
         return f
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1))

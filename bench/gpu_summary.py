@@ -103,6 +103,23 @@ def build(out_dir, parts_file=None):
                 ok = c["failed"] == 0 and c["errors"] == 0 and c["passed"] > 0
                 if rc in ("124", "130"):
                     detail += " (cut by the time limit: the rest did not run)"
+        elif name == "bench":
+            p = os.path.join(out_dir, "gpu_bench.json")
+            if os.path.exists(p):
+                with open(p) as fh:
+                    brows = json.load(fh)["rows"]
+                n_ok = sum(r.get("status") == "ok" for r in brows)
+                bad = [
+                    f"{r['case']} {r['mode']} {r['provider']}: {r['status']}"
+                    for r in brows
+                    if r.get("status") != "ok" and not str(r.get("status")).startswith("skipped")
+                ]
+                detail = f"{n_ok} timed rows checked ok" + (
+                    f"; {'; '.join(bad[:6])}" if bad else ""
+                )
+                ok = ok and not any(b.split(":")[0].split()[-1].startswith("triton") for b in bad)
+            else:
+                detail, ok = "no gpu_bench.json", False
         if rc != "skip":
             verdict &= ok
         lines.append(f"| {name} | {'PASS' if ok else 'FAIL'} ({_rc_text(rc)}) | {secs} | "
