@@ -315,6 +315,17 @@ def _launch(kind: str, tuned, raw, grid, lq: int, lk: int, *args, **meta):
         raw[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+_MAX_BLOCK_M = 128  # the largest BLOCK_M of the forward configs
+
+
+def _mass_plan(m: int) -> Tuple[int, bool]:
+    """(M_PAD, MASS_DOT): up to 8 modalities the statistics reduce per modality in registers
+    (M_PAD = next power of two >= 2); more take tensor-core / float32 products with one-hot ids,
+    whose width must be at least 16."""
+    pad = max(2, _next_pow2(max(m, 1)))
+    return (pad, False) if pad <= 8 else (max(16, pad), True)
+
+
 def _bucket(n: int) -> int:
     return _next_pow2(max(int(n), 1))
 
@@ -322,7 +333,7 @@ def _bucket(n: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "none"
-    return "tf32" if os.environ.get("ROLLINGQ_TRITON_TF32", "0") == "1" else "ieee"
+    return "tf32" if os.environ.get("ROLLINGQ_TRITON_TF32", "0") == "1" else "tf32x3"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -458,6 +469,8 @@ def rolling_attention_triton_forward(
     ids = key_modality.to(torch.int32).contiguous() if stats else None
 
     f32 = torch.float32
+    # key-sum slots: at most the query tiles of the largest BLOCK_M any config uses
+    ks_slots = _cdiv(Lq, _MAX_BLOCK_M)
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, Lq, dtype=f32, device=dev)
     mass = torch.empty(B, H, Lq, M, dtype=f32, device=dev)
@@ -466,11 +479,14 @@ def rolling_attention_triton_forward(
         o_buf = torch.empty(splits, B, H, Lq, Dv, dtype=f32, device=dev)
         lse_buf = torch.empty(splits, B, H, Lq, dtype=f32, device=dev)
         mass_buf = torch.empty(splits, B, H, Lq, M, dtype=f32, device=dev)
-        ks_buf = torch.empty(splits, B, H, M, D, dtype=f32, device=dev)
     else:
-        o_buf, lse_buf, mass_buf, ks_buf = out, lse, mass, key_sum
+        o_buf, lse_buf, mass_buf = out, lse, mass
+    if splits > 1 or ks_slots > 1:
+        ks_buf = torch.empty(splits, B, H, ks_slots, M, D, dtype=f32, device=dev)
+    else:
+        ks_buf = key_sum
     dummy = lse
-    m_pad = max(16, _next_pow2(max(M, 1)))
+    m_pad, mass_dot = _mass_plan(M)
     rot_chunk = max(16, min(block_d, 4096 // block_d))
 
     def grid(meta):
@@ -504,6 +520,7 @@ def rolling_attention_triton_forward(
         Dv,
         M,
         per,
+        ks_slots,
         float(scale) * _k.LOG2E,
         _bucket(Lq),
         _bucket(Lk),
@@ -519,8 +536,8 @@ def rolling_attention_triton_forward(
         CAUSAL=bool(is_causal),
         STATS=stats,
         PRECISION=_precision(q.dtype),
-        ROT_PRECISION="ieee" if (_interpreting() or q.dtype == f32) else "tf32",
-        MASS_FP32=q.dtype == f32,
+        ROT_PRECISION="ieee" if _interpreting() else ("tf32x3" if q.dtype == f32 else "tf32"),
+        MASS_DOT=mass_dot,
         UPCAST=_upcast(q.dtype),
     )
     if splits > 1:
@@ -542,8 +559,8 @@ def rolling_attention_triton_forward(
             M_PAD=m_pad,
             STATS=stats,
         )
-        if stats:
-            torch.sum(ks_buf, dim=0, out=key_sum)
+    if stats and ks_buf is not key_sum:
+        torch.sum(ks_buf, dim=(0, 3), out=key_sum)
     return out, lse, mass, key_sum
 
 

@@ -42,15 +42,16 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _key_sum_range(
+def _key_sum_tiles(
     k_base,
     IDS,
     PAD,
     ids_row,
     skl,
     skd,
-    lo,
+    first,
     hi,
+    step,
     offs_d,
     d_valid,
     offs_mod,
@@ -58,34 +59,42 @@ def _key_sum_range(
     BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    MASS_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # Transposed per-modality key sums (BLOCK_D, M_PAD) of the keys in [lo, hi), float32.
+    # Transposed per-modality key sums (BLOCK_D, M_PAD), float32, of the key tiles starting at
+    # first, first + step, ... below hi. Few modalities: one register reduction per modality;
+    # many: a float32 product with the one-hot ids.
     acc = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(first, hi, step):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
         if HAS_PAD:
             n_valid = n_valid & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
         ids = tl.load(IDS + ids_row + offs_n, mask=n_valid, other=-1)
-        onehot = (ids[:, None] == offs_mod[None, :]).to(tl.float32)
         kt = tl.load(
             k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
             mask=n_valid[None, :] & d_valid[:, None],
             other=0.0,
-        )
-        acc += _mm(kt.to(tl.float32), onehot, "ieee", UPCAST)
+        ).to(tl.float32)
+        if MASS_DOT:
+            onehot = (ids[:, None] == offs_mod[None, :]).to(tl.float32)
+            acc += _mm(kt, onehot, "ieee", UPCAST)
+        else:
+            for m in tl.static_range(M_PAD):
+                col = tl.sum(tl.where(ids[None, :] == m, kt, 0.0), axis=1)
+                acc += tl.where(offs_mod[None, :] == m, col[:, None], 0.0)
     return acc
 
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
     sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
-    offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+    offs_dv, dv_valid, offs_mod, qk_scale, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     BOUNDARY: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
-    PRECISION: tl.constexpr, MASS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, MASS_DOT: tl.constexpr, M_PAD: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Key tiles [start, end) of the forward's online softmax; returns the updated accumulators.
 
@@ -136,7 +145,8 @@ def _fwd_inner(
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        row_p = tl.sum(p, axis=1)
+        l_i = l_i * alpha + row_p
         vt = tl.load(
             v_base + offs_n[:, None] * svl + offs_dv[None, :] * svd,
             mask=n_valid[:, None] & dv_valid[None, :],
@@ -144,20 +154,30 @@ def _fwd_inner(
         )
         acc = acc * alpha[:, None] + _mm(p.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
         if STATS:
+            # Attention mass per modality. A tile whose visible keys all carry one id (keys laid
+            # out in runs per modality: all but a few tiles) adds the row sums already computed
+            # for l; mixed tiles reduce per modality in registers, or (many modalities) take a
+            # product with the one-hot ids. Padded and masked keys have p = 0 and any id.
             ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
-            onehot = ids[:, None] == offs_mod[None, :]
-            # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
-            if MASS_FP32:
-                pm = _mm(p, onehot.to(tl.float32), "ieee", UPCAST)
+            id_lo = tl.min(tl.where(key_ok, ids, M_PAD), axis=0)
+            id_hi = tl.max(tl.where(key_ok, ids, -1), axis=0)
+            mass = mass * alpha[:, None]
+            if id_lo >= id_hi:
+                mass += tl.where(offs_mod[None, :] == id_lo, row_p[:, None], 0.0)
+            elif MASS_DOT:
+                onehot = ids[:, None] == offs_mod[None, :]
+                if PRECISION == "none":
+                    # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
+                    mass += _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
+                else:  # float32 inputs: the same precision as their other products
+                    mass += _mm(p, onehot.to(tl.float32), PRECISION, UPCAST)
             else:
-                pm = _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
-            mass = mass * alpha[:, None] + pm
-            if D_CHUNKS == 1:
-                if do_ksum:
-                    ksum_t += _mm(kt.to(tl.float32), onehot.to(tl.float32), "ieee", UPCAST)
+                for mm in tl.static_range(M_PAD):
+                    col = tl.sum(tl.where(ids[None, :] == mm, p, 0.0), axis=1)
+                    mass += tl.where(offs_mod[None, :] == mm, col[:, None], 0.0)
         m_i = m_new
 
-    return acc, l_i, m_i, mass, ksum_t
+    return acc, l_i, m_i, mass
 
 
 @triton.jit
@@ -192,6 +212,7 @@ def _rolling_attn_fwd_kernel(
     Dv,
     M,
     keys_per_split,
+    KS_SLOTS,
     qk_scale,
     LQ_KEY,  # autotuning keys only (bucketed Lq, Lk)
     LK_KEY,
@@ -210,17 +231,18 @@ def _rolling_attn_fwd_kernel(
     STATS: tl.constexpr,
     PRECISION: tl.constexpr,
     ROT_PRECISION: tl.constexpr,
-    MASS_FP32: tl.constexpr,
+    MASS_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One (query tile, batch*head, split*Dv-chunk) program.
 
     Writes rows ``split * B*H*Lq + bh*Lq + i`` of O (Dv wide), LSE (natural log) and MASS (M wide);
     without split-K there is one split and these are the final outputs. Per-modality key sums of
-    the split's key range go to KSUM[split, bh] (M, D); they are computed by the programs of
-    query tile 0 (and Dv chunk 0) only, so every key is counted once per (split, b, h): inside the
-    main loop for the keys that tile visits, then in a tail loop for the keys a causal mask hid
-    from it (those programs stop earliest, so the tail also evens out the causal work).
+    the split's key range are computed after the main loop by the programs of Dv chunk 0 and query
+    tiles below KS_SLOTS (the launcher picks KS_SLOTS <= the number of query tiles of any config):
+    slot s sums key tiles s, s + KS_SLOTS, ... into KSUM[split, bh, s] (M, D), so every key is
+    counted once per (split, b, h), the work is spread evenly and the main loop carries no key-sum
+    registers; the launcher adds the slots (and the splits).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -296,8 +318,6 @@ def _rolling_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M, M_PAD], dtype=tl.float32)
-    ksum_t = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
-    do_ksum = (pid_m == 0) & (dvc == 0)
 
     # Interior tiles (every key in range, all visible to every row when causal) skip the score
     # mask unless there is key padding; the boundary tiles after them apply it.
@@ -307,19 +327,19 @@ def _rolling_attn_fwd_kernel(
         first_row = pid_m * BLOCK_M
         causal_hi = lo + tl.maximum(first_row + 1 - lo, 0) // BLOCK_N * BLOCK_N
         interior_hi = tl.minimum(interior_hi, causal_hi)
-    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
-        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    acc, l_i, m_i, mass = _fwd_inner(
+        acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, lo, interior_hi, vis_hi, offs_m, m_valid, offs_d, d_valid,
-        offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        offs_dv, dv_valid, offs_mod, qk_scale, D,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, False, HAS_PAD, CAUSAL, STATS, PRECISION,
-        MASS_FP32, UPCAST,
+        MASS_DOT, M_PAD, UPCAST,
     )  # fmt: skip
-    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
-        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    acc, l_i, m_i, mass = _fwd_inner(
+        acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, interior_hi, vis_hi, vis_hi, offs_m, m_valid, offs_d,
-        d_valid, offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        d_valid, offs_dv, dv_valid, offs_mod, qk_scale, D,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, True, HAS_PAD, CAUSAL, STATS, PRECISION,
-        MASS_FP32, UPCAST,
+        MASS_DOT, M_PAD, UPCAST,
     )  # fmt: skip
 
     row = (split * BH + pid_bh).to(tl.int64) * Lq + offs_m
@@ -340,60 +360,22 @@ def _rolling_attn_fwd_kernel(
                 mask=m_valid[:, None] & (offs_mod[None, :] < M),
             )
     if STATS:
-        if do_ksum:
-            ks_base = KSUM + (split * BH + pid_bh).to(tl.int64) * M * D
-            if D_CHUNKS == 1:
-                if CAUSAL:
-                    ksum_t += _key_sum_range(
-                        k_base,
-                        IDS,
-                        PAD,
-                        ids_row,
-                        skl,
-                        skd,
-                        vis_hi,
-                        hi,
-                        offs_d,
-                        d_valid,
-                        offs_mod,
-                        BLOCK_N,
-                        BLOCK_D,
-                        M_PAD,
-                        HAS_PAD,
-                        UPCAST,
-                    )
+        if (dvc == 0) & (pid_m < KS_SLOTS):
+            ks_base = KSUM + ((split * BH + pid_bh) * KS_SLOTS + pid_m).to(tl.int64) * M * D
+            first = lo + pid_m * BLOCK_N
+            step = KS_SLOTS * BLOCK_N
+            for c in range(D_CHUNKS):
+                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                c_valid = offs_c < D
+                ks = _key_sum_tiles(
+                    k_base, IDS, PAD, ids_row, skl, skd, first, hi, step, offs_c, c_valid,
+                    offs_mod, BLOCK_N, BLOCK_D, M_PAD, HAS_PAD, MASS_DOT, UPCAST,
+                )  # fmt: skip
                 tl.store(
-                    ks_base + offs_mod[None, :] * D + offs_d[:, None],
-                    ksum_t,
-                    mask=d_valid[:, None] & (offs_mod[None, :] < M),
+                    ks_base + offs_mod[None, :] * D + offs_c[:, None],
+                    ks,
+                    mask=c_valid[:, None] & (offs_mod[None, :] < M),
                 )
-            else:
-                for c in range(D_CHUNKS):
-                    offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
-                    c_valid = offs_c < D
-                    ks = _key_sum_range(
-                        k_base,
-                        IDS,
-                        PAD,
-                        ids_row,
-                        skl,
-                        skd,
-                        lo,
-                        hi,
-                        offs_c,
-                        c_valid,
-                        offs_mod,
-                        BLOCK_N,
-                        BLOCK_D,
-                        M_PAD,
-                        HAS_PAD,
-                        UPCAST,
-                    )
-                    tl.store(
-                        ks_base + offs_mod[None, :] * D + offs_c[:, None],
-                        ks,
-                        mask=c_valid[:, None] & (offs_mod[None, :] < M),
-                    )
 
 
 @triton.jit

@@ -435,3 +435,27 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "layout,M",
+    [("runs", 3), ("runs", 2), ("random", 11), ("random", 1), ("runs", 9)],
+    ids=["runs_m3", "runs_m2", "random_m11_dot", "random_m1", "runs_m9_dot"],
+)
+def test_modality_mass_paths(layout, M):
+    """Every way the forward takes the mass: tiles whose visible keys share one id (keys in runs
+    per modality) add the row sums; mixed tiles reduce per modality in registers (M <= 8) or
+    take a product with the one-hot ids (M > 8). Padding and causal masks cut runs short."""
+    B, H, Lq, Lk = 2, 2, 37, 83
+    case = make_case(B, H, Lq, Lk, 16, dtype=torch.float32, seed=M, modalities=M,
+                     padding=True, causal=True, rotation="shared")  # fmt: skip
+    if layout == "runs":
+        ids = torch.div(torch.arange(Lk), -(-Lk // M), rounding_mode="floor")
+        ids = ids.expand(B, Lk).clone()
+        ids[:, 0] = -1  # a [CLS] key
+        ids[1, 40:45] = -1  # a run of uncounted keys inside a tile
+        case.kwargs["key_modality"] = ids
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=torch.float32, what=f"{layout} M={M}: ")
+    out2, stats2 = _run(case, num_splits=3)
+    check_against_reference(case, out2, stats2, dtype=torch.float32, what=f"split {layout}: ")
