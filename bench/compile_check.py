@@ -517,6 +517,7 @@ def main(argv=None):
     )
     ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     ap.add_argument("--only", default="", help="only scenarios whose name contains this")
+    ap.add_argument("--kernel", default="", help="only kernels whose name contains this")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--markdown", help="write the table to this file")
     ap.add_argument("--json", help="write every result to this file")
@@ -530,6 +531,7 @@ def main(argv=None):
     import triton
 
     rows = collect(args.set, arches, args.only)
+    rows = [r for r in rows if args.kernel in r["kernel"]]
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(rows)} compilations "
           f"({args.set}, sm_{'/sm_'.join(map(str, arches))})", flush=True)  # fmt: skip
     if args.list:

@@ -15,10 +15,12 @@ tensors. Without a GPU, Triton's interpreter (``TRITON_INTERPRET=1``, set before
 imported) runs the same kernels on CPU tensors: the tests call the launchers and the ops of this
 module directly in that mode; ``backend="triton"`` through the public API stays CUDA-only.
 
-Precision: fp16/bf16 dots run on tensor cores with float32 accumulation. float32 inputs use IEEE
-float32 dots by default (parity 1e-5 with the float64 reference); ``ROLLINGQ_TRITON_TF32=1``
-allows TF32 for them (about 5e-4). The rotation of fp16/bf16 queries is a TF32 product whose result
-is rounded to the input dtype anyway.
+Precision: fp16/bf16 dots run on tensor cores with float32 accumulation. float32 inputs use
+3xTF32 products by default (``input_precision="tf32x3"``: each operand split into a TF32 high and
+low part, three tensor-core products, about float32 accuracy, parity 1e-5 with the float64
+reference) in tiles of at most 64 x 32 so nothing spills; ``ROLLINGQ_TRITON_TF32=1`` allows
+single TF32 products (about 5e-4). The rotation of fp16/bf16 queries is a TF32 product whose
+result is rounded to the input dtype anyway; float32 queries are rotated by their own kernel.
 """
 
 import functools
@@ -179,6 +181,7 @@ def _fwd_configs():
         (64, 64, 4, 2),
         (64, 64, 8, 2),
         (64, 32, 4, 2),
+        (64, 32, 8, 2),
         (32, 64, 4, 2),
         (16, 64, 4, 2),
         (16, 128, 4, 3),
@@ -220,6 +223,7 @@ def _prune(configs, named_args, kind: str, **kwargs):
     lq, lk = int(args["Lq"]), int(args["Lk"])
     chunked = int(args["D_CHUNKS"]) > 1 or int(args["DV_CHUNKS"]) > 1
     width = max(int(args["BLOCK_D"]), int(args["BLOCK_DV"]))
+    fp32 = args.get("PRECISION", "none") != "none"
     major, _ = _capability()
     keep, seen = [], set()
     for c in configs:
@@ -246,6 +250,12 @@ def _prune(configs, named_args, kind: str, **kwargs):
                 continue
         if not chunked and width >= 128 and kind != "fwd" and bm * bn > 64 * 128:
             continue
+        if fp32 and (bm * bn > 64 * 32 or c.num_stages > 2):
+            continue  # float32 operands take twice the registers and shared memory
+        if (fp32 or width >= 256) and not chunked and bm >= 64 and c.num_warps < 8:
+            continue  # register budget: spread the float32 accumulators over 8 warps
+        if major == 8 and width >= 256 and c.num_stages > 1 and not chunked:
+            c = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
         if major == 8 and c.num_stages > 2 and width >= 128 and bm >= 128:
             continue  # sm_80/86/89: less shared memory per SM than sm_90
         if major < 9 and bm == 128 and bn == 128:
@@ -461,7 +471,9 @@ def rolling_attention_triton_forward(
     else:
         splits, per = _plan_splits(Lk, num_splits)
 
-    rotate_inside = rotation is not None and d_chunks == 1
+    # float32 queries are rotated by their own kernel: in the prologue, the accurate (3xTF32)
+    # product would cost the main loop its registers
+    rotate_inside = rotation is not None and d_chunks == 1 and q.dtype != torch.float32
     if rotation is not None and not rotate_inside:
         q = rotate_rows(q, rotation, rotated_queries, transpose=False, out_dtype=q.dtype)
     rows_u8 = _as_u8(rotated_queries) if rotate_inside else None

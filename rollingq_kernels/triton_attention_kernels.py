@@ -13,9 +13,13 @@ Only ``@triton.jit`` code lives here; launchers, configs and the torch op are in
   scores are accumulated chunk by chunk and each program owns one chunk of the output. Chunk
   loops are ``range`` loops, not ``static_range``: unrolled, every chunk's operands would get
   their own shared-memory buffers (400 KiB at D = 768).
-* ``_mm`` is the single place a ``tl.dot`` is issued, so the precision policy (IEEE or TF32 for
-  float32 operands) and the interpreter work-around (bfloat16 dots computed in float32) are
-  decided once.
+* ``_mm`` is the single place a ``tl.dot`` is issued, so the precision policy (3xTF32, TF32 or
+  IEEE for float32 operands) and the interpreter work-around (bfloat16 dots computed in float32)
+  are decided once.
+* Statistics stay off the main loop's critical path: the loop only adds its row sums to the mass
+  of a tile's modality when every visible key of the tile has one id; tiles with mixed ids are
+  recomputed after the loop (``_mass_of_mixed_tiles``) and key sums are a separate pass
+  (``_key_sum_tiles``) spread over the query tiles.
 """
 
 import triton
@@ -29,8 +33,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # PRECISION: "none" for 16-bit operands (tensor cores, float32 accumulation), "ieee" or
-    # "tf32" for float32 operands. UPCAST: compute in float32 (Triton's CPU interpreter has no
+    # PRECISION: "none" for 16-bit operands (tensor cores, float32 accumulation); "tf32x3"
+    # (three TF32 products: about float32 accuracy), "tf32" or "ieee" for float32 operands. UPCAST: compute in float32 (Triton's CPU interpreter has no
     # bfloat16 matmul).
     if UPCAST:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -88,6 +92,80 @@ def _key_sum_tiles(
 
 
 @triton.jit
+def _scores(q, q_base, k_base, sql, sqd, skl, skd, offs_m, m_valid, offs_n, n_valid, offs_d,
+            d_valid, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            D_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    # q . k of a (query tile, key tile), float32, unscaled; returns the key tile too (D_CHUNKS=1)
+    if D_CHUNKS == 1:
+        kt = tl.load(
+            k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
+            mask=n_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+        s = _mm(q, kt, PRECISION, UPCAST)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in range(D_CHUNKS):
+            offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            c_valid = offs_c < D
+            qc = tl.load(
+                q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
+                mask=m_valid[:, None] & c_valid[None, :],
+                other=0.0,
+            )
+            kc = tl.load(
+                k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
+                mask=n_valid[None, :] & c_valid[:, None],
+                other=0.0,
+            )
+            s += _mm(qc, kc, PRECISION, UPCAST)
+    return s
+
+
+@triton.jit
+def _mass_of_mixed_tiles(
+    mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi, offs_m,
+    m_valid, offs_d, d_valid, offs_mod, qk_scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    M_PAD: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASS_DOT: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The mass of the key tiles whose visible keys carry more than one id (the main loop took
+    the others): their probabilities are recomputed against the final row max m_i, so the result
+    is in the units of the main loop's accumulators. Only the ids of other tiles are read."""
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    for start_n in range(lo, vis_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < vis_hi
+        key_ok = n_valid
+        if HAS_PAD:
+            key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
+        ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
+        id_lo = tl.min(tl.where(key_ok, ids, M_PAD), axis=0)
+        id_hi = tl.max(tl.where(key_ok, ids, -1), axis=0)
+        if id_lo < id_hi:
+            s = _scores(q, q_base, k_base, sql, sqd, skl, skd, offs_m, m_valid, offs_n, n_valid,
+                        offs_d, d_valid, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PRECISION,
+                        UPCAST)  # fmt: skip
+            vis = key_ok[None, :]
+            if CAUSAL:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(vis, tl.exp2(s * qk_scale - m_use[:, None]), 0.0)
+            if MASS_DOT:
+                onehot = ids[:, None] == offs_mod[None, :]
+                if PRECISION == "none":
+                    # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
+                    mass += _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
+                else:  # float32 inputs: the same precision as their other products
+                    mass += _mm(p, onehot.to(tl.float32), PRECISION, UPCAST)
+            else:
+                for mm in tl.static_range(M_PAD):
+                    col = tl.sum(tl.where(ids[None, :] == mm, p, 0.0), axis=1)
+                    mass += tl.where(offs_mod[None, :] == mm, col[:, None], 0.0)
+    return mass
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
     sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
@@ -104,29 +182,28 @@ def _fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < vis_hi
-        if D_CHUNKS == 1:
-            kt = tl.load(
-                k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
-                mask=n_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-            s = _mm(q, kt, PRECISION, UPCAST)
-        else:
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c in range(D_CHUNKS):
-                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
-                c_valid = offs_c < D
-                qc = tl.load(
-                    q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
-                    mask=m_valid[:, None] & c_valid[None, :],
-                    other=0.0,
-                )
-                kc = tl.load(
-                    k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
-                    mask=n_valid[None, :] & c_valid[:, None],
-                    other=0.0,
-                )
-                s += _mm(qc, kc, PRECISION, UPCAST)
+        s = _scores(
+            q,
+            q_base,
+            k_base,
+            sql,
+            sqd,
+            skl,
+            skd,
+            offs_m,
+            m_valid,
+            offs_n,
+            n_valid,
+            offs_d,
+            d_valid,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            D_CHUNKS,
+            PRECISION,
+            UPCAST,
+        )
         key_ok = n_valid
         if HAS_PAD:
             key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
@@ -154,27 +231,15 @@ def _fwd_inner(
         )
         acc = acc * alpha[:, None] + _mm(p.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
         if STATS:
-            # Attention mass per modality. A tile whose visible keys all carry one id (keys laid
-            # out in runs per modality: all but a few tiles) adds the row sums already computed
-            # for l; mixed tiles reduce per modality in registers, or (many modalities) take a
-            # product with the one-hot ids. Padded and masked keys have p = 0 and any id.
+            # Attention mass per modality, main-loop part: a tile whose visible keys all carry
+            # one id (keys laid out in runs per modality: all but a few tiles) adds the row sums
+            # already computed for l. Mixed tiles are left to _mass_of_mixed_tiles after the
+            # loop, so the loop carries no per-modality work. (Padded keys count as any id.)
             ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
             id_lo = tl.min(tl.where(key_ok, ids, M_PAD), axis=0)
             id_hi = tl.max(tl.where(key_ok, ids, -1), axis=0)
-            mass = mass * alpha[:, None]
-            if id_lo >= id_hi:
-                mass += tl.where(offs_mod[None, :] == id_lo, row_p[:, None], 0.0)
-            elif MASS_DOT:
-                onehot = ids[:, None] == offs_mod[None, :]
-                if PRECISION == "none":
-                    # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
-                    mass += _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
-                else:  # float32 inputs: the same precision as their other products
-                    mass += _mm(p, onehot.to(tl.float32), PRECISION, UPCAST)
-            else:
-                for mm in tl.static_range(M_PAD):
-                    col = tl.sum(tl.where(ids[None, :] == mm, p, 0.0), axis=1)
-                    mass += tl.where(offs_mod[None, :] == mm, col[:, None], 0.0)
+            take = (offs_mod[None, :] == id_lo) & (id_lo >= id_hi)
+            mass = mass * alpha[:, None] + tl.where(take, row_p[:, None], 0.0)
         m_i = m_new
 
     return acc, l_i, m_i, mass
@@ -354,6 +419,12 @@ def _rolling_attn_fwd_kernel(
         lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_use)) * _LN2, float("-inf"))
         tl.store(LSE + row, lse, mask=m_valid)
         if STATS:
+            # after the output is stored, so the accumulator is dead during this pass
+            mass = _mass_of_mixed_tiles(
+                mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi,
+                offs_m, m_valid, offs_d, d_valid, offs_mod, qk_scale, D, BLOCK_M, BLOCK_N,
+                BLOCK_D, D_CHUNKS, M_PAD, HAS_PAD, CAUSAL, PRECISION, MASS_DOT, UPCAST,
+            )  # fmt: skip
             tl.store(
                 MASS + row[:, None] * M + offs_mod[None, :],
                 mass / l_use[:, None],
