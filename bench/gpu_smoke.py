@@ -280,6 +280,9 @@ def _run_one(fn, spec, device):
     except Exception as exc:
         status = "ERROR"
         detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        # where it happened (with CUDA_LAUNCH_BLOCKING=1 the failing launch itself)
+        frames = traceback.extract_tb(exc.__traceback__)[-4:]
+        detail += " at " + " < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames))
         if os.environ.get("GPU_SMOKE_TRACEBACK") == "1":
             traceback.print_exc()
     return {"status": status, "detail": detail, "seconds": time.perf_counter() - t0}
