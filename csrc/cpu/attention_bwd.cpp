@@ -46,7 +46,7 @@ void bwd_kernel(const AttentionBwdParams& p) {
       const T* dout =
           static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
       const A* lse_bh = static_cast<const A*>(p.lse) + bh * Lq;
-      const bool* pad = p.key_padding ? p.key_padding + b * Lk : nullptr;
+      const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
 
       const A* kp;
       const A* vp;
@@ -131,8 +131,8 @@ void bwd_kernel(const AttentionBwdParams& p) {
         }
 
         if (p.rotation != nullptr) {  // q' = q R^T  =>  dq = dq' R on rotated rows
-          const bool* rows = p.rotated_rows ? p.rotated_rows + b * Lq + i0 : nullptr;
-          const A* R = static_cast<const A*>(p.rotation) + h * D * D;
+          const bool* rows = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
+          const A* R = static_cast<const A*>(p.rotation) + h * p.rotation_head_stride;
           rotate_rows(dq.data(), rows, qn, D, R, /*transpose_r=*/false, tmp.data());
         }
         T* dq_out = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;

@@ -69,8 +69,8 @@ inline void load_rotated_queries(const AttentionParams& p, const T* q, int64_t b
   const int64_t D = p.head_dim;
   for (int64_t r = 0; r < n; ++r) convert_row(buf + r * D, q + (r0 + r) * p.q_row_stride, D);
   if (p.rotation == nullptr) return;
-  const bool* rows = p.rotated_rows ? p.rotated_rows + b * p.seqlen_q + r0 : nullptr;
-  const A* R = static_cast<const A*>(p.rotation) + h * D * D;
+  const bool* rows = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + r0 : nullptr;
+  const A* R = static_cast<const A*>(p.rotation) + h * p.rotation_head_stride;
   rotate_rows(buf, rows, n, D, R, /*transpose_r=*/true, tmp);
 }
 

@@ -28,8 +28,8 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   const int64_t Lk = p.seqlen_k, D = p.head_dim;
   const int M = p.num_modalities;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const int32_t* ids = p.key_modality + b * Lk;
-  const bool* pad = p.key_padding ? p.key_padding + b * Lk : nullptr;
+  const int32_t* ids = p.key_modality + b * p.key_modality_batch_stride;
+  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
   A* ks = static_cast<A*>(p.key_sum) + (b * p.heads + h) * M * D;
   std::fill(ks, ks + M * D, A(0));
   A* kc = static_cast<A*>(p.key_count) + b * M;
@@ -78,8 +78,8 @@ void fwd_kernel(const AttentionParams& p) {
       const T* q = q_base + b * p.q_batch_stride + h * p.q_head_stride;
       const T* k = k_base + b * p.k_batch_stride + h * p.k_head_stride;
       const T* v = v_base + b * p.v_batch_stride + h * p.v_head_stride;
-      const bool* pad = p.key_padding ? p.key_padding + b * Lk : nullptr;
-      const int32_t* ids = M > 0 ? p.key_modality + b * Lk : nullptr;
+      const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
+      const int32_t* ids = M > 0 ? p.key_modality + b * p.key_modality_batch_stride : nullptr;
 
       load_rotated_queries<T, A>(p, q, b, h, i0, qn, qbuf.data(), tmp.data());
       std::fill(acc.begin(), acc.begin() + qn * Dv, A(0));
