@@ -426,6 +426,7 @@ def rolling_attention_triton_forward(
     scale: Optional[float] = None,
     *,
     num_splits: Optional[int] = None,
+    causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the forward on canonical inputs (see AttentionProblem).
 
@@ -433,9 +434,14 @@ def rolling_attention_triton_forward(
     (B, H, Lq, M) and key_sum (B, H, M, D), all float32; M = num_modalities (0: no statistics,
     key_modality is then ignored). ``num_splits`` forces the number of key splits (tests);
     None lets the flash-decoding heuristic choose (more than one only for short query blocks).
+    k and v may have fewer heads than q (grouped-query attention: H a multiple of theirs; they
+    are read in place, query head h reads kv head h // (H / Hkv)). With ``is_causal``, key j is
+    visible from row i iff j <= i + causal_offset.
     """
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
+    group = H // k.shape[1]
+    causal_offset = int(causal_offset) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -510,6 +516,8 @@ def rolling_attention_triton_forward(
         D,
         Dv,
         M,
+        group,
+        causal_offset,
         per,
         ks_slots,
         float(scale) * _k.LOG2E,
@@ -567,6 +575,8 @@ def rolling_attention_triton_backward(
     key_padding_mask: Optional[Tensor] = None,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    *,
+    causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of the forward above (contiguous, in q's dtype).
 
@@ -574,7 +584,9 @@ def rolling_attention_triton_backward(
     dq of the rotated queries is then taken back through the rotation: dq_i = dq_rot_i @ R.
     """
     B, H, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[3]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    causal_offset = int(causal_offset) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -607,8 +619,8 @@ def rolling_attention_triton_backward(
         DV_CHUNKS=_cdiv(Dv, pre_dv),
     )
 
-    dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=dev)
-    dv = torch.empty(B, H, Lk, Dv, dtype=v.dtype, device=dev)
+    dk = torch.empty(B, Hkv, Lk, D, dtype=k.dtype, device=dev)
+    dv = torch.empty(B, Hkv, Lk, Dv, dtype=v.dtype, device=dev)
     dq_buf = torch.empty(B, H, Lq, D, dtype=f32 if rotation is not None else q.dtype, device=dev)
     common = (
         *q.stride(),
@@ -620,6 +632,8 @@ def rolling_attention_triton_backward(
         Lk,
         D,
         Dv,
+        group,
+        causal_offset,
         float(scale),
         float(scale) * _k.LOG2E,
         _bucket(Lq),
@@ -641,7 +655,7 @@ def rolling_attention_triton_backward(
         "dkdv",
         _dkdv_tuned if not _interpreting() else None,
         _k._rolling_attn_bwd_dkdv_kernel,
-        lambda m: (_cdiv(Lk, m["BLOCK_N"]), B * H, chunks),
+        lambda m: (_cdiv(Lk, m["BLOCK_N"]), B * Hkv, chunks),
         Lq, Lk,
         q, k, v, pad_arg, dout, lse, delta, dk, dv,
         *common,
@@ -675,12 +689,8 @@ def _decline(name: str, attn_mask, is_causal, causal_offset, dropout_p, q, k) ->
     missing = []
     if attn_mask is not None:
         missing.append("attn_mask")
-    if is_causal and causal_offset != 0:
-        missing.append(f"causal_offset={causal_offset}")
     if dropout_p > 0.0:
         missing.append("dropout_p > 0")
-    if k.shape[1] != q.shape[1]:
-        missing.append("grouped-query attention (k with fewer heads than q)")
     if missing:
         raise NotImplementedError(
             f"rollingq::triton_{name}: not implemented by the Triton kernels: "
@@ -718,8 +728,9 @@ def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modal
     if rotation is None:
         rows = None
     out, lse, mass, key_sum = rolling_attention_triton_forward(
-        q, k, v, rotation, rows, ids, pad, num_modalities, is_causal, scale
-    )
+        q, k, v, rotation, rows, ids, pad, num_modalities, is_causal, scale,
+        causal_offset=causal_offset,
+    )  # fmt: skip
     B, H, Lq, _ = q.shape
     result = _contract.layout_like(q, (B, H, Lq, v.shape[3]))
     result.copy_(out)
@@ -735,8 +746,9 @@ def _triton_bwd_impl(grad_out, q, k, v, out, lse, rotation, rotated_queries, key
     if rotation is None:
         rows = None
     dq, dk, dv = rolling_attention_triton_backward(
-        grad_out, q, k, v, out, lse, rotation, rows, pad, is_causal, scale
-    )
+        grad_out, q, k, v, out, lse, rotation, rows, pad, is_causal, scale,
+        causal_offset=causal_offset,
+    )  # fmt: skip
     grads = []
     for t, g in ((q, dq), (k, dk), (v, dv)):
         r = _contract.layout_like(t, t.shape)

@@ -125,7 +125,7 @@ def _scores(q, q_base, k_base, sql, sqd, skl, skd, offs_m, m_valid, offs_n, n_va
 @triton.jit
 def _mass_of_mixed_tiles(
     mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi, offs_m,
-    m_valid, offs_d, d_valid, offs_mod, qk_scale, D,
+    m_valid, offs_d, d_valid, offs_mod, qk_scale, D, causal_off,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     M_PAD: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     MASS_DOT: tl.constexpr, UPCAST: tl.constexpr,
@@ -149,7 +149,7 @@ def _mass_of_mixed_tiles(
                         UPCAST)  # fmt: skip
             vis = key_ok[None, :]
             if CAUSAL:
-                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             p = tl.where(vis, tl.exp2(s * qk_scale - m_use[:, None]), 0.0)
             if MASS_DOT:
                 onehot = ids[:, None] == offs_mod[None, :]
@@ -169,7 +169,7 @@ def _mass_of_mixed_tiles(
 def _fwd_inner(
     acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
     sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
-    offs_dv, dv_valid, offs_mod, qk_scale, D,
+    offs_dv, dv_valid, offs_mod, qk_scale, D, causal_off,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     BOUNDARY: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
     PRECISION: tl.constexpr, MASS_DOT: tl.constexpr, M_PAD: tl.constexpr, UPCAST: tl.constexpr,
@@ -211,7 +211,7 @@ def _fwd_inner(
             # rows past Lq need no mask: they read zeros, stay finite and are never stored
             vis = key_ok[None, :]
             if CAUSAL and BOUNDARY:
-                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(vis, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0
@@ -276,6 +276,8 @@ def _rolling_attn_fwd_kernel(
     D,
     Dv,
     M,
+    GROUP,  # query heads per key/value head (grouped-query attention; 1 otherwise)
+    CAUSAL_OFF,  # causal: key j is visible from row i iff j <= i + CAUSAL_OFF
     keys_per_split,
     KS_SLOTS,
     qk_scale,
@@ -317,9 +319,10 @@ def _rolling_attn_fwd_kernel(
     BH = tl.num_programs(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
     q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     ids_row = b * Lk
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -334,9 +337,8 @@ def _rolling_attn_fwd_kernel(
     hi = tl.minimum(lo + keys_per_split, Lk)
     vis_hi = hi
     if CAUSAL:
-        # top-left causal: row i sees keys j <= i; the tile's last row is pid_m*BLOCK_M+BLOCK_M-1
-        # (never below lo, so the key-sum tail below stays inside this split's range)
-        vis_hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M), lo)
+        # row i sees keys j <= i + CAUSAL_OFF; the tile's last row is (pid_m + 1) * BLOCK_M - 1
+        vis_hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M + CAUSAL_OFF), lo)
 
     if D_CHUNKS == 1:
         q = tl.load(
@@ -388,21 +390,21 @@ def _rolling_attn_fwd_kernel(
     # mask unless there is key padding; the boundary tiles after them apply it.
     interior_hi = lo + ((vis_hi - lo) // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        # tile [s, s + BLOCK_N) is fully visible when its last key <= the tile's first row
+        # tile [s, s + BLOCK_N) is fully visible when its last key <= first row + CAUSAL_OFF
         first_row = pid_m * BLOCK_M
-        causal_hi = lo + tl.maximum(first_row + 1 - lo, 0) // BLOCK_N * BLOCK_N
+        causal_hi = lo + tl.maximum(first_row + CAUSAL_OFF + 1 - lo, 0) // BLOCK_N * BLOCK_N
         interior_hi = tl.minimum(interior_hi, causal_hi)
     acc, l_i, m_i, mass = _fwd_inner(
         acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, lo, interior_hi, vis_hi, offs_m, m_valid, offs_d, d_valid,
-        offs_dv, dv_valid, offs_mod, qk_scale, D,
+        offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, False, HAS_PAD, CAUSAL, STATS, PRECISION,
         MASS_DOT, M_PAD, UPCAST,
     )  # fmt: skip
     acc, l_i, m_i, mass = _fwd_inner(
         acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, interior_hi, vis_hi, vis_hi, offs_m, m_valid, offs_d,
-        d_valid, offs_dv, dv_valid, offs_mod, qk_scale, D,
+        d_valid, offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, True, HAS_PAD, CAUSAL, STATS, PRECISION,
         MASS_DOT, M_PAD, UPCAST,
     )  # fmt: skip
@@ -422,7 +424,7 @@ def _rolling_attn_fwd_kernel(
             # after the output is stored, so the accumulator is dead during this pass
             mass = _mass_of_mixed_tiles(
                 mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi,
-                offs_m, m_valid, offs_d, d_valid, offs_mod, qk_scale, D, BLOCK_M, BLOCK_N,
+                offs_m, m_valid, offs_d, d_valid, offs_mod, qk_scale, D, CAUSAL_OFF, BLOCK_M, BLOCK_N,
                 BLOCK_D, D_CHUNKS, M_PAD, HAS_PAD, CAUSAL, PRECISION, MASS_DOT, UPCAST,
             )  # fmt: skip
             tl.store(
@@ -642,6 +644,8 @@ def _rolling_attn_bwd_dkdv_kernel(
     Lk,
     D,
     Dv,
+    GROUP,
+    CAUSAL_OFF,
     scale,
     qk_scale,
     LQ_KEY,
@@ -664,15 +668,13 @@ def _rolling_attn_bwd_dkdv_kernel(
     Works in the transposed form (keys along rows): sT = K Q^T, pT = exp(sT - lse).
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1)  # (batch, key/value head)
     c = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdb + h * sdh
-    row0 = pid_bh.to(tl.int64) * Lq
+    HKV = H // GROUP
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < Lk
@@ -703,79 +705,86 @@ def _rolling_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     m_lo = 0
     if CAUSAL:
-        m_lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
-    for start_m in range(m_lo, Lq, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < Lq
-        if D_CHUNKS == 1:
-            qt = tl.load(
-                q_base + offs_m[None, :] * sql + offs_d0[:, None] * sqd,
-                mask=m_valid[None, :] & (offs_d0[:, None] < D),
-                other=0.0,
-            )
-            st = _mm(k, qt, PRECISION, UPCAST)
-        else:
-            st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in range(D_CHUNKS):
-                offs_c = cc * BLOCK_D + offs_d0
-                c_valid = offs_c < D
-                kc = tl.load(
-                    k_base + offs_n[:, None] * skl + offs_c[None, :] * skd,
-                    mask=n_valid[:, None] & c_valid[None, :],
+        # the first row that sees the tile's first key: i >= j - CAUSAL_OFF
+        m_lo = (tl.maximum(pid_n * BLOCK_N - CAUSAL_OFF, 0) // BLOCK_M) * BLOCK_M
+    # grouped-query attention: dK, dV of this key/value head sum over its GROUP query heads
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row0 = (b * H + h) * Lq
+        for start_m in range(m_lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < Lq
+            if D_CHUNKS == 1:
+                qt = tl.load(
+                    q_base + offs_m[None, :] * sql + offs_d0[:, None] * sqd,
+                    mask=m_valid[None, :] & (offs_d0[:, None] < D),
                     other=0.0,
                 )
-                qc = tl.load(
-                    q_base + offs_m[None, :] * sql + offs_c[:, None] * sqd,
-                    mask=m_valid[None, :] & c_valid[:, None],
+                st = _mm(k, qt, PRECISION, UPCAST)
+            else:
+                st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for cc in range(D_CHUNKS):
+                    offs_c = cc * BLOCK_D + offs_d0
+                    c_valid = offs_c < D
+                    kc = tl.load(
+                        k_base + offs_n[:, None] * skl + offs_c[None, :] * skd,
+                        mask=n_valid[:, None] & c_valid[None, :],
+                        other=0.0,
+                    )
+                    qc = tl.load(
+                        q_base + offs_m[None, :] * sql + offs_c[:, None] * sqd,
+                        mask=m_valid[None, :] & c_valid[:, None],
+                        other=0.0,
+                    )
+                    st += _mm(kc, qc, PRECISION, UPCAST)
+                qt = tl.load(
+                    q_base + offs_m[None, :] * sql + offs_dk[:, None] * sqd,
+                    mask=m_valid[None, :] & dk_valid[:, None],
                     other=0.0,
                 )
-                st += _mm(kc, qc, PRECISION, UPCAST)
-            qt = tl.load(
-                q_base + offs_m[None, :] * sql + offs_dk[:, None] * sqd,
-                mask=m_valid[None, :] & dk_valid[:, None],
-                other=0.0,
-            )
-        lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
-        vis = key_ok[:, None] & m_valid[None, :]
-        if CAUSAL:
-            vis = vis & (offs_m[None, :] >= offs_n[:, None])
-        pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
-        # dO^T: the whole (padded) Dv when it fits, else this program's chunk
-        if DV_CHUNKS == 1:
-            dot_ = tl.load(
-                do_base + offs_m[None, :] * sdl + offs_dv0[:, None] * sdd,
-                mask=m_valid[None, :] & (offs_dv0[:, None] < Dv),
-                other=0.0,
-            )
-        else:
-            dot_ = tl.load(
-                do_base + offs_m[None, :] * sdl + offs_dvc[:, None] * sdd,
-                mask=m_valid[None, :] & dvc_valid[:, None],
-                other=0.0,
-            )
-        dv += _mm(pt.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
-        if DV_CHUNKS == 1:
-            dpt = _mm(v, dot_, PRECISION, UPCAST)
-        else:
-            dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in range(DV_CHUNKS):
-                offs_c = cc * BLOCK_DV + offs_dv0
-                c_valid = offs_c < Dv
-                vc = tl.load(
-                    v_base + offs_n[:, None] * svl + offs_c[None, :] * svd,
-                    mask=n_valid[:, None] & c_valid[None, :],
+            lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+            vis = key_ok[:, None] & m_valid[None, :]
+            if CAUSAL:
+                vis = vis & (offs_m[None, :] + CAUSAL_OFF >= offs_n[:, None])
+            pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            # dO^T: the whole (padded) Dv when it fits, else this program's chunk
+            if DV_CHUNKS == 1:
+                dot_ = tl.load(
+                    do_base + offs_m[None, :] * sdl + offs_dv0[:, None] * sdd,
+                    mask=m_valid[None, :] & (offs_dv0[:, None] < Dv),
                     other=0.0,
                 )
-                doc = tl.load(
-                    do_base + offs_m[None, :] * sdl + offs_c[:, None] * sdd,
-                    mask=m_valid[None, :] & c_valid[:, None],
+            else:
+                dot_ = tl.load(
+                    do_base + offs_m[None, :] * sdl + offs_dvc[:, None] * sdd,
+                    mask=m_valid[None, :] & dvc_valid[:, None],
                     other=0.0,
                 )
-                dpt += _mm(vc, doc, PRECISION, UPCAST)
-        delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
-        dst = pt * (dpt - delta[None, :])
-        dk += _mm(dst.to(Q.dtype.element_ty), tl.trans(qt), PRECISION, UPCAST)
+            dv += _mm(pt.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
+            if DV_CHUNKS == 1:
+                dpt = _mm(v, dot_, PRECISION, UPCAST)
+            else:
+                dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for cc in range(DV_CHUNKS):
+                    offs_c = cc * BLOCK_DV + offs_dv0
+                    c_valid = offs_c < Dv
+                    vc = tl.load(
+                        v_base + offs_n[:, None] * svl + offs_c[None, :] * svd,
+                        mask=n_valid[:, None] & c_valid[None, :],
+                        other=0.0,
+                    )
+                    doc = tl.load(
+                        do_base + offs_m[None, :] * sdl + offs_c[:, None] * sdd,
+                        mask=m_valid[None, :] & c_valid[:, None],
+                        other=0.0,
+                    )
+                    dpt += _mm(vc, doc, PRECISION, UPCAST)
+            delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk += _mm(dst.to(Q.dtype.element_ty), tl.trans(qt), PRECISION, UPCAST)
 
     dk = dk * scale
     krow = pid_bh.to(tl.int64) * Lk + offs_n
@@ -822,6 +831,8 @@ def _rolling_attn_bwd_dq_kernel(
     Lk,
     D,
     Dv,
+    GROUP,
+    CAUSAL_OFF,
     scale,
     qk_scale,
     LQ_KEY,
@@ -847,9 +858,10 @@ def _rolling_attn_bwd_dq_kernel(
     c = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
     q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     do_base = DO + b * sdb + h * sdh
     row = pid_bh.to(tl.int64) * Lq + tl.arange(0, BLOCK_M) + pid_m * BLOCK_M
 
@@ -877,7 +889,7 @@ def _rolling_attn_bwd_dq_kernel(
 
     hi = Lk
     if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+        hi = tl.maximum(tl.minimum(Lk, (pid_m + 1) * BLOCK_M + CAUSAL_OFF), 0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -915,7 +927,7 @@ def _rolling_attn_bwd_dq_kernel(
             key_ok = key_ok & (tl.load(PAD + b * Lk + offs_n, mask=n_valid, other=0) != 0)
         vis = key_ok[None, :] & m_valid[:, None]
         if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_OFF)
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         if DV_CHUNKS == 1:
             vt = tl.load(
