@@ -536,7 +536,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     env = _environment(args.dry_run)
 
-    def report(rows, final=False):
+    def report(rows, final=False, complete=None):
+        complete = final if complete is None else complete
         _add_ratios(rows)
         header = (
             "| case | mode | provider | status | ms/call median (p20-p80) x calls per span "
@@ -556,13 +557,25 @@ def main(argv=None):
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
-                json.dump({"environment": env, "complete": final, "rows": rows}, fh, indent=1)
+                json.dump({"environment": env, "complete": complete, "rows": rows}, fh, indent=1)
             with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:
                 fh.write(f"# Triton backend benchmark\n\n{title}\n\n")
                 fh.write(f"Command: `{env['command']}`\n\nTFLOP/s:\n\n{summary}\n\n")
                 fh.write(f"Details:\n\n{detail}\n")
 
-    rows = run(args, on_case=report)
+    partial: list = []
+
+    def on_case(rows):
+        partial[:] = rows
+        report(rows)
+
+    try:
+        rows = run(args, on_case=on_case)
+    except KeyboardInterrupt:  # the time limit (SIGINT): report what finished
+        print("-- interrupted: reporting the cases that finished", flush=True)
+        rows = partial + [dict(case="*", mode="*", provider="*", status="skipped: interrupted")]
+        report(rows, final=True, complete=False)
+        return 130
     report(rows, final=True)
     # a wrong, failing or crashing Triton provider fails the benchmark; baselines only report
     bad = [r for r in rows if r["provider"].startswith("triton") and r.get("status") != "ok"
