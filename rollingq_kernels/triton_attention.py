@@ -218,8 +218,8 @@ def _prune(configs, named_args, kind: str, **kwargs):
         if chunked:
             # head dims above 256 loop over chunks: a pipelined loop would buffer every chunk's
             # loads (over 200 KiB of shared memory at D = 768), so one stage and 64 x 64 tiles
-            if bm * bn > 64 * 64 or (kind != "dkdv" and bm > 64) or (kind == "dkdv" and bn > 64):
-                continue  # (128 x 32 forward / dQ and 32 x 128 dK/dV tiles spill)
+            if bm * bn > 64 * 64 or (kind == "fwd" and bm > 64):
+                continue  # (128 x 32 forward tiles spill)
             c = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
         # register budget of the float32 accumulators: (BLOCK_M or BLOCK_N) x head dim
         elif width >= 256:
@@ -229,12 +229,13 @@ def _prune(configs, named_args, kind: str, **kwargs):
                 continue
         if not chunked and width >= 128 and kind != "fwd" and bm * bn > 64 * 128:
             continue
-        if not chunked and width >= 128 and kind == "fwd" and bm == 128:
-            # 128-row forward tiles at head dim 128: 4 warps spill, and so do 128 x 128 tiles
-            # once the rotation or the statistics add their registers (compile_check table)
-            if c.num_warps < 8:
+        if not chunked and kind == "fwd" and bm == 128:
+            # 128-row forward tiles on 4 warps spill at head dim 128, and at 64 once the rotation
+            # or the statistics add their registers; so do 128 x 128 tiles with either
+            extra = bool(args.get("ROTATE") or args.get("STATS"))
+            if c.num_warps < 8 and (width >= 128 or extra):
                 continue
-            if bn > 64 and (args.get("ROTATE") or args.get("STATS")):
+            if width >= 128 and bn > 64 and extra:
                 continue
         if fp32 and (bm * bn > 64 * 32 or c.num_stages > 2):
             continue  # float32 operands take twice the registers and shared memory
