@@ -248,9 +248,7 @@ def test_output_in_q_layout(entry, layout, mask):
 # ---- other ranks (drop-in only: rolling_attention is 4-D) -----------------------------------
 
 
-@pytest.mark.parametrize(
-    "mask_shape", [None, (7, 9), (4, 7, 9), (4, 1, 9), (1, 7, 9)], ids=str
-)
+@pytest.mark.parametrize("mask_shape", [None, (7, 9), (4, 7, 9), (4, 1, 9), (1, 7, 9)], ids=str)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_three_dim_inputs(mask_shape, kind):
     g = torch.Generator().manual_seed(4)
@@ -335,7 +333,9 @@ def test_keep_mask_statistics():
 
 
 def _fused_for(q, k, v, **kw):
-    problem = make_problem(q, k, v, **{**_sdpa_kwargs(**kw), "rng_state": torch.zeros(2, dtype=torch.int64)})
+    problem = make_problem(
+        q, k, v, **{**_sdpa_kwargs(**kw), "rng_state": torch.zeros(2, dtype=torch.int64)}
+    )
     try:
         return rk.backends.select_backend(problem, warn=False).fused
     except rk.NoBackendError:
@@ -387,7 +387,11 @@ GRAD_CASES = {
     "causal": {"is_causal": True},
     "gqa": {"enable_gqa": True},
     "dropout": {"dropout_p": 0.25},
-    "dropout_gqa_mask": {"dropout_p": 0.25, "enable_gqa": True, "attn_mask": ("float", (2, 1, 1, 9))},
+    "dropout_gqa_mask": {
+        "dropout_p": 0.25,
+        "enable_gqa": True,
+        "attn_mask": ("float", (2, 1, 1, 9)),
+    },
 }
 
 
