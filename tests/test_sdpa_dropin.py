@@ -1,19 +1,23 @@
 """``rollingq_kernels.scaled_dot_product_attention`` / ``patch_sdpa`` / ``rolling_attention`` with
 SDPA's arguments, against torch's SDPA and the float64 reference.
 
-Every check runs through four entries: the drop-in (``dropin``), ``rolling_attention`` with
-``backend="auto"``, with ``backend="cpu"`` (skipped, with the reason, for a call the fused CPU
-kernel declines) and with ``backend="reference"``. The tests compare results, never which backend
-ran, so they hold whether a call is fused or handed to torch / the reference.
+Every check runs through five entries: the drop-in (``dropin``), the drop-in with every call it
+would hand to torch taken by this package's path instead (``dropin_fused``, see
+fused_everywhere.py), ``rolling_attention`` with ``backend="auto"``, with ``backend="cpu"``
+(skipped, with the reason, for a call the fused CPU kernel declines) and with
+``backend="reference"``. The tests compare results, never which backend ran, so they hold whether
+a call is fused or handed to torch / the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_everywhere import fused_everywhere
 from helpers import _layout, assert_close, nan_poisoned_outputs
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
@@ -24,7 +28,7 @@ from rollingq_kernels.dropout import dropout_keep_mask, new_rng_state
 from rollingq_kernels.reference import rolling_attention_reference
 
 TORCH_SDPA = api._TORCH_SDPA  # torch's own, whatever is patched
-ENTRIES = ["dropin", "auto", "cpu", "reference"]
+ENTRIES = ["dropin", "dropin_fused", "auto", "cpu", "reference"]
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 
 
@@ -33,6 +37,10 @@ def _sdpa_kwargs(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, ena
         attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa,
     )  # fmt: skip
+
+
+def _state(entry):
+    return fused_everywhere() if entry.endswith("_fused") else contextlib.nullcontext()
 
 
 def _skip_unless_runs(name, q, k, v, kw):
@@ -46,9 +54,10 @@ def _skip_unless_runs(name, q, k, v, kw):
 def run(entry, q, k, v, *, rng_state=None, **kw):
     """One call through ``entry``; kw are SDPA's keyword arguments."""
     kw = _sdpa_kwargs(**kw)
-    if entry == "dropin":
+    if entry.startswith("dropin"):
         assert rng_state is None
-        return rk.scaled_dot_product_attention(q, k, v, **kw)
+        with _state(entry):
+            return rk.scaled_dot_product_attention(q, k, v, **kw)
     if entry == "cpu":
         _skip_unless_runs("cpu", q, k, v, kw)
     with warnings.catch_warnings():
@@ -138,7 +147,7 @@ def test_attn_mask_every_broadcast_shape(entry, shape, kind, dtype):
     with nan_poisoned_outputs():
         out = run(entry, q, k, v, attn_mask=mask)
     check(out, q, k, v, attn_mask=mask, what=f"{entry} {kind} mask {shape}")
-    if entry == "dropin":
+    if entry.startswith("dropin"):
         assert_close(out, TORCH_SDPA(q, k, v, attn_mask=mask), rel=1e-5 if dtype == F32 else 2e-2,
                      name="vs torch SDPA")  # fmt: skip
 
@@ -250,30 +259,31 @@ def test_output_in_q_layout(entry, layout, mask):
 
 @pytest.mark.parametrize("mask_shape", [None, (7, 9), (4, 7, 9), (4, 1, 9), (1, 7, 9)], ids=str)
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_three_dim_inputs(mask_shape, kind):
+@pytest.mark.parametrize("entry", ["dropin", "dropin_fused"])
+def test_three_dim_inputs(mask_shape, kind, entry):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(4, n, 16, generator=g) for n in (7, 9, 9))
     mask = None if mask_shape is None else make_mask(mask_shape, kind, F32)
-    out = rk.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = run(entry, q, k, v, attn_mask=mask)
     want = TORCH_SDPA(q.double(), k.double(), v.double(),
                       attn_mask=None if mask is None else (mask if kind == "bool" else mask.double()))  # fmt: skip
     assert out.shape == (4, 7, 16)
     assert_close(out, want, rel=1e-5, name="3-D")
-    causal = rk.scaled_dot_product_attention(q, k, v, is_causal=True)
+    causal = run(entry, q, k, v, is_causal=True)
     assert_close(causal, TORCH_SDPA(q.double(), k.double(), v.double(), is_causal=True), rel=1e-5,
                  name="3-D causal")  # fmt: skip
 
 
 @pytest.mark.parametrize("mask_shape", [None, (7, 9), (2, 1, 1, 1, 9), (2, 3, 4, 7, 9)], ids=str)
 @pytest.mark.parametrize("gqa", [False, True])
-def test_five_dim_inputs(mask_shape, gqa):
+@pytest.mark.parametrize("entry", ["dropin", "dropin_fused"])
+def test_five_dim_inputs(mask_shape, gqa, entry):
     g = torch.Generator().manual_seed(5)
     Hkv = 2 if gqa else 4
     q = torch.randn(2, 3, 4, 7, 16, generator=g)
     k, v = (torch.randn(2, 3, Hkv, 9, 16, generator=g) for _ in range(2))
     mask = None if mask_shape is None else make_mask(mask_shape, "float", F32)
-    kw = {"attn_mask": mask, "enable_gqa": gqa}
-    out = rk.scaled_dot_product_attention(q, k, v, **kw)
+    out = run(entry, q, k, v, attn_mask=mask, enable_gqa=gqa)
     assert out.shape == (2, 3, 4, 7, 16)
     dm = None if mask is None else mask.double()
     want = TORCH_SDPA(q.double(), k.double(), v.double(), attn_mask=dm, enable_gqa=gqa)
@@ -343,7 +353,13 @@ def _fused_for(q, k, v, **kw):
 
 
 @pytest.mark.parametrize("extra", ["none", "bool_mask", "causal"])
-def test_dropin_dropout_reproducible_from_manual_seed(extra):
+@pytest.mark.parametrize("entry", ["dropin", "dropin_fused"])
+def test_dropin_dropout_reproducible_from_manual_seed(extra, entry):
+    with _state(entry):
+        _dropout_reproducible(extra)
+
+
+def _dropout_reproducible(extra):
     B, H, Lq, Lk, p = 2, 3, 9, 11, 0.2
     q, k, v = qkv(B, H, Lq, Lk, seed=21)
     kw = {"dropout_p": p, "is_causal": extra == "causal"}
@@ -412,13 +428,13 @@ def test_gradients(entry, case):
     Hkv = 1 if kw.get("enable_gqa") else None
     q, k, v = (t.requires_grad_() for t in qkv(2, 3, 7, 9, Hkv=Hkv, seed=41, layout="blhd"))
     dropout = kw.get("dropout_p", 0.0) > 0
-    if entry == "dropin" and dropout:
-        torch.manual_seed(99)
-        fused = _fused_for(q, k, v, **kw)
-        torch.manual_seed(99)
-        rng = new_rng_state() if fused else None
-        torch.manual_seed(99)
-        out = rk.scaled_dot_product_attention(q, k, v, **_sdpa_kwargs(**kw))
+    if entry.startswith("dropin") and dropout:
+        with _state(entry):
+            fused = _fused_for(q, k, v, **kw)
+            torch.manual_seed(99)
+            rng = new_rng_state() if fused else None
+            torch.manual_seed(99)
+            out = rk.scaled_dot_product_attention(q, k, v, **_sdpa_kwargs(**kw))
         if rng is None:  # torch ran it: its own keep-mask, so compare with torch's gradients
             g = torch.randn_like(out)
             got = torch.autograd.grad(out, (q, k, v), g)
@@ -450,7 +466,7 @@ def test_gradients(entry, case):
         assert_close(a, b, rel=2e-5, name=f"{entry} {case} d{name}")
 
 
-@pytest.mark.parametrize("entry", ["dropin", "auto", "reference"])
+@pytest.mark.parametrize("entry", ["dropin", "dropin_fused", "auto", "reference"])
 def test_gradient_of_a_float_mask(entry):
     q, k, v = qkv(2, 3, 7, 9, dtype=F64, seed=51)
     mask = make_mask((1, 3, 7, 9), "float", F64, strided=False)
