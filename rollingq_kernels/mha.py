@@ -317,6 +317,10 @@ class RollingQAttention(nn.Module):
     def _rotation_plan(self) -> Dict[str, Any]:
         # How R is applied depends on its structure; checked once per change of the buffer
         # (its version counter moves with every in-place write, its pointer with .to()).
+        if torch.compiler.is_compiling():
+            # the structure is data-dependent: a traced forward applies R as a general matrix,
+            # which is right for every R (the identity included)
+            return {"identity": False, "per_head": None}
         R = self.rotation
         key = (R._version, R.data_ptr(), R.dtype, R.device)
         if self._rotation_cache is not None and self._rotation_cache[0] == key:
