@@ -100,7 +100,12 @@ def _hf_models(size: str, quick: bool):
     for label, model, inputs, seq in (
         ("transformers ViT", vit, vit_in, (image // patch) ** 2 + 1),
         ("transformers BERT, padded", bert, {"input_ids": ids, "attention_mask": mask}, L),
-        ("transformers BERT, unpadded", bert, {"input_ids": ids}, L),
+        (
+            "transformers BERT, no padding",
+            bert,
+            {"input_ids": ids, "attention_mask": torch.ones_like(mask)},
+            L,
+        ),
     ):
         sdpa = model.eval()
         sdpa.set_attn_implementation("sdpa")
@@ -201,6 +206,19 @@ def run(quick: bool = False, reps: int = 0) -> List[dict]:
     return out
 
 
+def isa() -> str:
+    """The vector extensions the CPU reports (what the kernels and oneDNN can use)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return "unknown"
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return " ".join(w for w in wanted if w in flags) or "none of " + ", ".join(wanted)
+
+
 def _tensor(result) -> torch.Tensor:
     if isinstance(result, torch.Tensor):
         return result
@@ -229,8 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=0, help="timed rounds (default 9, quick 5)")
     args = ap.parse_args(argv)
     info = machine_info()
-    print(f"machine: {info['cpu']} ({info['cores']} cores, torch threads {THREADS})")
-    print(f"torch {info['torch']}, {info['date']}")
+    print(f"machine: {info['cpu']} ({info['cores']} cores, torch threads {THREADS}), ISA {isa()}")
+    print(f"torch {info['torch']}, {info['date']}, load average {os.getloadavg()}")
     rows = run(quick=args.quick, reps=args.reps)
     print(format_table(rows, COLUMNS))
     path = save_rows("model_bench" + ("-quick" if args.quick else ""), rows)

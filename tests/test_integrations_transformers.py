@@ -174,9 +174,18 @@ def test_padding_only_mask_is_a_broadcast_view():
     from transformers.masking_utils import bidirectional_mask_function
 
     pad = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    m = rq_hf.mask_function(2, 4, 4, mask_function=bidirectional_mask_function, attention_mask=pad)
-    assert m.shape == (2, 1, 1, 4) and m.dtype == torch.bool
-    assert torch.equal(m[:, 0, 0], pad.bool())
+    for skip in (False, True):
+        m = rq_hf.mask_function(
+            2, 4, 4, mask_function=bidirectional_mask_function, attention_mask=pad,
+            allow_is_bidirectional_skip=skip,
+        )  # fmt: skip
+        assert m.shape == (2, 1, 1, 4) and m.dtype == torch.bool
+        assert torch.equal(m[:, 0, 0], pad.bool())
+    # no padding at all: no mask where transformers' sdpa builder gives none
+    ones = torch.ones(2, 4, dtype=torch.long)
+    kw = dict(mask_function=bidirectional_mask_function, attention_mask=ones)
+    assert rq_hf.mask_function(2, 4, 4, allow_is_bidirectional_skip=True, **kw) is None
+    assert rq_hf.mask_function(2, 4, 4, **kw).all()
 
 
 @pytest.mark.parametrize("name", ["vit", "bert", "llama"])

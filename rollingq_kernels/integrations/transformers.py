@@ -149,11 +149,12 @@ def mask_function(
         and attention_mask.dim() == 2
         and local_size is None
         and not use_vmap
-        and not allow_is_bidirectional_skip
     ):
         # padding only: one row of the mask serves every query row, read through stride 0
         pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         pad = pad[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+        if allow_is_bidirectional_skip and mu._ignore_bidirectional_mask_sdpa(pad, kv_length):
+            return None  # no padding at all: no mask (as "sdpa" decides it)
         return pad[:, None, None, :]
     return mu.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
