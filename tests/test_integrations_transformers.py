@@ -261,10 +261,16 @@ def _step(model, inputs, name, seed):
     return out.detach(), grads
 
 
+def _dropout_config(name, p):
+    if name == "llama":
+        return dict(attention_dropout=p)
+    return dict(attention_probs_dropout_prob=p, hidden_dropout_prob=0.0)
+
+
 @pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("name", ["vit", "bert"])
+@pytest.mark.parametrize("name", ["vit", "bert", "llama"])
 def test_training_step_matches_sdpa_without_dropout(name, state):
-    over = dict(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    over = _dropout_config(name, 0.0)
     sdpa, ours = _pair(name, seed=11, **over)
     inputs = _inputs(name, seed=12)
     with _state(state):
@@ -286,9 +292,9 @@ def test_training_step_matches_sdpa_without_dropout(name, state):
 
 
 @pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("name", ["vit", "bert"])
+@pytest.mark.parametrize("name", ["vit", "bert", "llama"])
 def test_training_with_attention_dropout(name, state):
-    over = dict(attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.0)
+    over = _dropout_config(name, 0.2)
     sdpa, ours = _pair(name, seed=13, **over)
     inputs = _inputs(name, seed=14)
     with _state(state):
