@@ -18,6 +18,7 @@ from torch import nn
 from ._stats import AttentionStats, accumulation_dtype
 from .api import rolling_attention
 from .dropout import dropout_keep_mask, new_rng_state
+from .rollingq_math import compose_rotations
 
 __all__ = ["RollingQStats", "RollingQAttention"]
 
@@ -303,8 +304,9 @@ class RollingQAttention(nn.Module):
             raise ValueError(
                 f"new_rotation must have shape ({E}, {E}); got {tuple(new_rotation.shape)}"
             )
-        composed = new_rotation.to(torch.float64) @ self.rotation.to(torch.float64)
-        self.rotation.copy_(composed.to(device=self.rotation.device, dtype=self.rotation.dtype))
+        # re-orthonormalised: a plain product drifts from orthogonality with every composition
+        composed = compose_rotations(new_rotation.to(self.rotation), self.rotation)
+        self.rotation.copy_(composed)
         self.num_rotations += 1
 
     @torch.no_grad()

@@ -345,3 +345,20 @@ def test_shared_head_attention_gradcheck_and_huge_padded_tokens():
     dx_ref = torch.cat([x0.grad, x1.grad], 1)
     assert_close(dx_big[keep], dx_ref[keep], rel=1e-12, name="dx")
     assert_close(a.grad, a_ref.grad, rel=1e-12, name="da")
+
+
+def test_module_rotation_stays_orthogonal_over_many_compositions():
+    # RollingQAttention.compose_rotation re-orthonormalises like the controller: a plain product
+    # of 1000 float64 rotations drifts from orthogonality by about 1e-13
+    mod = RollingQAttention(8, 2).double()
+    g = torch.Generator().manual_seed(3)
+    plain = torch.eye(8, dtype=torch.float64)
+    for _ in range(1000):
+        step = random_orthogonal(8, dtype=torch.float64, generator=g)
+        mod.compose_rotation(step)
+        plain = step @ plain
+    eye = torch.eye(8, dtype=torch.float64)
+    drift = (mod.rotation.T @ mod.rotation - eye).abs().max().item()
+    assert drift < 2e-15, drift
+    assert (plain.T @ plain - eye).abs().max().item() > drift
+    torch.testing.assert_close(mod.rotation, plain, rtol=0, atol=1e-12)
