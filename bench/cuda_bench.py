@@ -2,14 +2,16 @@
 
 ``run()`` returns one row per (head dim, implementation): bf16 forward, non-causal, B4 H16 L4096:
 torch SDPA restricted to its flash backend; the fused kernel alone (no rotation, no statistics);
-and the fused kernel as RollingQ calls it (the [CLS] row rotated, statistics over 2 modalities).
+and the fused kernel as RollingQ calls it (the [CLS] row rotated, statistics over 2 modalities);
+then forward + backward (gradients of q, k, v) of SDPA flash and of the fused op.
 All on the same inputs in the same process. Each time is the median (with 20th / 80th
 percentiles) of several CUDA-event-timed batches of back-to-back calls after warm-up, divided by
 the batch size, so that the Python dispatch of one call does not land on the kernel's time.
 Every timed output is checked: the output against SDPA's math backend in float32 (max abs
 error, reported), and for the statistics call the lse and per-modality mass of a slice of rows
 against a direct computation. TFLOP/s uses the forward FLOP count 4 * B * H * Lq * Lk * D.
-``python -m bench.cuda_bench`` prints the table (about 10 s on an H200).
+Forward + backward rows use 3.5x the forward FLOPs and report the largest gradient difference
+from SDPA flash's. ``python -m bench.cuda_bench`` prints the table (about 15 s on an H200).
 """
 
 from __future__ import annotations
@@ -143,6 +145,50 @@ def _bench_head_dim(D: int, B: int, H: int, L: int, meta: dict) -> List[Dict[str
     return rows
 
 
+def _bench_fwd_bwd(D: int, B: int, H: int, L: int, meta: dict) -> List[Dict[str, object]]:
+    """Forward + backward (the gradients of q, k, v for a random dout): SDPA flash against the
+    fused op through its autograd formula; the gradients compared with SDPA flash's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rollingq_kernels import cuda_attention
+    from rollingq_kernels.api import make_problem
+
+    q, k, v = (t.detach().requires_grad_(True) for t in _inputs(D, B, H, L)[:3])
+    dout = torch.randn_like(q)
+    plain = make_problem(q, k, v)
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    def fused():
+        out, _ = cuda_attention.forward(plain)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    timed = {"sdpa_flash": _time_ms(flash, calls=5), "cuda_fused": _time_ms(fused, calls=5)}
+    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(fused(), flash()))
+    flops = 3.5 * FLOPS_FWD(B, H, L, L, D)  # backward = 2.5 forwards
+    base = _pct(timed["sdpa_flash"], 0.5)
+    rows = []
+    for impl, t in timed.items():
+        med = _pct(t, 0.5)
+        rows.append(
+            {
+                "case": f"fwd+bwd bf16 B{B} H{H} L{L} D{D}",
+                "impl": impl,
+                "ms": round(med, 4),
+                "p20_ms": round(_pct(t, 0.2), 4),
+                "p80_ms": round(_pct(t, 0.8), 4),
+                "tflops": round(flops / (med * 1e-3) / 1e12, 2),
+                "vs_sdpa_flash": round(med / base, 3),
+                "max_err": round(err if impl == "cuda_fused" else 0.0, 5),
+                **meta,
+            }
+        )
+    return rows
+
+
 def run(
     head_dims=(64, 128), batch: int = 4, heads: int = 16, seqlen: int = 4096
 ) -> List[Dict[str, object]]:
@@ -159,6 +205,8 @@ def run(
     rows: List[Dict[str, object]] = []
     for D in head_dims:
         rows += _bench_head_dim(D, batch, heads, seqlen, meta)
+    for D in head_dims:
+        rows += _bench_fwd_bwd(D, batch, heads, seqlen, meta)
     return rows
 
 
