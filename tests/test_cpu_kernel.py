@@ -6,8 +6,14 @@ kernel allocates poisoned with NaN so that an element it forgets to write fails.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     assert_close,
     check_against_reference,
@@ -21,10 +27,112 @@ from helpers import (
 from rollingq_kernels import fused_op, rolling_attention, rolling_attention_reference
 from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import select_backend
+from rollingq_kernels.reference import apply_rotation
 
 pytestmark = pytest.mark.skipif(
     fused_op.load_error() is not None, reason=str(fused_op.load_error())
 )
+
+
+# ---- kernel variants --------------------------------------------------------------------------
+# The library carries the kernels compiled for several instruction sets and picks the best the
+# CPU runs. Every variant this machine can run is tested: the `isa` fixture switches the loaded
+# library to it (C functions of csrc/cpu/dispatch.cpp, through ctypes).
+
+
+def _cpu_library():
+    if fused_op.load_error() is not None:
+        return None
+    lib = ctypes.CDLL(fused_op.library_path())
+    lib.rollingq_cpu_isa.restype = ctypes.c_char_p
+    lib.rollingq_cpu_isas.restype = ctypes.c_char_p
+    lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+_LIB = _cpu_library()
+ISAS = _LIB.rollingq_cpu_isas().decode().split(",") if _LIB is not None else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = _LIB.rollingq_cpu_isa()
+    assert _LIB.rollingq_cpu_set_isa(request.param.encode()) == 0
+    yield request.param
+    assert _LIB.rollingq_cpu_set_isa(previous) == 0
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_variants_cover_what_the_cpu_offers():
+    flags = _cpu_flags()
+    assert ISAS[-1] == "generic"
+    if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
+        assert "avx2" in ISAS
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags:
+        assert "avx512" in ISAS
+    # the best runnable variant is the default (ISAS is ordered best first)
+    assert subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA=None), check=True,
+    ).stdout.split()[0] == ISAS[0]  # fmt: skip
+
+
+# Run in a fresh process: one small call, then print the variant used and the error vs the
+# float64 reference.
+_ENV_PROBE = """
+import ctypes, torch
+import rollingq_kernels as rk
+from rollingq_kernels import fused_op
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 3, 37, 24, generator=g) for _ in range(3))
+out = rk.rolling_attention(q, k, v, backend="cpu", is_causal=True)
+ref = rk.rolling_attention_reference(q.double(), k.double(), v.double(), is_causal=True)
+lib = ctypes.CDLL(fused_op.library_path())
+lib.rollingq_cpu_isa.restype = ctypes.c_char_p
+print(lib.rollingq_cpu_isa().decode(), (out.double() - ref).abs().max().item())
+"""
+
+
+def _env(**overrides):
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_environment_variable_selects_the_variant(name):
+    res = subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA=name), check=True,
+    )  # fmt: skip
+    used, err = res.stdout.split()
+    assert used == name
+    assert float(err) < 1e-5
+
+
+def test_environment_variable_naming_an_unknown_variant_is_an_error():
+    res = subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA="sse9"),
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "ROLLINGQ_CPU_ISA=sse9 is not a kernel variant" in res.stderr
+    assert _LIB.rollingq_cpu_set_isa(b"sse9") == -1
+
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -65,7 +173,7 @@ def _run(case, **extra):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
-def test_forward_matches_reference(name, kw, dtype):
+def test_forward_matches_reference(name, kw, dtype, isa):
     case = make_case(dtype=dtype, seed=hash(name) % 1000, **kw)
     out, stats = _run(case)
     assert out.dtype == dtype and out.shape == case.q.shape[:3] + case.v.shape[3:]
@@ -81,7 +189,7 @@ def test_forward_matches_reference(name, kw, dtype):
     ],
     ids=["cls_two_segments", "mixed_run_counts"],
 )
-def test_forward_with_segment_modalities(lengths, counted, dtype):
+def test_forward_with_segment_modalities(lengths, counted, dtype, isa):
     # Contiguous modality segments take the kernel's per-run path for the mass, blocks with many
     # runs the per-modality dot products; both must match the reference.
     from rollingq_kernels import key_modality_from_lengths
@@ -107,7 +215,7 @@ def test_without_stats_returns_the_same_output(dtype):
     check_against_reference(case, out, None, dtype=dtype)
 
 
-def test_empty_rows_are_zero_with_minus_inf_lse():
+def test_empty_rows_are_zero_with_minus_inf_lse(isa):
     case = make_case(dtype=torch.float32, B=2, Lq=9, padding=True, modalities=2, seed=5)
     out, stats = _run(case)
     # make_case pads every key of sample 0
@@ -118,7 +226,7 @@ def test_empty_rows_are_zero_with_minus_inf_lse():
 
 
 @pytest.mark.parametrize("Lq,Lk", [(0, 5), (4, 0), (0, 0)])
-def test_op_on_empty_sequences(Lq, Lk):
+def test_op_on_empty_sequences(Lq, Lk, isa):
     # The API answers empty problems with the reference; the op itself must still be right.
     g = torch.Generator().manual_seed(31)
     q = torch.randn(2, 3, Lq, 8, generator=g)
@@ -197,21 +305,144 @@ def test_transposed_layout_is_read_in_place():
 # ---- threads --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_one_and_two_threads_agree(dtype):
-    case = make_case(
-        dtype=dtype, B=2, H=3, Lq=300, D=40, rotation="per_head", modalities=2, padding=True,
-        causal=True, seed=7,
-    )  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(B=2, H=3, Lq=300, D=40, rotation="per_head", modalities=2, padding=True, causal=True),
+        # one head: the backward splits the keys into chunks and sums their dq in a second phase
+        dict(B=1, H=1, Lq=70, Lk=700, D=24, rotation="shared", rows="subset", modalities=2),
+    ],
+    ids=["many_heads", "one_head_key_chunks"],
+)
+def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
+    # Tasks are cut by shape only and every element is reduced in a fixed order inside one task:
+    # outputs, statistics and gradients must be bitwise the same for any thread count.
+    case = make_case(dtype=dtype, seed=7, **kw)
     case.requires_grad_()
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         out, stats = rolling_attention(case.q, case.k, case.v, backend="cpu", **case.kwargs)
         grads = torch.autograd.grad(out, (case.q, case.k, case.v), torch.ones_like(out))
         results.append((out, *stats, *grads))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    names = ("out", *stats._fields, "dq", "dk", "dv")
+    for other in results[1:]:
+        for name, a, b in zip(names, results[0], other):
+            assert torch.equal(a, b), f"{name} differs between thread counts"
+
+
+# ---- NaN and infinity -------------------------------------------------------------------------
+# A NaN anywhere in a row's visible scores, or a +inf score (inf - inf in the softmax), gives
+# that row NaN output, lse and mass, as in torch's SDPA; rows that do not see the NaN are exact,
+# and a row that sees no key at all still gives zeros. Hidden positions (causal) are replaced by
+# -inf, never added to, so a NaN there is ignored in the forward. Positions are chosen in the
+# middle and at the ends of key blocks: the answer must not depend on where a key falls.
+
+NAN = float("nan")
+NAN_CASES = ["q_row", "k_first", "k_mid_block", "k_last", "v_key0", "inf_score"]
+
+
+def _poisoned(dtype, where, causal):
+    case = make_case(
+        dtype=dtype, B=2, H=3, Lq=77, Lk=300, D=24, rotation="shared", rows="subset",
+        modalities=2, causal=causal, seed=41,
+    )  # fmt: skip
+    q, k, v = (t.clone() for t in (case.q, case.k, case.v))
+    if where == "q_row":
+        q[1, 2, 5, 3] = NAN
+    elif where == "k_first":
+        k[0, 1, 0, 7] = NAN
+    elif where == "k_mid_block":
+        k[1, 0, 37, 2] = NAN
+    elif where == "k_last":  # causal: no row sees it
+        k[0, 0, -1, 0] = NAN
+    elif where == "v_key0":  # key 0 is visible from every row
+        v[1, 1, 0, 4] = NAN
+    elif where == "inf_score":  # the scaled scores overflow to +-inf
+        case.kwargs["scale"] = 1e38
+    case.q, case.k, case.v = q, k, v
+    return case
+
+
+def _sdpa_in_kernel_precision(case, dtype, grad=None):
+    """torch's SDPA on the rotated queries, in the kernel's accumulation dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = (
+        t.detach().to(acc).requires_grad_(grad is not None) for t in (case.q, case.k, case.v)
+    )
+    kw = case.kwargs
+    qr = apply_rotation(q, kw["rotation"].to(acc), kw.get("rotated_queries"))
+    out = F.scaled_dot_product_attention(qr, k, v, is_causal=kw["is_causal"], scale=kw.get("scale"))
+    scores = (qr @ k.transpose(-1, -2)) * (kw.get("scale") or q.shape[-1] ** -0.5)
+    if kw["is_causal"]:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    bad_rows = scores.isnan().any(-1) | (scores == float("inf")).any(-1)
+    grads = torch.autograd.grad(out, (q, k, v), grad.to(acc)) if grad is not None else None
+    return out.detach(), bad_rows.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_nan_and_inf_propagate_like_sdpa(where, causal, dtype, isa):
+    case = _poisoned(dtype, where, causal)
+    want, bad_rows, _ = _sdpa_in_kernel_precision(case, dtype)
+    # a key no row sees poisons nothing; float64 scores do not overflow at scale 1e38
+    harmless = (where == "k_last" and causal) or (where == "inf_score" and dtype == torch.float64)
+    assert bool(want.isnan().any()) != harmless
+    out, stats = _run(case)
+    assert torch.equal(out.isnan(), want.isnan()), (
+        f"NaN at {torch.nonzero(out.isnan() != want.isnan())[:5].tolist()} differs from SDPA"
+    )
+    assert torch.equal(stats.lse.isnan(), bad_rows)
+    assert torch.equal(
+        stats.modality_mass.isnan(), bad_rows[..., None].expand_as(stats.modality_mass)
+    )
+    # everything else matches SDPA computed in the same precision (at scale 1e38 the float64
+    # reference does not overflow where float32 does), and the lse the float64 reference
+    keep = ~want.isnan()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert_close(out[keep], want[keep], rel=tol, name="out")
+    if where != "inf_score":
+        rows = ~bad_rows
+        assert_close(
+            stats.lse[rows], reference(case)[1].lse[rows], rel=STATS_REL[dtype], name="lse"
+        )
+
+
+STATS_REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_nan_and_inf_reach_the_gradients_sdpa_reaches(where, dtype, isa):
+    # Without masks every key takes part, so the NaN pattern of the gradients is fixed by the
+    # maths alone (with masks, a NaN can also reach a gradient through 0 * NaN at a hidden
+    # position, and where it does depends on the block size, in SDPA as here).
+    case = _poisoned(dtype, where, causal=False)
+    g = torch.randn(case.q.shape[:3] + case.v.shape[3:], dtype=torch.float64)
+    _, _, want = _sdpa_in_kernel_precision(case, dtype, grad=g)
+    assert any(w.isnan().any() for w in want)
+    inputs = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    with nan_poisoned_outputs():
+        out, _ = rolling_attention(*inputs, backend="cpu", **case.kwargs)
+        got = torch.autograd.grad(out, inputs, g.to(dtype))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(a.isnan(), b.isnan()), (
+            f"{name}: NaN at {torch.nonzero(a.isnan() != b.isnan())[:5].tolist()} differs from SDPA"
+        )
+
+
+def test_nan_query_of_a_row_that_sees_no_key_still_gives_zeros(isa):
+    case = make_case(dtype=torch.float32, B=2, Lq=9, padding=True, modalities=2, seed=5)
+    case.q[0, 1, 4, 2] = NAN  # sample 0 sees no key at all (make_case pads all of it)
+    out, stats = _run(case)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(stats.lse[0], torch.full_like(stats.lse[0], float("-inf")))
+    assert torch.equal(stats.modality_mass[0], torch.zeros_like(stats.modality_mass[0]))
+    check_against_reference(case, out, stats, dtype=torch.float32)
 
 
 # ---- gradients ------------------------------------------------------------------------------
@@ -230,7 +461,7 @@ def _op_out(q, k, v, rotation, rows, ids, M, pad, causal, scale):
     ],
     ids=["rot_rows_pad_causal", "lq_lt_lk_pad", "lq_gt_lk_causal"],
 )
-def test_gradcheck_float64(kw):
+def test_gradcheck_float64(kw, isa):
     kw = {"B": 2, "H": 2, "Lq": 5, "D": 4, **kw}
     case = make_case(dtype=torch.float64, seed=13, **kw)
     problem = make_problem(case.q, case.k, case.v, **case.kwargs)
@@ -258,7 +489,7 @@ def test_gradcheck_float64(kw):
     ],
     ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided"],
 )
-def test_backward_matches_reference_autograd(kw, dtype):
+def test_backward_matches_reference_autograd(kw, dtype, isa):
     case = make_case(dtype=dtype, seed=17, modalities=2, **kw)
     g = torch.randn(case.q.shape[:3] + case.v.shape[3:], dtype=torch.float64)
 

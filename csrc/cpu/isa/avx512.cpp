@@ -1,0 +1,19 @@
+// The AVX-512 kernel variants (x86-64-v4 plus AVX512_BF16), 64-byte vectors: "avx512" multiplies
+// bfloat16 with the bf16 dot-product instructions, "amx" with the AMX tile unit where the CPU
+// and the operating system provide it. float32 / float64 run the same code in both.
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
+    !defined(__AVX512DQ__) || !defined(__AVX512BF16__) || !defined(__AMX_TILE__) ||   \
+    !defined(__AMX_BF16__)
+#error "csrc/cpu/isa/avx512.cpp needs the avx512 flags of csrc/build_flags.txt"
+#endif
+#define ROLLINGQ_ISA_NS isa_avx512
+#include "cpu/kernels/table.h"
+
+namespace rollingq {
+namespace cpu {
+namespace isa_avx512 {
+const KernelTable table = ROLLINGQ_TABLE("avx512");
+const KernelTable table_amx = ROLLINGQ_TABLE("amx");
+}
+}  // namespace cpu
+}  // namespace rollingq

@@ -1,0 +1,188 @@
+// Portable SIMD for the kernel variants: GCC/Clang vector extensions, whose width is the widest
+// the variant's compile flags allow (64 bytes with AVX-512, 32 with AVX2, 16 otherwise: SSE2 on
+// x86-64, NEON on aarch64). The compiler maps +, -, *, comparisons and selects to native
+// instructions, and contracts a * b + c to an FMA where the target has one (-ffp-contract=fast).
+//
+// Included only by csrc/cpu/isa/*.cpp, inside that variant's namespace and an anonymous
+// namespace: every function here has internal linkage in each variant.
+//
+// NaN rules (the kernels must propagate NaN exactly where torch's SDPA does):
+//  * vmax(a, b) = a > b ? a : b, which is the x86 max instruction: it returns b when either is
+//    NaN. Row maxima may therefore skip a NaN score; the kernels never rely on the maximum to
+//    carry NaN, they let exp2v() carry it into the row sum instead.
+//  * exp2v(NaN) = NaN, exp2v(-inf) = 0, exp2v(+inf) = +inf.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "cpu/kernels/namespace.h"
+
+ROLLINGQ_KERNELS_BEGIN
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename A>
+struct VT;
+
+template <>
+struct VT<float> {
+  typedef float v __attribute__((vector_size(kVecBytes)));
+  typedef float vu __attribute__((vector_size(kVecBytes), aligned(4)));
+  typedef int32_t vi __attribute__((vector_size(kVecBytes)));
+  typedef uint32_t vui __attribute__((vector_size(kVecBytes)));
+  typedef uint16_t vh __attribute__((vector_size(kVecBytes / 2)));
+  typedef uint16_t vhu __attribute__((vector_size(kVecBytes / 2), aligned(2)));
+  static constexpr int W = kVecBytes / 4;
+};
+
+template <>
+struct VT<double> {
+  typedef double v __attribute__((vector_size(kVecBytes)));
+  typedef double vu __attribute__((vector_size(kVecBytes), aligned(8)));
+  typedef int64_t vi __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / 8;
+};
+
+template <typename A>
+using vec_t = typename VT<A>::v;
+
+template <typename A>
+inline vec_t<A> vload(const A* p) {
+  return *reinterpret_cast<const typename VT<A>::vu*>(p);
+}
+template <typename A>
+inline void vstore(A* p, vec_t<A> x) {
+  *reinterpret_cast<typename VT<A>::vu*>(p) = x;
+}
+// x - 0 == x for every x (signed zeros and NaN included), so this folds to a broadcast.
+template <typename A>
+inline vec_t<A> vbcast(A x) {
+  return x - vec_t<A>{};
+}
+template <typename A>
+inline vec_t<A> vmax(vec_t<A> a, vec_t<A> b) {
+  return a > b ? a : b;
+}
+template <typename A>
+inline vec_t<A> viota() {
+  vec_t<A> r;
+  for (int l = 0; l < VT<A>::W; ++l) r[l] = A(l);
+  return r;
+}
+template <typename A>
+inline A hsum(vec_t<A> x) {
+  A s = 0;
+  for (int l = 0; l < VT<A>::W; ++l) s += x[l];
+  return s;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^t, relative error 1e-7 (float). Range reduction t = n + r, |r| <= 1/2, polynomial for 2^r
+// (fitted on [-1/2, 1/2]), 2^n put into the exponent bits. t below -126 gives 0 (the result
+// would be subnormal), NaN stays NaN (every comparison below is false for NaN, so the selects
+// keep it, and NaN * anything is NaN).
+inline VT<float>::v exp2v(VT<float>::v t) {
+  using V = VT<float>::v;
+  const V lo = vbcast(-127.0f), hi = vbcast(128.0f);
+  const V tc = t < lo ? lo : (t > hi ? hi : t);
+  const V n = (tc + 12582912.0f) - 12582912.0f;  // round to nearest (|tc| < 2^22)
+  const V r = tc - n;
+  V p = vbcast(1.5394060756079853e-4f);
+  p = p * r + 1.3408145168796182e-3f;
+  p = p * r + 9.618324227631092e-3f;
+  p = p * r + 5.550302192568779e-2f;
+  p = p * r + 2.4022647738456726e-1f;
+  p = p * r + 6.931472420692444e-1f;
+  p = p * r + 1.0f;
+  const VT<float>::vi e = (__builtin_convertvector(n, VT<float>::vi) + 127) << 23;
+  const V res = p * (V)e;  // 2^128 encodes +inf
+  return t < lo ? V{} : res;
+}
+
+// double: lane by lane through the C library (float64 is the precision reference, not a fast
+// path).
+inline VT<double>::v exp2v(VT<double>::v t) {
+  VT<double>::v r;
+  for (int l = 0; l < VT<double>::W; ++l) r[l] = __builtin_exp2(t[l]);
+  return r;
+}
+
+template <typename A>
+constexpr A log2e() {
+  return A(1.4426950408889634073599246810019);
+}
+
+// ---- bfloat16 storage (the upper 16 bits of a float) ----------------------------------------
+
+struct bf16 {
+  uint16_t x;
+};
+
+inline float bf16_to_float(bf16 h) {
+  const uint32_t u = uint32_t(h.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline bf16 float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{uint16_t(u >> 16)};
+}
+
+template <typename A, typename T>
+inline A to_acc(T x) {
+  return static_cast<A>(x);
+}
+template <>
+inline float to_acc<float, bf16>(bf16 x) {
+  return bf16_to_float(x);
+}
+template <typename T, typename A>
+inline T from_acc(A x) {
+  return static_cast<T>(x);
+}
+template <>
+inline bf16 from_acc<bf16, float>(float x) {
+  return float_to_bf16(x);
+}
+
+// dst[0..n) = src[0..n) converted
+template <typename A, typename T>
+inline void load_row(A* dst, const T* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_acc<A>(src[j]);
+}
+template <typename T, typename A>
+inline void store_row(T* dst, const A* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = from_acc<T>(src[j]);
+}
+
+template <typename X>
+inline X imin(X a, X b) {
+  return a < b ? a : b;
+}
+template <typename X>
+inline X imax(X a, X b) {
+  return a < b ? b : a;
+}
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+inline int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
+
+ROLLINGQ_KERNELS_END
