@@ -6,6 +6,9 @@
     !defined(__AMX_BF16__)
 #error "csrc/cpu/isa/avx512.cpp needs the avx512 flags of csrc/build_flags.txt"
 #endif
+// GCC 12 reports the deliberately undefined operands inside its own AVX-512 intrinsics headers
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define ROLLINGQ_ISA_NS isa_avx512
 #include "cpu/kernels/table.h"
 

@@ -1,13 +1,14 @@
 // Fused RollingQ attention, forward and backward, with float arithmetic on vec.h / gemm.h.
 // Runs float32 and float64 inputs in their own precision and bfloat16 inputs in float32 (the
-// path for CPUs without bf16 dot products; bf16_engine.h is the one with them).
+// path for CPUs without bf16 dot products).
 //
-// Layout: everything is computed transposed, keys along rows and the queries of a tile along
-// SIMD lanes. The scores of a key block are S^T = scale * K Q^T (K read in place, Q^T packed
-// once per query tile with the rotation applied; the scale multiplies the finished dot products,
-// as in torch's SDPA, so that overflow to infinity happens where it happens there), so the softmax statistics of a
-// query (running max, row sum, modality mass) are per-lane vectors and need no horizontal
-// reduction, and the output accumulates as O^T = V^T P^T (V read in place). Memory is O(tile).
+// Layout: the queries of a tile lie along SIMD lanes. The scores of a key block are computed
+// transposed, S^T = scale * K Q^T (keys along rows; K read in place, Q^T packed once per query
+// tile with the rotation applied; the scale multiplies the finished dot products, as in torch's
+// SDPA, so that overflow to infinity happens where it happens there). The softmax statistics of
+// a query (running max, row sum, modality mass) are then per-lane vectors that need no
+// horizontal reduction. Every other product reads its B operand by rows: O = P V takes V's rows
+// in place, the backward's dQ = dS K takes K's rows. Memory is O(tile).
 //
 // Forward task = (batch, head, query tile). Backward task = (batch, head, key chunk): it owns
 // dK and dV of its keys, so no two tasks write the same element; with several chunks per head
@@ -19,17 +20,9 @@
 #include "cpu/isa.h"
 #include "cpu/kernels/namespace.h"
 #include "cpu/kernels/gemm.h"
+#include "cpu/kernels/transpose.h"
 
 ROLLINGQ_KERNELS_BEGIN
-
-template <typename X, typename Y>
-struct same_type {
-  static constexpr bool value = false;
-};
-template <typename X>
-struct same_type<X, X> {
-  static constexpr bool value = true;
-};
 
 inline float alog(float x) { return __builtin_logf(x); }
 inline double alog(double x) { return __builtin_log(x); }
@@ -58,6 +51,11 @@ inline const T* ptr(const void* p) {
   return static_cast<const T*>(p);
 }
 
+template <typename A>
+inline void fill(A* x, int64_t n, A value) {
+  for (int64_t i = 0; i < n; ++i) x[i] = value;
+}
+
 // ---- pieces shared by forward and backward ---------------------------------------------------
 
 // Per-modality key sums of one (batch, head) over non-padded keys; the key counts of the batch
@@ -70,10 +68,9 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   const int32_t* ids = p.key_modality + b * Lk;
   const bool* pad = p.key_padding ? p.key_padding + b * Lk : nullptr;
   A* ks = static_cast<A*>(p.key_sum) + (b * p.heads + h) * M * D;
-  for (int64_t i = 0; i < M * D; ++i) ks[i] = A(0);
+  fill(ks, M * D, A(0));
   A* kc = static_cast<A*>(p.key_count) + b * M;
-  if (count)
-    for (int m = 0; m < M; ++m) kc[m] = A(0);
+  if (count) fill(kc, M, A(0));
   for (int64_t j = 0; j < Lk; ++j) {
     const int32_t id = ids[j];
     if (id < 0 || (pad && !pad[j])) continue;
@@ -84,79 +81,146 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   }
 }
 
-// qT[d][l] = (R q_i)[d] for rotated rows i = i0 + l, q_i[d] otherwise; lanes l >= qn are 0.
-// tmp: D * lanes.
+// The query tile i0 .. i0 + qn of one (batch, head), rotated rows R q_i:
+//   qT    [D][lanes]  transposed (lanes >= qn are 0)
+//   qrows [lanes][Dp] by rows, when qrows is not null
+// tmp: 2 * D * lanes.
 template <typename T, typename A>
 void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
-                  int64_t lanes, A* qT, A* tmp) {
+                  int64_t lanes, int64_t Dp, A* qT, A* qrows, A* tmp) {
   constexpr int W = VT<A>::W;
   const int64_t D = p.head_dim;
   const T* q = ptr<T>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
-  for (int64_t i = 0; i < D * lanes; ++i) qT[i] = A(0);
-  for (int64_t l = 0; l < qn; ++l) {
-    const T* row = q + l * p.q_row_stride;
-    for (int64_t d = 0; d < D; ++d) qT[d * lanes + l] = to_acc<A>(row[d]);
+  const A* src;
+  int64_t ss;
+  if (same_type<T, A>::value && qrows == nullptr) {
+    src = reinterpret_cast<const A*>(q);
+    ss = p.q_row_stride;
+  } else {
+    A* rows = qrows != nullptr ? qrows : tmp;  // tmp holds lanes * D as well
+    const int64_t ld = qrows != nullptr ? Dp : D;
+    for (int64_t l = 0; l < qn; ++l) {
+      load_row(rows + l * ld, q + l * p.q_row_stride, D);
+      fill(rows + l * ld + D, ld - D, A(0));
+    }
+    fill(rows + qn * ld, (lanes - qn) * ld, A(0));
+    src = rows;
+    ss = ld;
   }
+  transpose(src, ss, qT, lanes, qn, D);
+  for (int64_t d = 0; d < D; ++d) fill(qT + d * lanes + qn, lanes - qn, A(0));
   if (p.rotation == nullptr) return;
+  // Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone; at D = 768 a
+  // whole tile would cost a fraction of the attention itself): gathered, rotated, put back.
   const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.seqlen_q + i0 : nullptr;
-  bool any = sel == nullptr;
-  for (int64_t l = 0; l < qn && !any; ++l) any = sel[l];
-  if (!any) return;
-  const A* R = ptr<A>(p.rotation) + h * D * D;
-  // (R Q^T)[a][l] = sum_c R[a][c] Q^T[c][l]
-  gemm<A>(D, lanes / W, D, R, D, 1, qT, lanes, tmp, lanes, Acc::kSet);
+  int64_t idx[kQueryTile];
+  int64_t cnt = 0;
   for (int64_t l = 0; l < qn; ++l)
-    if (sel == nullptr || sel[l])
-      for (int64_t d = 0; d < D; ++d) qT[d * lanes + l] = tmp[d * lanes + l];
+    if (sel == nullptr || sel[l]) idx[cnt++] = l;
+  if (cnt == 0) return;
+  const int64_t cw = round_up(cnt, W);
+  A* g = tmp;            // [D][cw] the selected columns of Q^T
+  A* r = tmp + D * cw;   // [D][cw] R times them
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = 0; c < cw; ++c) g[d * cw + c] = c < cnt ? qT[d * lanes + idx[c]] : A(0);
+  const A* R = ptr<A>(p.rotation) + h * D * D;
+  // (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c]
+  gemm<A>(D, cw / W, D, R, D, 1, g, cw, r, cw, Acc::kSet);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = 0; c < cnt; ++c) qT[d * lanes + idx[c]] = r[d * cw + c];
+  if (qrows != nullptr)
+    for (int64_t c = 0; c < cnt; ++c)
+      for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[d * cw + c];
 }
 
-// K and V rows [j0, j0 + kn) of one head in the accumulation type: in place when the input
-// already is, else converted into kbuf / vbuf.
+// Rows of K and V of one head prepared for the products, packed once per head (forward) or per
+// key chunk (backward) and reused by every query tile:
+//   K as broadcast operand (S^T = K Q^T): in place when the input is of type A, else converted;
+//   V (forward) and K (backward dQ = dS K) as vector operand: copied into contiguous rows padded
+//   to the vector width. In place, rows of a (B, L, H, D) layout lie H * D apart, a power of two
+//   that maps a block's rows to a few L1 cache sets.
 template <typename T, typename A>
-struct KeyValueBlock {
-  const A* k;
-  const A* v;
-  int64_t ldk, ldv;
+struct HeadRows {
+  A* kbuf;  // rows x Dp: K converted (T != A) or packed as vector operand
+  A* vbuf;  // rows x Dvp: V converted / packed
+  int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
+  bool k_vectors = false;                // kbuf holds K even when T == A
+
+  // Make rows [j0, j1) available, packing what is missing (rows must be asked in order).
+  void ensure(const AttentionParams& p, const T* k, const T* v, int64_t bh, int64_t j0,
+              int64_t j1, int64_t Dp, int64_t Dvp, bool want_v) {
+    if (key != bh) {
+      key = bh;
+      first = end = j0;
+    }
+    const int64_t D = p.head_dim, Dv = p.value_dim;
+    const bool pack_k = k_vectors || !same_type<T, A>::value;
+    for (int64_t j = end; j < j1; ++j) {
+      if (pack_k) {
+        A* dst = kbuf + (j - first) * Dp;
+        load_row(dst, k + j * p.k_row_stride, D);
+        fill(dst + D, Dp - D, A(0));
+      }
+      if (want_v || !same_type<T, A>::value) {
+        A* dst = vbuf + (j - first) * Dvp;
+        load_row(dst, v + j * p.v_row_stride, Dv);
+        fill(dst + Dv, Dvp - Dv, A(0));
+      }
+    }
+    end = imax(end, j1);
+  }
+  // K of row j as broadcast operand and its row stride
+  const A* kA(const AttentionParams& p, const T* k, int64_t j, int64_t Dp, int64_t* ld) const {
+    if constexpr (same_type<T, A>::value) {
+      *ld = p.k_row_stride;
+      return k + j * p.k_row_stride;
+    } else {
+      *ld = Dp;
+      return kbuf + (j - first) * Dp;
+    }
+  }
+  const A* vA(const AttentionParams& p, const T* v, int64_t j, int64_t Dvp, int64_t* ld) const {
+    if constexpr (same_type<T, A>::value) {
+      *ld = p.v_row_stride;
+      return v + j * p.v_row_stride;
+    } else {
+      *ld = Dvp;
+      return vbuf + (j - first) * Dvp;
+    }
+  }
+  const A* kB(int64_t j, int64_t Dp) const { return kbuf + (j - first) * Dp; }
+  const A* vB(int64_t j, int64_t Dvp) const { return vbuf + (j - first) * Dvp; }
 };
 
-template <typename T, typename A>
-KeyValueBlock<T, A> key_value_block(const AttentionParams& p, const T* k, const T* v, int64_t j0,
-                                    int64_t kn, A* kbuf, A* vbuf) {
-  if constexpr (same_type<T, A>::value) {
-    return {k + j0 * p.k_row_stride, v + j0 * p.v_row_stride, p.k_row_stride, p.v_row_stride};
-  } else {
-    const int64_t D = p.head_dim, Dv = p.value_dim;
-    for (int64_t j = 0; j < kn; ++j) {
-      load_row(kbuf + j * D, k + (j0 + j) * p.k_row_stride, D);
-      load_row(vbuf + j * Dv, v + (j0 + j) * p.v_row_stride, Dv);
-    }
-    return {kbuf, vbuf, D, Dv};
-  }
-}
+// Products over a key block in slices of kSliceKeys keys, so that the slice of both operands
+// stays in L1 while it is reused by every row block of C.
+constexpr int64_t kSliceKeys = 64;
 
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename A>
 struct FwdWork {
-  A *qT, *tmp, *S, *OT, *m, *l, *alpha, *mass, *kbuf, *vbuf;
+  A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf;
 };
 
 template <typename T, typename A>
 FwdWork<A> carve_fwd(char* base, const AttentionParams& p, size_t* bytes) {
-  const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kKeyBlock;
-  const bool convert = !same_type<T, A>::value;
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim, QT = kQueryTile, KB = kKeyBlock;
+  const int64_t Dp = round_up(D, W), Dvp = round_up(p.value_dim, W);
   Carve c{base};
   FwdWork<A> w;
   w.qT = c.take<A>(D * QT);
-  w.tmp = c.take<A>(D * QT);
+  w.tmp = c.take<A>(2 * D * QT);
   w.S = c.take<A>(KB * QT);
-  w.OT = c.take<A>(Dv * QT);
+  w.O = c.take<A>(QT * Dvp);
   w.m = c.take<A>(QT);
   w.l = c.take<A>(QT);
   w.alpha = c.take<A>(QT);
   w.mass = c.take<A>(imax(p.num_modalities, 1) * QT);
-  w.kbuf = c.take<A>(convert ? KB * D : 1);
-  w.vbuf = c.take<A>(convert ? KB * Dv : 1);
+  const int64_t rows = imax<int64_t>(p.seqlen_k, 1);
+  w.kbuf = c.take<A>(same_type<T, A>::value ? 1 : rows * Dp);
+  w.vbuf = c.take<A>(rows * Dvp);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -171,72 +235,126 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
   plan.param[0] = tiles;
 }
 
-// One key block of the online softmax for the query lanes of column vector v: masks, running
-// max, exp, row sums, modality mass. S holds the scaled scores S^T[j][lane] on entry and the
-// probabilities (relative to the new running max) on exit.
-template <typename A>
-inline void softmax_block(const AttentionParams& p, int64_t b, int64_t i0, int64_t j0, int64_t kn,
-                          int64_t lanes, int64_t v, A* S, A* m, A* l, A* alpha, A* mass) {
+// One key block of the online softmax for the query lanes of column vectors v0 .. v0 + G - 1:
+// masks, running max, exp, row sums, modality mass. S holds the scaled scores S^T[j][lane] on
+// entry and the probabilities (relative to the new running max) on exit. G columns at once keep
+// G independent dependency chains in flight.
+template <typename A, int G>
+inline void softmax_cols(const AttentionParams& p, int64_t b, int64_t i0, int64_t j0, int64_t kn,
+                         int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   const A inf = std::numeric_limits<A>::infinity();
   const int M = p.num_modalities;
-  const bool* pad = p.key_padding ? p.key_padding + b * p.seqlen_k : nullptr;
-  const int32_t* ids = M > 0 ? p.key_modality + b * p.seqlen_k : nullptr;
+  const bool* pad = p.key_padding ? p.key_padding + b * p.seqlen_k + j0 : nullptr;
+  const int32_t* ids = M > 0 ? p.key_modality + b * p.seqlen_k + j0 : nullptr;
   // top-left causal: key j visible from query i iff j <= i; needed when the block reaches past
   // the first query of the lanes
-  const bool causal = p.is_causal && j0 + kn - 1 > i0 + v * W;
-  const V qi = viota<A>() + A(i0 + v * W);
+  const bool causal = p.is_causal && j0 + kn - 1 > i0 + v0 * W;
   const V ninf = vbcast(-inf);
-
-  const V m_old = vload(m + v * W);
-  V bm = ninf;
-  for (int64_t j = 0; j < kn; ++j) {
-    if (pad && !pad[j0 + j]) continue;
-    V s = vload(S + j * lanes + v * W);
-    if (causal) s = vbcast(A(j0 + j)) <= qi ? s : ninf;
-    bm = vmax<A>(bm, s);
+  A* S0 = S + v0 * W;
+  V qi[G], bm[G], m_safe[G], run[G], a[G];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    qi[g] = viota<A>() + A(i0 + (v0 + g) * W - j0);  // compared with the key index j in block
+    bm[g] = ninf;
   }
-  const V m_new = vmax<A>(m_old, bm);
-  // a lane that has seen no key yet keeps max -inf: shift it by 0 so exp(-inf) = 0, not NaN
-  const V m_safe = m_new == ninf ? V{} : m_new;
-  // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow
-  const V a = exp2v((m_old - m_safe) * log2e<A>());
-  for (int mm = 0; mm < M; ++mm) vstore(mass + mm * lanes + v * W, vload(mass + mm * lanes + v * W) * a);
-
-  V sum{}, run{};
-  int32_t cur = -1;
   for (int64_t j = 0; j < kn; ++j) {
-    A* sp = S + j * lanes + v * W;
-    if (pad && !pad[j0 + j]) {
-      vstore(sp, V{});
+    if (pad && !pad[j]) continue;
+    const V jv = vbcast(A(j));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      V s = vload(S0 + j * lanes + g * W);
+      if (causal) s = jv <= qi[g] ? s : ninf;
+      bm[g] = vmax<A>(bm[g], s);
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    const V m_old = vload(m + (v0 + g) * W);
+    const V m_new = vmax<A>(m_old, bm[g]);
+    // a lane that has seen no key yet keeps max -inf: shift it by 0 so exp(-inf) = 0, not NaN.
+    // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow.
+    m_safe[g] = m_new == ninf ? V{} : m_new;
+    a[g] = exp2v((m_old - m_safe[g]) * log2e<A>());
+    vstore(m + (v0 + g) * W, m_new);
+    vstore(alpha + (v0 + g) * W, a[g]);
+    vstore(l + (v0 + g) * W, vload(l + (v0 + g) * W) * a[g]);
+    for (int mm = 0; mm < M; ++mm)
+      vstore(mass + mm * lanes + (v0 + g) * W, vload(mass + mm * lanes + (v0 + g) * W) * a[g]);
+    run[g] = V{};
+  }
+  // Keys come in runs of one modality id: the sum of a run goes to the row sum and to its
+  // modality's mass (ids -1 to the row sum only).
+  int32_t cur = -1;
+  auto flush = [&]() {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      A* lp = l + (v0 + g) * W;
+      vstore(lp, vload(lp) + run[g]);
+      if (cur >= 0) {
+        A* mp = mass + cur * lanes + (v0 + g) * W;
+        vstore(mp, vload(mp) + run[g]);
+      }
+      run[g] = V{};
+    }
+  };
+  for (int64_t j = 0; j < kn; ++j) {
+    A* sp = S0 + j * lanes;
+    if (pad && !pad[j]) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) vstore(sp + g * W, V{});
       continue;
     }
-    V s = vload(sp);
-    if (causal) s = vbcast(A(j0 + j)) <= qi ? s : ninf;
-    const V e = exp2v((s - m_safe) * log2e<A>());
-    vstore(sp, e);
-    sum += e;
-    if (M > 0) {
-      const int32_t id = ids[j0 + j];
-      if (id != cur) {
-        if (cur >= 0) vstore(mass + cur * lanes + v * W, vload(mass + cur * lanes + v * W) + run);
-        cur = id;
-        run = V{};
-      }
-      run += e;
+    if (M > 0 && ids[j] != cur) {
+      flush();
+      cur = ids[j];
+    }
+    const V jv = vbcast(A(j));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      V s = vload(sp + g * W);
+      if (causal) s = jv <= qi[g] ? s : ninf;
+      const V e = exp2v((s - m_safe[g]) * log2e<A>());
+      vstore(sp + g * W, e);
+      run[g] += e;
     }
   }
-  if (cur >= 0) vstore(mass + cur * lanes + v * W, vload(mass + cur * lanes + v * W) + run);
-  vstore(l + v * W, vload(l + v * W) * a + sum);
-  vstore(m + v * W, m_new);
-  vstore(alpha + v * W, a);
+  flush();
+}
+
+// Columns per softmax group: as many independent chains as the registers allow.
+constexpr int kSoftmaxGroup = kVecBytes == 64 ? 4 : 2;
+
+template <typename A, int G>
+inline void softmax_tail(int64_t rem, const AttentionParams& p, int64_t b, int64_t i0, int64_t j0,
+                         int64_t kn, int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha,
+                         A* mass) {
+  if constexpr (G > 0) {
+    if (rem == G)
+      softmax_cols<A, G>(p, b, i0, j0, kn, lanes, v0, S, m, l, alpha, mass);
+    else
+      softmax_tail<A, G - 1>(rem, p, b, i0, j0, kn, lanes, v0, S, m, l, alpha, mass);
+  }
+}
+
+template <typename A>
+inline void softmax_block(const AttentionParams& p, int64_t b, int64_t i0, int64_t j0, int64_t kn,
+                          int64_t lanes, A* S, A* m, A* l, A* alpha, A* mass) {
+  const int64_t nv = lanes / VT<A>::W;
+  int64_t v = 0;
+  for (; v + kSoftmaxGroup <= nv; v += kSoftmaxGroup)
+    softmax_cols<A, kSoftmaxGroup>(p, b, i0, j0, kn, lanes, v, S, m, l, alpha, mass);
+  softmax_tail<A, kSoftmaxGroup - 1>(nv - v, p, b, i0, j0, kn, lanes, v, S, m, l, alpha, mass);
 }
 
 template <typename T, typename A>
-void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<A>& w) {
+void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<A>& w,
+                 HeadRows<T, A>& rows) {
+  using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   const int64_t H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim, Dv = p.value_dim;
+  const int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
   const int M = p.num_modalities;
   const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
   if (M > 0 && tile == 0) key_stats<T, A>(p, b, h, h == 0);
@@ -245,26 +363,27 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<
   const int64_t nv = ceil_div(qn, W), lanes = nv * W;
   const A inf = std::numeric_limits<A>::infinity();
 
-  pack_queries<T, A>(p, b, h, i0, qn, lanes, w.qT, w.tmp);
-  for (int64_t i = 0; i < Dv * lanes; ++i) w.OT[i] = A(0);
-  for (int64_t i = 0; i < lanes; ++i) {
-    w.m[i] = -inf;
-    w.l[i] = A(0);
-  }
-  for (int64_t i = 0; i < M * lanes; ++i) w.mass[i] = A(0);
+  pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, nullptr, w.tmp);
+  fill(w.O, qn * Dvp, A(0));
+  fill(w.m, lanes, -inf);
+  fill(w.l, lanes, A(0));
+  fill(w.mass, M * lanes, A(0));
 
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
   const T* v = ptr<T>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
   const int64_t k_end = p.is_causal ? imin(Lk, i0 + qn) : Lk;
   for (int64_t j0 = 0; j0 < k_end; j0 += kKeyBlock) {
     const int64_t kn = imin(kKeyBlock, k_end - j0);
-    const auto kv = key_value_block<T, A>(p, k, v, j0, kn, w.kbuf, w.vbuf);
-    gemm<A>(kn, nv, D, kv.k, kv.ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr,
-            A(p.scale));
-    for (int64_t c = 0; c < nv; ++c)
-      softmax_block<A>(p, b, i0, j0, kn, lanes, c, w.S, w.m, w.l, w.alpha, w.mass);
-    // O^T = O^T * alpha + V^T P^T
-    gemm<A>(Dv, nv, kn, kv.v, 1, kv.ldv, w.S, lanes, w.OT, lanes, Acc::kScaleAdd, w.alpha);
+    rows.ensure(p, k, v, bh, j0, j0 + kn, Dp, Dvp, true);
+    int64_t ldk;
+    const A* kA = rows.kA(p, k, j0, Dp, &ldk);
+    gemm<A>(kn, nv, D, kA, ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
+    softmax_block<A>(p, b, i0, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
+    // O = O * alpha + P V  (P[i][j] = S[j][i])
+    for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
+      gemm<A>(qn, Dvp / W, imin(kSliceKeys, kn - s0), w.S + s0 * lanes, 1, lanes,
+              rows.vB(j0 + s0, Dvp), Dvp, w.O, Dvp, s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd,
+              s0 == 0 ? w.alpha : nullptr);
   }
 
   // epilogue: normalise, write out, lse, mass. A row that saw no key has l = 0: zeros, lse =
@@ -277,8 +396,10 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<
   for (int64_t i = 0; i < qn; ++i) {
     const A L = w.l[i];
     const A inv = L == A(0) ? A(0) : A(1) / L;
-    T* orow = out + i * p.out_row_stride;
-    for (int64_t d = 0; d < Dv; ++d) orow[d] = from_acc<T>(w.OT[d * lanes + i] * inv);
+    A* orow = w.O + i * Dvp;
+    const V vinv = vbcast(inv);
+    for (int64_t d = 0; d < Dvp; d += W) vstore(orow + d, vload(orow + d) * vinv);
+    store_row(out + i * p.out_row_stride, orow, Dv);
     lse[i] = L == A(0) ? -inf : w.m[i] + alog(L);
     for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;
   }
@@ -288,14 +409,15 @@ template <typename T, typename A>
 void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64_t end,
                 void* ws) {
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, nullptr);
-  for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, plan.param[0], w);
+  HeadRows<T, A> rows{w.kbuf, w.vbuf};
+  for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, plan.param[0], w, rows);
 }
 
 // ---- backward --------------------------------------------------------------------------------
 
 template <typename A>
 struct BwdWork {
-  A *qT, *tmp, *qrows, *doT, *dorows, *delta, *lse, *S, *dP, *dQT, *dK, *dV, *kbuf, *vbuf;
+  A *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *dQ, *dK, *dV, *kbuf, *vbuf, *rpad;
 };
 
 struct BwdShape {
@@ -321,24 +443,24 @@ BwdShape bwd_shape(const AttentionBwdParams& p) {
 template <typename T, typename A>
 BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s, size_t* bytes) {
   const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kKeyBlock;
-  const bool convert = !same_type<T, A>::value;
   const int64_t ck = imin(s.chunk, imax<int64_t>(p.seqlen_k, 1));
   Carve c{base};
   BwdWork<A> w;
   w.qT = c.take<A>(D * QT);
-  w.tmp = c.take<A>(D * QT);
+  w.tmp = c.take<A>(2 * imax(D, Dv) * QT);
   w.qrows = c.take<A>(QT * s.Dp);
-  w.doT = c.take<A>(Dv * QT);
   w.dorows = c.take<A>(QT * s.Dvp);
+  w.doT = c.take<A>(Dv * QT);
   w.delta = c.take<A>(QT);
   w.lse = c.take<A>(QT);
   w.S = c.take<A>(KB * QT);
   w.dP = c.take<A>(KB * QT);
-  w.dQT = c.take<A>(D * QT);
+  w.dQ = c.take<A>(QT * s.Dp);
   w.dK = c.take<A>(ck * s.Dp);
   w.dV = c.take<A>(ck * s.Dvp);
-  w.kbuf = c.take<A>(convert ? KB * D : 1);
-  w.vbuf = c.take<A>(convert ? KB * Dv : 1);
+  w.kbuf = c.take<A>(ck * s.Dp);
+  w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
+  w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -351,34 +473,46 @@ void bwd_plan_fp(const AttentionBwdParams& p, Plan& plan) {
                         (p.head_dim + p.value_dim);
   carve_bwd<T, A>(nullptr, p, s, &plan.workspace_bytes);
   plan.shared_bytes =
-      s.nc > 1 ? size_t(p.batch * p.heads * s.nc * s.tiles * p.head_dim * kQueryTile) * sizeof(A)
-               : 0;
+      s.nc > 1 ? size_t(p.batch * p.heads * s.nc * s.tiles * kQueryTile * s.Dp) * sizeof(A) : 0;
   plan.reduce_tasks = s.nc > 1 ? p.batch * p.heads * s.tiles : 0;
 }
 
-// dq rows of one query tile from dQ'^T (D x lanes, unscaled): dq = scale * dQ', then through the
-// rotation for rotated rows (q' = R q  =>  dq = R^T dq'), converted and written.
+// dq rows of one query tile from dQ' (rows of Dp, unscaled): dq = scale * dQ', then through the
+// rotation for rotated rows (q' = R q  =>  dq = R^T dq', as rows dq = dq' R), converted and
+// written. rpad: D * Dp.
 template <typename T, typename A>
-void finish_dq(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
-               int64_t lanes, A* dQT, A* tmp) {
+void finish_dq(const AttentionBwdParams& p, const BwdShape& s, int64_t b, int64_t h, int64_t i0,
+               int64_t qn, A* dQ, A* tmp, A* rpad) {
   constexpr int W = VT<A>::W;
-  const int64_t D = p.head_dim;
-  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.seqlen_q + i0 : nullptr;
-  bool any = p.rotation != nullptr && sel == nullptr;
-  for (int64_t l = 0; l < qn && p.rotation != nullptr && !any; ++l) any = sel[l];
-  if (any) {
-    const A* R = ptr<A>(p.rotation) + h * D * D;
-    // (R^T dQ'^T)[c][l] = sum_a R[a][c] dQ'^T[a][l]
-    gemm<A>(D, lanes / W, D, R, 1, D, dQT, lanes, tmp, lanes, Acc::kSet);
+  const int64_t D = p.head_dim, Dp = s.Dp;
+  if (p.rotation != nullptr) {
+    const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.seqlen_q + i0 : nullptr;
+    int64_t idx[kQueryTile];
+    int64_t cnt = 0;
     for (int64_t l = 0; l < qn; ++l)
-      if (sel == nullptr || sel[l])
-        for (int64_t d = 0; d < D; ++d) dQT[d * lanes + l] = tmp[d * lanes + l];
+      if (sel == nullptr || sel[l]) idx[cnt++] = l;
+    if (cnt > 0) {
+      const A* R = ptr<A>(p.rotation) + h * D * D;
+      for (int64_t a = 0; a < D; ++a) {
+        for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * D + c];
+        fill(rpad + a * Dp + D, Dp - D, A(0));
+      }
+      A* g = tmp;              // [cnt][Dp] the selected rows of dQ'
+      A* r = tmp + cnt * Dp;   // [cnt][Dp] times R
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t d = 0; d < Dp; ++d) g[c * Dp + d] = dQ[idx[c] * Dp + d];
+      // (dQ' R)[l][c] = sum_a dQ'[l][a] R[a][c]
+      gemm<A>(cnt, Dp / W, D, g, Dp, 1, rpad, Dp, r, Dp, Acc::kSet);
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t d = 0; d < D; ++d) dQ[idx[c] * Dp + d] = r[c * Dp + d];
+    }
   }
   const A scale = A(p.scale);
   T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
   for (int64_t l = 0; l < qn; ++l) {
-    T* row = dq + (i0 + l) * p.dq_row_stride;
-    for (int64_t d = 0; d < D; ++d) row[d] = from_acc<T>(scale * dQT[d * lanes + l]);
+    A* row = dQ + l * Dp;
+    for (int64_t d = 0; d < D; ++d) row[d] *= scale;
+    store_row(dq + (i0 + l) * p.dq_row_stride, row, D);
   }
 }
 
@@ -388,6 +522,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   const int64_t H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim, Dv = p.value_dim;
+  const int64_t Dp = s.Dp, Dvp = s.Dvp;
   const int64_t c = task % s.nc, bh = task / s.nc, h = bh % H, b = bh / H;
   const int64_t c0 = imin(Lk, c * s.chunk), c1 = imin(Lk, c0 + s.chunk), ck = c1 - c0;
   const A inf = std::numeric_limits<A>::infinity();
@@ -399,47 +534,47 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   const T* o = ptr<T>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
   const T* dout = ptr<T>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
   const A* lse_bh = ptr<A>(p.lse) + bh * Lq;
-  for (int64_t i = 0; i < ck * s.Dp; ++i) w.dK[i] = A(0);
-  for (int64_t i = 0; i < ck * s.Dvp; ++i) w.dV[i] = A(0);
+  fill(w.dK, ck * Dp, A(0));
+  fill(w.dV, ck * Dvp, A(0));
+  // the chunk's K (and V) rows, packed once for every query tile
+  HeadRows<T, A> rows{w.kbuf, w.vbuf};
+  rows.k_vectors = true;
+  rows.ensure(p, k, v, bh, c0, c1, Dp, Dvp, false);
 
   for (int64_t tile = 0; tile < s.tiles; ++tile) {
     const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
     const int64_t nv = ceil_div(qn, W), lanes = nv * W;
-    A* dQT = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * D * kQueryTile : w.dQT;
-    for (int64_t i = 0; i < D * lanes; ++i) dQT[i] = A(0);
+    A* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * kQueryTile * Dp : w.dQ;
+    fill(dQ, qn * Dp, A(0));
     const int64_t k_hi = p.is_causal ? imin(c1, i0 + qn) : c1;
     if (k_hi > c0) {
-      pack_queries<T, A>(p, b, h, i0, qn, lanes, w.qT, w.tmp);
-      for (int64_t l = 0; l < lanes; ++l)
-        for (int64_t d = 0; d < s.Dp; ++d)
-          w.qrows[l * s.Dp + d] = d < D ? w.qT[d * lanes + l] : A(0);
-      for (int64_t i = 0; i < Dv * lanes; ++i) w.doT[i] = A(0);
-      for (int64_t i = 0; i < lanes * s.Dvp; ++i) w.dorows[i] = A(0);
+      pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
       for (int64_t l = 0; l < lanes; ++l) {
+        A* dst = w.dorows + l * Dvp;
         if (l >= qn) {  // padding lanes: no probability, no gradient
+          fill(dst, Dvp, A(0));
           w.delta[l] = A(0);
           w.lse[l] = inf;
           continue;
         }
-        const T* dor = dout + (i0 + l) * p.dout_row_stride;
+        load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
+        fill(dst + Dv, Dvp - Dv, A(0));
         const T* orow = o + (i0 + l) * p.out_row_stride;
         A sum = 0;
-        for (int64_t d = 0; d < Dv; ++d) {
-          const A g = to_acc<A>(dor[d]);
-          w.doT[d * lanes + l] = g;
-          w.dorows[l * s.Dvp + d] = g;
-          sum += g * to_acc<A>(orow[d]);
-        }
+        for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<A>(orow[d]);
         w.delta[l] = sum;
         // a row that saw no key (lse = -inf) has no probability: exp(s - inf) = 0
         const A lse = lse_bh[i0 + l];
         w.lse[l] = lse == -inf ? inf : lse;
       }
+      transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
 
       for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t kn = imin(kKeyBlock, k_hi - j0);
-        const auto kv = key_value_block<T, A>(p, k, v, j0, kn, w.kbuf, w.vbuf);
-        gemm<A>(kn, nv, D, kv.k, kv.ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
+        int64_t ldkA, ldvA;
+        const A* kA = rows.kA(p, k, j0, Dp, &ldkA);
+        const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
+        gemm<A>(kn, nv, D, kA, ldkA, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
         // P^T = exp(S^T - lse), with the forward's masks
         const bool causal = p.is_causal && j0 + kn - 1 > i0;
         for (int64_t cv = 0; cv < nv; ++cv) {
@@ -457,31 +592,33 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           }
         }
         // dV += P^T dO
-        gemm<A>(kn, s.Dvp / W, qn, w.S, lanes, 1, w.dorows, s.Dvp, w.dV + (j0 - c0) * s.Dvp,
-                s.Dvp, Acc::kAdd);
+        gemm<A>(kn, Dvp / W, qn, w.S, lanes, 1, w.dorows, Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
+                Acc::kAdd);
         // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place
-        gemm<A>(kn, nv, Dv, kv.v, kv.ldv, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
+        gemm<A>(kn, nv, Dv, vA, ldvA, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
         for (int64_t j = 0; j < kn; ++j)
           for (int64_t cv = 0; cv < nv; ++cv) {
             A* dp = w.dP + j * lanes + cv * W;
             vstore(dp, vload(w.S + j * lanes + cv * W) * (vload(dp) - vload(w.delta + cv * W)));
           }
-        // dK += dS^T Q' (scaled at the end) ; dQ'^T += K^T dS^T
-        gemm<A>(kn, s.Dp / W, qn, w.dP, lanes, 1, w.qrows, s.Dp, w.dK + (j0 - c0) * s.Dp, s.Dp,
+        // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
+        gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, Dp, w.dK + (j0 - c0) * Dp, Dp,
                 Acc::kAdd);
-        gemm<A>(D, nv, kn, kv.k, 1, kv.ldk, w.dP, lanes, dQT, lanes, Acc::kAdd);
+        for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
+          gemm<A>(qn, Dp / W, imin(kSliceKeys, kn - s0), w.dP + s0 * lanes, 1, lanes,
+                  rows.kB(j0 + s0, Dp), Dp, dQ, Dp, Acc::kAdd);
       }
     }
-    if (s.nc == 1) finish_dq<T, A>(p, b, h, i0, qn, lanes, dQT, w.tmp);
+    if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
   }
 
   T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
   T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
   for (int64_t j = 0; j < ck; ++j) {
-    T* dkr = dk + (c0 + j) * p.dk_row_stride;
-    const A* src = w.dK + j * s.Dp;
-    for (int64_t d = 0; d < D; ++d) dkr[d] = from_acc<T>(scale * src[d]);
-    store_row(dv + (c0 + j) * p.dv_row_stride, w.dV + j * s.Dvp, Dv);
+    A* src = w.dK + j * Dp;
+    for (int64_t d = 0; d < D; ++d) src[d] *= scale;
+    store_row(dk + (c0 + j) * p.dk_row_stride, src, D);
+    store_row(dv + (c0 + j) * p.dv_row_stride, w.dV + j * Dvp, Dv);
   }
 }
 
@@ -494,25 +631,24 @@ void bwd_run_fp(const AttentionBwdParams& p, const Plan&, int64_t begin, int64_t
 }
 
 // Second phase with several key chunks per head: task = (batch, head, query tile), sums the
-// chunks' partial dQ'^T in chunk order.
+// chunks' partial dQ' in chunk order.
 template <typename T, typename A>
 void bwd_reduce_fp(const AttentionBwdParams& p, const Plan&, int64_t begin, int64_t end, void* ws,
                    void* shared) {
-  constexpr int W = VT<A>::W;
   const BwdShape s = bwd_shape<A>(p);
   BwdWork<A> w = carve_bwd<T, A>(static_cast<char*>(ws), p, s, nullptr);
   const A* part = static_cast<const A*>(shared);
-  const int64_t D = p.head_dim, slot = D * kQueryTile;
+  const int64_t slot = kQueryTile * s.Dp;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t tile = t % s.tiles, bh = t / s.tiles, h = bh % p.heads, b = bh / p.heads;
     const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, p.seqlen_q - i0);
-    const int64_t lanes = ceil_div(qn, W) * W;
-    for (int64_t i = 0; i < D * lanes; ++i) w.dQT[i] = A(0);
+    const int64_t n = qn * s.Dp;
+    fill(w.dQ, n, A(0));
     for (int64_t c = 0; c < s.nc; ++c) {
       const A* src = part + ((bh * s.nc + c) * s.tiles + tile) * slot;
-      for (int64_t i = 0; i < D * lanes; ++i) w.dQT[i] += src[i];
+      for (int64_t i = 0; i < n; ++i) w.dQ[i] += src[i];
     }
-    finish_dq<T, A>(p, b, h, i0, qn, lanes, w.dQT, w.tmp);
+    finish_dq<T, A>(p, s, b, h, i0, qn, w.dQ, w.tmp, w.rpad);
   }
 }
 

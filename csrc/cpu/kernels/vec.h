@@ -10,12 +10,16 @@
 //  * vmax(a, b) = a > b ? a : b, which is the x86 max instruction: it returns b when either is
 //    NaN. Row maxima may therefore skip a NaN score; the kernels never rely on the maximum to
 //    carry NaN, they let exp2v() carry it into the row sum instead.
-//  * exp2v(NaN) = NaN, exp2v(-inf) = 0, exp2v(+inf) = +inf.
+//  * exp2v(NaN) = NaN, exp2v(-inf) = 0 (exp2v is only used on arguments <= 0).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/kernels/namespace.h"
 
@@ -28,6 +32,15 @@ constexpr int kVecBytes = 32;
 #else
 constexpr int kVecBytes = 16;
 #endif
+
+template <typename X, typename Y>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <typename X>
+struct same_type<X, X> {
+  static constexpr bool value = true;
+};
 
 template <typename A>
 struct VT;
@@ -86,32 +99,48 @@ inline A hsum(vec_t<A> x) {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 2^t, relative error 1e-7 (float). Range reduction t = n + r, |r| <= 1/2, polynomial for 2^r
-// (fitted on [-1/2, 1/2]), 2^n put into the exponent bits. t below -126 gives 0 (the result
-// would be subnormal), NaN stays NaN (every comparison below is false for NaN, so the selects
-// keep it, and NaN * anything is NaN).
+// 2^t for t <= 0, -inf and NaN, relative error 3e-7: range reduction t = n + r, |r| <= 1/2, a
+// degree-5 polynomial for 2^r (fitted on [-1/2, 1/2]), 2^n put into the exponent. t below -126
+// gives 0 (no subnormal ever reaches an FMA), NaN stays NaN.
+#if defined(__AVX512F__)
+inline VT<float>::v exp2v(VT<float>::v tv) {
+  const __m512 t = (__m512)tv;
+  // No clamp needed: -inf and t < -126 are zeroed by the mask (-inf - -inf is NaN in r, but the
+  // mask discards it), NaN is kept (unordered compare), and scalef saturates large n to inf.
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3056319439783692e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67874564230442e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.551639199256897e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022091925144196e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931460499763489e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return (VT<float>::v)_mm512_maskz_scalef_ps(keep, p, n);
+}
+#else
 inline VT<float>::v exp2v(VT<float>::v t) {
   using V = VT<float>::v;
   const V lo = vbcast(-127.0f), hi = vbcast(128.0f);
   const V tc = t < lo ? lo : (t > hi ? hi : t);
   const V n = (tc + 12582912.0f) - 12582912.0f;  // round to nearest (|tc| < 2^22)
   const V r = tc - n;
-  V p = vbcast(1.5394060756079853e-4f);
-  p = p * r + 1.3408145168796182e-3f;
-  p = p * r + 9.618324227631092e-3f;
-  p = p * r + 5.550302192568779e-2f;
-  p = p * r + 2.4022647738456726e-1f;
-  p = p * r + 6.931472420692444e-1f;
+  V p = vbcast(1.3056319439783692e-3f);
+  p = p * r + 9.67874564230442e-3f;
+  p = p * r + 5.551639199256897e-2f;
+  p = p * r + 2.4022091925144196e-1f;
+  p = p * r + 6.931460499763489e-1f;
   p = p * r + 1.0f;
   const VT<float>::vi e = (__builtin_convertvector(n, VT<float>::vi) + 127) << 23;
   const V res = p * (V)e;  // 2^128 encodes +inf
-  return t < lo ? V{} : res;
+  return t < vbcast(-126.0f) ? V{} : res;
 }
+#endif
 
 // double: lane by lane through the C library (float64 is the precision reference, not a fast
 // path).
 inline VT<double>::v exp2v(VT<double>::v t) {
-  VT<double>::v r;
+  VT<double>::v r{};
   for (int l = 0; l < VT<double>::W; ++l) r[l] = __builtin_exp2(t[l]);
   return r;
 }
