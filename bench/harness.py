@@ -1,6 +1,6 @@
 """One measuring harness for every benchmark: timing, peak memory, FLOPs, machine description.
 
-Rules (DESIGN.md section 6): baselines run in the same process on the same inputs, timings are
+Rules (docs/design.md section 7): baselines run in the same process on the same inputs, timings are
 medians (with 20th/80th percentiles) after warm-up, and every saved row carries the machine, the
 versions and the date.
 """

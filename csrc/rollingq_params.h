@@ -18,9 +18,15 @@ struct AttentionParams {
   int64_t seqlen_k = 0;
   int64_t head_dim = 0;   // D (q and k)
   int64_t value_dim = 0;  // Dv (v and out)
-  int num_modalities = 0;  // M; 0 = no statistics are computed
-  bool is_causal = false;  // top-left aligned: key j visible to row i when j <= i
-  double scale = 1.0;      // softmax scale applied to q.k
+  // Heads of k and v: heads_kv == heads, or a divisor of it (grouped-query attention): query head
+  // h reads kv head h / (heads / heads_kv). The k/v strides below are per kv head.
+  int64_t heads_kv = 0;
+  int num_modalities = 0;  // M; 0 = no statistics are computed (the binding checks M < 2^31)
+  // Causal masking: key j is visible to row i when j <= i + causal_offset (0 = SDPA's
+  // top-left alignment; Lk - Lq = lower-right).
+  bool is_causal = false;
+  int64_t causal_offset = 0;
+  double scale = 1.0;  // softmax scale applied to q.k
 
   // ---- inputs (element type T: float, double, bf16, fp16) -----------------------------------
   const void* q = nullptr;
@@ -30,16 +36,40 @@ struct AttentionParams {
   const void* v = nullptr;
   int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
 
-  // Rotation: nullptr, or (H, D, D) contiguous in the accumulation type (float; double for
-  // double inputs). A rotated row becomes q_i <- R_h q_i, i.e. q'_i[a] = sum_b R_h[a][b] q_i[b].
+  // Rotation: nullptr, or (H, D, D) in the accumulation type (float; double for double inputs),
+  // each matrix contiguous; rotation_head_stride is 0 when one matrix serves every head. A rotated
+  // row becomes q_i <- R_h q_i, i.e. q'_i[a] = sum_b R_h[a][b] q_i[b].
   const void* rotation = nullptr;
-  // Rows the rotation applies to: nullptr = every row (when rotation is set), else (B, Lq)
-  // contiguous bool (one byte per row).
+  int64_t rotation_head_stride = 0;
+  // Rows the rotation applies to: nullptr = every row (when rotation is set), else (B, Lq) bool
+  // (one byte per row), rows contiguous, batch stride 0 when shared by the batch.
   const bool* rotated_rows = nullptr;
-  // Modality id per key, (B, Lk) contiguous int32 in [-1, M). Required when M > 0.
+  int64_t rotated_rows_batch_stride = 0;
+  // Modality id per key, (B, Lk) int32 in [-1, M), keys contiguous. Required when M > 0.
   const int32_t* key_modality = nullptr;
-  // Key padding, (B, Lk) contiguous bool, true = the key takes part. nullptr = all keys.
+  int64_t key_modality_batch_stride = 0;
+  // Key padding, (B, Lk) bool, true = the key takes part, keys contiguous. nullptr = all keys.
   const bool* key_padding = nullptr;
+  int64_t key_padding_batch_stride = 0;
+
+  // Attention mask, SDPA's semantics, read in place: element (b, h, i, j) (h = query head) at
+  // attn_mask + b*mask_batch_stride + h*mask_head_stride + i*mask_row_stride + j*mask_col_stride
+  // (any stride may be 0: a broadcast dim). kBool: true = the key takes part; kFloat32 / kInput:
+  // a float32 / input-dtype value added to the scaled score.
+  enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat32 = 2, kMaskInput = 3 };
+  int attn_mask_kind = kMaskNone;
+  const void* attn_mask = nullptr;
+  int64_t mask_batch_stride = 0, mask_head_stride = 0, mask_row_stride = 0, mask_col_stride = 0;
+
+  // Attention dropout on the probabilities (after the statistics are taken). Element (b, h, i, j)
+  // is kept when word (j % 4) of Philox4x32-10 with key (seed lo, seed hi) and counter
+  // (g lo, g hi, offset lo, offset hi), g = ((b * heads + h) * seqlen_q + i) * ceil(seqlen_k / 4)
+  // + j / 4, is >= dropout_threshold = floor(p * 2^32); kept values are scaled by 1 / (1 - p).
+  // rollingq_kernels/dropout.py is the specification.
+  float dropout_p = 0.0f;  // 0 = no dropout
+  uint32_t dropout_threshold = 0;
+  uint64_t dropout_seed = 0;
+  uint64_t dropout_offset = 0;
 
   // ---- outputs ------------------------------------------------------------------------------
   void* out = nullptr;  // (B, H, Lq, Dv), type T

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from .op_contract import layout_like
 from .reference import rolling_attention_reference
 
 
@@ -25,10 +26,15 @@ def forward(p):
         key_modality=p.key_modality,
         num_modalities=p.num_modalities if p.return_stats else None,
         key_padding_mask=p.key_padding_mask,
+        attn_mask=p.attn_mask,
         is_causal=p.is_causal,
+        causal_offset=p.causal_offset,
         scale=p.scale,
+        dropout_p=p.dropout_p,
+        rng_state=p.rng_state,
+        enable_gqa=p.gqa,
         return_stats=p.return_stats,
     )
-    if p.return_stats:
-        return result
-    return result, None
+    out, stats = result if p.return_stats else (result, None)
+    # the output in q's memory layout, as every backend returns it
+    return layout_like(p.q, out.shape).copy_(out), stats

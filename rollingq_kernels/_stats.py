@@ -1,10 +1,19 @@
-"""The statistics record every backend returns next to the attention output."""
+"""The statistics record every backend returns next to the attention output, and the dtype it
+is accumulated in."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+__all__ = ["AttentionStats", "accumulation_dtype"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else: the dtype every backend
+    accumulates in and returns its statistics in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class AttentionStats(NamedTuple):

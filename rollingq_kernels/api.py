@@ -1,23 +1,36 @@
-"""The public entry point: validate every argument once, then dispatch to a backend."""
+"""The public entry points: validate every argument once, then dispatch to a backend.
+
+:func:`rolling_attention` is the full call (rotation, statistics, SDPA's arguments);
+:func:`scaled_dot_product_attention` has exactly the signature and return of
+``torch.nn.functional.scaled_dot_product_attention`` and can replace it by assignment or, for a
+block of code, with :func:`patch_sdpa`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
-from ._stats import AttentionStats
+from . import backends as _backends
+from ._stats import AttentionStats, accumulation_dtype
 from .backends import AttentionProblem, select_backend
-from .reference import accumulation_dtype
+from .dropout import dropout_threshold, new_rng_state
 
-__all__ = ["rolling_attention", "make_problem"]
+__all__ = [
+    "rolling_attention",
+    "make_problem",
+    "scaled_dot_product_attention",
+    "patch_sdpa",
+]
 
-_BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
-_SUPPORTED_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16, torch.float64, torch.float16),
-    "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-}
+# torch's own SDPA, captured before anything can patch it: the drop-in falls back to it when no
+# fused backend of this package can run a call.
+_TORCH_SDPA = F.scaled_dot_product_attention
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -37,10 +50,86 @@ def _check_device(name: str, t: Optional[torch.Tensor], device: torch.device) ->
 
 
 def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
+    return torch.compiler.is_compiling()
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+# key_modality tensors whose ids were range-checked, with their version counter and M: on a GPU the
+# check is a device sync, so a tensor passed again unchanged (the usual case: one layout reused
+# every step) is checked once. CPU tensors are checked on every call (no sync).
+_CHECKED_IDS: weakref.WeakKeyDictionary[torch.Tensor, Tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalities) -> int:
+    """Range-check ids (a view of key_modality) against num_modalities (None = infer); return M."""
+    on_gpu = ids.device.type != "cpu"
+    if on_gpu and num_modalities is not None:
+        seen = _CHECKED_IDS.get(key_modality)
+        if seen == (key_modality._version, num_modalities):
+            return num_modalities
+    lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
+    if num_modalities is None:
+        num_modalities = max(hi + 1, 1)
+    if lo < -1 or hi >= num_modalities:
+        raise ValueError(
+            f"key_modality ids must lie in [-1, {num_modalities - 1}] (num_modalities="
+            f"{num_modalities}); got values in [{lo}, {hi}]"
+        )
+    if on_gpu:
+        _CHECKED_IDS[key_modality] = (key_modality._version, num_modalities)
+    return num_modalities
+
+
+def _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal):
+    """(mask view or None, is_causal, causal_offset) from SDPA's attn_mask / is_causal."""
+    if attn_mask is None:
+        return None, is_causal, 0
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if isinstance(attn_mask, CausalBias):
+        if is_causal:
+            raise ValueError("pass either is_causal=True or a CausalBias attn_mask, not both")
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (Lq, Lk):
+            raise ValueError(
+                f"attn_mask is a CausalBias for Lq={attn_mask.seq_len_q}, Lk={attn_mask.seq_len_kv};"
+                f" the inputs have Lq={Lq}, Lk={Lk}"
+            )
+        lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
+        return None, True, (Lk - Lq) if lower_right else 0
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(
+            f"attn_mask must be None, a tensor or a torch.nn.attention.bias.CausalBias; got "
+            f"{type(attn_mask).__name__}"
+        )
+    if is_causal:
+        raise ValueError(
+            "attn_mask and is_causal=True were both given; as in SDPA, pass one of them (a "
+            "CausalBias attn_mask expresses other causal alignments)"
+        )
+    _check_device("attn_mask", attn_mask, q.device)
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (q.dtype, torch.float32):
+        raise TypeError(
+            f"attn_mask must be bool (True = takes part) or a float mask of q's dtype {q.dtype} or "
+            f"float32; got {attn_mask.dtype}"
+        )
+    want = (B, H, Lq, Lk)
+    if attn_mask.dim() > 4 or attn_mask.dim() == 0:
+        raise ValueError(
+            f"attn_mask must be broadcastable to (B, H, Lq, Lk) = {want}; got {_shape(attn_mask)}"
+        )
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if any(s not in (1, w) for s, w in zip(shape, want)):
+        raise ValueError(
+            f"attn_mask must be broadcastable to (B, H, Lq, Lk) = {want}; got {_shape(attn_mask)}"
+        )
+    return attn_mask.reshape(shape).expand(want), False, 0
 
 
 def make_problem(
@@ -53,8 +142,12 @@ def make_problem(
     key_modality: Optional[torch.Tensor] = None,
     num_modalities: Optional[int] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask=None,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+    enable_gqa: bool = False,
     return_stats: bool = False,
 ) -> AttentionProblem:
     """Validate the arguments of :func:`rolling_attention` and put them in canonical form.
@@ -65,31 +158,40 @@ def make_problem(
         _check_tensor(name, t)
     for name, t, want in (
         ("q", q, "(B, H, Lq, D)"),
-        ("k", k, "(B, H, Lk, D)"),
-        ("v", v, "(B, H, Lk, Dv)"),
+        ("k", k, "(B, Hkv, Lk, D)"),
+        ("v", v, "(B, Hkv, Lk, Dv)"),
     ):
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape {want} (4 dims); got {_shape(t)}")
     device = q.device
-    if device.type not in _SUPPORTED_DTYPES:
-        raise ValueError(f"q is on {device}; supported devices are cpu and cuda")
+    dtypes = _backends.supported_dtypes(device.type)
+    if not dtypes:
+        raise ValueError(f"q is on {device}; no backend runs on {device.type} tensors")
     _check_device("k", k, device)
     _check_device("v", v, device)
-    if q.dtype not in _SUPPORTED_DTYPES[device.type]:
-        names = [str(d).replace("torch.", "") for d in _SUPPORTED_DTYPES[device.type]]
+    if q.dtype not in dtypes:
+        names = sorted(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"q has dtype {q.dtype}; supported on {device.type}: {names}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
+    if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(
-            f"k must have shape ({B}, {H}, Lk, {D}) to match q {_shape(q)}; got {_shape(k)}"
+            f"k must have shape ({B}, Hkv, Lk, {D}) to match q {_shape(q)}; got {_shape(k)}"
         )
-    if tuple(v.shape[:3]) != (B, H, Lk):
+    if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
+        want = "a divisor of" if enable_gqa else "equal to (or, with enable_gqa=True, a divisor of)"
         raise ValueError(
-            f"v must have shape ({B}, {H}, {Lk}, Dv) to match k {_shape(k)}; got {_shape(v)}"
+            f"k has {Hkv} heads and q has {H}: k's head count must be {want} q's; got k "
+            f"{_shape(k)}, q {_shape(q)}"
+        )
+    if tuple(v.shape[:3]) != (B, Hkv, Lk):
+        raise ValueError(
+            f"v must have shape ({B}, {Hkv}, {Lk}, Dv) to match k {_shape(k)}; got {_shape(v)}"
         )
     if D == 0 or v.shape[3] == 0:
         raise ValueError(f"head dims must be positive; got D={D}, Dv={v.shape[3]}")
@@ -105,6 +207,29 @@ def make_problem(
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
     scale = float(scale)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float; got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1); got {dropout_p}")
+    if dropout_p > 0.0 and dropout_threshold(dropout_p) == 0:
+        dropout_p = 0.0  # below 2**-32: no element can be dropped
+    rng = None
+    if dropout_p > 0.0:
+        if rng_state is None:
+            rng = new_rng_state()
+        else:
+            _check_tensor("rng_state", rng_state)
+            if rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,):
+                raise ValueError(
+                    f"rng_state must be an int64 tensor (seed, offset) of shape (2,); got "
+                    f"{rng_state.dtype} {_shape(rng_state)}"
+                )
+            if rng_state.device.type != "cpu":
+                raise ValueError(f"rng_state must be a CPU tensor; got one on {rng_state.device}")
+            rng = rng_state
+
+    mask, is_causal, causal_offset = _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal)
 
     acc = accumulation_dtype(q.dtype)
 
@@ -116,7 +241,7 @@ def make_problem(
         if not rotation.is_floating_point():
             raise TypeError(f"rotation must be a floating tensor; got {rotation.dtype}")
         if rotation.dim() == 2 and tuple(rotation.shape) == (D, D):
-            rot = rotation.to(acc).unsqueeze(0).expand(H, D, D).contiguous()
+            rot = rotation.to(acc).contiguous().unsqueeze(0).expand(H, D, D)
         elif rotation.dim() == 3 and tuple(rotation.shape) == (H, D, D):
             rot = rotation.to(acc).contiguous()
         else:
@@ -135,9 +260,9 @@ def make_problem(
         if rotated_queries.dtype != torch.bool:
             raise TypeError(f"rotated_queries must be a bool tensor; got {rotated_queries.dtype}")
         if tuple(rotated_queries.shape) == (Lq,):
-            rows = rotated_queries.unsqueeze(0).expand(B, Lq).contiguous()
+            rows = _last_dim_contiguous(rotated_queries).unsqueeze(0).expand(B, Lq)
         elif tuple(rotated_queries.shape) == (B, Lq):
-            rows = rotated_queries.contiguous()
+            rows = _last_dim_contiguous(rotated_queries)
         else:
             raise ValueError(
                 f"rotated_queries must have shape ({Lq},) or ({B}, {Lq}); got {_shape(rotated_queries)}"
@@ -157,7 +282,7 @@ def make_problem(
             raise ValueError(
                 f"key_padding_mask must have shape ({B}, {Lk}); got {_shape(key_padding_mask)}"
             )
-        pad = key_padding_mask.contiguous()
+        pad = _last_dim_contiguous(key_padding_mask)
 
     # --- modalities -----------------------------------------------------------------------
     if num_modalities is not None:
@@ -165,16 +290,18 @@ def make_problem(
             raise TypeError(
                 f"num_modalities must be an int or None; got {type(num_modalities).__name__}"
             )
-        if num_modalities < 1:
-            raise ValueError(f"num_modalities must be >= 1; got {num_modalities}")
+        limit = _backends.max_supported_modalities()
+        if num_modalities < 1 or (limit is not None and num_modalities > limit):
+            raise ValueError(
+                f"num_modalities must lie in [1, {limit or '...'}]; got {num_modalities}"
+            )
+        if num_modalities >= 2**31:
+            raise ValueError(f"num_modalities must be < 2**31; got {num_modalities}")
     ids = None
     if key_modality is not None:
         _check_tensor("key_modality", key_modality)
         _check_device("key_modality", key_modality, device)
-        if key_modality.dtype.is_floating_point or key_modality.dtype in (
-            torch.bool,
-            torch.complex64,
-        ):
+        if not _is_integer_dtype(key_modality.dtype):
             raise TypeError(f"key_modality must be an integer tensor; got {key_modality.dtype}")
         if tuple(key_modality.shape) == (Lk,):
             ids = key_modality.unsqueeze(0).expand(B, Lk)
@@ -185,14 +312,7 @@ def make_problem(
                 f"key_modality must have shape ({Lk},) or ({B}, {Lk}); got {_shape(key_modality)}"
             )
         if not _compiling() and ids.numel() > 0:
-            lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
-            if num_modalities is None:
-                num_modalities = max(hi + 1, 1)
-            if lo < -1 or hi >= num_modalities:
-                raise ValueError(
-                    f"key_modality ids must lie in [-1, {num_modalities - 1}] (num_modalities="
-                    f"{num_modalities}); got values in [{lo}, {hi}]"
-                )
+            num_modalities = _check_id_range(key_modality, ids, num_modalities)
         elif num_modalities is None:
             if ids.numel() > 0:
                 raise ValueError("num_modalities must be given when rolling_attention is compiled")
@@ -202,9 +322,11 @@ def make_problem(
 
     if return_stats:
         if ids is None:
-            ids = torch.zeros(B, Lk, dtype=torch.int32, device=device)
+            ids = torch.zeros(1, Lk, dtype=torch.int32, device=device).expand(B, Lk)
+        elif key_modality.dim() == 1:
+            ids = _last_dim_contiguous(key_modality.to(torch.int32)).unsqueeze(0).expand(B, Lk)
         else:
-            ids = ids.to(torch.int32).contiguous()
+            ids = _last_dim_contiguous(ids.to(torch.int32))
         M = num_modalities
     else:
         ids, M = None, 0
@@ -221,6 +343,10 @@ def make_problem(
         is_causal=is_causal,
         scale=scale,
         return_stats=return_stats,
+        attn_mask=mask,
+        causal_offset=causal_offset,
+        dropout_p=dropout_p,
+        rng_state=rng,
     )
 
 
@@ -234,36 +360,51 @@ def rolling_attention(
     key_modality: Optional[torch.Tensor] = None,
     num_modalities: Optional[int] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask=None,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = False,
     return_stats: bool = False,
+    rng_state: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, AttentionStats]]:
     """Scaled-dot-product attention with query rotation and RollingQ statistics in one pass.
 
     Args:
         q: (B, H, Lq, D) queries (SDPA layout, any strides: a (B, L, H, D) tensor viewed through
-            ``.transpose(1, 2)`` is read in place).
-        k: (B, H, Lk, D) keys. v: (B, H, Lk, Dv) values. Same dtype and device as q.
+            ``.transpose(1, 2)`` is read in place, and the output comes back in the same layout).
+        k: (B, Hkv, Lk, D) keys. v: (B, Hkv, Lk, Dv) values. Same dtype and device as q. Hkv == H,
+            or with ``enable_gqa=True`` a divisor of H (grouped-query attention, K/V not copied).
         rotation: None, (D, D) or (H, D, D) orthogonal matrix; a rotated row becomes R q_i
-            (row form ``q @ R.T``). Applied in float32 (float64 for float64 inputs).
+            (row form ``q @ R.T``). Applied in float32 (float64 for float64 inputs). Gradients
+            flow to it when it requires grad.
         rotated_queries: None (every row, when rotation is given), bool (Lq,) or (B, Lq).
         key_modality: None (every key is modality 0), integer (Lk,) or (B, Lk): modality id of each
             key in [0, M), or -1 for a key that is attended but counted in no modality.
         num_modalities: M; None infers max id + 1 (a device sync on GPU).
         key_padding_mask: None or bool (B, Lk); True = the key takes part.
+        attn_mask: as in SDPA: None, a bool tensor (True = takes part) or a float tensor (added to
+            the scaled scores) broadcastable to (B, H, Lq, Lk) and read in place through its
+            strides, or a ``torch.nn.attention.bias.CausalBias`` (upper-left / lower-right).
         is_causal: top-left aligned causal mask, as in SDPA.
         scale: default 1 / sqrt(D).
+        dropout_p: attention dropout on the probabilities (statistics are taken before it). The
+            keep-mask is counter-based (``rollingq_kernels.dropout_keep_mask``) and seeded from
+            torch's default CPU generator, so ``torch.manual_seed`` reproduces it on every backend.
+        enable_gqa: allow k / v with fewer heads than q (SDPA's grouped-query attention).
         return_stats: also return :class:`AttentionStats` (not differentiable).
-        backend: "auto", "cpu", "triton", "cuda" or "reference"; the environment variable
-            ROLLINGQ_BACKEND overrides "auto". A named backend that cannot run raises.
+        rng_state: the dropout seed as an int64 CPU tensor (seed, offset); None draws a new one.
+        backend: "auto" or a registered backend name (``rollingq_kernels.registered_backends()``);
+            the environment variable ROLLINGQ_BACKEND overrides "auto". A named backend that
+            cannot run raises.
 
     Returns:
-        out (B, H, Lq, Dv) in q's dtype, or ``(out, stats)`` when ``return_stats``.
-        A row with no visible key gives zeros, zero mass and lse = -inf.
+        out (B, H, Lq, Dv) in q's dtype and memory layout, or ``(out, stats)`` when
+        ``return_stats``. A row with no visible key gives zeros, zero mass and lse = -inf.
     """
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {list(_BACKENDS)}; got {backend!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str; got {type(backend).__name__}")
     problem = make_problem(
         q,
         k,
@@ -273,8 +414,12 @@ def rolling_attention(
         key_modality=key_modality,
         num_modalities=num_modalities,
         key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
         is_causal=is_causal,
         scale=scale,
+        dropout_p=dropout_p,
+        rng_state=rng_state,
+        enable_gqa=enable_gqa,
         return_stats=return_stats,
     )
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
@@ -285,3 +430,130 @@ def rolling_attention(
     if return_stats:
         return out, stats
     return out
+
+
+def _plain_problem(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+    """The canonical problem of a plain SDPA call (4-D tensors of one supported dtype and device,
+    a tensor mask or none, no dropout), built with only the checks such a call needs; None for
+    anything else, which goes through :func:`make_problem`. A model calls SDPA once per layer,
+    so this path is kept short."""
+    if dropout_p or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+        return None
+    if scale is not None and (type(scale) is not float or not math.isfinite(scale)):
+        return None
+    dev, dt = q.device, q.dtype
+    if k.device != dev or v.device != dev or k.dtype != dt or v.dtype != dt:
+        return None
+    if dt not in _backends.supported_dtypes(dev.type):
+        return None
+    B, H, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D or D == 0 or v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
+        return None
+    if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
+        return None
+    if mask is not None:
+        if type(mask) is not torch.Tensor or is_causal or mask.dim() > 4 or mask.dim() == 0:
+            return None
+        if mask.device != dev or (
+            mask.dtype != torch.bool and mask.dtype not in (dt, torch.float32)
+        ):
+            return None
+        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        if any(s != 1 and s != w for s, w in zip(shape, (B, H, Lq, Lk))):
+            return None
+        mask = mask.reshape(shape).expand(B, H, Lq, Lk)
+    return AttentionProblem(
+        q, k, v, None, None, None, 0, None, is_causal,
+        1.0 / math.sqrt(D) if scale is None else scale, False, mask,
+    )  # fmt: skip
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``, through this package's kernels.
+
+    Same signature, arguments and return as torch's, so it can replace it by assignment (or with
+    :func:`patch_sdpa`). Inputs are (..., H, L, E) like torch's (3-D inputs are one head; leading
+    dims beyond the batch are flattened). A call that no fused backend of this package can run
+    (e.g. a dtype or device it does not support, or a float mask that requires grad) is handed to
+    torch's own SDPA, never to the O(L^2) reference.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    nd = query.dim()
+    if nd < 3 or key.dim() != nd or value.dim() != nd:
+        return _TORCH_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+    lead = query.shape[:-3] if nd >= 4 else query.shape[:-2]
+    if nd == 3:
+        q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    elif nd == 4:
+        q4, k4, v4 = query, key, value
+    else:
+        q4 = query.reshape(-1, *query.shape[-3:])
+        k4 = key.reshape(-1, *key.shape[-3:])
+        v4 = value.reshape(-1, *value.shape[-3:])
+    mask = attn_mask
+    if isinstance(mask, torch.Tensor) and nd != 4:
+        full = (*lead, *query.shape[-3:-1], key.shape[-2]) if nd > 4 else None
+        if nd == 3:
+            mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask
+        else:
+            mask = mask.expand(full).reshape(-1, *full[-3:])
+    try:
+        problem = _plain_problem(q4, k4, v4, mask, dropout_p, is_causal, scale, enable_gqa)
+        if problem is None:
+            problem = make_problem(
+                q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                enable_gqa=enable_gqa,
+            )  # fmt: skip
+    except (TypeError, ValueError):
+        # let torch raise its own error for what it does not accept either
+        return _TORCH_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+    if q4.numel() == 0 or k4.numel() == 0 or v4.numel() == 0:
+        spec = None
+    else:
+        try:
+            spec = select_backend(problem, "auto", warn=False)
+        except _backends.NoBackendError:
+            spec = None
+    if spec is None or not spec.fused:
+        return _TORCH_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+    out, _ = spec.load().forward(problem)
+    if nd == 3:
+        return out.squeeze(1)
+    if nd > 4:
+        return out.reshape(*lead, *out.shape[-3:])
+    return out
+
+
+@contextlib.contextmanager
+def patch_sdpa():
+    """Within the block, ``torch.nn.functional.scaled_dot_product_attention`` is this package's
+    :func:`scaled_dot_product_attention` (models that call SDPA — timm, nn.MultiheadAttention
+    with need_weights=False, many hand-written blocks — run on the fused kernels)."""
+    previous = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = previous

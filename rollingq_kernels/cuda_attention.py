@@ -140,6 +140,6 @@ def forward(p):
     why = load_library()
     if why:
         raise RuntimeError(f"the rollingq CUDA backend is unavailable: {why}")
-    from . import fused_op  # the op glue; imported only here so this module imports without it
+    from . import op_contract
 
-    return fused_op.attention_forward(p)
+    return op_contract.run_forward(op_contract.COMPILED, p)

@@ -1,10 +1,10 @@
-"""The fused attention op shared by the compiled backends (CPU here, CUDA alongside).
+"""Loading the compiled library that implements the ``rollingq::attention_fwd / _bwd`` op family.
 
-``rollingq_kernels._C`` defines the schema ``rollingq::attention_fwd`` / ``attention_bwd`` with
-TORCH_LIBRARY and the CPU implementation; a CUDA build adds its implementation to the same
-schema. This module loads that library (refusing one built against another torch), registers the
-fake implementations (so torch.compile and torch.export trace the op without running it) and the
-autograd formula, and turns an :class:`AttentionProblem` into one call of the op.
+``rollingq_kernels._C`` registers the CPU implementation of the ops whose schema, fake
+implementation and autograd formula live in :mod:`rollingq_kernels.op_contract`; a CUDA build
+(``_C_cuda``, see :mod:`rollingq_kernels.cuda_attention`) registers the CUDA implementation of the
+same ops. This module finds the library built for this interpreter, refuses one built against
+another torch, loads it, and runs the op on an :class:`AttentionProblem`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sysconfig
 from typing import Optional, Tuple
 
 import torch
 
+from . import op_contract
 from ._stats import AttentionStats
 
 __all__ = ["attention_forward", "load_error", "library_path"]
@@ -25,12 +27,26 @@ _VERSION_MARK = re.compile(rb"rollingq-torch-version=([0-9]+\.[0-9]+\.[0-9]+);")
 
 
 def library_path(name: str = "_C") -> Optional[str]:
-    """Path of the compiled library ``rollingq_kernels.<name>``, or None when it is not built."""
-    for pattern in (f"{name}.*.so", f"{name}.so", f"{name}.*.pyd", f"{name}.pyd"):
-        hits = sorted(glob.glob(os.path.join(_PACKAGE_DIR, pattern)))
-        if hits:
-            return hits[0]
+    """Path of ``rollingq_kernels.<name>`` built for this interpreter, or None when it is not built.
+
+    Only the file with this interpreter's extension suffix (e.g. ``.cpython-311-x86_64-linux-gnu
+    .so``) or the suffix-less ``<name>.so`` (CMake's) is taken: a library left over from another
+    Python is never picked up in its place.
+    """
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    for candidate in (name + suffix, name + ".so", name + ".pyd"):
+        path = os.path.join(_PACKAGE_DIR, candidate)
+        if os.path.isfile(path):
+            return path
     return None
+
+
+def _other_builds(name: str) -> list:
+    return sorted(
+        os.path.basename(p)
+        for p in glob.glob(os.path.join(_PACKAGE_DIR, f"{name}.*"))
+        if p.endswith((".so", ".pyd"))
+    )
 
 
 def _installed_torch() -> str:
@@ -45,8 +61,10 @@ def _load_library(name: str = "_C") -> None:
     """
     path = library_path(name)
     if path is None:
+        others = _other_builds(name)
+        found = f" (found only {others}, built for another Python)" if others else ""
         raise ImportError(
-            f"rollingq_kernels.{name} is not built; build it with "
+            f"rollingq_kernels.{name} is not built for this Python{found}; build it with "
             "`python setup.py build_ext --inplace` (or `make build`)"
         )
     with open(path, "rb") as f:
@@ -63,7 +81,7 @@ def _load_library(name: str = "_C") -> None:
 _LOAD_ERROR: Optional[str] = None
 try:
     _load_library("_C")
-except (ImportError, OSError) as exc:
+except (ImportError, OSError, RuntimeError) as exc:
     _LOAD_ERROR = f"the compiled library cannot be loaded: {exc}"
 
 
@@ -72,93 +90,8 @@ def load_error() -> Optional[str]:
     return _LOAD_ERROR
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-if _LOAD_ERROR is None:
-
-    @torch.library.register_fake("rollingq::attention_fwd")
-    def _attention_fwd_fake(
-        q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask,
-        is_causal, scale,
-    ):  # fmt: skip
-        B, H, Lq, D = q.shape
-        Dv = v.shape[3]
-        acc = _acc_dtype(q.dtype)
-        M = num_modalities
-        return (
-            q.new_empty((B, H, Lq, Dv)),
-            q.new_empty((B, H, Lq), dtype=acc),
-            q.new_empty((B, H, Lq, M), dtype=acc),
-            q.new_empty((B, H, M, D), dtype=acc),
-            q.new_empty((B, M), dtype=acc),
-        )
-
-    @torch.library.register_fake("rollingq::attention_bwd")
-    def _attention_bwd_fake(
-        grad_out, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask, is_causal,
-        scale,
-    ):  # fmt: skip
-        return (
-            q.new_empty(q.shape),
-            k.new_empty(k.shape),
-            v.new_empty(v.shape),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, rotation, rotated_queries, _ids, _m, key_padding_mask, is_causal, scale = inputs
-        out, lse = output[0], output[1]
-        ctx.save_for_backward(q, k, v, out, lse, rotation, rotated_queries, key_padding_mask)
-        ctx.is_causal = is_causal
-        ctx.scale = scale
-        # lse and the statistics carry no gradient (DESIGN.md section 2)
-        ctx.mark_non_differentiable(*output[1:])
-
-    def _backward(ctx, grad_out, *_grad_stats):
-        q, k, v, out, lse, rotation, rotated_queries, key_padding_mask = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.rollingq.attention_bwd(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            rotation,
-            rotated_queries,
-            key_padding_mask,
-            ctx.is_causal,
-            ctx.scale,
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "rollingq::attention_fwd", _backward, setup_context=_setup_context
-    )
-
-
 def attention_forward(problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
-    """Run ``rollingq::attention_fwd`` on a validated :class:`AttentionProblem`.
-
-    Returns out (B, H, Lq, Dv) in q's dtype and, when ``problem.return_stats``, the
-    :class:`AttentionStats` (float32; float64 for float64 inputs).
-    """
+    """Run ``rollingq::attention_fwd`` on a validated :class:`AttentionProblem`: (out, stats)."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
-    out, lse, mass, key_sum, key_count = torch.ops.rollingq.attention_fwd(
-        problem.q,
-        problem.k,
-        problem.v,
-        problem.rotation,
-        problem.rotated_queries,
-        problem.key_modality,
-        problem.num_modalities,
-        problem.key_padding_mask,
-        problem.is_causal,
-        problem.scale,
-    )
-    if not problem.return_stats:
-        return out, None
-    return out, AttentionStats(mass, key_sum, key_count, lse)
+    return op_contract.run_forward(op_contract.COMPILED, problem)

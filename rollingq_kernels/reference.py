@@ -1,4 +1,4 @@
-"""The pure-PyTorch oracle: rolling attention, its statistics, and the RollingQ maths.
+"""The pure-PyTorch oracle: rolling attention and its statistics.
 
 Everything here is written for clarity, not speed: the attention matrix is materialised, the
 statistics are computed from it separately. It runs on any device and dtype torch supports and is
@@ -9,30 +9,21 @@ backend is tested against this module; it imports no backend.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Union
 
 import torch
 
-from ._stats import AttentionStats
+from ._stats import AttentionStats, accumulation_dtype
+from .dropout import dropout_keep_mask
 
 __all__ = [
     "rolling_attention_reference",
     "accumulation_dtype",
     "apply_rotation",
+    "causal_offset_of",
     "visibility_mask",
     "modality_onehot",
-    "key_modality_from_lengths",
-    "modality_cosine",
-    "attention_imbalance_rate",
-    "rollingq_weights",
-    "rollingq_target",
-    "rotation_between",
 ]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (DESIGN.md section 2)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_rotation(
@@ -61,6 +52,19 @@ def apply_rotation(
     return torch.where(sel[:, None, :, None], rotated, q)
 
 
+def causal_offset_of(attn_mask, is_causal: bool, lq: int, lk: int) -> Optional[int]:
+    """The causal alignment of a call as one integer, or None when it is not causal: key j is
+    visible to row i when j <= i + offset. ``is_causal`` (SDPA's top-left alignment) is 0;
+    ``torch.nn.attention.bias.causal_upper_left`` is 0 and ``causal_lower_right`` is Lk - Lq."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if isinstance(attn_mask, CausalBias):
+        if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+            return lk - lq
+        return 0
+    return 0 if is_causal else None
+
+
 def visibility_mask(
     batch: int,
     lq: int,
@@ -69,16 +73,16 @@ def visibility_mask(
     key_padding_mask: Optional[torch.Tensor],
     is_causal: bool,
     device: torch.device,
+    causal_offset: int = 0,
 ) -> torch.Tensor:
-    """Bool (B, 1, Lq, Lk): True where query i may attend to key j.
-
-    Causal is top-left aligned as in SDPA: key j is visible to row i when j <= i.
-    """
+    """Bool (B, 1, Lq, Lk): True where query i may attend to key j (padding and causality only;
+    ``attn_mask`` is applied to the scores separately). Causal: key j is visible to row i when
+    j <= i + causal_offset (0 is SDPA's top-left alignment)."""
     visible = torch.ones(batch, 1, lq, lk, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.to(torch.bool)[:, None, None, :]
     if is_causal:
-        visible = visible & torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+        visible = visible & torch.ones(lq, lk, dtype=torch.bool, device=device).tril(causal_offset)
     return visible
 
 
@@ -117,48 +121,93 @@ def rolling_attention_reference(
     key_modality: Optional[torch.Tensor] = None,
     num_modalities: Optional[int] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask: Union[None, torch.Tensor, torch.nn.attention.bias.CausalBias] = None,
     is_causal: bool = False,
+    causal_offset: Optional[int] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+    enable_gqa: bool = False,
     return_stats: bool = False,
 ):
-    """Rolling attention computed the obvious way (materialised softmax). See DESIGN.md section 2.
+    """Rolling attention computed the obvious way (materialised softmax); docs/design.md.
 
     Args:
-        q: (B, H, Lq, D); k: (B, H, Lk, D); v: (B, H, Lk, Dv). Any strides, same dtype.
+        q: (B, H, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv). Any strides, same dtype.
+            Hkv == H, or with ``enable_gqa`` a divisor of H (query head h reads kv head
+            h // (H // Hkv)).
         rotation: None, (D, D) or (H, D, D); rotated rows become q_i <- R q_i.
         rotated_queries: None (all rows), bool (Lq,) or (B, Lq).
         key_modality: None (every key is modality 0), integer (Lk,) or (B, Lk) with ids in
             [-1, M); -1 keys are attended but counted in no modality.
         num_modalities: M; None means max id + 1 (at least 1).
         key_padding_mask: None or bool (B, Lk), True = the key takes part.
-        is_causal: top-left aligned causal mask.
+        attn_mask: None; a bool tensor broadcastable to (B, H, Lq, Lk), True = takes part; a
+            float tensor added to the scaled scores; or a ``CausalBias``. SDPA's semantics.
+        is_causal: top-left aligned causal mask (key j visible to row i when j <= i).
+        causal_offset: with ``is_causal``, key j is visible to row i when j <= i + offset
+            (overrides the alignment is_causal implies; a CausalBias sets it too).
         scale: softmax scale, default 1/sqrt(D).
+        dropout_p, rng_state: attention dropout on the probabilities with the keep-mask of
+            :func:`rollingq_kernels.dropout.dropout_keep_mask` for ``rng_state`` (required when
+            ``dropout_p > 0``). The statistics are taken before dropout.
         return_stats: also return :class:`AttentionStats`.
 
     Returns:
         out (B, H, Lq, Dv) in q's dtype, and the stats when ``return_stats``. The arithmetic is done
-        in float32 (float64 for float64 inputs), so a float64 call is the oracle.
+        in float32 (float64 for float64 inputs), so a float64 call is the oracle. NaN and inf follow
+        the definition softmax(q k^T * scale + mask) v, as SDPA's math backend does; a row that
+        sees no key gives zeros, lse = -inf and zero mass.
     """
+    from torch.nn.attention.bias import CausalBias
+
     B, H, Lq, D = q.shape
-    Lk = k.shape[-2]
+    Hkv, Lk = k.shape[1], k.shape[-2]
     acc = accumulation_dtype(q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    if isinstance(attn_mask, CausalBias):
+        causal_offset = causal_offset_of(attn_mask, False, Lq, Lk)
+        is_causal, attn_mask = True, None
+    elif is_causal and causal_offset is None:
+        causal_offset = 0
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    if Hkv != H:
+        if not enable_gqa or H % Hkv:
+            raise ValueError(f"k has {Hkv} heads and q {H}: that needs enable_gqa and H % Hkv == 0")
+        kf = kf.repeat_interleave(H // Hkv, dim=1)
+        vf = vf.repeat_interleave(H // Hkv, dim=1)
     rot = None if rotation is None else rotation.to(acc)
     qf = apply_rotation(qf, rot, rotated_queries)
 
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(acc)
     visible = visibility_mask(
-        B, Lq, Lk, key_padding_mask=key_padding_mask, is_causal=is_causal, device=q.device
+        B,
+        Lq,
+        Lk,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        causal_offset=causal_offset or 0,
+        device=q.device,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # A row that sees no key has lse = -inf; shift it by 0 instead so exp() gives 0, not NaN.
-    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    # Only -inf: lse = +inf (an infinite score) or NaN must reach the output as NaN, as in SDPA.
+    shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - shift[..., None])
-    probs = torch.where(visible, probs, torch.zeros_like(probs))
-    out = torch.matmul(probs, vf).to(q.dtype)
+    weights = probs
+    if dropout_p > 0.0:
+        if rng_state is None:
+            raise ValueError("dropout_p > 0 needs rng_state (seed, offset)")
+        keep = dropout_keep_mask(rng_state, dropout_p, (B, H, Lq, Lk), device=q.device)
+        weights = probs * keep.to(acc) / (1.0 - dropout_p)
+    out = torch.matmul(weights, vf).to(q.dtype)
     if not return_stats:
         return out
 
@@ -173,161 +222,3 @@ def rolling_attention_reference(
         key_count = onehot.sum(dim=1)
         stats = AttentionStats(mass, key_sum, key_count, lse.detach())
     return out, stats
-
-
-def key_modality_from_lengths(
-    lengths: Sequence[int],
-    counted: Optional[Sequence[bool]] = None,
-    *,
-    device: Optional[torch.device] = None,
-) -> torch.Tensor:
-    """Modality ids (int64, (sum(lengths),)) for a sequence made of consecutive segments.
-
-    Segment s gets the next modality id if ``counted[s]`` (default: every segment counts), else -1.
-    ``key_modality_from_lengths((1, 512, 588), (False, True, True))`` gives
-    ``[-1, 0 x512, 1 x588]``: a [CLS] key followed by two modalities.
-    """
-    lengths = [int(n) for n in lengths]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"lengths must be non-negative; got {lengths}")
-    if counted is None:
-        counted = [True] * len(lengths)
-    counted = [bool(c) for c in counted]
-    if len(counted) != len(lengths):
-        raise ValueError(
-            f"counted must have one entry per segment: got {len(counted)} for {len(lengths)} lengths"
-        )
-    ids = []
-    next_id = 0
-    for n, c in zip(lengths, counted):
-        ids.append(torch.full((n,), next_id if c else -1, dtype=torch.long, device=device))
-        next_id += int(c)
-    if not ids:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# RollingQ maths (DESIGN.md section 3). Statistics are taken over the full embedding E = H * D.
-
-
-def _full_embedding(x: torch.Tensor) -> torch.Tensor:
-    # (B, H, N, D) -> (B, N, H * D), heads concatenated as nn.MultiheadAttention lays them out.
-    B, H, N, D = x.shape
-    return x.permute(0, 2, 1, 3).reshape(B, N, H * D)
-
-
-def modality_cosine(query: torch.Tensor, stats: AttentionStats, eps: float = 1e-12) -> torch.Tensor:
-    """Cosine between each query row and each modality's mean key, over the full embedding.
-
-    Args:
-        query: (B, H, Lq, D), the query rows as the kernel saw them (already rotated).
-        stats: the :class:`AttentionStats` of that call (key_sum, key_count are used).
-    Returns:
-        (B, Lq, M) float; 0 for a modality with no key in a sample.
-    """
-    q = _full_embedding(query.to(stats.key_sum.dtype))
-    means = _full_embedding(stats.key_mean())  # (B, M, E)
-    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(eps)
-    mn = means / means.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return torch.matmul(qn, mn.transpose(-1, -2))
-
-
-def attention_imbalance_rate(cosines: torch.Tensor) -> torch.Tensor:
-    """The paper's AIR for two modalities: mean over samples of (c_0 - c_1).
-
-    cosines: (..., 2), e.g. (B, 2) for the [CLS] row of each sample. Positive: modality 0 favoured.
-    """
-    if cosines.shape[-1] != 2:
-        raise ValueError(
-            "attention_imbalance_rate is defined for two modalities: cosines must have shape "
-            f"(..., 2); got {tuple(cosines.shape)}"
-        )
-    return (cosines[..., 0] - cosines[..., 1]).mean()
-
-
-def rollingq_weights(cosines: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Weights of the modalities' key directions in the rotation target.
-
-    cosines: (M,) mean cosines, or (N, M) per-sample cosines (averaged first).
-    Returns softmax(-2 * sigma * c) over modalities, (M,). For M = 2 this is the paper's
-    alpha = (1 + tanh(-sigma * AIR)) / 2 for modality 0 and 1 - alpha for modality 1.
-    """
-    c = cosines if cosines.dim() == 1 else cosines.reshape(-1, cosines.shape[-1]).mean(0)
-    return torch.softmax(-2.0 * sigma * c, dim=-1)
-
-
-def rollingq_target(
-    query_mean: torch.Tensor,
-    key_means: torch.Tensor,
-    weights: torch.Tensor,
-    eps: float = 1e-12,
-) -> torch.Tensor:
-    """sum_m w_m * normalize(key_means[m]), rescaled to the norm of ``query_mean``.
-
-    query_mean: (E,) mean [CLS] query; key_means: (M, E); weights: (M,). Returns (E,).
-    """
-    directions = key_means / key_means.norm(dim=-1, keepdim=True).clamp_min(eps)
-    target = (weights[:, None].to(directions.dtype) * directions).sum(0)
-    return target * (query_mean.norm() / target.norm().clamp_min(eps))
-
-
-def _orthogonal_unit(u: torch.Tensor) -> torch.Tensor:
-    # A unit vector orthogonal to unit u: Gram-Schmidt on the axis least aligned with u.
-    axis = torch.zeros_like(u)
-    axis[torch.argmin(u.abs())] = 1.0
-    w = axis - torch.dot(axis, u) * u
-    return w / w.norm()
-
-
-def rotation_between(
-    x: torch.Tensor, y: torch.Tensor, method: str = "plane", eps: float = 1e-7
-) -> torch.Tensor:
-    """An orthogonal (E, E) matrix R with det +1 and R x_hat = y_hat.
-
-    method="plane": the rotation within span(x, y), identity on its orthogonal complement.
-        x ~ y gives the identity; x ~ -y rotates by pi in a plane through x (any such plane works).
-    method="svd": U V^T from the SVD of y x^T, with the last column of U negated if that makes
-        det +1 (the construction of the paper's official code). On the complement of span(x, y) it
-        is some orthogonal map chosen by the SVD, not necessarily the identity.
-    Computed in float64 internally; returned in x's dtype.
-    """
-    if x.dim() != 1 or y.shape != x.shape:
-        raise ValueError(
-            f"x and y must be vectors of the same length; got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    out_dtype = x.dtype
-    xd, yd = x.to(torch.float64), y.to(torch.float64)
-    if xd.norm() == 0 or yd.norm() == 0:
-        raise ValueError("rotation_between needs non-zero x and y")
-    u = xd / xd.norm()
-    t = yd / yd.norm()
-    E = u.numel()
-    eye = torch.eye(E, dtype=torch.float64, device=x.device)
-    if method == "svd":
-        U, _, Vh = torch.linalg.svd(torch.outer(t, u))
-        R = U @ Vh
-        if torch.linalg.det(R) < 0:
-            U = U.clone()
-            U[:, -1] = -U[:, -1]
-            R = U @ Vh
-        return R.to(out_dtype)
-    if method != "plane":
-        raise ValueError(f"method must be 'plane' or 'svd'; got {method!r}")
-    cos = torch.dot(u, t).clamp(-1.0, 1.0)
-    w = t - cos * u
-    sin = w.norm()
-    if sin < eps:
-        if cos > 0:
-            return eye.to(out_dtype)
-        w = _orthogonal_unit(u)
-        cos, sin = torch.tensor(-1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
-    else:
-        w = w / sin
-    # Rotation by theta in the plane (u, w): u -> cos u + sin w, w -> -sin u + cos w.
-    R = (
-        eye
-        + sin * (torch.outer(w, u) - torch.outer(u, w))
-        + (cos - 1.0) * (torch.outer(u, u) + torch.outer(w, w))
-    )
-    return R.to(out_dtype)

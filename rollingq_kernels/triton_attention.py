@@ -5,8 +5,9 @@ Layers, bottom up:
 * ``rolling_attention_triton_forward`` / ``rolling_attention_triton_backward``: plain launchers
   of the kernels in ``triton_attention_kernels.py`` on canonical inputs (see
   :class:`~rollingq_kernels.backends.AttentionProblem`).
-* ``torch.ops.rollingq.triton_fwd`` / ``torch.ops.rollingq.triton_bwd``: custom ops with fake
-  implementations and autograd, so ``torch.compile(fullgraph=True)`` traces them as single nodes.
+* the implementations of ``torch.ops.rollingq.triton_attention_fwd`` / ``_bwd`` (schema, fake
+  implementation and autograd are the shared op contract, ``op_contract.py``), so
+  ``torch.compile(fullgraph=True)`` traces them as single nodes.
 * ``unavailable_reason`` / ``unsupported_reasons`` / ``forward``: the backend protocol of
   ``backends.py``.
 
@@ -29,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import op_contract as _contract
 from ._stats import AttentionStats
 
 try:
@@ -96,30 +98,7 @@ def unsupported_reasons(problem) -> List[str]:
 
 
 def forward(p) -> Tuple[Tensor, Optional[AttentionStats]]:
-    rows = p.rotated_queries if p.rotation is not None else None
-    out, lse, mass, key_sum = torch.ops.rollingq.triton_fwd(
-        p.q,
-        p.k,
-        p.v,
-        p.rotation,
-        rows,
-        p.key_modality,
-        p.key_padding_mask,
-        p.num_modalities,
-        p.is_causal,
-        p.scale,
-    )
-    if not p.return_stats:
-        return out, None
-    return out, AttentionStats(mass, key_sum, _key_count(p), lse)
-
-
-def _key_count(p) -> Tensor:
-    ids = p.key_modality
-    counted = ids[..., None] == torch.arange(p.num_modalities, device=ids.device, dtype=ids.dtype)
-    if p.key_padding_mask is not None:
-        counted = counted & p.key_padding_mask[..., None]
-    return counted.sum(dim=1).to(torch.float32)
+    return _contract.run_forward(_contract.TRITON, p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,93 +608,82 @@ def rolling_attention_triton_backward(
 
 
 # ----------------------------------------------------------------------------------------------
-# Torch ops. Kept apart from the C++ ops (rollingq::attention_fwd / attention_bwd).
+# Implementations of the op family rollingq::triton_attention_fwd / _bwd (schema, fake and
+# autograd: op_contract.py). Registered for CUDA tensors, and for CPU tensors so that Triton's
+# interpreter can run them.
 
 
-@torch.library.custom_op("rollingq::triton_fwd", mutates_args=())
-def _triton_fwd_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    rotation: Optional[Tensor],
-    rotated_queries: Optional[Tensor],
-    key_modality: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
-    num_modalities: int,
-    is_causal: bool,
-    scale: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rolling_attention_triton_forward(
-        q,
-        k,
-        v,
-        rotation,
-        rotated_queries,
-        key_modality,
-        key_padding_mask,
-        num_modalities,
-        is_causal,
-        scale,
+def _decline(name: str, attn_mask, is_causal, causal_offset, dropout_p, q, k) -> None:
+    """The contract's arguments these kernels do not implement yet: a clear error, never a
+    wrong answer (the registry keeps "auto" from sending them)."""
+    missing = []
+    if attn_mask is not None:
+        missing.append("attn_mask")
+    if is_causal and causal_offset != 0:
+        missing.append(f"causal_offset={causal_offset}")
+    if dropout_p > 0.0:
+        missing.append("dropout_p > 0")
+    if k.shape[1] != q.shape[1]:
+        missing.append("grouped-query attention (k with fewer heads than q)")
+    if missing:
+        raise NotImplementedError(
+            f"rollingq::triton_{name}: not implemented by the Triton kernels: "
+            + ", ".join(missing)
+            + "; use backend='reference' (or 'auto', which chooses a backend that can)"
+        )
+
+
+def _key_count(ids, pad, B: int, M: int, device) -> Tensor:
+    """(B, M) float32: non-padded keys of each modality."""
+    if M == 0:
+        return torch.zeros((B, 0), dtype=torch.float32, device=device)
+    counted = ids[..., None] == torch.arange(M, device=ids.device, dtype=ids.dtype)
+    if pad is not None:
+        counted = counted & pad[..., None]
+    return counted.sum(dim=1).to(torch.float32)
+
+
+def _side_inputs(rotation, rotated_queries, key_modality, key_padding_mask):
+    # the launchers take contiguous side inputs (the contract allows stride-0 broadcasts)
+    def c(t):
+        return None if t is None else t.contiguous()
+
+    return c(rotation), c(rotated_queries), c(key_modality), c(key_padding_mask)
+
+
+@torch.library.impl("rollingq::triton_attention_fwd", ("CPU", "CUDA"), lib=_contract._LIB)
+def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modalities,
+                     key_padding_mask, attn_mask, is_causal, causal_offset, scale, dropout_p,
+                     rng_state):  # fmt: skip
+    _decline("attention_fwd", attn_mask, is_causal, causal_offset, dropout_p, q, k)
+    rotation, rows, ids, pad = _side_inputs(
+        rotation, rotated_queries, key_modality, key_padding_mask
     )
-
-
-@_triton_fwd_op.register_fake
-def _(q, k, v, rotation, rotated_queries, key_modality, key_padding_mask, num_modalities,
-      is_causal, scale):  # fmt: skip
-    B, H, Lq, D = q.shape
-    M = int(num_modalities)
-    f32 = torch.float32
-    return (
-        q.new_empty(B, H, Lq, v.shape[3]),
-        q.new_empty(B, H, Lq, dtype=f32),
-        q.new_empty(B, H, Lq, M, dtype=f32),
-        q.new_empty(B, H, M, D, dtype=f32),
+    if rotation is None:
+        rows = None
+    out, lse, mass, key_sum = rolling_attention_triton_forward(
+        q, k, v, rotation, rows, ids, pad, num_modalities, is_causal, scale
     )
+    B, H, Lq, _ = q.shape
+    result = _contract.layout_like(q, (B, H, Lq, v.shape[3]))
+    result.copy_(out)
+    return result, lse, mass, key_sum, _key_count(ids, pad, B, int(num_modalities), q.device)
 
 
-@torch.library.custom_op("rollingq::triton_bwd", mutates_args=())
-def _triton_bwd_op(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    rotation: Optional[Tensor],
-    rotated_queries: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
-    is_causal: bool,
-    scale: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    return rolling_attention_triton_backward(
-        dout, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask, is_causal, scale
+@torch.library.impl("rollingq::triton_attention_bwd", ("CPU", "CUDA"), lib=_contract._LIB)
+def _triton_bwd_impl(grad_out, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask,
+                     attn_mask, is_causal, causal_offset, scale, dropout_p,
+                     rng_state):  # fmt: skip
+    _decline("attention_bwd", attn_mask, is_causal, causal_offset, dropout_p, q, k)
+    rotation, rows, _, pad = _side_inputs(rotation, rotated_queries, None, key_padding_mask)
+    if rotation is None:
+        rows = None
+    dq, dk, dv = rolling_attention_triton_backward(
+        grad_out, q, k, v, out, lse, rotation, rows, pad, is_causal, scale
     )
-
-
-@_triton_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask, is_causal, scale):
-    return (
-        q.new_empty(q.shape),
-        k.new_empty(k.shape),
-        v.new_empty(v.shape),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, rotation, rows, _ids, pad, _m, is_causal, scale = inputs
-    out, lse, mass, key_sum = output
-    ctx.save_for_backward(q, k, v, out, lse, rotation, rows, pad)
-    ctx.is_causal = is_causal
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse, mass, key_sum)
-
-
-def _backward(ctx, dout, _dlse, _dmass, _dkey_sum):
-    q, k, v, out, lse, rotation, rows, pad = ctx.saved_tensors
-    dq, dk, dv = torch.ops.rollingq.triton_bwd(
-        dout, q, k, v, out, lse, rotation, rows, pad, ctx.is_causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-_triton_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    grads = []
+    for t, g in ((q, dq), (k, dk), (v, dv)):
+        r = _contract.layout_like(t, t.shape)
+        r.copy_(g)
+        grads.append(r)
+    return tuple(grads)

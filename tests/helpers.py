@@ -15,7 +15,7 @@ import torch
 
 from rollingq_kernels import rolling_attention_reference
 
-# Relative L2 error (||out - ref|| / ||ref||) allowed per dtype (DESIGN.md section 5). For float16 /
+# Relative L2 error (||out - ref|| / ||ref||) allowed per dtype (docs/design.md section 6). For float16 /
 # bfloat16 the rule is relative to PyTorch's own error in that dtype, see low_precision_bound.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # stats are accumulated in float32 (float64 for float64 inputs)
@@ -218,7 +218,7 @@ def _plain_low_precision(q, k, v, kw):
 
 
 def check_against_reference(case: Case, out, stats=None, *, dtype: torch.dtype, what: str = ""):
-    """Compare a backend's (out, stats) with the float64 reference under DESIGN.md section 5."""
+    """Compare a backend's (out, stats) with the float64 reference under docs/design.md section 6."""
     ref = reference(case)
     ref_out, ref_stats = ref if isinstance(ref, tuple) else (ref, None)
     if dtype in REL_TOL:

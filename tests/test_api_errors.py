@@ -29,8 +29,14 @@ BAD = [
     # (overrides, exception, words the message must contain)
     (dict(q=[[1.0]]), TypeError, ["q", "torch.Tensor"]),
     (dict(q=torch.randn(B, LQ, D)), ValueError, ["q", "(B, H, Lq, D)", f"({B}, {LQ}, {D})"]),
-    (dict(k=torch.randn(B, H, LK)), ValueError, ["k", "(B, H, Lk, D)"]),
-    (dict(k=torch.randn(B, H + 1, LK, D)), ValueError, ["k", f"({B}, {H}, Lk, {D})"]),
+    (dict(k=torch.randn(B, H, LK)), ValueError, ["k", "(B, Hkv, Lk, D)"]),
+    (dict(k=torch.randn(B, H + 1, LK, D)), ValueError, ["k", "4 heads", "enable_gqa"]),
+    (
+        dict(k=torch.randn(B, 2, LK, D), v=torch.randn(B, 2, LK, 4), enable_gqa=True),
+        ValueError,
+        ["k", "divisor", "(2, 2, 6, 8)"],
+    ),
+    (dict(enable_gqa=1), TypeError, ["enable_gqa", "bool"]),
     (dict(k=torch.randn(B, H, LK, D + 1)), ValueError, ["k", f"({B}, {H}, {LK}, {D + 1})"]),
     (dict(v=torch.randn(B, H, LK + 1, 4)), ValueError, ["v", f"({B}, {H}, {LK}, Dv)"]),
     (dict(v=torch.randn(B + 1, H, LK, 4)), ValueError, ["v"]),
@@ -79,7 +85,45 @@ BAD = [
         ["key_modality", "[-1, 1]", "[0, 2]"],
     ),
     (dict(key_modality=torch.tensor([0, 1, -2, 0, 1, 1])), ValueError, ["key_modality", "-2"]),
-    (dict(num_modalities=0), ValueError, ["num_modalities", ">= 1"]),
+    (dict(num_modalities=0), ValueError, ["num_modalities", "[1,", "got 0"]),
+    (dict(num_modalities=2**32 + 1), ValueError, ["num_modalities", "2**31"]),
+    (
+        dict(key_modality=torch.zeros(LK, dtype=torch.complex128)),
+        TypeError,
+        ["key_modality", "integer"],
+    ),
+    (dict(key_modality=torch.zeros(LK, dtype=torch.bool)), TypeError, ["key_modality", "integer"]),
+    (dict(attn_mask=torch.ones(LQ, LK, dtype=torch.int32)), TypeError, ["attn_mask", "int32"]),
+    (
+        dict(attn_mask=torch.ones(LQ, LK, dtype=torch.float64)),
+        TypeError,
+        ["attn_mask", "float64", "float32"],
+    ),
+    (
+        dict(attn_mask=torch.ones(LQ + 1, LK, dtype=torch.bool)),
+        ValueError,
+        ["attn_mask", f"({B}, {H}, {LQ}, {LK})", f"({LQ + 1}, {LK})"],
+    ),
+    (dict(attn_mask=torch.ones(1, 1, 1, 1, 1, dtype=torch.bool)), ValueError, ["attn_mask"]),
+    (dict(attn_mask=[[True]]), TypeError, ["attn_mask", "list"]),
+    (
+        dict(attn_mask=torch.ones(LQ, LK, dtype=torch.bool), is_causal=True),
+        ValueError,
+        ["attn_mask", "is_causal"],
+    ),
+    (dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)"]),
+    (dict(dropout_p=-0.1), ValueError, ["dropout_p", "[0, 1)"]),
+    (dict(dropout_p="0.1"), TypeError, ["dropout_p"]),
+    (
+        dict(dropout_p=0.1, rng_state=torch.zeros(3, dtype=torch.int64)),
+        ValueError,
+        ["rng_state", "(2,)"],
+    ),
+    (
+        dict(dropout_p=0.1, rng_state=torch.zeros(2, dtype=torch.int32)),
+        ValueError,
+        ["rng_state", "int64"],
+    ),
     (dict(num_modalities=2.0), TypeError, ["num_modalities"]),
     (dict(key_padding_mask=torch.ones(B, LK)), TypeError, ["key_padding_mask", "bool"]),
     (
@@ -93,6 +137,7 @@ BAD = [
     (dict(scale=float("nan")), ValueError, ["scale", "finite"]),
     (dict(return_stats=None), TypeError, ["return_stats"]),
     (dict(backend="flash"), ValueError, ["backend", "flash"]),
+    (dict(backend=3), TypeError, ["backend", "str"]),
 ]
 
 
@@ -156,3 +201,40 @@ def test_empty_problems_give_empty_or_zero_results():
     out, st = rolling_attention(q, k[:, :, :0], v[:, :, :0], return_stats=True)
     assert out.shape == (2, 3, 4, 4) and torch.all(out == 0)
     assert torch.all(st.lse == float("-inf")) and torch.all(st.modality_mass == 0)
+
+
+def test_causal_bias_of_other_lengths_is_refused():
+    from torch.nn.attention.bias import causal_lower_right
+
+    with pytest.raises(ValueError, match=r"CausalBias for Lq=4, Lk=6; the inputs have Lq=5"):
+        _call(attn_mask=causal_lower_right(4, LK))
+    with pytest.raises(ValueError, match="not both"):
+        _call(attn_mask=causal_lower_right(LQ, LK), is_causal=True)
+
+
+def test_backend_registered_from_outside_is_usable_by_name():
+    from rollingq_kernels.backends import _REGISTRY, BackendSpec, Features, register_backend
+
+    spec = BackendSpec(
+        name="mine",
+        module="rollingq_kernels._reference_backend",
+        dtypes={"cpu": frozenset({torch.float32})},
+        features=Features(),
+        auto=False,
+    )
+    register_backend(spec)
+    try:
+        args = _good()
+        out = rolling_attention(args["q"], args["k"], args["v"], backend="mine")
+        want = rk.rolling_attention_reference(args["q"], args["k"], args["v"])
+        torch.testing.assert_close(out, want)
+        # its declared features are enforced: a bool mask is refused by name
+        with pytest.raises(NoBackendError, match="mine.*no bool attn_mask"):
+            rolling_attention(
+                args["q"], args["k"], args["v"], backend="mine",
+                attn_mask=torch.ones(LQ, LK, dtype=torch.bool),
+            )  # fmt: skip
+        assert "mine" in rk.backends.backend_table()
+    finally:
+        del _REGISTRY["mine"]
+        rk.backends._AUTO_CACHE.clear()

@@ -20,10 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = textwrap.dedent(
     """
     import sys, torch
+    import rollingq_kernels.op_contract  # defines the op schema the library implements
     torch.ops.load_library(sys.argv[1])
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 37, 24, generator=g) for _ in range(3))
-    out, lse, *_ = torch.ops.rollingq.attention_fwd(q, k, v, None, None, None, 0, None, True, 0.2)
+    out, lse, *_ = torch.ops.rollingq.attention_fwd(
+        q, k, v, None, None, None, 0, None, None, True, 0, 0.2, 0.0, None
+    )
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
     err = (out - want).abs().max().item()
     assert err < 1e-5, err

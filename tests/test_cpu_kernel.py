@@ -10,6 +10,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -235,7 +236,7 @@ def test_op_on_empty_sequences(Lq, Lk, isa):
     ids = torch.randint(-1, 2, (2, Lk), generator=g, dtype=torch.int32)
     with nan_poisoned_outputs():
         out, lse, mass, key_sum, key_count = torch.ops.rollingq.attention_fwd(
-            q, k, v, None, None, ids, 2, None, False, 0.5
+            q, k, v, None, None, ids, 2, None, None, False, 0, 0.5, 0.0, None
         )
     ref_out, ref = rolling_attention_reference(
         q, k, v, key_modality=ids, num_modalities=2, scale=0.5, return_stats=True
@@ -449,7 +450,9 @@ def test_nan_query_of_a_row_that_sees_no_key_still_gives_zeros(isa):
 
 
 def _op_out(q, k, v, rotation, rows, ids, M, pad, causal, scale):
-    return torch.ops.rollingq.attention_fwd(q, k, v, rotation, rows, ids, M, pad, causal, scale)[0]
+    return torch.ops.rollingq.attention_fwd(
+        q, k, v, rotation, rows, ids, M, pad, None, causal, 0, scale, 0.0, None
+    )[0]
 
 
 @pytest.mark.parametrize(
@@ -516,6 +519,12 @@ def test_backward_matches_reference_autograd(kw, dtype, isa):
 # ---- registration ---------------------------------------------------------------------------
 
 
+_FWD_ARG = {name: i for i, name in enumerate(
+    "q k v rotation rotated_queries key_modality num_modalities key_padding_mask attn_mask "
+    "is_causal causal_offset scale dropout_p rng_state".split()
+)}  # fmt: skip
+
+
 def _op_args(dtype, requires_grad):
     case = make_case(
         dtype=dtype, B=2, H=2, Lq=9, Lk=11, D=8, rotation="per_head", rows="batch",
@@ -523,23 +532,24 @@ def _op_args(dtype, requires_grad):
     )  # fmt: skip
     p = make_problem(case.q, case.k, case.v, **case.kwargs)
     q, k, v = (t.detach().requires_grad_(requires_grad) for t in (case.q, case.k, case.v))
-    return (q, k, v, p.rotation, p.rotated_queries, p.key_modality, p.num_modalities,
-            p.key_padding_mask, p.is_causal, p.scale)  # fmt: skip
+    return (q, k, v, *p.op_args()[3:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_opcheck_forward(dtype):
     torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, _op_args(dtype, True))
     no_stats = list(_op_args(dtype, False))
-    no_stats[5], no_stats[6] = None, 0
+    no_stats[5], no_stats[6] = None, 0  # key_modality, num_modalities
     torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, tuple(no_stats))
 
 
 def test_opcheck_backward():
-    q, k, v, rot, rows, ids, m, pad, causal, scale = _op_args(torch.float64, False)
-    out, lse, *_ = torch.ops.rollingq.attention_fwd(q, k, v, rot, rows, ids, m, pad, causal, scale)
+    q, k, v, rot, rows, ids, m, pad, mask, causal, offset, scale, p, rng = _op_args(
+        torch.float64, False
+    )
+    out, lse, *_ = torch.ops.rollingq.attention_fwd(*_op_args(torch.float64, False))
     grad = torch.randn_like(out)
-    args = (grad, q, k, v, out, lse, rot, rows, pad, causal, scale)
+    args = (grad, q, k, v, out, lse, rot, rows, pad, mask, causal, offset, scale, p, rng)
     torch.library.opcheck(torch.ops.rollingq.attention_bwd.default, args)
 
 
@@ -574,27 +584,47 @@ def test_torch_compile_fullgraph():
 
 
 def test_op_rejects_bad_arguments_by_name():
-    q, k, v, rot, rows, ids, m, pad, causal, scale = _op_args(torch.float32, False)
+    args = _op_args(torch.float32, False)
+
+    def call(**changes):
+        a = list(args)
+        for name, value in changes.items():
+            a[_FWD_ARG[name]] = value
+        return torch.ops.rollingq.attention_fwd(*a)
+
+    ids = args[_FWD_ARG["key_modality"]]
     with pytest.raises(RuntimeError, match=r"rotation must have shape"):
-        torch.ops.rollingq.attention_fwd(q, k, v, rot[:, :4], rows, ids, m, pad, causal, scale)
+        call(rotation=args[3][:, :4])
     bad_ids = ids.clone()
     bad_ids[0, 0] = 2
     with pytest.raises(RuntimeError, match=r"key_modality ids must lie in \[-1, 1\]"):
-        torch.ops.rollingq.attention_fwd(q, k, v, rot, rows, bad_ids, m, pad, causal, scale)
+        call(key_modality=bad_ids)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be a bool tensor"):
-        torch.ops.rollingq.attention_fwd(q, k, v, rot, rows, ids, m, pad.int(), causal, scale)
-    with pytest.raises(RuntimeError, match=r"k must have shape \(2, 2, Lk, 8\)"):
-        torch.ops.rollingq.attention_fwd(q, k[..., :4], v, rot, rows, ids, m, pad, causal, scale)
-    with pytest.raises(RuntimeError, match=r"v has dtype Double but q has Float"):
-        torch.ops.rollingq.attention_fwd(q, k, v.double(), rot, rows, ids, m, pad, causal, scale)
+        call(key_padding_mask=args[_FWD_ARG["key_padding_mask"]].int())
+    with pytest.raises(RuntimeError, match=r"k must have shape \(2, Hkv, Lk, 8\)"):
+        call(k=args[1][..., :4])
+    with pytest.raises(RuntimeError, match=r"q, k and v must share a dtype"):
+        call(v=args[2].double())
 
 
 def test_library_built_for_another_torch_is_refused(tmp_path, monkeypatch):
-    fake = tmp_path / "_C.cpython-fake.so"
+    fake = tmp_path / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     fake.write_bytes(b"\x7fELF....rollingq-torch-version=1.0.0;....")
     monkeypatch.setattr(fused_op, "_PACKAGE_DIR", str(tmp_path))
     with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 but torch .* installed"):
         fused_op._load_library("_C")
+
+
+def test_library_for_another_python_does_not_shadow_this_one(tmp_path, monkeypatch):
+    # a leftover build for another interpreter sorts before this one's; it must not be loaded
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    (tmp_path / "_C.cpython-30-x86_64-linux-gnu.so").write_bytes(b"stale")
+    monkeypatch.setattr(fused_op, "_PACKAGE_DIR", str(tmp_path))
+    assert fused_op.library_path("_C") is None
+    with pytest.raises(ImportError, match=r"found only \['_C.cpython-30"):
+        fused_op._load_library("_C")
+    (tmp_path / ("_C" + suffix)).write_bytes(b"rollingq-torch-version=1.0.0;")
+    assert fused_op.library_path("_C") == str(tmp_path / ("_C" + suffix))
 
 
 def test_rotation_is_orthogonal_input_not_renormalised():

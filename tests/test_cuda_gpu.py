@@ -1,4 +1,4 @@
-"""The "cuda" backend on a GPU: parity with the float64 reference (DESIGN.md section 5).
+"""The "cuda" backend on a GPU: parity with the float64 reference (docs/design.md section 6).
 
 Marked ``gpu``: skipped on machines without a CUDA device (tests/conftest.py). On a GPU they build
 the extension (prebuilt or JIT) and check every kernel path: the tensor-core forward (fp16/bf16,
@@ -156,9 +156,9 @@ def test_empty_rows_and_keys():
 
 def test_opcheck_fwd():
     # schema, fake impl and CUDA impl agree (torch.library.opcheck)
-    from rollingq_kernels import fused_op  # noqa: F401  (registers the ops)
+    from rollingq_kernels import op_contract  # noqa: F401  (defines the ops' schema)
 
     case = make_case(B=1, H=2, Lq=9, D=64, modalities=2, seed=6).to(torch.float16, "cuda")
     ids = case.kwargs["key_modality"].to(torch.int32).cuda()
-    args = (case.q, case.k, case.v, None, None, ids, 2, None, False, 0.125)
+    args = (case.q, case.k, case.v, None, None, ids, 2, None, None, False, 0, 0.125, 0.0, None)
     torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, args)

@@ -111,6 +111,12 @@ class _Inputs:
             kw["rotation"] = kw["rotation"].to(dtype)
         p = make_problem(c.q, c.k, c.v, **kw)
         self.p = p
+        # side inputs contiguous, as the CUDA binding hands them to the kernels (the contract
+        # allows broadcast strides; the binding copies them)
+        self.side = [
+            None if t is None else t.contiguous()
+            for t in (p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask)
+        ]
         B, H, Lq, D = p.q.shape
         Dv, M = p.v.shape[3], p.num_modalities
         # unit last stride, as the binding guarantees (it copies only when the last stride != 1)
@@ -130,10 +136,7 @@ class _Inputs:
             _desc(self.k),
             _desc(self.v),
             _desc(self.out),
-            _ptr(p.rotation),
-            _ptr(p.rotated_queries),
-            _ptr(p.key_modality),
-            _ptr(p.key_padding_mask),
+            *(_ptr(t) for t in self.side),
             self.lse.data_ptr(),
             self.mass.data_ptr(),
             self.key_sum.data_ptr(),

@@ -160,9 +160,8 @@ def test_opcheck_cuda():
     p = make_problem(c.q, c.k, c.v, **c.kwargs)
     for t in (c.q, c.k, c.v):
         t.requires_grad_(True)
-    args = (c.q, c.k, c.v, p.rotation, None, p.key_modality, p.key_padding_mask,
-            p.num_modalities, False, p.scale)  # fmt: skip
-    torch.library.opcheck(torch.ops.rollingq.triton_fwd.default, args)
+    args = (c.q, c.k, c.v, *p.op_args()[3:])
+    torch.library.opcheck(torch.ops.rollingq.triton_attention_fwd.default, args)
 
 
 # last: the widest kernels take longest to compile (128 is covered above)

@@ -56,21 +56,16 @@ def _run(case, num_splits=None):
     with nan_poisoned_outputs():
         if num_splits is None:
             return ta.forward(p)
-        rows = p.rotated_queries if p.rotation is not None else None
-        out, lse, mass, key_sum = ta.rolling_attention_triton_forward(
-            p.q,
-            p.k,
-            p.v,
-            p.rotation,
-            rows,
-            p.key_modality,
-            p.key_padding_mask,
-            p.num_modalities,
-            p.is_causal,
-            p.scale,
-            num_splits=num_splits,
+        rot, rows, ids, pad = ta._side_inputs(
+            p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask
         )
-    stats = AttentionStats(mass, key_sum, ta._key_count(p), lse) if p.return_stats else None
+        rows = rows if rot is not None else None
+        out, lse, mass, key_sum = ta.rolling_attention_triton_forward(
+            p.q, p.k, p.v, rot, rows, ids, pad, p.num_modalities, p.is_causal, p.scale,
+            num_splits=num_splits,
+        )  # fmt: skip
+    count = ta._key_count(ids, pad, p.q.shape[0], p.num_modalities, p.q.device)
+    stats = AttentionStats(mass, key_sum, count, lse) if p.return_stats else None
     return out, stats
 
 
@@ -277,9 +272,8 @@ def test_custom_ops_opcheck():
     p = _problem(case)
     for t in (case.q, case.k, case.v):
         t.requires_grad_(True)
-    args = (case.q, case.k, case.v, p.rotation, None, p.key_modality, p.key_padding_mask,
-            p.num_modalities, False, p.scale)  # fmt: skip
-    results = torch.library.opcheck(torch.ops.rollingq.triton_fwd.default, args)
+    args = (case.q, case.k, case.v, *p.op_args()[3:])
+    results = torch.library.opcheck(torch.ops.rollingq.triton_attention_fwd.default, args)
     assert all(v == "SUCCESS" for v in results.values()), results
 
 

@@ -1,42 +1,26 @@
-// Torch binding of the CUDA kernels: checks the tensors, fills the params struct, launches on
-// the current stream, and registers the CUDA implementation of the rollingq ops (the schema is
-// defined once, with TORCH_LIBRARY, by the CPU extension's csrc/ops.cpp).
-//
-// Inputs arrive canonicalised by rollingq_kernels/api.py (make_problem); the checks here guard
-// the C++ entry point itself (torch.ops.rollingq.* can be called directly) and name the argument.
+// Torch binding of the CUDA kernels: registers the CUDA implementation of the rollingq op family
+// (schema, fake implementation and autograd: rollingq_kernels/op_contract.py). Argument checks,
+// side-input canonicalisation, output layout and the params struct come from the canonicalisation
+// shared with the CPU binding (csrc/binding_common.h); this file adds what the CUDA kernels need
+// on top (unit last strides, contiguous side inputs, workspaces) and launches on the current
+// stream.
 #include <Python.h>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "binding_common.h"
 #include "launch.h"
 #include "params_fill.h"
 
 namespace rollingq {
 namespace {
 
-using at::Tensor;
-using c10::optional;
-
-TensorDesc describe(const Tensor& t) {
-  TensorDesc d;
-  d.ptr = t.data_ptr();
-  for (int i = 0; i < 4; ++i) {
-    d.sizes[i] = t.size(i);
-    d.strides[i] = t.stride(i);
-  }
-  return d;
-}
-
-// The kernels read rows with unit stride; any other layout of the leading dims is read in place.
-Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-ScalarKind scalar_kind(const Tensor& q) {
+ScalarKind scalar_kind(const char* op, const Tensor& q) {
   switch (q.scalar_type()) {
     case at::kFloat:
       return ScalarKind::kFloat32;
@@ -45,184 +29,85 @@ ScalarKind scalar_kind(const Tensor& q) {
     case at::kBFloat16:
       return ScalarKind::kBFloat16;
     default:
-      TORCH_CHECK(false, "rollingq CUDA: q must be float32, float16 or bfloat16; got ",
-                  q.scalar_type());
+      TORCH_CHECK(false, op, ": q must be float32, float16 or bfloat16; got ", q.scalar_type());
   }
   return ScalarKind::kFloat32;
 }
 
-void check_on_device(const char* name, const Tensor& t, const Tensor& q) {
-  TORCH_CHECK(t.device() == q.device(), "rollingq CUDA: ", name, " is on ", t.device(),
-              " but q is on ", q.device());
-}
-
-void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.is_cuda(), "rollingq CUDA: q must be a CUDA tensor; got one on ", q.device());
-  TORCH_CHECK(q.dim() == 4, "rollingq CUDA: q must have shape (B, H, Lq, D); got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                  k.size(3) == q.size(3),
-              "rollingq CUDA: k must have shape (", q.size(0), ", ", q.size(1), ", Lk, ",
-              q.size(3), "); got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) &&
-                  v.size(2) == k.size(2),
-              "rollingq CUDA: v must have shape (", q.size(0), ", ", q.size(1), ", ", k.size(2),
-              ", Dv); got ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "rollingq CUDA: q, k and v must share a dtype; got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type());
-  check_on_device("k", k, q);
-  check_on_device("v", v, q);
-  TORCH_CHECK(q.size(3) > 0 && v.size(3) > 0, "rollingq CUDA: head dims must be positive");
-}
-
-// Optional per-row / per-key side inputs and the rotation, checked and made contiguous.
-struct SideInputs {
-  Tensor rotation, rotated_rows, key_modality, key_padding;
-};
-
-SideInputs check_side_inputs(const Tensor& q, int64_t Lk, const optional<Tensor>& rotation,
-                             const optional<Tensor>& rotated_queries,
-                             const optional<Tensor>& key_modality,
-                             const optional<Tensor>& key_padding_mask) {
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  SideInputs s;
-  if (rotation.has_value() && rotation->defined()) {
-    const Tensor& r = *rotation;
-    check_on_device("rotation", r, q);
-    TORCH_CHECK(r.dim() == 3 && r.size(0) == H && r.size(1) == D && r.size(2) == D,
-                "rollingq CUDA: rotation must have shape (", H, ", ", D, ", ", D, "); got ",
-                r.sizes());
-    s.rotation = r.to(at::kFloat).contiguous();
-  }
-  if (rotated_queries.has_value() && rotated_queries->defined()) {
-    const Tensor& r = *rotated_queries;
-    TORCH_CHECK(s.rotation.defined(), "rollingq CUDA: rotated_queries given without rotation");
-    check_on_device("rotated_queries", r, q);
-    TORCH_CHECK(r.scalar_type() == at::kBool && r.dim() == 2 && r.size(0) == B && r.size(1) == Lq,
-                "rollingq CUDA: rotated_queries must be bool (", B, ", ", Lq, "); got ",
-                r.scalar_type(), " ", r.sizes());
-    s.rotated_rows = r.contiguous();
-  }
-  if (key_modality.has_value() && key_modality->defined()) {
-    const Tensor& m = *key_modality;
-    check_on_device("key_modality", m, q);
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == Lk,
-                "rollingq CUDA: key_modality must have shape (", B, ", ", Lk, "); got ",
-                m.sizes());
-    TORCH_CHECK(!m.is_floating_point() && m.scalar_type() != at::kBool,
-                "rollingq CUDA: key_modality must be an integer tensor; got ", m.scalar_type());
-    s.key_modality = m.to(at::kInt).contiguous();
-  }
-  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
-    const Tensor& m = *key_padding_mask;
-    check_on_device("key_padding_mask", m, q);
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) == Lk,
-                "rollingq CUDA: key_padding_mask must be bool (", B, ", ", Lk, "); got ",
-                m.scalar_type(), " ", m.sizes());
-    s.key_padding = m.contiguous();
-  }
-  return s;
-}
-
-template <typename T>
-const T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-void set_side_inputs(AttentionParams* p, const SideInputs& s) {
-  p->rotation = s.rotation.defined() ? s.rotation.data_ptr() : nullptr;
-  p->rotated_rows = ptr_or_null<bool>(s.rotated_rows);
-  p->key_modality = ptr_or_null<int32_t>(s.key_modality);
-  p->key_padding = ptr_or_null<bool>(s.key_padding);
+// What the CUDA kernels read: rows with unit stride, side inputs contiguous.
+void prepare_for_kernels(const char* op, Canonical& c) {
+  TORCH_CHECK(c.q.is_cuda(), op, ": q must be a CUDA tensor; got one on ", c.q.device());
+  // contract arguments these kernels do not implement: an error, never a wrong answer
+  TORCH_CHECK_NOT_IMPLEMENTED(!c.attn_mask.defined(), op,
+                              ": attn_mask is not implemented by the CUDA kernels");
+  TORCH_CHECK_NOT_IMPLEMENTED(c.causal_offset == 0, op, ": causal_offset ", c.causal_offset,
+                              " is not implemented by the CUDA kernels");
+  TORCH_CHECK_NOT_IMPLEMENTED(c.dropout_p == 0.0, op,
+                              ": dropout is not implemented by the CUDA kernels");
+  TORCH_CHECK_NOT_IMPLEMENTED(c.k.size(1) == c.q.size(1), op,
+                              ": grouped-query attention is not implemented by the CUDA kernels");
+  c.q = last_dim_contiguous(c.q);
+  c.k = last_dim_contiguous(c.k);
+  c.v = last_dim_contiguous(c.v);
+  for (Tensor* t : {&c.rotation, &c.rotated_rows, &c.key_modality, &c.key_padding})
+    if (t->defined()) *t = t->contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cuda(
-    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const optional<Tensor>& rotation,
-    const optional<Tensor>& rotated_queries, const optional<Tensor>& key_modality,
-    int64_t num_modalities, const optional<Tensor>& key_padding_mask, bool is_causal,
-    double scale) {
-  check_qkv(q_in, k_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const ScalarKind kind = scalar_kind(q_in);
-  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(num_modalities >= 0, "rollingq CUDA: num_modalities must be >= 0; got ",
-              num_modalities);
-  const SideInputs side =
-      check_side_inputs(q, Lk, rotation, rotated_queries, key_modality, key_padding_mask);
-  TORCH_CHECK(num_modalities == 0 || side.key_modality.defined(),
-              "rollingq CUDA: key_modality is required when num_modalities > 0");
-  const int64_t M = num_modalities;
-
-  const auto f32 = q.options().dtype(at::kFloat);
-  Tensor out = at::empty({B, H, Lq, Dv}, q.options());
-  Tensor lse = at::empty({B, H, Lq}, f32);
-  Tensor mass = at::empty({B, H, Lq, M}, f32);
-  Tensor key_sum = at::empty({B, H, M, D}, f32);
-  Tensor key_count = at::empty({B, M}, f32);
-
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& rotation,
+    const std::optional<Tensor>& rotated_queries, const std::optional<Tensor>& key_modality,
+    int64_t num_modalities, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& attn_mask, bool is_causal, int64_t causal_offset, double scale,
+    double dropout_p, const std::optional<Tensor>& rng_state) {
+  constexpr const char* op = "rollingq::attention_fwd (CUDA)";
+  Canonical c = canonicalize_forward(op, q, k, v, rotation, rotated_queries, key_modality,
+                                     num_modalities, key_padding_mask, attn_mask, is_causal,
+                                     causal_offset, scale, dropout_p, rng_state,
+                                     /*check_ids_on_host=*/false);
+  const ScalarKind kind = scalar_kind(op, c.q);
+  const c10::cuda::CUDAGuard guard(c.q.device());
+  prepare_for_kernels(op, c);
+  ForwardOutputs o = allocate_forward(c);
   AttentionParams p;
-  fill_forward_params(&p, describe(q), describe(k), describe(v), describe(out), scale, is_causal);
-  set_side_inputs(&p, side);
-  p.num_modalities = static_cast<int>(M);
-  p.lse = lse.data_ptr();
-  p.modality_mass = M > 0 ? mass.data_ptr() : nullptr;
-  p.key_sum = M > 0 ? key_sum.data_ptr() : nullptr;
-  p.key_count = M > 0 ? key_count.data_ptr() : nullptr;
+  fill_common(p, c);
+  set_outputs(p, o);
   const char* err = run_attention_fwd(p, kind, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == nullptr, "rollingq attention_fwd (CUDA): ", err);
-  return {out, lse, mass, key_sum, key_count};
+  TORCH_CHECK(err == nullptr, op, ": ", err);
+  return {o.out, o.lse, o.modality_mass, o.key_sum, o.key_count};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
-    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-    const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& rotation,
-    const optional<Tensor>& rotated_queries, const optional<Tensor>& key_padding_mask,
-    bool is_causal, double scale) {
-  check_qkv(q_in, k_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const ScalarKind kind = scalar_kind(q_in);
-  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Lk = k.size(2), Dv = v.size(3);
-  for (const auto& named : {std::make_pair("grad_out", &grad_out_in), std::make_pair("out", &out_in)}) {
-    const Tensor& t = *named.second;
-    check_on_device(named.first, t, q);
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == Lq &&
-                    t.size(3) == Dv,
-                "rollingq CUDA: ", named.first, " must have shape (", B, ", ", H, ", ", Lq, ", ",
-                Dv, "); got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "rollingq CUDA: ", named.first,
-                " must have q's dtype ", q.scalar_type(), "; got ", t.scalar_type());
-  }
-  check_on_device("lse", lse_in, q);
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == B &&
-                  lse_in.size(1) == H && lse_in.size(2) == Lq,
-              "rollingq CUDA: lse must be float32 (", B, ", ", H, ", ", Lq, "); got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
-  const Tensor grad_out = unit_last_stride(grad_out_in), out = unit_last_stride(out_in);
-  const Tensor lse = lse_in.contiguous();
-  const SideInputs side =
-      check_side_inputs(q, Lk, rotation, rotated_queries, c10::nullopt, key_padding_mask);
-
-  Tensor dq = at::empty({B, H, Lq, D}, q.options());
-  Tensor dk = at::empty({B, H, Lk, D}, q.options());
-  Tensor dv = at::empty({B, H, Lk, Dv}, q.options());
-  const auto f32 = q.options().dtype(at::kFloat);
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const std::optional<Tensor>& rotation,
+    const std::optional<Tensor>& rotated_queries, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& attn_mask, bool is_causal, int64_t causal_offset, double scale,
+    double dropout_p, const std::optional<Tensor>& rng_state) {
+  constexpr const char* op = "rollingq::attention_bwd (CUDA)";
+  Canonical c = canonicalize_backward(op, grad_out, q, k, v, out, lse, rotation, rotated_queries,
+                                      key_padding_mask, attn_mask, is_causal, causal_offset,
+                                      scale, dropout_p, rng_state);
+  const ScalarKind kind = scalar_kind(op, c.q);
+  const c10::cuda::CUDAGuard guard(c.q.device());
+  prepare_for_kernels(op, c);
+  const Tensor dq = grad_like(q), dk = grad_like(k), dv = grad_like(v);
+  const Tensor dout = last_dim_contiguous(grad_out), out_r = last_dim_contiguous(out);
+  const Tensor lse_c = lse.contiguous();
+  const int64_t B = c.q.size(0), H = c.q.size(1), Lq = c.q.size(2), D = c.q.size(3);
+  const auto f32 = c.q.options().dtype(at::kFloat);
   Tensor delta = at::empty({B, H, Lq}, f32);
   Tensor q_rot = at::empty({B, H, Lq, D}, f32);
 
   AttentionBwdParams p;
-  fill_forward_params(&p, describe(q), describe(k), describe(v), describe(out), scale, is_causal);
-  fill_backward_params(&p, describe(grad_out), describe(dq), describe(dk), describe(dv));
-  set_side_inputs(&p, side);
+  fill_common(p, c);
   p.num_modalities = 0;
-  p.lse = const_cast<void*>(static_cast<const void*>(lse.data_ptr()));
+  p.out = const_cast<void*>(out_r.data_ptr());
+  set_bhl(out_r, &p.out_batch_stride, &p.out_head_stride, &p.out_row_stride);
+  p.lse = const_cast<void*>(lse_c.data_ptr());
+  set_grads(p, dout, dq, dk, dv);
   p.delta = delta.data_ptr();
   p.q_rot = q_rot.data_ptr();
   const char* err = run_attention_bwd(p, kind, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == nullptr, "rollingq attention_bwd (CUDA): ", err);
+  TORCH_CHECK(err == nullptr, op, ": ", err);
   return {dq, dk, dv};
 }
 

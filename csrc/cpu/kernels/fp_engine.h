@@ -65,8 +65,8 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   const int64_t Lk = p.seqlen_k, D = p.head_dim;
   const int M = p.num_modalities;
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const int32_t* ids = p.key_modality + b * Lk;
-  const bool* pad = p.key_padding ? p.key_padding + b * Lk : nullptr;
+  const int32_t* ids = p.key_modality + b * p.key_modality_batch_stride;
+  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
   A* ks = static_cast<A*>(p.key_sum) + (b * p.heads + h) * M * D;
   fill(ks, M * D, A(0));
   A* kc = static_cast<A*>(p.key_count) + b * M;
@@ -112,7 +112,7 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   if (p.rotation == nullptr) return;
   // Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone; at D = 768 a
   // whole tile would cost a fraction of the attention itself): gathered, rotated, put back.
-  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.seqlen_q + i0 : nullptr;
+  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
   int64_t idx[kQueryTile];
   int64_t cnt = 0;
   for (int64_t l = 0; l < qn; ++l)
@@ -123,7 +123,7 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   A* r = tmp + D * cw;   // [D][cw] R times them
   for (int64_t d = 0; d < D; ++d)
     for (int64_t c = 0; c < cw; ++c) g[d * cw + c] = c < cnt ? qT[d * lanes + idx[c]] : A(0);
-  const A* R = ptr<A>(p.rotation) + h * D * D;
+  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
   // (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c]
   gemm<A>(D, cw / W, D, R, D, 1, g, cw, r, cw, Acc::kSet);
   for (int64_t d = 0; d < D; ++d)
@@ -246,8 +246,8 @@ inline void softmax_cols(const AttentionParams& p, int64_t b, int64_t i0, int64_
   constexpr int W = VT<A>::W;
   const A inf = std::numeric_limits<A>::infinity();
   const int M = p.num_modalities;
-  const bool* pad = p.key_padding ? p.key_padding + b * p.seqlen_k + j0 : nullptr;
-  const int32_t* ids = M > 0 ? p.key_modality + b * p.seqlen_k + j0 : nullptr;
+  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride + j0 : nullptr;
+  const int32_t* ids = M > 0 ? p.key_modality + b * p.key_modality_batch_stride + j0 : nullptr;
   // top-left causal: key j visible from query i iff j <= i; needed when the block reaches past
   // the first query of the lanes
   const bool causal = p.is_causal && j0 + kn - 1 > i0 + v0 * W;
@@ -486,13 +486,14 @@ void finish_dq(const AttentionBwdParams& p, const BwdShape& s, int64_t b, int64_
   constexpr int W = VT<A>::W;
   const int64_t D = p.head_dim, Dp = s.Dp;
   if (p.rotation != nullptr) {
-    const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.seqlen_q + i0 : nullptr;
+    const bool* sel =
+        p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
     int64_t idx[kQueryTile];
     int64_t cnt = 0;
     for (int64_t l = 0; l < qn; ++l)
       if (sel == nullptr || sel[l]) idx[cnt++] = l;
     if (cnt > 0) {
-      const A* R = ptr<A>(p.rotation) + h * D * D;
+      const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
       for (int64_t a = 0; a < D; ++a) {
         for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * D + c];
         fill(rpad + a * Dp + D, Dp - D, A(0));
@@ -527,7 +528,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   const int64_t c0 = imin(Lk, c * s.chunk), c1 = imin(Lk, c0 + s.chunk), ck = c1 - c0;
   const A inf = std::numeric_limits<A>::infinity();
   const A scale = A(p.scale);
-  const bool* pad = p.key_padding ? p.key_padding + b * Lk : nullptr;
+  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
 
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
   const T* v = ptr<T>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;

@@ -1,0 +1,224 @@
+"""The op contract every compiled backend implements: one schema, one fake, one autograd formula.
+
+Two op families share the schema below:
+
+* ``rollingq::attention_fwd`` / ``attention_bwd``: the C++ extension implements them for CPU
+  tensors (``csrc/ops.cpp``), the CUDA extension for CUDA tensors (``csrc/cuda/binding.cpp``);
+* ``rollingq::triton_attention_fwd`` / ``triton_attention_bwd``: the Triton kernels
+  (``triton_attention.py``), for CUDA tensors (and CPU tensors under Triton's interpreter).
+
+This module defines the schemas (the C++ libraries only register implementations), registers
+one fake implementation for torch.compile / torch.export and one autograd formula per family,
+and turns an :class:`~rollingq_kernels.backends.AttentionProblem` into the op's arguments. Adding
+an argument to the op means changing: the schema strings here, ``AttentionProblem`` and its
+``op_args``, the C++ canonicalisation (``csrc/binding_common.h``) and params struct
+(``csrc/rollingq_params.h``), and the kernels that implement it (docs/design.md lists them).
+
+Output layout: ``out`` and ``grad_q`` follow q's memory layout, ``grad_k`` / ``grad_v`` follow
+k's / v's (see :func:`layout_like`); the statistics are contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from ._stats import AttentionStats, accumulation_dtype
+
+__all__ = [
+    "FWD_SCHEMA",
+    "BWD_SCHEMA",
+    "OpFamily",
+    "family",
+    "layout_like",
+    "run_forward",
+]
+
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? rotation, Tensor? rotated_queries, "
+    "Tensor? key_modality, int num_modalities, Tensor? key_padding_mask, Tensor? attn_mask, "
+    "bool is_causal, int causal_offset, float scale, float dropout_p, Tensor? rng_state) "
+    "-> (Tensor out, Tensor lse, Tensor modality_mass, Tensor key_sum, Tensor key_count)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rotation, "
+    "Tensor? rotated_queries, Tensor? key_padding_mask, Tensor? attn_mask, bool is_causal, "
+    "int causal_offset, float scale, float dropout_p, Tensor? rng_state) "
+    "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
+)
+# positions of the forward's arguments (the autograd formula reads them by name through these)
+_FWD_ARGS = (
+    "q k v rotation rotated_queries key_modality num_modalities key_padding_mask attn_mask "
+    "is_causal causal_offset scale dropout_p rng_state"
+).split()
+_ARG = {name: i for i, name in enumerate(_FWD_ARGS)}
+
+
+def layout_like(t: torch.Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None):
+    """An empty tensor of ``shape`` (4-D, same leading dims as t) laid out like ``t``: its first
+    three dims ordered by t's strides (largest first, ties in natural order), the last dim
+    contiguous. A t with a broadcast (stride-0) dim gives a contiguous result. The C++ bindings
+    apply the same rule (``csrc/binding_common.h``)."""
+    dtype = t.dtype if dtype is None else dtype
+    strides = t.stride()
+    if any(s == 0 and n > 1 for s, n in zip(strides, t.shape)):
+        order = [0, 1, 2]
+    else:
+        order = sorted(range(3), key=lambda d: (-strides[d], d))
+    order.append(3)
+    permuted = t.new_empty([shape[d] for d in order], dtype=dtype)
+    inverse = [order.index(d) for d in range(4)]
+    return permuted.permute(inverse)
+
+
+def _fake_forward(q, k, v, rotation, rotated_queries, key_modality, num_modalities,
+                  key_padding_mask, attn_mask, is_causal, causal_offset, scale, dropout_p,
+                  rng_state):  # fmt: skip
+    B, H, Lq, D = q.shape
+    acc = accumulation_dtype(q.dtype)
+    M = num_modalities
+    return (
+        layout_like(q, (B, H, Lq, v.shape[3])),
+        q.new_empty((B, H, Lq), dtype=acc),
+        q.new_empty((B, H, Lq, M), dtype=acc),
+        q.new_empty((B, H, M, D), dtype=acc),
+        q.new_empty((B, M), dtype=acc),
+    )
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask,
+                   attn_mask, is_causal, causal_offset, scale, dropout_p, rng_state):  # fmt: skip
+    return (
+        layout_like(q, q.shape),
+        layout_like(k, k.shape),
+        layout_like(v, v.shape),
+    )
+
+
+class OpFamily(NamedTuple):
+    """The forward and backward ops of one family, as ``torch.ops`` overload packets."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+_LIB = torch.library.Library("rollingq", "FRAGMENT")
+_FAMILIES: Dict[str, OpFamily] = {}
+
+
+def _rotate_rows(q, rotation, rows):
+    # q (B, H, L, D), rotation (H, D, D), rows None or bool (B, L): q_i <- R q_i on the rows
+    rotated = torch.matmul(q.to(rotation.dtype), rotation.transpose(-1, -2).unsqueeze(0))
+    if rows is not None:
+        rotated = torch.where(rows[:, None, :, None], rotated, q.to(rotation.dtype))
+    return rotated.to(q.dtype)
+
+
+def _register_autograd(fam: OpFamily) -> None:
+    fwd_name = f"rollingq::{fam.name}attention_fwd"
+    bwd_name = f"rollingq::{fam.name}attention_bwd"
+
+    def setup_context(ctx, inputs, output):
+        out, lse = output[0], output[1]
+        a = {name: inputs[i] for name, i in _ARG.items()}
+        ctx.save_for_backward(
+            a["q"], a["k"], a["v"], out, lse, a["rotation"], a["rotated_queries"],
+            a["key_padding_mask"], a["attn_mask"], a["rng_state"],
+        )  # fmt: skip
+        ctx.flags = (a["is_causal"], a["causal_offset"], a["scale"], a["dropout_p"])
+        # lse and the statistics carry no gradient
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, grad_out, *_grad_stats):
+        q, k, v, out, lse, rotation, rows, pad, mask, rng = ctx.saved_tensors
+        is_causal, offset, scale, dropout_p = ctx.flags
+        needs = ctx.needs_input_grad
+        if needs[_ARG["attn_mask"]]:
+            raise RuntimeError(
+                f"{fwd_name}: the gradient with respect to attn_mask is not implemented by this "
+                "op; use backend='reference' for a float mask that requires grad"
+            )
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        rotation_grad = rotation is not None and needs[_ARG["rotation"]]
+        if not rotation_grad:
+            dq, dk, dv = fam.backward(
+                grad_out, q, k, v, out, lse, rotation, rows, pad, mask, is_causal, offset,
+                scale, dropout_p, rng,
+            )  # fmt: skip
+            drot = None
+        else:
+            # dR needs the gradient of the rotated query: run the op on q_rot with no rotation,
+            # then dq = dq_rot R on rotated rows (q_rot = q R^T) and dR = sum_i dq_rot_i^T q_i.
+            q_rot = _rotate_rows(q, rotation.detach(), rows)
+            dq_rot, dk, dv = fam.backward(
+                grad_out, q_rot, k, v, out, lse, None, None, pad, mask, is_causal, offset,
+                scale, dropout_p, rng,
+            )  # fmt: skip
+            acc = rotation.dtype
+            g = dq_rot.to(acc)
+            if rows is not None:
+                g = torch.where(rows[:, None, :, None], g, torch.zeros_like(g))
+            drot = torch.einsum("bhla,bhlc->hac", g, q.to(acc))
+            back = torch.matmul(g, rotation)
+            dq = (
+                torch.where(rows[:, None, :, None], back, dq_rot.to(acc))
+                if rows is not None
+                else back
+            )
+            dq = dq.to(q.dtype)
+        grads = [None] * len(_FWD_ARGS)
+        grads[_ARG["q"]], grads[_ARG["k"]], grads[_ARG["v"]] = dq, dk, dv
+        grads[_ARG["rotation"]] = drot
+        return tuple(grads)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context, lib=_LIB)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{bwd_name}: double backward (a gradient of the gradient) is not supported by the "
+            "fused kernels; use backend='reference' for higher-order gradients"
+        )
+
+    def bwd_setup(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(bwd_name, no_double_backward, setup_context=bwd_setup, lib=_LIB)
+
+
+def family(name: str = "") -> OpFamily:
+    """Define (once) and return the op family ``rollingq::{name}attention_fwd / _bwd``."""
+    fam = _FAMILIES.get(name)
+    if fam is not None:
+        return fam
+    fwd, bwd = f"{name}attention_fwd", f"{name}attention_bwd"
+    _LIB.define(fwd + FWD_SCHEMA)
+    _LIB.define(bwd + BWD_SCHEMA)
+    torch.library.register_fake(f"rollingq::{fwd}", _fake_forward, lib=_LIB)
+    torch.library.register_fake(f"rollingq::{bwd}", _fake_backward, lib=_LIB)
+    fam = OpFamily(name, getattr(torch.ops.rollingq, fwd), getattr(torch.ops.rollingq, bwd))
+    _register_autograd(fam)
+    _FAMILIES[name] = fam
+    return fam
+
+
+def run_forward(fam: OpFamily, problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+    """One forward call of ``fam`` for a validated problem: (out, stats or None)."""
+    if problem.needs_grad() or torch.compiler.is_compiling():
+        out, lse, mass, key_sum, key_count = fam.forward(*problem.op_args())
+    else:
+        # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
+        # of the per-call cost of a small problem
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse, mass, key_sum, key_count = fam.forward(*problem.op_args())
+    if not problem.return_stats:
+        return out, None
+    return out, AttentionStats(mass, key_sum, key_count, lse)
+
+
+# The two families of this package, defined at import so that the compiled libraries can register
+# their implementations against them.
+COMPILED = family("")
+TRITON = family("triton_")
