@@ -446,6 +446,246 @@ def test_nan_query_of_a_row_that_sees_no_key_still_gives_zeros(isa):
     check_against_reference(case, out, stats, dtype=torch.float32)
 
 
+# ---- the op contract: masks, causal offsets, dropout, grouped-query attention ----------------
+# Every case also rotates a subset of rows and takes two-modality statistics, so the new fields are
+# checked together with the fused ones. The float64 reference is the oracle (fp64 1e-10, fp32
+# 1e-5, bf16 twice the error of the same attention computed in bf16 by plain PyTorch).
+
+CONTRACT_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _mask(name, B, H, Lq, Lk, dtype, g):
+    if name == "bool_full":
+        m = torch.rand(B, H, Lq, Lk, generator=g) < 0.7
+        m[0, 1, 3] = False  # a row that sees no key: zeros, lse = -inf
+        return m
+    if name == "bool_keys":  # (B, 1, 1, Lk): one scalar per key
+        m = torch.rand(B, 1, 1, Lk, generator=g) < 0.8
+        m[..., 0] = True
+        return m
+    if name == "bool_1d":
+        return torch.rand(Lk, generator=g) < 0.6
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if name == "float_2d":  # (Lq, Lk), -inf entries and a row of -inf
+        m = torch.randn(Lq, Lk, generator=g, dtype=acc)
+        m[torch.rand(Lq, Lk, generator=g) < 0.2] = float("-inf")
+        m[2] = float("-inf")
+        return m.to(torch.float32)
+    if name == "float_heads":  # (B, 1, Lq, Lk) float32
+        return torch.randn(B, 1, Lq, Lk, generator=g)
+    if name == "float_keys_input_dtype":  # (B, 1, 1, Lk) in q's dtype
+        return torch.randn(B, 1, 1, Lk, generator=g, dtype=acc).to(dtype)
+    if name == "float_strided":  # columns not contiguous: a transposed view
+        return torch.randn(B, H, Lk, Lq, generator=g).transpose(-1, -2)
+    raise ValueError(name)
+
+
+MASKS = [
+    "bool_full",
+    "bool_keys",
+    "bool_1d",
+    "float_2d",
+    "float_heads",
+    "float_keys_input_dtype",
+    "float_strided",
+]
+
+
+def _contract_case(dtype, *, B=2, H=4, Hkv=None, Lq=37, Lk=70, D=24, seed=0, **extra):
+    g = torch.Generator().manual_seed(seed)
+    Hkv = H if Hkv is None else Hkv
+    acc = torch.float64
+    q = torch.randn(B, Lq, H, D, generator=g, dtype=acc).to(dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=acc).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D + 8, generator=g, dtype=acc).to(dtype)
+    ids = torch.randint(-1, 2, (B, Lk), generator=g)
+    rows = torch.rand(Lq, generator=g) < 0.3
+    kw = dict(
+        rotation=random_orthogonal(D, generator=g),
+        rotated_queries=rows,
+        key_modality=ids,
+        num_modalities=2,
+        return_stats=True,
+        enable_gqa=Hkv != H,
+    )
+    kw.update(extra)
+    return q, k, v, kw
+
+
+def _reference64(q, k, v, kw):
+    kw64 = dict(kw)
+    kw64["rotation"] = kw["rotation"].double()
+    mask = kw.get("attn_mask")
+    if type(mask) is torch.Tensor and mask.is_floating_point():  # not a CausalBias
+        kw64["attn_mask"] = mask.double()
+    return rolling_attention_reference(q.double(), k.double(), v.double(), **kw64)
+
+
+def _bf16_bound(q, k, v, kw, ref_out):
+    """Max error of the same attention computed by plain PyTorch in bfloat16 (FlashAttention's
+    test rule allows twice that)."""
+    kwl = dict(kw)
+    kwl["rotation"] = kw["rotation"].to(torch.bfloat16)
+    mask = kw.get("attn_mask")
+    if type(mask) is not torch.Tensor:  # a CausalBias: the offset below
+        mask = None
+        kwl.update(is_causal=True, causal_offset=k.shape[2] - q.shape[2])
+        kw = kwl
+    elif mask.is_floating_point():
+        kwl["attn_mask"] = mask.to(torch.bfloat16)
+    # the reference's arithmetic in bf16: scores and products rounded to bf16
+    H, Hkv = q.shape[1], k.shape[1]
+    qr = apply_rotation(q, kwl["rotation"], kwl["rotated_queries"])
+    kk = k.repeat_interleave(H // Hkv, 1)
+    vv = v.repeat_interleave(H // Hkv, 1)
+    scale = kw.get("scale") or q.shape[-1] ** -0.5
+    s = (qr @ kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        m = kwl["attn_mask"]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+    off = kw.get("causal_offset")
+    if kw.get("is_causal"):
+        Lq, Lk = s.shape[-2:]
+        hidden = torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + (off or 0)
+        s = s.masked_fill(hidden, float("-inf"))
+    pr = torch.softmax(s.float(), -1).nan_to_num(0.0)
+    if kw.get("dropout_p", 0.0) > 0:
+        from rollingq_kernels.dropout import dropout_keep_mask
+
+        keep = dropout_keep_mask(kw["rng_state"], kw["dropout_p"], tuple(pr.shape))
+        pr = pr * keep / (1 - kw["dropout_p"])
+    out = pr.to(torch.bfloat16) @ vv
+    return (out.double() - ref_out).abs().max().item()
+
+
+def _check_contract(q, k, v, kw, dtype, what, grads=True):
+    inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
+    with nan_poisoned_outputs():
+        out, stats = rolling_attention(*inputs, backend="cpu", **kw)
+    assert out.stride() == torch.empty_like(q).stride() or not q.is_contiguous()
+    ref_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    ref_out, ref = _reference64(*ref_in, kw)
+    finite = torch.isfinite(ref_out)
+    if dtype == torch.bfloat16:
+        bound = 2 * _bf16_bound(q, k, v, kw, ref_out.detach()) + 1e-3
+        err = (out.double() - ref_out.detach()).abs().max().item()
+        assert err <= bound, f"{what}: out max error {err:.3e} > {bound:.3e}"
+    else:
+        assert_close(out, ref_out, rel=REL[dtype], name=f"{what}: out")
+    assert torch.equal(out.isnan(), ~finite & ref_out.isnan())
+    assert_close(stats.lse, ref.lse, rel=STATS_REL[dtype], name=f"{what}: lse")
+    assert_close(stats.modality_mass, ref.modality_mass, rel=STATS_REL[dtype], atol=1e-7,
+                 name=f"{what}: mass")  # fmt: skip
+    assert_close(stats.key_sum, ref.key_sum, rel=STATS_REL[dtype], name=f"{what}: key_sum")
+    assert torch.equal(stats.key_count.double(), ref.key_count)
+    if not grads:
+        return
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with nan_poisoned_outputs():
+        got = torch.autograd.grad(out, inputs, gout.to(dtype))
+    want = torch.autograd.grad(ref_out, ref_in, gout)
+    rel = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape and a.dtype == dtype
+        assert_close(a, b, rel=rel, name=f"{what}: d{name}")
+
+
+REL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mask", MASKS)
+def test_attn_mask_matches_reference(mask, dtype, isa):
+    g = torch.Generator().manual_seed(hash(mask) % 1000)
+    q, k, v, kw = _contract_case(dtype, seed=hash(mask) % 100)
+    B, H, Lq, _ = q.shape
+    kw["attn_mask"] = _mask(mask, B, H, Lq, k.shape[2], dtype, g)
+    if mask != "float_2d":
+        _check_contract(q, k, v, kw, dtype, mask)
+        return
+    # A row whose float mask is all -inf sees no key: zeros, lse = -inf, and no gradient. The
+    # reference's autograd gives NaN gradients there (logsumexp of -inf), so its gradients are
+    # compared on the same mask with that row opened.
+    _check_contract(q, k, v, kw, dtype, mask, grads=False)
+    kw["attn_mask"] = kw["attn_mask"].clone()
+    kw["attn_mask"][2] = 0.0
+    _check_contract(q, k, v, kw, dtype, mask + " (row 2 open)")
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "Lq,Lk,offset", [(37, 70, None), (70, 37, None), (40, 40, -5), (33, 20, 9), (7, 300, 250)]
+)
+def test_causal_offsets_match_reference(Lq, Lk, offset, dtype, isa):
+    # offset None: the lower-right CausalBias (offset Lk - Lq) through the API; otherwise the op
+    # with that offset (rows with i + offset < 0 see no key)
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v, kw = _contract_case(dtype, Lq=Lq, Lk=Lk, seed=Lq + Lk)
+    if offset is None:
+        kw["attn_mask"] = causal_lower_right(Lq, Lk)
+        _check_contract(q, k, v, kw, dtype, f"lower-right {Lq}x{Lk}")
+        return
+    kw.update(is_causal=True, causal_offset=offset)
+    p = make_problem(q, k, v, **{n: x for n, x in kw.items() if n != "causal_offset"})
+    args = list(p.op_args())
+    args[_FWD_ARG["causal_offset"]] = offset
+    with nan_poisoned_outputs():
+        out, lse, mass, *_ = torch.ops.rollingq.attention_fwd(*args)
+    ref_out, ref = _reference64(q, k, v, kw)
+    tol = REL.get(dtype, 2e-2)
+    assert_close(out, ref_out, rel=tol, name="out")
+    assert_close(lse, ref.lse, rel=STATS_REL[dtype], name="lse")
+    assert_close(mass, ref.modality_mass, rel=STATS_REL[dtype], atol=1e-7, name="mass")
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_grouped_query_attention_matches_reference(Hkv, dtype, isa):
+    q, k, v, kw = _contract_case(dtype, H=6, Hkv=Hkv, Lq=33, Lk=150, seed=Hkv)
+    kw["key_padding_mask"] = torch.rand(2, 150, generator=torch.Generator().manual_seed(1)) < 0.8
+    _check_contract(q, k, v, kw, dtype, f"gqa {Hkv}")
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_is_the_reference_keep_mask(p, dtype, isa):
+    # the reference applies dropout_keep_mask(rng_state): any element the kernel kept or dropped
+    # differently moves the output far beyond the tolerance
+    q, k, v, kw = _contract_case(dtype, H=3, Lq=45, Lk=301, seed=int(p * 10), is_causal=True)
+    kw.update(dropout_p=p, rng_state=torch.tensor([-1234567890123, 987654321], dtype=torch.int64))
+    _check_contract(q, k, v, kw, dtype, f"dropout {p}")
+
+
+def test_dropout_keeps_statistics_and_depends_on_the_rng_state(isa):
+    q, k, v, kw = _contract_case(torch.float32, H=2, Lq=20, Lk=40, seed=9)
+    plain, plain_stats = rolling_attention(q, k, v, backend="cpu", **kw)
+    state = torch.tensor([42, 0], dtype=torch.int64)
+    a, a_stats = rolling_attention(q, k, v, backend="cpu", dropout_p=0.3, rng_state=state, **kw)
+    b, _ = rolling_attention(q, k, v, backend="cpu", dropout_p=0.3, rng_state=state.clone(), **kw)
+    c, _ = rolling_attention(
+        q, k, v, backend="cpu", dropout_p=0.3, rng_state=torch.tensor([42, 1]), **kw
+    )
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    for x, y in zip(a_stats, plain_stats):  # statistics are taken before dropout
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_everything_at_once_with_broadcast_inputs(dtype, isa):
+    # GQA + float mask + lower-right causal offset via is_causal... and k / v / side inputs with
+    # stride-0 (broadcast) batch dims, odd sizes
+    q, k, v, kw = _contract_case(dtype, B=3, H=4, Hkv=2, Lq=29, Lk=131, D=40, seed=77)
+    k = k[:1].expand(3, -1, -1, -1)
+    v = v[:1].expand(3, -1, -1, -1)
+    assert k.stride(0) == 0
+    kw["key_padding_mask"] = (torch.arange(131) % 7 != 3).expand(3, 131)
+    kw["key_modality"] = kw["key_modality"][:1].expand(3, -1)
+    kw["attn_mask"] = torch.randn(1, 4, 29, 131)
+    kw.update(dropout_p=0.2, rng_state=torch.tensor([7, 3], dtype=torch.int64))
+    _check_contract(q, k, v, kw, dtype, "everything")
+
+
 # ---- gradients ------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@
 namespace rollingq {
 namespace cpu {
 namespace isa_avx2 {
-const KernelTable table = ROLLINGQ_TABLE("avx2");
+const KernelTable table = Kernels<NoBf16>::table("avx2");
 }
 }  // namespace cpu
 }  // namespace rollingq

@@ -10,13 +10,14 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define ROLLINGQ_ISA_NS isa_avx512
+#include "cpu/kernels/bf16_engine.h"
 #include "cpu/kernels/table.h"
 
 namespace rollingq {
 namespace cpu {
 namespace isa_avx512 {
-const KernelTable table = ROLLINGQ_TABLE("avx512");
-const KernelTable table_amx = ROLLINGQ_TABLE("amx");
+const KernelTable table = Kernels<Bf16Dot>::table("avx512");
+const KernelTable table_amx = Kernels<Amx>::table("amx");
 }
 }  // namespace cpu
 }  // namespace rollingq

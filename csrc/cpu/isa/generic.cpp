@@ -6,7 +6,7 @@
 namespace rollingq {
 namespace cpu {
 namespace isa_generic {
-const KernelTable table = ROLLINGQ_TABLE("generic");
+const KernelTable table = Kernels<NoBf16>::table("generic");
 }
 }  // namespace cpu
 }  // namespace rollingq

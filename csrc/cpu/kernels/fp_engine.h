@@ -20,6 +20,7 @@
 #include "cpu/isa.h"
 #include "cpu/kernels/namespace.h"
 #include "cpu/kernels/gemm.h"
+#include "cpu/kernels/masks.h"
 #include "cpu/kernels/transpose.h"
 
 ROLLINGQ_KERNELS_BEGIN
@@ -51,20 +52,21 @@ inline const T* ptr(const void* p) {
   return static_cast<const T*>(p);
 }
 
-template <typename A>
-inline void fill(A* x, int64_t n, A value) {
-  for (int64_t i = 0; i < n; ++i) x[i] = value;
+// kv head read by query head h (grouped-query attention: heads / heads_kv query heads per kv head)
+inline int64_t kv_head(const AttentionParams& p, int64_t h) {
+  return h / (p.heads / p.heads_kv);
 }
 
 // ---- pieces shared by forward and backward ---------------------------------------------------
 
-// Per-modality key sums of one (batch, head) over non-padded keys; the key counts of the batch
-// entry when count. Keys with id -1 count nowhere.
+// Per-modality key sums of one (batch, query head) over the non-padded keys it reads (its kv head
+// under grouped-query attention); the key counts of the batch entry when count. Keys with id -1
+// count nowhere.
 template <typename T, typename A>
 void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   const int64_t Lk = p.seqlen_k, D = p.head_dim;
   const int M = p.num_modalities;
-  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + kv_head(p, h) * p.k_head_stride;
   const int32_t* ids = p.key_modality + b * p.key_modality_batch_stride;
   const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
   A* ks = static_cast<A*>(p.key_sum) + (b * p.heads + h) * M * D;
@@ -200,7 +202,7 @@ constexpr int64_t kSliceKeys = 64;
 
 template <typename A>
 struct FwdWork {
-  A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf;
+  A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf, *mbuf;
 };
 
 template <typename T, typename A>
@@ -221,6 +223,7 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, size_t* bytes) {
   const int64_t rows = imax<int64_t>(p.seqlen_k, 1);
   w.kbuf = c.take<A>(same_type<T, A>::value ? 1 : rows * Dp);
   w.vbuf = c.take<A>(rows * Dvp);
+  w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -235,40 +238,41 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
   plan.param[0] = tiles;
 }
 
+// Where the softmax puts the probabilities of a block: back into S (float), by default.
+template <typename A>
+struct StoreProbabilities {
+  static constexpr bool kStoresF32 = true;
+  template <int G>
+  void row(A* sp, int64_t, int64_t, const vec_t<A> (&e)[G]) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) vstore(sp + g * VT<A>::W, e[g]);
+  }
+  template <int G>
+  void finish(int64_t, int64_t) {}
+};
+
 // One key block of the online softmax for the query lanes of column vectors v0 .. v0 + G - 1:
-// masks, running max, exp, row sums, modality mass. S holds the scaled scores S^T[j][lane] on
-// entry and the probabilities (relative to the new running max) on exit. G columns at once keep
-// G independent dependency chains in flight.
-template <typename A, int G>
-inline void softmax_cols(const AttentionParams& p, int64_t b, int64_t i0, int64_t j0, int64_t kn,
-                         int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass) {
+// running max, exp, row sums, modality mass. S holds the masked, scaled scores S^T[j][lane] on
+// entry (hidden ones -inf); the probabilities (relative to the new running max) go to `out`. G
+// columns at once keep G independent dependency chains in flight. Returns whether the running
+// max of any lane moved (else alpha is 1 everywhere).
+template <typename A, int G, typename Out>
+inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                         int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass,
+                         Out& out) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
-  const A inf = std::numeric_limits<A>::infinity();
   const int M = p.num_modalities;
-  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride + j0 : nullptr;
   const int32_t* ids = M > 0 ? p.key_modality + b * p.key_modality_batch_stride + j0 : nullptr;
-  // top-left causal: key j visible from query i iff j <= i; needed when the block reaches past
-  // the first query of the lanes
-  const bool causal = p.is_causal && j0 + kn - 1 > i0 + v0 * W;
-  const V ninf = vbcast(-inf);
+  const V ninf = vbcast(-std::numeric_limits<A>::infinity());
   A* S0 = S + v0 * W;
-  V qi[G], bm[G], m_safe[G], run[G], a[G];
+  V bm[G], m_safe[G], run[G], a[G];
+  bool moved = false;
 #pragma GCC unroll 4
-  for (int g = 0; g < G; ++g) {
-    qi[g] = viota<A>() + A(i0 + (v0 + g) * W - j0);  // compared with the key index j in block
-    bm[g] = ninf;
-  }
-  for (int64_t j = 0; j < kn; ++j) {
-    if (pad && !pad[j]) continue;
-    const V jv = vbcast(A(j));
+  for (int g = 0; g < G; ++g) bm[g] = ninf;
+  for (int64_t j = 0; j < kn; ++j)
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      V s = vload(S0 + j * lanes + g * W);
-      if (causal) s = jv <= qi[g] ? s : ninf;
-      bm[g] = vmax<A>(bm[g], s);
-    }
-  }
+    for (int g = 0; g < G; ++g) bm[g] = vmax<A>(bm[g], vload(S0 + j * lanes + g * W));
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) {
     const V m_old = vload(m + (v0 + g) * W);
@@ -277,6 +281,7 @@ inline void softmax_cols(const AttentionParams& p, int64_t b, int64_t i0, int64_
     // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow.
     m_safe[g] = m_new == ninf ? V{} : m_new;
     a[g] = exp2v((m_old - m_safe[g]) * log2e<A>());
+    for (int l2 = 0; l2 < W; ++l2) moved |= a[g][l2] != A(1);
     vstore(m + (v0 + g) * W, m_new);
     vstore(alpha + (v0 + g) * W, a[g]);
     vstore(l + (v0 + g) * W, vload(l + (v0 + g) * W) * a[g]);
@@ -285,7 +290,7 @@ inline void softmax_cols(const AttentionParams& p, int64_t b, int64_t i0, int64_
     run[g] = V{};
   }
   // Keys come in runs of one modality id: the sum of a run goes to the row sum and to its
-  // modality's mass (ids -1 to the row sum only).
+  // modality's mass (ids -1 to the row sum only). Hidden keys have probability 0.
   int32_t cur = -1;
   auto flush = [&]() {
 #pragma GCC unroll 4
@@ -300,52 +305,49 @@ inline void softmax_cols(const AttentionParams& p, int64_t b, int64_t i0, int64_
     }
   };
   for (int64_t j = 0; j < kn; ++j) {
-    A* sp = S0 + j * lanes;
-    if (pad && !pad[j]) {
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) vstore(sp + g * W, V{});
-      continue;
-    }
     if (M > 0 && ids[j] != cur) {
       flush();
       cur = ids[j];
     }
-    const V jv = vbcast(A(j));
+    A* sp = S0 + j * lanes;
+    V e[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
-      V s = vload(sp + g * W);
-      if (causal) s = jv <= qi[g] ? s : ninf;
-      const V e = exp2v((s - m_safe[g]) * log2e<A>());
-      vstore(sp + g * W, e);
-      run[g] += e;
+      e[g] = exp2v((vload(sp + g * W) - m_safe[g]) * log2e<A>());
+      run[g] += e[g];
     }
+    out.template row<G>(sp, j, v0, e);
   }
   flush();
+  out.template finish<G>(kn, v0);
+  return moved;
 }
 
 // Columns per softmax group: as many independent chains as the registers allow.
 constexpr int kSoftmaxGroup = kVecBytes == 64 ? 4 : 2;
 
-template <typename A, int G>
-inline void softmax_tail(int64_t rem, const AttentionParams& p, int64_t b, int64_t i0, int64_t j0,
-                         int64_t kn, int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha,
-                         A* mass) {
+template <typename A, int G, typename Out>
+inline bool softmax_tail(int64_t rem, const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                         int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass,
+                         Out& out) {
   if constexpr (G > 0) {
-    if (rem == G)
-      softmax_cols<A, G>(p, b, i0, j0, kn, lanes, v0, S, m, l, alpha, mass);
-    else
-      softmax_tail<A, G - 1>(rem, p, b, i0, j0, kn, lanes, v0, S, m, l, alpha, mass);
+    if (rem == G) return softmax_cols<A, G>(p, b, j0, kn, lanes, v0, S, m, l, alpha, mass, out);
+    return softmax_tail<A, G - 1>(rem, p, b, j0, kn, lanes, v0, S, m, l, alpha, mass, out);
   }
+  return false;
 }
 
-template <typename A>
-inline void softmax_block(const AttentionParams& p, int64_t b, int64_t i0, int64_t j0, int64_t kn,
-                          int64_t lanes, A* S, A* m, A* l, A* alpha, A* mass) {
+template <typename A, typename Out = StoreProbabilities<A>>
+inline bool softmax_block(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                          int64_t lanes, A* S, A* m, A* l, A* alpha, A* mass, Out out = Out{}) {
   const int64_t nv = lanes / VT<A>::W;
   int64_t v = 0;
+  bool moved = false;
   for (; v + kSoftmaxGroup <= nv; v += kSoftmaxGroup)
-    softmax_cols<A, kSoftmaxGroup>(p, b, i0, j0, kn, lanes, v, S, m, l, alpha, mass);
-  softmax_tail<A, kSoftmaxGroup - 1>(nv - v, p, b, i0, j0, kn, lanes, v, S, m, l, alpha, mass);
+    moved |= softmax_cols<A, kSoftmaxGroup>(p, b, j0, kn, lanes, v, S, m, l, alpha, mass, out);
+  moved |= softmax_tail<A, kSoftmaxGroup - 1>(nv - v, p, b, j0, kn, lanes, v, S, m, l, alpha, mass,
+                                              out);
+  return moved;
 }
 
 template <typename T, typename A>
@@ -353,7 +355,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<
                  HeadRows<T, A>& rows) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
-  const int64_t H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim, Dv = p.value_dim;
+  const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
   const int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
   const int M = p.num_modalities;
   const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
@@ -369,16 +371,21 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<
   fill(w.l, lanes, A(0));
   fill(w.mass, M * lanes, A(0));
 
-  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = ptr<T>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const int64_t k_end = p.is_causal ? imin(Lk, i0 + qn) : Lk;
+  const int64_t hk = kv_head(p, h);
+  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const bool masked = has_masks(p);
+  const int64_t k_end = causal_end(p, i0, qn);
   for (int64_t j0 = 0; j0 < k_end; j0 += kKeyBlock) {
     const int64_t kn = imin(kKeyBlock, k_end - j0);
-    rows.ensure(p, k, v, bh, j0, j0 + kn, Dp, Dvp, true);
+    rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
     int64_t ldk;
     const A* kA = rows.kA(p, k, j0, Dp, &ldk);
     gemm<A>(kn, nv, D, kA, ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
-    softmax_block<A>(p, b, i0, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
+    if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+    softmax_block<A>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
+    // dropout on the probabilities, after the statistics took them
+    if (p.dropout_p > 0.0) dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.S, true);
     // O = O * alpha + P V  (P[i][j] = S[j][i])
     for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
       gemm<A>(qn, Dvp / W, imin(kSliceKeys, kn - s0), w.S + s0 * lanes, 1, lanes,
@@ -417,11 +424,14 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
 
 template <typename A>
 struct BwdWork {
-  A *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *dQ, *dK, *dV, *kbuf, *vbuf, *rpad;
+  A *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQ, *dK, *dV, *kbuf,
+      *vbuf, *rpad, *mbuf;
 };
 
+// Backward task = (batch, kv head, key chunk): it loops over the query heads that read the kv
+// head and over the query tiles, so dK / dV of its keys are complete inside the task.
 struct BwdShape {
-  int64_t tiles, nc, chunk, Dp, Dvp;
+  int64_t tiles, nc, chunk, Dp, Dvp, group;
 };
 
 template <typename A>
@@ -429,7 +439,8 @@ BwdShape bwd_shape(const AttentionBwdParams& p) {
   constexpr int W = VT<A>::W;
   BwdShape s;
   s.tiles = ceil_div(p.seqlen_q, kQueryTile);
-  const int64_t bh = p.batch * p.heads, Lk = p.seqlen_k;
+  s.group = p.heads / p.heads_kv;
+  const int64_t bh = p.batch * p.heads_kv, Lk = p.seqlen_k;
   int64_t nc = 1;
   if (bh < kBwdTargetTasks) nc = imin(ceil_div(kBwdTargetTasks, bh), ceil_div(Lk, kMinChunk));
   nc = imax<int64_t>(nc, 1);
@@ -444,6 +455,7 @@ template <typename T, typename A>
 BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s, size_t* bytes) {
   const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kKeyBlock;
   const int64_t ck = imin(s.chunk, imax<int64_t>(p.seqlen_k, 1));
+  const bool dropout = p.dropout_p > 0.0;
   Carve c{base};
   BwdWork<A> w;
   w.qT = c.take<A>(D * QT);
@@ -455,12 +467,15 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.lse = c.take<A>(QT);
   w.S = c.take<A>(KB * QT);
   w.dP = c.take<A>(KB * QT);
+  w.Z = c.take<A>(dropout ? KB * QT : 1);
+  w.PZ = c.take<A>(dropout ? KB * QT : 1);
   w.dQ = c.take<A>(QT * s.Dp);
   w.dK = c.take<A>(ck * s.Dp);
   w.dV = c.take<A>(ck * s.Dvp);
   w.kbuf = c.take<A>(ck * s.Dp);
   w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
   w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
+  w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -468,8 +483,8 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
 template <typename T, typename A>
 void bwd_plan_fp(const AttentionBwdParams& p, Plan& plan) {
   const BwdShape s = bwd_shape<A>(p);
-  plan.tasks = p.batch * p.heads * s.nc;
-  plan.flops_per_task = 5 * imax<int64_t>(p.seqlen_q, 1) * imax<int64_t>(s.chunk, 1) *
+  plan.tasks = p.batch * p.heads_kv * s.nc;
+  plan.flops_per_task = 5 * s.group * imax<int64_t>(p.seqlen_q, 1) * imax<int64_t>(s.chunk, 1) *
                         (p.head_dim + p.value_dim);
   carve_bwd<T, A>(nullptr, p, s, &plan.workspace_bytes);
   plan.shared_bytes =
@@ -522,99 +537,104 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
                  A* shared) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
-  const int64_t H = p.heads, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim, Dv = p.value_dim;
-  const int64_t Dp = s.Dp, Dvp = s.Dvp;
-  const int64_t c = task % s.nc, bh = task / s.nc, h = bh % H, b = bh / H;
+  const int64_t Hkv = p.heads_kv, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim;
+  const int64_t Dv = p.value_dim, Dp = s.Dp, Dvp = s.Dvp;
+  const int64_t c = task % s.nc, bk = task / s.nc, hk = bk % Hkv, b = bk / Hkv;
   const int64_t c0 = imin(Lk, c * s.chunk), c1 = imin(Lk, c0 + s.chunk), ck = c1 - c0;
   const A inf = std::numeric_limits<A>::infinity();
   const A scale = A(p.scale);
-  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
+  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0;
 
-  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = ptr<T>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const T* o = ptr<T>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  const T* dout = ptr<T>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const A* lse_bh = ptr<A>(p.lse) + bh * Lq;
+  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   fill(w.dK, ck * Dp, A(0));
   fill(w.dV, ck * Dvp, A(0));
-  // the chunk's K (and V) rows, packed once for every query tile
+  // the chunk's K (and V) rows, packed once for every query head and tile
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
   rows.k_vectors = true;
-  rows.ensure(p, k, v, bh, c0, c1, Dp, Dvp, false);
+  rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
 
-  for (int64_t tile = 0; tile < s.tiles; ++tile) {
-    const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
-    const int64_t nv = ceil_div(qn, W), lanes = nv * W;
-    A* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * kQueryTile * Dp : w.dQ;
-    fill(dQ, qn * Dp, A(0));
-    const int64_t k_hi = p.is_causal ? imin(c1, i0 + qn) : c1;
-    if (k_hi > c0) {
-      pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
-      for (int64_t l = 0; l < lanes; ++l) {
-        A* dst = w.dorows + l * Dvp;
-        if (l >= qn) {  // padding lanes: no probability, no gradient
-          fill(dst, Dvp, A(0));
-          w.delta[l] = A(0);
-          w.lse[l] = inf;
-          continue;
+  for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
+    const int64_t bh = b * p.heads + h;
+    const T* o = ptr<T>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+    const T* dout = ptr<T>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+    const A* lse_bh = ptr<A>(p.lse) + bh * Lq;
+    for (int64_t tile = 0; tile < s.tiles; ++tile) {
+      const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
+      const int64_t nv = ceil_div(qn, W), lanes = nv * W;
+      A* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * kQueryTile * Dp : w.dQ;
+      fill(dQ, qn * Dp, A(0));
+      const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
+      if (k_hi > c0) {
+        pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
+        for (int64_t l = 0; l < lanes; ++l) {
+          A* dst = w.dorows + l * Dvp;
+          if (l >= qn) {  // padding lanes: no probability, no gradient
+            fill(dst, Dvp, A(0));
+            w.delta[l] = A(0);
+            w.lse[l] = inf;
+            continue;
+          }
+          load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
+          fill(dst + Dv, Dvp - Dv, A(0));
+          const T* orow = o + (i0 + l) * p.out_row_stride;
+          A sum = 0;
+          for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<A>(orow[d]);
+          w.delta[l] = sum;
+          // a row that saw no key (lse = -inf) has no probability: exp(s - inf) = 0
+          const A lse = lse_bh[i0 + l];
+          w.lse[l] = lse == -inf ? inf : lse;
         }
-        load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
-        fill(dst + Dv, Dvp - Dv, A(0));
-        const T* orow = o + (i0 + l) * p.out_row_stride;
-        A sum = 0;
-        for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<A>(orow[d]);
-        w.delta[l] = sum;
-        // a row that saw no key (lse = -inf) has no probability: exp(s - inf) = 0
-        const A lse = lse_bh[i0 + l];
-        w.lse[l] = lse == -inf ? inf : lse;
-      }
-      transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
+        transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
 
-      for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
-        const int64_t kn = imin(kKeyBlock, k_hi - j0);
-        int64_t ldkA, ldvA;
-        const A* kA = rows.kA(p, k, j0, Dp, &ldkA);
-        const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
-        gemm<A>(kn, nv, D, kA, ldkA, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
-        // P^T = exp(S^T - lse), with the forward's masks
-        const bool causal = p.is_causal && j0 + kn - 1 > i0;
-        for (int64_t cv = 0; cv < nv; ++cv) {
-          const V qi = viota<A>() + A(i0 + cv * W);
-          const V lse = vload(w.lse + cv * W);
-          for (int64_t j = 0; j < kn; ++j) {
-            A* sp = w.S + j * lanes + cv * W;
-            if (pad && !pad[j0 + j]) {
-              vstore(sp, V{});
-              continue;
+        for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
+          const int64_t kn = imin(kKeyBlock, k_hi - j0);
+          int64_t ldkA, ldvA;
+          const A* kA = rows.kA(p, k, j0, Dp, &ldkA);
+          const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
+          gemm<A>(kn, nv, D, kA, ldkA, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
+          if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+          // P^T = exp(S^T - lse)
+          for (int64_t j = 0; j < kn; ++j)
+            for (int64_t cv = 0; cv < nv; ++cv) {
+              A* sp = w.S + j * lanes + cv * W;
+              vstore(sp, exp2v((vload(sp) - vload(w.lse + cv * W)) * log2e<A>()));
             }
-            V sv = vload(sp);
-            if (causal) sv = vbcast(A(j0 + j)) <= qi ? sv : vbcast(-inf);
-            vstore(sp, exp2v((sv - lse) * log2e<A>()));
+          // with dropout Z (0 or 1 / (1 - p)): the output used P Z, so dV = (P Z)^T dO and
+          // dS = P (Z dP - delta), dP = dO V^T
+          const A* PZ = w.S;
+          if (dropout) {
+            dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.Z, false);
+            for (int64_t i = 0; i < kn * lanes; i += W)
+              vstore(w.PZ + i, vload(w.S + i) * vload(w.Z + i));
+            PZ = w.PZ;
           }
+          // dV += (P Z)^T dO
+          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, w.dorows, Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
+                  Acc::kAdd);
+          // dP^T = V dO^T, then dS^T = P^T (Z dP^T - delta) in place
+          gemm<A>(kn, nv, Dv, vA, ldvA, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
+          for (int64_t j = 0; j < kn; ++j)
+            for (int64_t cv = 0; cv < nv; ++cv) {
+              A* dp = w.dP + j * lanes + cv * W;
+              V g = vload(dp);
+              if (dropout) g *= vload(w.Z + j * lanes + cv * W);
+              vstore(dp, vload(w.S + j * lanes + cv * W) * (g - vload(w.delta + cv * W)));
+            }
+          // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
+          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, Dp, w.dK + (j0 - c0) * Dp, Dp,
+                  Acc::kAdd);
+          for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
+            gemm<A>(qn, Dp / W, imin(kSliceKeys, kn - s0), w.dP + s0 * lanes, 1, lanes,
+                    rows.kB(j0 + s0, Dp), Dp, dQ, Dp, Acc::kAdd);
         }
-        // dV += P^T dO
-        gemm<A>(kn, Dvp / W, qn, w.S, lanes, 1, w.dorows, Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
-                Acc::kAdd);
-        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place
-        gemm<A>(kn, nv, Dv, vA, ldvA, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
-        for (int64_t j = 0; j < kn; ++j)
-          for (int64_t cv = 0; cv < nv; ++cv) {
-            A* dp = w.dP + j * lanes + cv * W;
-            vstore(dp, vload(w.S + j * lanes + cv * W) * (vload(dp) - vload(w.delta + cv * W)));
-          }
-        // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
-        gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, Dp, w.dK + (j0 - c0) * Dp, Dp,
-                Acc::kAdd);
-        for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
-          gemm<A>(qn, Dp / W, imin(kSliceKeys, kn - s0), w.dP + s0 * lanes, 1, lanes,
-                  rows.kB(j0 + s0, Dp), Dp, dQ, Dp, Acc::kAdd);
       }
+      if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
     }
-    if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
   }
 
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
   for (int64_t j = 0; j < ck; ++j) {
     A* src = w.dK + j * Dp;
     for (int64_t d = 0; d < D; ++d) src[d] *= scale;

@@ -150,6 +150,38 @@ constexpr A log2e() {
   return A(1.4426950408889634073599246810019);
 }
 
+// ---- dropout: Philox4x32-10, N lanes at a time (rollingq_kernels/dropout.py is the spec) ------
+
+template <int N>
+struct PhiloxLanes {
+  typedef uint32_t u32 __attribute__((vector_size(4 * N)));
+  typedef uint64_t u64 __attribute__((vector_size(8 * N)));
+};
+
+// The four output words for the counters (c0, c1, c2, c3) of N lanes under key (k0, k1).
+template <int N>
+inline void philox4x32_10(typename PhiloxLanes<N>::u32 (&c)[4], uint32_t k0, uint32_t k1) {
+  using U32 = typename PhiloxLanes<N>::u32;
+  using U64 = typename PhiloxLanes<N>::u64;
+  U32 c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+  for (int r = 0; r < 10; ++r) {
+    const U64 p0 = __builtin_convertvector(c0, U64) * uint64_t(0xD2511F53u);
+    const U64 p1 = __builtin_convertvector(c2, U64) * uint64_t(0xCD9E8D57u);
+    const U32 hi0 = __builtin_convertvector(p0 >> 32, U32), lo0 = __builtin_convertvector(p0, U32);
+    const U32 hi1 = __builtin_convertvector(p1 >> 32, U32), lo1 = __builtin_convertvector(p1, U32);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  c[0] = c0;
+  c[1] = c1;
+  c[2] = c2;
+  c[3] = c3;
+}
+
 // ---- bfloat16 storage (the upper 16 bits of a float) ----------------------------------------
 
 struct bf16 {
