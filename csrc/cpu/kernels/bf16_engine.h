@@ -27,12 +27,18 @@ inline bool bf16_engine_applies(const AttentionParams& p) {
 
 inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
 
+// Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through
+// memory once per step (the tile unit holds 8 tiles), so steps are longer than the float
+// engine's.
+constexpr int64_t kBf16KeyBlock = 128;
+
 // ---- forward ---------------------------------------------------------------------------------
 
 // The softmax's probabilities straight into bf16 pairs of keys (the B operand of O^T += V^T P^T):
 // pv[(j / 2) * 2 lanes + 2 lane + j % 2]; no float copy is stored.
 struct StorePairs {
   static constexpr bool kStoresF32 = false;
+  static constexpr bool kCoarseExp = true;
   bf16* pv;
   int64_t lanes;
   __m512 prev[kSoftmaxGroup];
@@ -71,7 +77,7 @@ struct Bf16FwdWork {
 };
 
 inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, size_t* bytes) {
-  const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kKeyBlock;
+  const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kBf16KeyBlock;
   const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
   Carve c{base};
   Bf16FwdWork w;
@@ -135,8 +141,8 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, Bf16Fw
   const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   const bool masked = has_masks(p);
   const int64_t k_end = causal_end(p, i0, qn);
-  for (int64_t j0 = 0; j0 < k_end; j0 += kKeyBlock) {
-    const int64_t kn = imin(kKeyBlock, k_end - j0), knp = round_up(kn, 32);
+  for (int64_t j0 = 0; j0 < k_end; j0 += kBf16KeyBlock) {
+    const int64_t kn = imin(kBf16KeyBlock, k_end - j0), knp = round_up(kn, 32);
     vt.ensure(p, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
     G::gemm(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, 2 * lanes, w.S, lanes,
             Acc::kSet, float(p.scale));
@@ -144,7 +150,7 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, Bf16Fw
     // the tile unit stalls on loads that miss it.
     for (int64_t d = 0; d < Dv; ++d)
       for (int64_t j = 0; j < knp; j += 32) _mm_prefetch(w.vT + d * Lkp + j0 + j, _MM_HINT_T0);
-    for (int64_t j = j0 + kKeyBlock; j < imin(k_end, j0 + 2 * kKeyBlock); ++j)
+    for (int64_t j = j0 + kBf16KeyBlock; j < imin(k_end, j0 + 2 * kBf16KeyBlock); ++j)
       for (int64_t d = 0; d < D; d += 32) _mm_prefetch(k + j * p.k_row_stride + d, _MM_HINT_T0);
     if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     bool moved;

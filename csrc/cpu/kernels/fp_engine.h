@@ -242,6 +242,7 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
 template <typename A>
 struct StoreProbabilities {
   static constexpr bool kStoresF32 = true;
+  static constexpr bool kCoarseExp = false;  // exp2v_coarse (bf16 consumers only)
   template <int G>
   void row(A* sp, int64_t, int64_t, const vec_t<A> (&e)[G]) {
 #pragma GCC unroll 4
@@ -313,7 +314,11 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
     V e[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
-      e[g] = exp2v((vload(sp + g * W) - m_safe[g]) * log2e<A>());
+      const V t = (vload(sp + g * W) - m_safe[g]) * log2e<A>();
+      if constexpr (Out::kCoarseExp)
+        e[g] = exp2v_coarse(t);
+      else
+        e[g] = exp2v(t);
       run[g] += e[g];
     }
     out.template row<G>(sp, j, v0, e);
