@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -301,6 +303,60 @@ def test_transposed_layout_is_read_in_place():
     strided = make_case(dtype=torch.float32, layout="strided", Lq=65, seed=2)
     strided.kwargs["return_stats"] = False
     assert _input_copies(strided)[1]
+
+
+# ---- memory safety ------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build_flags():
+    """csrc/build_flags.txt as {key: [args]} (the file setup.py and CMake read)."""
+    flags = {}
+    with open(os.path.join(ROOT, "csrc", "build_flags.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                key, _, value = line.partition("=")
+                flags[key.strip()] = value.split()
+    return flags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    # csrc/cpu/check/sanitize_driver.cpp runs every variant this CPU executes on random problems
+    # with exactly-sized buffers; the variants are compiled here with ASan + UBSan (no torch).
+    machine = platform.machine().lower()
+    arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+    arch = arch.get(machine, "other")
+    flags = _build_flags()
+    variants = [v for v in ISAS if v != "amx" and f"variant.{arch}.{v}" in flags]
+    common = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=fast",
+              "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+              "-I" + os.path.join(ROOT, "csrc")]  # fmt: skip
+    jobs, objects = [], []
+    for v in variants:
+        obj = str(tmp_path / f"{v}.o")
+        src = os.path.join(ROOT, "csrc", "cpu", "isa", f"{v}.cpp")
+        cmd = ["g++", *common, *flags[f"variant.{arch}.{v}"], "-c", src, "-o", obj]
+        jobs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
+        objects.append(obj)
+    for job in jobs:
+        _, err = job.communicate(timeout=900)
+        assert job.returncode == 0, err[-3000:]
+    driver = str(tmp_path / "driver")
+    defines = [f"-DROLLINGQ_ISA_{v.upper()}=1" for v in variants]
+    src = os.path.join(ROOT, "csrc", "cpu", "check", "sanitize_driver.cpp")
+    built = subprocess.run(
+        ["g++", *common, *defines, src, *objects, "-o", driver], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    run = subprocess.run(
+        [driver, "11", "40", "1" if "amx" in ISAS else "0"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-5000:]
 
 
 # ---- threads --------------------------------------------------------------------------------
