@@ -163,6 +163,22 @@ CASES = [
     ("d1", dict(D=1, rotation="shared", modalities=2, causal=True)),
     ("d8_dv24", dict(D=8, Dv=24, rotation="shared", modalities=2, padding=True)),
     ("d768", dict(B=1, H=1, Lq=33, Lk=70, D=768, rotation="shared", rows="subset", modalities=2)),
+    # D + Dv > 256: 256-query tiles, one full and one partial
+    (
+        "wide_tiles",
+        dict(
+            B=1,
+            H=2,
+            Lq=300,
+            Lk=333,
+            D=136,
+            rotation="per_head",
+            rows="subset",
+            modalities=2,
+            padding=True,
+            causal=True,
+        ),
+    ),  # fmt: skip
     ("scale", dict(scale=0.3, modalities=2, causal=True)),
     ("blhd", dict(layout="blhd", Lq=129, rotation="per_head", modalities=2, padding=True)),
     ("strided", dict(layout="strided", Lq=33, rotation="shared", modalities=3, causal=True)),
@@ -785,8 +801,9 @@ def test_gradcheck_float64(kw, isa):
         dict(B=1, H=2, Lq=70, Lk=300, D=64, Dv=48, rotation="shared", padding=True),
         dict(B=1, H=1, Lq=1, Lk=600, D=96, layout="blhd", rotation="shared"),
         dict(B=1, H=1, Lq=65, Lk=40, D=768, layout="strided", rotation="shared", rows="subset"),
+        dict(B=1, H=2, Lq=270, Lk=130, D=136, rotation="per_head", rows="batch", causal=True),
     ],
-    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided"],
+    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided", "wide_tiles"],
 )
 def test_backward_matches_reference_autograd(kw, dtype, isa):
     case = make_case(dtype=dtype, seed=17, modalities=2, **kw)

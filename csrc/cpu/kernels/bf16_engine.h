@@ -76,8 +76,8 @@ struct Bf16FwdWork {
   bf16 *qv, *pv, *vT;
 };
 
-inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, size_t* bytes) {
-  const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kBf16KeyBlock;
+inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
+  const int64_t D = p.head_dim, Dv = p.value_dim, KB = kBf16KeyBlock;
   const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
   Carve c{base};
   Bf16FwdWork w;
@@ -117,14 +117,14 @@ struct VTransposed {
 };
 
 template <typename G>
-void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, Bf16FwdWork& w,
-                   VTransposed& vt) {
+void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
+                   Bf16FwdWork& w, VTransposed& vt) {
   const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
   const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
   const int M = p.num_modalities;
   const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
   if (M > 0 && tile == 0) key_stats<bf16, float>(p, b, h, h == 0);
-  const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
+  const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
   if (qn <= 0) return;
   const int64_t lanes = bf16_lanes(qn);
   const float inf = std::numeric_limits<float>::infinity();
@@ -192,17 +192,24 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, Bf16Fw
 }
 
 inline void bf16_fwd_plan(const AttentionParams& p, Plan& plan) {
-  fwd_plan_fp<bf16, float>(p, plan);
-  carve_bf16_fwd(nullptr, p, &plan.workspace_bytes);
+  const int64_t qt = fp_query_tile(p);
+  const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
+  plan.tasks = p.batch * p.heads * tiles;
+  plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
+                        imax<int64_t>(p.seqlen_k, 1) * (p.head_dim + p.value_dim + 1);
+  carve_bf16_fwd(nullptr, p, qt, &plan.workspace_bytes);
+  plan.param[0] = tiles;
+  plan.param[1] = qt;
 }
 
 template <typename G>
 void bf16_fwd_run(const AttentionParams& p, const Plan& plan, int64_t begin, int64_t end,
                   void* ws) {
-  Bf16FwdWork w = carve_bf16_fwd(static_cast<char*>(ws), p, nullptr);
+  const int64_t qt = plan.param[1];
+  Bf16FwdWork w = carve_bf16_fwd(static_cast<char*>(ws), p, qt, nullptr);
   VTransposed vt{w.vT};
   G::begin();
-  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], w, vt);
+  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, vt);
   G::end();
 }
 
@@ -216,7 +223,7 @@ struct Bf16BwdWork {
 
 inline Bf16BwdWork carve_bf16_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
                                   size_t* bytes) {
-  const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kKeyBlock;
+  const int64_t D = p.head_dim, Dv = p.value_dim, QT = s.qt, KB = kKeyBlock;
   const int64_t ck = imin(s.chunk, imax<int64_t>(p.seqlen_k, 1)), ckp = round_up(ck, 32);
   const bool dropout = p.dropout_p > 0.0;
   Carve c{base};
@@ -250,9 +257,10 @@ inline Bf16BwdWork carve_bf16_bwd(char* base, const AttentionBwdParams& p, const
 }
 
 inline void bf16_bwd_plan(const AttentionBwdParams& p, Plan& plan) {
-  bwd_plan_fp<bf16, float>(p, plan);  // tasks, dq slots; its workspace serves the second phase
+  // tasks and dq slots as the float engine's; its workspace serves the second phase
+  bwd_plan_fp<bf16, float>(p, plan);
   size_t bytes = 0;
-  carve_bf16_bwd(nullptr, p, bwd_shape<float>(p), &bytes);
+  carve_bf16_bwd(nullptr, p, bwd_shape<float>(p, plan.param[1]), &bytes);
   plan.workspace_bytes = imax(plan.workspace_bytes, bytes);
 }
 
@@ -283,9 +291,9 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
     const bf16* dout = ptr<bf16>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
     const float* lse_bh = ptr<float>(p.lse) + bh * Lq;
     for (int64_t tile = 0; tile < s.tiles; ++tile) {
-      const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
+      const int64_t i0 = tile * s.qt, qn = imin(s.qt, Lq - i0);
       const int64_t lanes = bf16_lanes(qn);
-      float* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * kQueryTile * Dp : w.qrows;
+      float* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * s.qt * Dp : w.qrows;
       const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
       if (k_hi <= c0) {
         fill(dQ, qn * Dp, 0.0f);
@@ -372,9 +380,9 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
 }
 
 template <typename G>
-void bf16_bwd_run(const AttentionBwdParams& p, const Plan&, int64_t begin, int64_t end, void* ws,
-                  void* shared) {
-  const BwdShape s = bwd_shape<float>(p);
+void bf16_bwd_run(const AttentionBwdParams& p, const Plan& plan, int64_t begin, int64_t end,
+                  void* ws, void* shared) {
+  const BwdShape s = bwd_shape<float>(p, plan.param[1]);
   Bf16BwdWork w = carve_bf16_bwd(static_cast<char*>(ws), p, s, nullptr);
   G::begin();
   for (int64_t t = begin; t < end; ++t) bf16_bwd_task<G>(p, s, t, w, static_cast<float*>(shared));

@@ -40,7 +40,16 @@ struct Carve {
   }
 };
 
-constexpr int64_t kQueryTile = 64;  // lanes of a query tile
+// Queries per tile (SIMD lanes of the score blocks): 64, or 256 for wide heads (D + Dv > 256),
+// where every tile re-reads the head's K and V (and the backward sweeps its dK / dV
+// accumulators) and larger tiles read them 4x less often, as torch's kernel does with its
+// 256-row query blocks.
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kWideQueryTile = 256;
+constexpr int64_t kMaxQueryTile = kWideQueryTile;
+inline int64_t fp_query_tile(const AttentionParams& p) {
+  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : kQueryTile;
+}
 constexpr int64_t kKeyBlock = 128;  // keys per online-softmax step: S^T block of 32 KiB (fp32)
 // Backward: heads are split into key chunks until there are this many tasks, chunks of at
 // least kMinChunk keys.
@@ -115,7 +124,7 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   // Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone; at D = 768 a
   // whole tile would cost a fraction of the attention itself): gathered, rotated, put back.
   const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
-  int64_t idx[kQueryTile];
+  int64_t idx[kMaxQueryTile];
   int64_t cnt = 0;
   for (int64_t l = 0; l < qn; ++l)
     if (sel == nullptr || sel[l]) idx[cnt++] = l;
@@ -199,9 +208,9 @@ struct FwdWork {
 };
 
 template <typename T, typename A>
-FwdWork<A> carve_fwd(char* base, const AttentionParams& p, size_t* bytes) {
+FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
   constexpr int W = VT<A>::W;
-  const int64_t D = p.head_dim, QT = kQueryTile, KB = kKeyBlock;
+  const int64_t D = p.head_dim, KB = kKeyBlock;
   const int64_t Dp = round_up(D, W), Dvp = round_up(p.value_dim, W);
   Carve c{base};
   FwdWork<A> w;
@@ -223,12 +232,14 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, size_t* bytes) {
 
 template <typename T, typename A>
 void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
-  const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, kQueryTile));
+  const int64_t qt = fp_query_tile(p);
+  const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
   plan.tasks = p.batch * p.heads * tiles;
-  plan.flops_per_task = 2 * imin(kQueryTile, imax<int64_t>(p.seqlen_q, 1)) *
+  plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
                         imax<int64_t>(p.seqlen_k, 1) * (p.head_dim + p.value_dim + 1);
-  carve_fwd<T, A>(nullptr, p, &plan.workspace_bytes);
+  carve_fwd<T, A>(nullptr, p, qt, &plan.workspace_bytes);
   plan.param[0] = tiles;
+  plan.param[1] = qt;
 }
 
 // Where the softmax puts the probabilities of a block: back into S (float), by default.
@@ -349,8 +360,8 @@ inline bool softmax_block(const AttentionParams& p, int64_t b, int64_t j0, int64
 }
 
 template <typename T, typename A>
-void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<A>& w,
-                 HeadRows<T, A>& rows) {
+void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
+                 FwdWork<A>& w, HeadRows<T, A>& rows) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
@@ -358,7 +369,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<
   const int M = p.num_modalities;
   const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
   if (M > 0 && tile == 0) key_stats<T, A>(p, b, h, h == 0);
-  const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
+  const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
   if (qn <= 0) return;
   const int64_t nv = ceil_div(qn, W), lanes = nv * W;
   const A inf = std::numeric_limits<A>::infinity();
@@ -413,9 +424,10 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, FwdWork<
 template <typename T, typename A>
 void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64_t end,
                 void* ws) {
-  FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, nullptr);
+  const int64_t qt = plan.param[1];
+  FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
-  for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, plan.param[0], w, rows);
+  for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows);
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -429,14 +441,15 @@ struct BwdWork {
 // Backward task = (batch, kv head, key chunk): it loops over the query heads that read the kv
 // head and over the query tiles, so dK / dV of its keys are complete inside the task.
 struct BwdShape {
-  int64_t tiles, nc, chunk, Dp, Dvp, group;
+  int64_t qt, tiles, nc, chunk, Dp, Dvp, group;
 };
 
 template <typename A>
-BwdShape bwd_shape(const AttentionBwdParams& p) {
+BwdShape bwd_shape(const AttentionBwdParams& p, int64_t qt) {
   constexpr int W = VT<A>::W;
   BwdShape s;
-  s.tiles = ceil_div(p.seqlen_q, kQueryTile);
+  s.qt = qt;
+  s.tiles = ceil_div(p.seqlen_q, qt);
   s.group = p.heads / p.heads_kv;
   const int64_t bh = p.batch * p.heads_kv, Lk = p.seqlen_k;
   int64_t nc = 1;
@@ -451,7 +464,7 @@ BwdShape bwd_shape(const AttentionBwdParams& p) {
 
 template <typename T, typename A>
 BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s, size_t* bytes) {
-  const int64_t D = p.head_dim, Dv = p.value_dim, QT = kQueryTile, KB = kKeyBlock;
+  const int64_t D = p.head_dim, Dv = p.value_dim, QT = s.qt, KB = kKeyBlock;
   const int64_t ck = imin(s.chunk, imax<int64_t>(p.seqlen_k, 1));
   const bool dropout = p.dropout_p > 0.0;
   Carve c{base};
@@ -479,14 +492,15 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
 }
 
 template <typename T, typename A>
-void bwd_plan_fp(const AttentionBwdParams& p, Plan& plan) {
-  const BwdShape s = bwd_shape<A>(p);
+void bwd_plan_fp(const AttentionBwdParams& p, Plan& plan, int64_t qt = 0) {
+  const BwdShape s = bwd_shape<A>(p, qt > 0 ? qt : fp_query_tile(p));
+  plan.param[1] = s.qt;
   plan.tasks = p.batch * p.heads_kv * s.nc;
   plan.flops_per_task = 5 * s.group * imax<int64_t>(p.seqlen_q, 1) * imax<int64_t>(s.chunk, 1) *
                         (p.head_dim + p.value_dim);
   carve_bwd<T, A>(nullptr, p, s, &plan.workspace_bytes);
   plan.shared_bytes =
-      s.nc > 1 ? size_t(p.batch * p.heads * s.nc * s.tiles * kQueryTile * s.Dp) * sizeof(A) : 0;
+      s.nc > 1 ? size_t(p.batch * p.heads * s.nc * s.tiles * s.qt * s.Dp) * sizeof(A) : 0;
   plan.reduce_tasks = s.nc > 1 ? p.batch * p.heads * s.tiles : 0;
 }
 
@@ -501,7 +515,7 @@ void finish_dq(const AttentionBwdParams& p, const BwdShape& s, int64_t b, int64_
   if (p.rotation != nullptr) {
     const bool* sel =
         p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
-    int64_t idx[kQueryTile];
+    int64_t idx[kMaxQueryTile];
     int64_t cnt = 0;
     for (int64_t l = 0; l < qn; ++l)
       if (sel == nullptr || sel[l]) idx[cnt++] = l;
@@ -557,9 +571,9 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
     const T* dout = ptr<T>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
     const A* lse_bh = ptr<A>(p.lse) + bh * Lq;
     for (int64_t tile = 0; tile < s.tiles; ++tile) {
-      const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, Lq - i0);
+      const int64_t i0 = tile * s.qt, qn = imin(s.qt, Lq - i0);
       const int64_t nv = ceil_div(qn, W), lanes = nv * W;
-      A* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * kQueryTile * Dp : w.dQ;
+      A* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * s.qt * Dp : w.dQ;
       fill(dQ, qn * Dp, A(0));
       const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
       if (k_hi > c0) {
@@ -641,9 +655,9 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
 }
 
 template <typename T, typename A>
-void bwd_run_fp(const AttentionBwdParams& p, const Plan&, int64_t begin, int64_t end, void* ws,
-                void* shared) {
-  const BwdShape s = bwd_shape<A>(p);
+void bwd_run_fp(const AttentionBwdParams& p, const Plan& plan, int64_t begin, int64_t end,
+                void* ws, void* shared) {
+  const BwdShape s = bwd_shape<A>(p, plan.param[1]);
   BwdWork<A> w = carve_bwd<T, A>(static_cast<char*>(ws), p, s, nullptr);
   for (int64_t t = begin; t < end; ++t) bwd_task_fp<T, A>(p, s, t, w, static_cast<A*>(shared));
 }
@@ -651,15 +665,15 @@ void bwd_run_fp(const AttentionBwdParams& p, const Plan&, int64_t begin, int64_t
 // Second phase with several key chunks per head: task = (batch, head, query tile), sums the
 // chunks' partial dQ' in chunk order.
 template <typename T, typename A>
-void bwd_reduce_fp(const AttentionBwdParams& p, const Plan&, int64_t begin, int64_t end, void* ws,
-                   void* shared) {
-  const BwdShape s = bwd_shape<A>(p);
+void bwd_reduce_fp(const AttentionBwdParams& p, const Plan& plan, int64_t begin, int64_t end,
+                   void* ws, void* shared) {
+  const BwdShape s = bwd_shape<A>(p, plan.param[1]);
   BwdWork<A> w = carve_bwd<T, A>(static_cast<char*>(ws), p, s, nullptr);
   const A* part = static_cast<const A*>(shared);
-  const int64_t slot = kQueryTile * s.Dp;
+  const int64_t slot = s.qt * s.Dp;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t tile = t % s.tiles, bh = t / s.tiles, h = bh % p.heads, b = bh / p.heads;
-    const int64_t i0 = tile * kQueryTile, qn = imin(kQueryTile, p.seqlen_q - i0);
+    const int64_t i0 = tile * s.qt, qn = imin(s.qt, p.seqlen_q - i0);
     const int64_t n = qn * s.Dp;
     fill(w.dQ, n, A(0));
     for (int64_t c = 0; c < s.nc; ++c) {
