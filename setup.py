@@ -5,12 +5,16 @@ Environment variables:
   ROLLINGQ_FORCE_CUDA=1  build the CUDA extension even when torch.cuda.is_available() is False
                          (needs nvcc and a CUDA build of torch)
   ROLLINGQ_NO_CUDA=1     never build the CUDA extension
+  ROLLINGQ_NATIVE=1      compile the CPU library for this machine only (-march=native); off by
+                         default: the library carries kernel variants for several instruction
+                         sets and picks one when it runs (csrc/build_flags.txt)
   MAX_JOBS               parallel compile jobs (torch's BuildExtension reads it)
 """
 
 import glob
 import importlib.util
 import os
+import platform
 
 from setuptools import setup
 
@@ -65,12 +69,72 @@ def _cuda_extension():
 def _extensions():
     if os.environ.get("ROLLINGQ_NO_EXT") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension
-
     exts = [e for e in (_cpu_extension(), _cuda_extension()) if e is not None]
     if not exts:
         return [], {}
-    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    return exts, {"build_ext": _build_ext_class().with_options(no_python_abi_suffix=False)}
+
+
+# ---- the CPU library: flags from csrc/build_flags.txt (CMakeLists.txt reads the same file) ----
+
+FLAGS_FILE = os.path.join(ROOT, "csrc", "build_flags.txt")
+
+
+def read_build_flags(path: str = FLAGS_FILE) -> dict:
+    """The ``key = value`` lines of csrc/build_flags.txt, values split into argument lists."""
+    flags = {}
+    with open(path) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: expected 'key = value', got {line!r}")
+            flags[key.strip()] = value.split()
+    return flags
+
+
+def _target_arch() -> str:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return "x86_64"
+    if machine in ("aarch64", "arm64"):
+        return "aarch64"
+    return "other"
+
+
+def _compiler_accepts(flags) -> bool:
+    """Whether the C++ compiler torch builds extensions with takes these flags."""
+    import subprocess
+    import tempfile
+
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = [get_cxx_compiler(), *flags, "-c", src, "-o", os.path.join(tmp, "probe.o")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def _cpu_variants(flags: dict):
+    """[(name, source, flags)] of the kernel variants this machine's compiler can build."""
+    prefix = f"variant.{_target_arch()}."
+    variants = []
+    for key, vflags in flags.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name != "generic" and not _compiler_accepts(vflags):
+            print(
+                f"rollingq: the compiler does not take {' '.join(vflags)}: "
+                f"the {name} kernel variant is left out"
+            )
+            continue
+        variants.append((name, os.path.join("csrc", "cpu", "isa", f"{name}.cpp"), vflags))
+    return variants
 
 
 def _cpu_extension():
@@ -78,19 +142,48 @@ def _cpu_extension():
     cpu_sources += sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpu_sources:
         return None
+    import torch
     from torch.utils.cpp_extension import CppExtension
 
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=fast"]
-    if os.environ.get("ROLLINGQ_PORTABLE") == "1":
-        cxx.remove("-march=native")
+    flags = read_build_flags()
+    native = flags["native"] if os.environ.get("ROLLINGQ_NATIVE") == "1" else []
+    variants = _cpu_variants(flags)
+    cxx = flags["cxx"] + [f"-DROLLINGQ_ISA_{name.upper()}=1" for name, _, _ in variants]
     ext = CppExtension(
         name="rollingq_kernels._C",
         sources=cpu_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cxx + native},
+        extra_link_args=flags["link"],
     )
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    # compiled apart, each with its own instruction-set flags (see _build_ext_class)
+    ext.rollingq_variants = [(src, cxx + vflags + native + [abi]) for _, src, vflags in variants]
     return ext
+
+
+def _build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildWithVariants(BuildExtension):
+        """torch's BuildExtension plus per-file flags: the kernel variants of the CPU library are
+        compiled one by one with their instruction-set flags and linked in as objects."""
+
+        def build_extension(self, ext):
+            objects = []
+            for src, cflags in getattr(ext, "rollingq_variants", []):
+                objects += self.compiler.compile(
+                    [src],
+                    output_dir=self.build_temp,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs={"cxx": list(cflags)},
+                    depends=ext.depends,
+                )
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in objects] + objects
+            super().build_extension(ext)
+
+    return BuildWithVariants
 
 
 ext_modules, cmdclass = _extensions()

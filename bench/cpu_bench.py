@@ -1,78 +1,93 @@
-"""CPU benchmark of the fused kernel: speed against torch SDPA and the reference, and memory.
+"""CPU benchmark of the fused kernel against torch's SDPA, side by side in one process.
 
-Everything is fp32 with 2 threads. Timings are medians after warm-up, with the compared
-functions run interleaved (one call of each per round) in one process on the same inputs, so
-that load from other processes hits all of them alike; the table shows ratios.
+    python -m bench.cpu_bench [--quick] [--only NAME ...]
 
-    python -m bench.cpu_bench [--quick]
+Every pair of functions is timed interleaved (one call of each per round, medians after warm-up,
+bench/harness.py), so load from other processes hits both alike; the tables show ratios. Each row
+names the kernel variant that ran (csrc/cpu/dispatch.cpp), the cores, and the roofline: the row's
+GFLOP/s as a fraction of this machine's measured matrix-multiply throughput in the same dtype
+(a 2048^3 torch.mm with the same threads).
 
 Rows (``run()`` returns them as dicts):
-  * fwd       fused forward with a rotated [CLS] row and statistics (M = 2) vs SDPA forward
-              (no rotation, no statistics) vs the reference (materialised softmax + statistics);
-  * fwd_bwd   the same forward plus backward vs SDPA forward plus backward;
-  * memory    peak resident memory the fused forward with statistics adds above its inputs and
-              outputs at (1, 8, 16384, 64), measured in a fresh process (see peak_extra_mib).
+  * fwd        forward with a rotated [CLS] row and two-modality statistics vs SDPA forward on the
+               pre-rotated queries (no statistics), float32 and bfloat16;
+  * fwd_bwd    the same forward plus backward vs SDPA forward plus backward;
+  * bias       a float attn_mask of shape (1, 1, L, L) or (B, 1, 1, L), the same mask given to SDPA;
+  * dropout    dropout 0.1, forward plus backward, vs SDPA with dropout_p=0.1 (its CPU path
+               materialises the L x L probabilities), plus the memory both add;
+  * gqa        32 query heads over 8 kv heads vs the same call with K / V repeated to 32 heads;
+  * tiny       per-call time of a (1, 1, 16, 64) call through the public function vs SDPA;
+  * memory     peak memory the fused forward with statistics adds at (1, 8, 16384, 64).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import attention_flops, interleaved_times, machine_info, peak_extra_mib
+from bench.harness import (
+    attention_flops,
+    gemm_gflops,
+    interleaved_times,
+    machine_info,
+    peak_extra_mib,
+)
 from bench.harness import make_rollingq_inputs as make_inputs
 
 FWD_SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64), (2, 12, 577, 64), (16, 1, 1101, 768)]
 QUICK_SHAPES = [(2, 4, 257, 64), (2, 1, 301, 768)]
 MEMORY_SHAPE = (1, 8, 16384, 64)
+MASK_SHAPE = (4, 8, 1024, 64)
 THREADS = 2
 
 
-def interleaved_medians(fns, *, warmup: int, reps: int) -> List[float]:
-    """Median seconds of each function, called in turn (see bench.harness.interleaved_times)."""
-    return [t["median_ms"] * 1e-3 for t in interleaved_times(fns, warmup=warmup, reps=reps)]
+def _dname(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def _flops(B, H, L, D, mode):
-    return attention_flops(B, H, L, L, D, mode=mode)
-
-
-def bench_forward(shape, *, reps: int, with_reference: bool = True) -> Dict:
-    from rollingq_kernels import rolling_attention
-
-    B, H, L, D = shape
-    q, k, v, kw = make_inputs(*shape)
-    fns = [
-        lambda: rolling_attention(q, k, v, backend="cpu", **kw),
-        lambda: F.scaled_dot_product_attention(q, k, v),
-    ]
-    if with_reference:
-        fns.append(lambda: rolling_attention(q, k, v, backend="reference", **kw))
-    t = interleaved_medians(fns, warmup=2, reps=reps)
-    row = {
-        "mode": "fwd",
-        "shape": shape,
-        "fused_ms": t[0] * 1e3,
-        "sdpa_ms": t[1] * 1e3,
-        "fused_over_sdpa": t[0] / t[1],
-        "fused_gflops": _flops(*shape, "fwd") / t[0] / 1e9,
-        "sdpa_gflops": _flops(*shape, "fwd") / t[1] / 1e9,
+def _pair(name: str, shape, dtype, fused: Callable, sdpa: Callable, *, flops: float, reps: int,
+          warmup: int = 1, **extra) -> Dict:  # fmt: skip
+    t = interleaved_times([fused, sdpa], warmup=warmup, reps=reps)
+    fused_ms, sdpa_ms = t[0]["median_ms"], t[1]["median_ms"]
+    gflops = flops / (fused_ms * 1e-3) / 1e9
+    return {
+        "mode": name,
+        "dtype": _dname(dtype),
+        "shape": tuple(shape),
+        "fused_ms": fused_ms,
+        "sdpa_ms": sdpa_ms,
+        "fused_over_sdpa": fused_ms / sdpa_ms,
+        "speedup": sdpa_ms / fused_ms,
+        "fused_gflops": gflops,
+        "sdpa_gflops": flops / (sdpa_ms * 1e-3) / 1e9,
+        "roofline": gflops / gemm_gflops(dtype),
+        **extra,
     }
-    if with_reference:
-        row["reference_ms"] = t[2] * 1e3
-        row["reference_over_fused"] = t[2] / t[0]
-    return row
 
 
-def bench_forward_backward(shape, *, reps: int) -> Dict:
+def bench_forward(shape, dtype=torch.float32, *, reps: int) -> Dict:
+    from rollingq_kernels import rolling_attention
+    from rollingq_kernels.reference import apply_rotation
+
+    q, k, v, kw = make_inputs(*shape, dtype=dtype)
+    q_rot = apply_rotation(q, kw["rotation"], kw["rotated_queries"])
+    return _pair(
+        "fwd", shape, dtype,
+        lambda: rolling_attention(q, k, v, backend="cpu", **kw),
+        lambda: F.scaled_dot_product_attention(q_rot, k, v),
+        flops=attention_flops(*shape[:3], shape[2], shape[3]), reps=reps, warmup=2,
+    )  # fmt: skip
+
+
+def bench_forward_backward(shape, dtype=torch.float32, *, reps: int) -> Dict:
     from rollingq_kernels import rolling_attention
 
-    q0, k0, v0, kw = make_inputs(*shape)
+    q0, k0, v0, kw = make_inputs(*shape, dtype=dtype)
     q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
-    grad = torch.randn(q.shape)
+    grad = torch.randn(q.shape).to(dtype)
 
     def fused():
         out, _ = rolling_attention(q, k, v, backend="cpu", **kw)
@@ -82,45 +97,172 @@ def bench_forward_backward(shape, *, reps: int) -> Dict:
         out = F.scaled_dot_product_attention(q, k, v)
         torch.autograd.grad(out, (q, k, v), grad)
 
-    t = interleaved_medians([fused, sdpa], warmup=1, reps=reps)
+    flops = attention_flops(*shape[:3], shape[2], shape[3], mode="fwd_bwd")
+    return _pair("fwd_bwd", shape, dtype, fused, sdpa, flops=flops, reps=reps)
+
+
+def bench_bias(kind: str, shape=MASK_SHAPE, *, reps: int) -> Dict:
+    """Plain attention with a float additive mask, the same mask to both."""
+    from rollingq_kernels import rolling_attention
+
+    B, H, L, D = shape
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    bias = torch.randn(*((1, 1, L, L) if kind == "1,1,L,L" else (B, 1, 1, L)), generator=g)
+    return _pair(
+        f"bias ({kind})", shape, torch.float32,
+        lambda: rolling_attention(q, k, v, attn_mask=bias, backend="cpu"),
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+        flops=attention_flops(B, H, L, L, D), reps=reps,
+    )  # fmt: skip
+
+
+def bench_dropout(shape=MASK_SHAPE, p: float = 0.1, *, reps: int, memory: bool) -> Dict:
+    from rollingq_kernels import rolling_attention
+
+    B, H, L, D = shape
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (
+        torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_() for _ in range(3)
+    )
+    grad = torch.randn(B, H, L, D, generator=g)
+
+    def fused():
+        out = rolling_attention(q, k, v, dropout_p=p, backend="cpu")
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    def sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    row = _pair(
+        f"dropout {p} fwd+bwd", shape, torch.float32, fused, sdpa,
+        flops=attention_flops(B, H, L, L, D, mode="fwd_bwd"), reps=reps,
+    )  # fmt: skip
+    if memory:
+        row["fused_extra_mib"] = peak_extra_mib(shape, "cpu", threads=THREADS, mode="dropout")[
+            "extra_mib"
+        ]
+        row["sdpa_extra_mib"] = peak_extra_mib(shape, "sdpa", threads=THREADS, mode="dropout")[
+            "extra_mib"
+        ]
+    return row
+
+
+def bench_gqa(B=4, Hq=32, Hkv=8, L=1024, D=64, *, reps: int) -> Dict:
+    """Grouped-query attention against the same call on K / V repeated to every query head."""
+    from rollingq_kernels import rolling_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, L, Hq, D, generator=g).transpose(1, 2)
+    k, v = (torch.randn(B, L, Hkv, D, generator=g).transpose(1, 2) for _ in range(2))
+    k_rep, v_rep = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
+    t = interleaved_times(
+        [
+            lambda: rolling_attention(q, k, v, enable_gqa=True, backend="cpu"),
+            lambda: rolling_attention(q, k_rep, v_rep, backend="cpu"),
+        ],
+        reps=reps,
+    )
+    flops = attention_flops(B, Hq, L, L, D)
+    gqa_ms, rep_ms = t[0]["median_ms"], t[1]["median_ms"]
     return {
-        "mode": "fwd_bwd",
-        "shape": shape,
-        "fused_ms": t[0] * 1e3,
-        "sdpa_ms": t[1] * 1e3,
-        "fused_over_sdpa": t[0] / t[1],
-        "fused_gflops": _flops(*shape, "fwd_bwd") / t[0] / 1e9,
-        "sdpa_gflops": _flops(*shape, "fwd_bwd") / t[1] / 1e9,
+        "mode": f"gqa {Hq}q/{Hkv}kv vs repeated K/V",
+        "dtype": "float32",
+        "shape": (B, Hq, L, D),
+        "fused_ms": gqa_ms,
+        "repeated_ms": rep_ms,
+        "gqa_over_repeated": gqa_ms / rep_ms,
+        "fused_gflops": flops / (gqa_ms * 1e-3) / 1e9,
+        "roofline": flops / (gqa_ms * 1e-3) / 1e9 / gemm_gflops(torch.float32),
     }
 
 
-def run(quick: bool = False, forward: bool = True) -> List[Dict]:
-    """All rows of the CPU benchmark (fp32, 2 threads). ``quick``: small shapes, few repetitions;
-    ``forward=False`` leaves out the forward rows (bench.report measures those for every backend)."""
+def bench_tiny(shape=(1, 1, 16, 64), calls: int = 500, *, reps: int) -> Dict:
+    """Per-call microseconds of a tiny call through the public function (no statistics)."""
+    from rollingq_kernels import rolling_attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+
+    def many(fn):
+        def run():
+            for _ in range(calls):
+                fn()
+
+        return run
+
+    t = interleaved_times(
+        [
+            many(lambda: rolling_attention(q, k, v, backend="cpu")),
+            many(lambda: F.scaled_dot_product_attention(q, k, v)),
+        ],
+        warmup=1,
+        reps=reps,
+    )
+    fused_us, sdpa_us = (x["median_ms"] * 1e3 / calls for x in t)
+    return {
+        "mode": "tiny call (us per call)",
+        "dtype": "float32",
+        "shape": tuple(shape),
+        "fused_us": fused_us,
+        "sdpa_us": sdpa_us,
+        "fused_over_sdpa": fused_us / sdpa_us,
+    }
+
+
+ALL = ("fwd", "fwd_bwd", "bias", "dropout", "gqa", "tiny", "memory")
+
+
+def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = None) -> List[Dict]:
+    """All rows (2 threads). ``quick``: small shapes, few repetitions; ``forward=False`` leaves out
+    the float32 forward rows (bench.report measures those for every backend); ``only``: a subset
+    of ALL."""
+    want = set(only or ALL)
+    if not forward:
+        want.discard("fwd")
     prev = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         rows: List[Dict] = []
         shapes = QUICK_SHAPES if quick else FWD_SHAPES
-        for shape in shapes if forward else []:
-            reps = 3 if quick else (5 if shape[2] * shape[3] > 300_000 else 9)
-            rows.append(bench_forward(shape, reps=reps))
-        for shape in shapes[:-1] if not quick else shapes[:1]:
-            rows.append(bench_forward_backward(shape, reps=3 if quick else 5))
-        mem_shape = (1, 8, 2048, 64) if quick else MEMORY_SHAPE
-        fused = peak_extra_mib(mem_shape, "cpu", threads=THREADS)
-        sdpa = peak_extra_mib(mem_shape, "sdpa", threads=THREADS)
-        B, H, L, _ = mem_shape
-        rows.append(
-            {
-                "mode": "memory",
-                "shape": mem_shape,
-                "fused_extra_mib": fused["extra_mib"],
-                "sdpa_extra_mib": sdpa["extra_mib"],
-                "fused_outputs_mib": fused["outputs_mib"],
-                "reference_matrix_mib": B * H * L * L * 4 / 2**20,
-            }
-        )
+        r_fast, r_slow = (3, 3) if quick else (9, 5)
+        if "fwd" in want:
+            for dtype in (torch.float32, torch.bfloat16):
+                for shape in shapes:
+                    rows.append(
+                        bench_forward(shape, dtype, reps=r_slow if shape[3] > 64 else r_fast)
+                    )
+        if "fwd_bwd" in want:
+            for dtype in (torch.float32, torch.bfloat16):
+                for shape in shapes:
+                    reps = 3 if quick or shape[3] > 64 else 5
+                    rows.append(bench_forward_backward(shape, dtype, reps=reps))
+        mask_shape = (2, 4, 257, 64) if quick else MASK_SHAPE
+        if "bias" in want:
+            for kind in ("1,1,L,L", "B,1,1,L"):
+                rows.append(bench_bias(kind, mask_shape, reps=r_fast))
+        if "dropout" in want:
+            rows.append(bench_dropout(mask_shape, reps=3 if quick else 5, memory=not quick))
+        if "gqa" in want:
+            rows.append(bench_gqa(L=257 if quick else 1024, reps=r_fast))
+        if "tiny" in want:
+            rows.append(bench_tiny(reps=r_fast))
+        if "memory" in want:
+            mem_shape = (1, 8, 2048, 64) if quick else MEMORY_SHAPE
+            fused = peak_extra_mib(mem_shape, "cpu", threads=THREADS)
+            sdpa = peak_extra_mib(mem_shape, "sdpa", threads=THREADS)
+            B, H, L, _ = mem_shape
+            rows.append(
+                {
+                    "mode": "memory",
+                    "shape": mem_shape,
+                    "fused_extra_mib": fused["extra_mib"],
+                    "sdpa_extra_mib": sdpa["extra_mib"],
+                    "fused_outputs_mib": fused["outputs_mib"],
+                    "reference_matrix_mib": B * H * L * L * 4 / 2**20,
+                }
+            )
         info = machine()
         for row in rows:
             row.update(info)
@@ -133,45 +275,76 @@ def machine() -> Dict[str, str]:
     info = machine_info()
     return {
         "machine": f"{info['cpu']}, {info['cores']} cores",
+        "isa": info["kernel_isa"],
         "threads": str(THREADS),
         "torch": info["torch"],
         "date": info["date"],
     }
 
 
+def _fmt(x, f="{:.2f}"):
+    return "-" if x is None else f.format(x)
+
+
 def format_rows(rows: List[Dict]) -> str:
-    lines = [
-        "| mode | B, H, L, D | fused ms | SDPA ms | fused / SDPA | reference / fused | fused GFLOP/s |"
-        " SDPA GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|",
+    out = [
+        "| mode | dtype | B, H, L, D | fused ms | SDPA ms | fused / SDPA time | speed-up |"
+        " fused GFLOP/s | roofline | ISA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    mem = []
+    notes = []
     for r in rows:
         shape = ", ".join(str(s) for s in r["shape"])
         if r["mode"] == "memory":
-            mem.append(
+            notes.append(
                 f"peak memory above inputs and outputs, forward with statistics at ({shape}): "
                 f"fused {r['fused_extra_mib']:.1f} MiB, SDPA (no statistics) "
                 f"{r['sdpa_extra_mib']:.1f} MiB; the reference would hold a "
                 f"{r['reference_matrix_mib']:.0f} MiB attention matrix"
             )
             continue
-        ref = f"{r['reference_over_fused']:.2f}x" if "reference_over_fused" in r else "-"
-        lines.append(
-            f"| {r['mode']} | {shape} | {r['fused_ms']:.1f} | {r['sdpa_ms']:.1f} | "
-            f"{r['fused_over_sdpa']:.2f} | {ref} | {r['fused_gflops']:.0f} | "
-            f"{r['sdpa_gflops']:.0f} |"
+        if r["mode"].startswith("tiny"):
+            notes.append(
+                f"tiny call ({shape}): fused {r['fused_us']:.1f} us, SDPA {r['sdpa_us']:.1f} us, "
+                f"{r['fused_over_sdpa']:.2f}x SDPA's time"
+            )
+            continue
+        if r["mode"].startswith("gqa"):
+            notes.append(
+                f"{r['mode']} ({shape}): {r['fused_ms']:.1f} ms vs {r['repeated_ms']:.1f} ms, "
+                f"{r['gqa_over_repeated']:.2f}x the repeated call's time"
+            )
+            continue
+        if "fused_extra_mib" in r:
+            notes.append(
+                f"{r['mode']} ({shape}): working memory fused {r['fused_extra_mib']:.1f} MiB, "
+                f"SDPA {r['sdpa_extra_mib']:.1f} MiB"
+            )
+        out.append(
+            f"| {r['mode']} | {r['dtype']} | {shape} | {r['fused_ms']:.1f} | {r['sdpa_ms']:.1f} | "
+            f"{r['fused_over_sdpa']:.2f} | {r['speedup']:.2f}x | {r['fused_gflops']:.0f} | "
+            f"{_fmt(r.get('roofline'))} | {r['isa']} |"
         )
-    return "\n".join(lines + [""] + mem)
+    return "\n".join(out + [""] + notes)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--only", nargs="*", choices=ALL, help="run these rows only")
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    info = machine()
-    print(f"{info['machine']}, torch {info['torch']}, {THREADS} threads, {info['date']}")
+    torch.set_num_threads(THREADS)
+    info = machine_info()
+    print(
+        f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_cpu_capability']}),"
+        f" kernel variant {info['kernel_isa']} of {info['kernel_isas']}, {THREADS} threads,"
+        f" load {info.get('load_average', '?')}, {info['date']}"
+    )
+    print(
+        f"GEMM roofline ({THREADS} threads): float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
+        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
+    )
+    rows = run(quick=args.quick, only=args.only)
     print(format_rows(rows))
 
 

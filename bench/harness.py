@@ -107,7 +107,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     from rollingq_kernels import rolling_attention
     import torch.nn.functional as F
     B, H, L, D = (int(x) for x in sys.argv[3].split(","))
-    which = sys.argv[4]
+    which, mode = sys.argv[4], sys.argv[5]
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -118,7 +118,18 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     q, k, v, kw = make_rollingq_inputs(B, H, L, D)
     sq, sk, sv, skw = make_rollingq_inputs(1, H, 64, D)
-    if which == "sdpa":
+    if mode == "dropout":  # forward + backward with dropout 0.1, no statistics
+        for t in (q, k, v, sq, sk, sv):
+            t.requires_grad_()
+        if which == "sdpa":
+            attn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        else:
+            attn = lambda q, k, v: rolling_attention(q, k, v, dropout_p=0.1, backend=which)
+
+        def call(q, k, v, kw):
+            out = attn(q, k, v)
+            return [out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))]
+    elif which == "sdpa":
         call = lambda q, k, v, kw: F.scaled_dot_product_attention(q, k, v)
     else:
         call = lambda q, k, v, kw: rolling_attention(q, k, v, backend=which, **kw)
@@ -128,18 +139,26 @@ _MEMORY_SCRIPT = textwrap.dedent(
     before = status("VmRSS")
     result = call(q, k, v, kw)
     peak = status("VmHWM")
-    tensors = [result] if isinstance(result, torch.Tensor) else [result[0], *result[1]]
+    if isinstance(result, torch.Tensor):
+        tensors = [result]
+    elif isinstance(result, list):
+        tensors = result
+    else:
+        tensors = [result[0], *result[1]]
     out_bytes = sum(t.numel() * t.element_size() for t in tensors)
     print(peak - before - out_bytes, out_bytes)
     """
 )
 
 
-def peak_extra_mib(shape, which: str, *, threads: Optional[int] = None) -> Dict[str, float]:
-    """Working memory (MiB) one forward call adds above its inputs and outputs, CPU only.
+def peak_extra_mib(
+    shape, which: str, *, threads: Optional[int] = None, mode: str = "fwd"
+) -> Dict[str, float]:
+    """Working memory (MiB) one call adds above its inputs and outputs, CPU only.
 
     ``which``: "sdpa" (torch SDPA on the same q, k, v, no statistics) or a backend name (called
-    with the RollingQ arguments of :func:`make_rollingq_inputs`).
+    with the RollingQ arguments of :func:`make_rollingq_inputs`). ``mode``: "fwd", or "dropout"
+    (forward and backward with dropout 0.1, the gradients counted as outputs).
     """
     root = str(Path(__file__).resolve().parent.parent)
     threads = torch.get_num_threads() if threads is None else threads
@@ -152,6 +171,7 @@ def peak_extra_mib(shape, which: str, *, threads: Optional[int] = None) -> Dict[
             str(threads),
             ",".join(str(s) for s in shape),
             which,
+            mode,
         ],
         capture_output=True,
         text=True,
@@ -162,6 +182,38 @@ def peak_extra_mib(shape, which: str, *, threads: Optional[int] = None) -> Dict[
         raise RuntimeError(f"memory probe failed: {res.stderr[-2000:]}")
     extra, out_bytes = (int(x) for x in res.stdout.split())
     return {"extra_mib": extra / 2**20, "outputs_mib": out_bytes / 2**20}
+
+
+def cpu_kernel_isa() -> Dict[str, str]:
+    """The CPU kernel variant in use and the ones this machine can run (csrc/cpu/dispatch.cpp),
+    read from the loaded library; empty strings when the library is not built."""
+    import ctypes
+
+    from rollingq_kernels import fused_op
+
+    if fused_op.load_error() is not None:
+        return {"isa": "", "isas": ""}
+    lib = ctypes.CDLL(fused_op.library_path())
+    lib.rollingq_cpu_isa.restype = ctypes.c_char_p
+    lib.rollingq_cpu_isas.restype = ctypes.c_char_p
+    return {"isa": lib.rollingq_cpu_isa().decode(), "isas": lib.rollingq_cpu_isas().decode()}
+
+
+_GEMM_CACHE: Dict[tuple, float] = {}
+
+
+def gemm_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """This machine's matrix-multiply throughput (GFLOP/s) in ``dtype`` with torch's current
+    thread count: the median of ``reps`` n x n x n products after a warm-up. The roofline the
+    attention rows are compared with."""
+    key = (dtype, n, torch.get_num_threads())
+    if key not in _GEMM_CACHE:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(dtype)
+        b = torch.randn(n, n, generator=g).to(dtype)
+        t = interleaved_times([lambda: a @ b], warmup=1, reps=reps)[0]["median_ms"]
+        _GEMM_CACHE[key] = 2.0 * n**3 / (t * 1e-3) / 1e9
+    return _GEMM_CACHE[key]
 
 
 def machine_info() -> Dict[str, str]:
@@ -180,8 +232,15 @@ def machine_info() -> Dict[str, str]:
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{f"kernel_{k}": v for k, v in cpu_kernel_isa().items()},
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    try:
+        with open("/proc/loadavg") as f:
+            info["load_average"] = " ".join(f.read().split()[:3])
+    except OSError:
+        pass
     try:
         import triton
 

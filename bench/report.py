@@ -1,13 +1,16 @@
 """The main job (`make bench`): speed, memory and parity of every backend on this machine.
 
-For each shape, side by side in one process on the same inputs:
+For each shape and dtype (float32, bfloat16), side by side in one process on the same inputs:
   * torch SDPA (the anchor): plain attention on pre-rotated queries, no statistics;
   * every registered backend that can run here, with the [CLS] row rotated and the statistics;
   * the reference (materialised softmax + separate statistics, what the paper's code does).
 The functions of one shape are called in turn, round by round, so load hits all alike. Columns:
-median time (ms), time relative to SDPA, GFLOP/s (4*B*H*Lq*Lk*D), the working memory one call adds
-above its inputs and outputs (MiB, fresh process per row, see bench/harness.py), and the max abs
-error of the output against the float64 reference. Rows are saved with machine, versions and date to bench/results/report.json.
+median time (ms), time relative to SDPA, GFLOP/s (4*B*H*Lq*Lk*D), the roofline (GFLOP/s as a
+fraction of this machine's measured matrix-multiply throughput in the same dtype), the working
+memory one call adds above its inputs and outputs (MiB, fresh process per row, see
+bench/harness.py), and the max abs error of the output against the float64 reference. The header
+names the CPU, its cores, torch's CPU capability and the CPU kernel variant that ran. Rows are
+saved with machine, versions and date to bench/results/report.json.
 
     python -m bench.report [--quick] [--no-memory] [--shapes B,H,L,D ...] [--only attention]
 """
@@ -19,12 +22,15 @@ import importlib
 import sys
 from typing import List
 
+import torch
 import torch.nn.functional as F
 
 import rollingq_kernels as rk
 from bench.harness import (
     attention_flops,
+    cpu_kernel_isa,
     format_table,
+    gemm_gflops,
     interleaved_times,
     machine_info,
     make_rollingq_inputs,
@@ -35,30 +41,39 @@ from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import registered_backends
 from rollingq_kernels.reference import apply_rotation
 
+ISA = cpu_kernel_isa()["isa"]  # the CPU kernel variant that runs (csrc/cpu/dispatch.cpp)
 DEFAULT_SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64), (2, 12, 577, 64), (16, 1, 1101, 768)]
 QUICK_SHAPES = [(2, 4, 257, 64), (2, 1, 301, 768)]
 
 
-def bench_shape(B: int, H: int, L: int, D: int, *, memory: bool, reps: int) -> List[dict]:
+def bench_shape(
+    B: int, H: int, L: int, D: int, *, memory: bool, reps: int, dtype=torch.float32
+) -> List[dict]:
     """One shape: SDPA, every backend that can run it, interleaved call by call."""
-    q, k, v, kw = make_rollingq_inputs(B, H, L, D)
+    q, k, v, kw = make_rollingq_inputs(B, H, L, D, dtype=dtype)
     q_rot = apply_rotation(q, kw["rotation"], kw["rotated_queries"])
     ref_kw = {**kw, "rotation": kw["rotation"].double(), "return_stats": False}
     ref = rk.rolling_attention_reference(q.double(), k.double(), v.double(), **ref_kw)
     shape = f"({B}, {H}, {L}, {D})"
+    dname = str(dtype).replace("torch.", "")
     names = ["sdpa"]
     fns = [lambda: F.scaled_dot_product_attention(q_rot, k, v)]
-    rows = [{"shape": shape, "backend": "torch SDPA (no rot/stats)"}]
+    rows = [{"shape": shape, "dtype": dname, "backend": "torch SDPA (no rot/stats)"}]
     problem = make_problem(q, k, v, **kw)
     skipped = []
     for name in registered_backends():
         reasons = rk.backends._REGISTRY[name].reasons(problem)
         if reasons:
-            skipped.append({"shape": shape, "backend": name, "note": "; ".join(reasons)[:120]})
+            skipped.append(
+                {"shape": shape, "dtype": dname, "backend": name, "note": "; ".join(reasons)[:120]}
+            )
             continue
+        if name == "reference" and dtype != torch.float32:
+            continue  # the O(L^2) oracle once per shape is enough
         names.append(name)
         fns.append(lambda n=name: rk.rolling_attention(q, k, v, **kw, backend=n)[0])
-        rows.append({"shape": shape, "backend": f"{name} (rot+stats)"})
+        backend = f"{name} (rot+stats)" + (f" [{ISA}]" if name == "cpu" else "")
+        rows.append({"shape": shape, "dtype": dname, "backend": backend})
     # Heavy rows (the O(L^2) reference) get fewer rounds only through `reps`; all rows the same.
     times = interleaved_times(fns, warmup=1, reps=reps)
     flops = attention_flops(B, H, L, L, D)
@@ -66,11 +81,13 @@ def bench_shape(B: int, H: int, L: int, D: int, *, memory: bool, reps: int) -> L
         out = fn()
         row.update(t)
         row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
+        row["roofline"] = row["gflops"] / gemm_gflops(dtype)
         row["vs_sdpa"] = t["median_ms"] / times[0]["median_ms"]
         row["max_err"] = (out.double() - ref).abs().max().item()
         if memory:
             try:
-                row["peak_mib"] = peak_extra_mib((B, H, L, D), name)["extra_mib"]
+                if dtype == torch.float32:  # memory does not depend on the dtype's speed path
+                    row["peak_mib"] = peak_extra_mib((B, H, L, D), name)["extra_mib"]
             except Exception as exc:  # report, never hide
                 row["note"] = f"memory probe failed: {exc}"[:200]
     return rows + skipped
@@ -78,18 +95,21 @@ def bench_shape(B: int, H: int, L: int, D: int, *, memory: bool, reps: int) -> L
 
 def bench_attention(shapes, *, memory: bool, reps: int) -> List[dict]:
     rows = []
-    for B, H, L, D in shapes:
-        rows += bench_shape(B, H, L, D, memory=memory, reps=reps)
-        print(f"  measured {(B, H, L, D)}", file=sys.stderr, flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        for B, H, L, D in shapes:
+            rows += bench_shape(B, H, L, D, memory=memory, reps=reps, dtype=dtype)
+            print(f"  measured {(B, H, L, D)} {dtype}", file=sys.stderr, flush=True)
     return rows
 
 
 ATTN_COLUMNS = [
     ("shape (B, H, L, D)", "shape", None),
+    ("dtype", "dtype", None),
     ("backend", "backend", None),
     ("median ms", "median_ms", "{:.2f}"),
     ("x SDPA time", "vs_sdpa", "{:.2f}"),
     ("GFLOP/s", "gflops", "{:.1f}"),
+    ("roofline", "roofline", "{:.2f}"),
     ("peak MiB above in/out", "peak_mib", "{:.1f}"),
     ("max err vs fp64", "max_err", "{:.1e}"),
     ("note", "note", None),
@@ -97,7 +117,7 @@ ATTN_COLUMNS = [
 
 # Further suites contributed by the backends and modules: module name -> title.
 SUITES = {
-    "bench.cpu_bench": "CPU kernel: forward / backward vs SDPA, memory",
+    "bench.cpu_bench": "CPU kernel vs SDPA: forward + backward, masks, dropout, GQA, per-call cost, memory",
     "bench.fusion_bench": "RollingQ fusion training step (paper shape)",
     "bench.model_bench": "Whole-model forward through the integrations vs SDPA",
 }
@@ -133,6 +153,16 @@ def main(argv=None) -> int:
     print("# rollingq_kernels benchmark report")
     print(f"machine: {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']})")
     print(
+        f"CPU kernel variant: {info['kernel_isa']} (this CPU runs: {info['kernel_isas']}); "
+        f"torch CPU capability {info['torch_cpu_capability']}; load average "
+        f"{info.get('load_average', '?')}"
+    )
+    print(
+        f"GEMM roofline ({info['torch_threads']} threads, 2048^3 torch.mm): "
+        f"float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
+        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
+    )
+    print(
         f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date']}"
     )
     print(f"command: python -m bench.report {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -146,7 +176,7 @@ def main(argv=None) -> int:
         else:
             shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
         rows = bench_attention(shapes, memory=not args.no_memory, reps=3 if args.quick else 7)
-        print("## Attention forward, float32 (rotated [CLS] row + 2-modality stats for backends)")
+        print("## Attention forward (rotated [CLS] row + 2-modality stats for backends)")
         print(format_table(rows, ATTN_COLUMNS))
         print()
         saved["attention"] = rows
@@ -159,7 +189,11 @@ def main(argv=None) -> int:
             continue
         suite_rows = mod.run(**SUITE_ARGS.get(mod_name, {}), quick=args.quick)
         print(f"## {title}")
-        print(_generic_table(suite_rows))
+        print(
+            mod.format_rows(suite_rows)
+            if hasattr(mod, "format_rows")
+            else _generic_table(suite_rows)
+        )
         print()
         saved[mod_name] = suite_rows
     path = save_rows("report" + ("-quick" if args.quick else ""), [], extra={"suites": saved})

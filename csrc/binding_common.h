@@ -255,7 +255,7 @@ inline void fill_common(AttentionParams& p, const Canonical& c) {
     p.mask_col_stride = m.stride(3);
   }
   if (c.dropout_p > 0.0) {
-    p.dropout_p = static_cast<float>(c.dropout_p);
+    p.dropout_p = c.dropout_p;
     const double t = std::floor(c.dropout_p * 4294967296.0);
     p.dropout_threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
     p.dropout_seed = c.seed;

@@ -58,15 +58,6 @@ void check_cpu(const char* op, const Canonical& c) {
                     t->stride(2) < (int64_t(1) << 31),
                 op, ": sequence length, head dim and row stride must be < 2^31; got ",
                 shape_str(*t));
-  // contract arguments the CPU kernels do not implement yet: an error, never a wrong answer
-  TORCH_CHECK_NOT_IMPLEMENTED(!c.attn_mask.defined(), op,
-                              ": attn_mask is not implemented by the CPU kernel yet");
-  TORCH_CHECK_NOT_IMPLEMENTED(c.causal_offset == 0, op, ": causal_offset ", c.causal_offset,
-                              " is not implemented by the CPU kernel yet");
-  TORCH_CHECK_NOT_IMPLEMENTED(c.dropout_p == 0.0, op,
-                              ": dropout is not implemented by the CPU kernel yet");
-  TORCH_CHECK_NOT_IMPLEMENTED(c.k.size(1) == c.q.size(1), op,
-                              ": grouped-query attention is not implemented by the CPU kernel yet");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(

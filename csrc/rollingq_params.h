@@ -66,7 +66,7 @@ struct AttentionParams {
   // (g lo, g hi, offset lo, offset hi), g = ((b * heads + h) * seqlen_q + i) * ceil(seqlen_k / 4)
   // + j / 4, is >= dropout_threshold = floor(p * 2^32); kept values are scaled by 1 / (1 - p).
   // rollingq_kernels/dropout.py is the specification.
-  float dropout_p = 0.0f;  // 0 = no dropout
+  double dropout_p = 0.0;  // 0 = no dropout
   uint32_t dropout_threshold = 0;
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;

@@ -486,7 +486,12 @@ register_backend(
         name="cpu",
         module="rollingq_kernels.cpu_attention",
         dtypes={"cpu": frozenset({torch.float32, torch.bfloat16, torch.float64})},
-        features=Features(),
+        features=Features(
+            causal_offset=True,
+            attn_mask=frozenset({"bool", "float"}),
+            dropout=True,
+            gqa=True,
+        ),
         description="fused C++ kernel (ATen parallel_for, vectorised)",
     ),
     priority=0,

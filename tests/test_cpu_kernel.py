@@ -6,10 +6,17 @@ kernel allocates poisoned with NaN so that an element it forgets to write fails.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+import sys
 import sysconfig
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     assert_close,
     check_against_reference,
@@ -23,10 +30,112 @@ from helpers import (
 from rollingq_kernels import fused_op, rolling_attention, rolling_attention_reference
 from rollingq_kernels.api import make_problem
 from rollingq_kernels.backends import select_backend
+from rollingq_kernels.reference import apply_rotation
 
 pytestmark = pytest.mark.skipif(
     fused_op.load_error() is not None, reason=str(fused_op.load_error())
 )
+
+
+# ---- kernel variants --------------------------------------------------------------------------
+# The library carries the kernels compiled for several instruction sets and picks the best the
+# CPU runs. Every variant this machine can run is tested: the `isa` fixture switches the loaded
+# library to it (C functions of csrc/cpu/dispatch.cpp, through ctypes).
+
+
+def _cpu_library():
+    if fused_op.load_error() is not None:
+        return None
+    lib = ctypes.CDLL(fused_op.library_path())
+    lib.rollingq_cpu_isa.restype = ctypes.c_char_p
+    lib.rollingq_cpu_isas.restype = ctypes.c_char_p
+    lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+_LIB = _cpu_library()
+ISAS = _LIB.rollingq_cpu_isas().decode().split(",") if _LIB is not None else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = _LIB.rollingq_cpu_isa()
+    assert _LIB.rollingq_cpu_set_isa(request.param.encode()) == 0
+    yield request.param
+    assert _LIB.rollingq_cpu_set_isa(previous) == 0
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_variants_cover_what_the_cpu_offers():
+    flags = _cpu_flags()
+    assert ISAS[-1] == "generic"
+    if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
+        assert "avx2" in ISAS
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags:
+        assert "avx512" in ISAS
+    # the best runnable variant is the default (ISAS is ordered best first)
+    assert subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA=None), check=True,
+    ).stdout.split()[0] == ISAS[0]  # fmt: skip
+
+
+# Run in a fresh process: one small call, then print the variant used and the error vs the
+# float64 reference.
+_ENV_PROBE = """
+import ctypes, torch
+import rollingq_kernels as rk
+from rollingq_kernels import fused_op
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 3, 37, 24, generator=g) for _ in range(3))
+out = rk.rolling_attention(q, k, v, backend="cpu", is_causal=True)
+ref = rk.rolling_attention_reference(q.double(), k.double(), v.double(), is_causal=True)
+lib = ctypes.CDLL(fused_op.library_path())
+lib.rollingq_cpu_isa.restype = ctypes.c_char_p
+print(lib.rollingq_cpu_isa().decode(), (out.double() - ref).abs().max().item())
+"""
+
+
+def _env(**overrides):
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_environment_variable_selects_the_variant(name):
+    res = subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA=name), check=True,
+    )  # fmt: skip
+    used, err = res.stdout.split()
+    assert used == name
+    assert float(err) < 1e-5
+
+
+def test_environment_variable_naming_an_unknown_variant_is_an_error():
+    res = subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA="sse9"),
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "ROLLINGQ_CPU_ISA=sse9 is not a kernel variant" in res.stderr
+    assert _LIB.rollingq_cpu_set_isa(b"sse9") == -1
+
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -54,6 +163,22 @@ CASES = [
     ("d1", dict(D=1, rotation="shared", modalities=2, causal=True)),
     ("d8_dv24", dict(D=8, Dv=24, rotation="shared", modalities=2, padding=True)),
     ("d768", dict(B=1, H=1, Lq=33, Lk=70, D=768, rotation="shared", rows="subset", modalities=2)),
+    # D + Dv > 256: 256-query tiles, one full and one partial
+    (
+        "wide_tiles",
+        dict(
+            B=1,
+            H=2,
+            Lq=300,
+            Lk=333,
+            D=136,
+            rotation="per_head",
+            rows="subset",
+            modalities=2,
+            padding=True,
+            causal=True,
+        ),
+    ),  # fmt: skip
     ("scale", dict(scale=0.3, modalities=2, causal=True)),
     ("blhd", dict(layout="blhd", Lq=129, rotation="per_head", modalities=2, padding=True)),
     ("strided", dict(layout="strided", Lq=33, rotation="shared", modalities=3, causal=True)),
@@ -67,7 +192,7 @@ def _run(case, **extra):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
-def test_forward_matches_reference(name, kw, dtype):
+def test_forward_matches_reference(name, kw, dtype, isa):
     case = make_case(dtype=dtype, seed=hash(name) % 1000, **kw)
     out, stats = _run(case)
     assert out.dtype == dtype and out.shape == case.q.shape[:3] + case.v.shape[3:]
@@ -83,7 +208,7 @@ def test_forward_matches_reference(name, kw, dtype):
     ],
     ids=["cls_two_segments", "mixed_run_counts"],
 )
-def test_forward_with_segment_modalities(lengths, counted, dtype):
+def test_forward_with_segment_modalities(lengths, counted, dtype, isa):
     # Contiguous modality segments take the kernel's per-run path for the mass, blocks with many
     # runs the per-modality dot products; both must match the reference.
     from rollingq_kernels import key_modality_from_lengths
@@ -109,7 +234,7 @@ def test_without_stats_returns_the_same_output(dtype):
     check_against_reference(case, out, None, dtype=dtype)
 
 
-def test_empty_rows_are_zero_with_minus_inf_lse():
+def test_empty_rows_are_zero_with_minus_inf_lse(isa):
     case = make_case(dtype=torch.float32, B=2, Lq=9, padding=True, modalities=2, seed=5)
     out, stats = _run(case)
     # make_case pads every key of sample 0
@@ -120,7 +245,7 @@ def test_empty_rows_are_zero_with_minus_inf_lse():
 
 
 @pytest.mark.parametrize("Lq,Lk", [(0, 5), (4, 0), (0, 0)])
-def test_op_on_empty_sequences(Lq, Lk):
+def test_op_on_empty_sequences(Lq, Lk, isa):
     # The API answers empty problems with the reference; the op itself must still be right.
     g = torch.Generator().manual_seed(31)
     q = torch.randn(2, 3, Lq, 8, generator=g)
@@ -196,24 +321,441 @@ def test_transposed_layout_is_read_in_place():
     assert _input_copies(strided)[1]
 
 
+# ---- memory safety ------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build_flags():
+    """csrc/build_flags.txt as {key: [args]} (the file setup.py and CMake read)."""
+    flags = {}
+    with open(os.path.join(ROOT, "csrc", "build_flags.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                key, _, value = line.partition("=")
+                flags[key.strip()] = value.split()
+    return flags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    # csrc/cpu/check/sanitize_driver.cpp runs every variant this CPU executes on random problems
+    # with exactly-sized buffers; the variants are compiled here with ASan + UBSan (no torch).
+    machine = platform.machine().lower()
+    arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+    arch = arch.get(machine, "other")
+    flags = _build_flags()
+    variants = [v for v in ISAS if v != "amx" and f"variant.{arch}.{v}" in flags]
+    common = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=fast",
+              "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+              "-I" + os.path.join(ROOT, "csrc")]  # fmt: skip
+    jobs, objects = [], []
+    for v in variants:
+        obj = str(tmp_path / f"{v}.o")
+        src = os.path.join(ROOT, "csrc", "cpu", "isa", f"{v}.cpp")
+        cmd = ["g++", *common, *flags[f"variant.{arch}.{v}"], "-c", src, "-o", obj]
+        jobs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
+        objects.append(obj)
+    for job in jobs:
+        _, err = job.communicate(timeout=900)
+        assert job.returncode == 0, err[-3000:]
+    driver = str(tmp_path / "driver")
+    defines = [f"-DROLLINGQ_ISA_{v.upper()}=1" for v in variants]
+    src = os.path.join(ROOT, "csrc", "cpu", "check", "sanitize_driver.cpp")
+    built = subprocess.run(
+        ["g++", *common, *defines, src, *objects, "-o", driver], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    run = subprocess.run(
+        [driver, "11", "40", "1" if "amx" in ISAS else "0"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-5000:]
+
+
 # ---- threads --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_one_and_two_threads_agree(dtype):
-    case = make_case(
-        dtype=dtype, B=2, H=3, Lq=300, D=40, rotation="per_head", modalities=2, padding=True,
-        causal=True, seed=7,
-    )  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(B=2, H=3, Lq=300, D=40, rotation="per_head", modalities=2, padding=True, causal=True),
+        # one head: the backward splits the keys into chunks and sums their dq in a second phase
+        dict(B=1, H=1, Lq=70, Lk=700, D=24, rotation="shared", rows="subset", modalities=2),
+    ],
+    ids=["many_heads", "one_head_key_chunks"],
+)
+def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
+    # Tasks are cut by shape only and every element is reduced in a fixed order inside one task:
+    # outputs, statistics and gradients must be bitwise the same for any thread count.
+    case = make_case(dtype=dtype, seed=7, **kw)
     case.requires_grad_()
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         out, stats = rolling_attention(case.q, case.k, case.v, backend="cpu", **case.kwargs)
         grads = torch.autograd.grad(out, (case.q, case.k, case.v), torch.ones_like(out))
         results.append((out, *stats, *grads))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    names = ("out", *stats._fields, "dq", "dk", "dv")
+    for other in results[1:]:
+        for name, a, b in zip(names, results[0], other):
+            assert torch.equal(a, b), f"{name} differs between thread counts"
+
+
+# ---- NaN and infinity -------------------------------------------------------------------------
+# A NaN anywhere in a row's visible scores, or a +inf score (inf - inf in the softmax), gives
+# that row NaN output, lse and mass, as in torch's SDPA; rows that do not see the NaN are exact,
+# and a row that sees no key at all still gives zeros. Hidden positions (causal) are replaced by
+# -inf, never added to, so a NaN there is ignored in the forward. Positions are chosen in the
+# middle and at the ends of key blocks: the answer must not depend on where a key falls.
+
+NAN = float("nan")
+NAN_CASES = ["q_row", "k_first", "k_mid_block", "k_last", "v_key0", "inf_score"]
+
+
+def _poisoned(dtype, where, causal):
+    case = make_case(
+        dtype=dtype, B=2, H=3, Lq=77, Lk=300, D=24, rotation="shared", rows="subset",
+        modalities=2, causal=causal, seed=41,
+    )  # fmt: skip
+    q, k, v = (t.clone() for t in (case.q, case.k, case.v))
+    if where == "q_row":
+        q[1, 2, 5, 3] = NAN
+    elif where == "k_first":
+        k[0, 1, 0, 7] = NAN
+    elif where == "k_mid_block":
+        k[1, 0, 37, 2] = NAN
+    elif where == "k_last":  # causal: no row sees it
+        k[0, 0, -1, 0] = NAN
+    elif where == "v_key0":  # key 0 is visible from every row
+        v[1, 1, 0, 4] = NAN
+    elif where == "inf_score":  # the scaled scores overflow to +-inf
+        case.kwargs["scale"] = 1e38
+    case.q, case.k, case.v = q, k, v
+    return case
+
+
+def _sdpa_in_kernel_precision(case, dtype, grad=None):
+    """torch's SDPA on the rotated queries, in the kernel's accumulation dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = (
+        t.detach().to(acc).requires_grad_(grad is not None) for t in (case.q, case.k, case.v)
+    )
+    kw = case.kwargs
+    qr = apply_rotation(q, kw["rotation"].to(acc), kw.get("rotated_queries"))
+    out = F.scaled_dot_product_attention(qr, k, v, is_causal=kw["is_causal"], scale=kw.get("scale"))
+    scores = (qr @ k.transpose(-1, -2)) * (kw.get("scale") or q.shape[-1] ** -0.5)
+    if kw["is_causal"]:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    bad_rows = scores.isnan().any(-1) | (scores == float("inf")).any(-1)
+    grads = torch.autograd.grad(out, (q, k, v), grad.to(acc)) if grad is not None else None
+    return out.detach(), bad_rows.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_nan_and_inf_propagate_like_sdpa(where, causal, dtype, isa):
+    case = _poisoned(dtype, where, causal)
+    want, bad_rows, _ = _sdpa_in_kernel_precision(case, dtype)
+    # a key no row sees poisons nothing; float64 scores do not overflow at scale 1e38
+    harmless = (where == "k_last" and causal) or (where == "inf_score" and dtype == torch.float64)
+    assert bool(want.isnan().any()) != harmless
+    out, stats = _run(case)
+    assert torch.equal(out.isnan(), want.isnan()), (
+        f"NaN at {torch.nonzero(out.isnan() != want.isnan())[:5].tolist()} differs from SDPA"
+    )
+    assert torch.equal(stats.lse.isnan(), bad_rows)
+    assert torch.equal(
+        stats.modality_mass.isnan(), bad_rows[..., None].expand_as(stats.modality_mass)
+    )
+    # everything else matches SDPA computed in the same precision (at scale 1e38 the float64
+    # reference does not overflow where float32 does), and the lse the float64 reference
+    keep = ~want.isnan()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert_close(out[keep], want[keep], rel=tol, name="out")
+    if where != "inf_score":
+        rows = ~bad_rows
+        assert_close(
+            stats.lse[rows], reference(case)[1].lse[rows], rel=STATS_REL[dtype], name="lse"
+        )
+
+
+STATS_REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_nan_and_inf_reach_the_gradients_sdpa_reaches(where, dtype, isa):
+    # Without masks every key takes part, so the NaN pattern of the gradients is fixed by the
+    # maths alone (with masks, a NaN can also reach a gradient through 0 * NaN at a hidden
+    # position, and where it does depends on the block size, in SDPA as here).
+    case = _poisoned(dtype, where, causal=False)
+    g = torch.randn(case.q.shape[:3] + case.v.shape[3:], dtype=torch.float64)
+    _, _, want = _sdpa_in_kernel_precision(case, dtype, grad=g)
+    assert any(w.isnan().any() for w in want)
+    inputs = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    with nan_poisoned_outputs():
+        out, _ = rolling_attention(*inputs, backend="cpu", **case.kwargs)
+        got = torch.autograd.grad(out, inputs, g.to(dtype))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(a.isnan(), b.isnan()), (
+            f"{name}: NaN at {torch.nonzero(a.isnan() != b.isnan())[:5].tolist()} differs from SDPA"
+        )
+
+
+def test_nan_query_of_a_row_that_sees_no_key_still_gives_zeros(isa):
+    case = make_case(dtype=torch.float32, B=2, Lq=9, padding=True, modalities=2, seed=5)
+    case.q[0, 1, 4, 2] = NAN  # sample 0 sees no key at all (make_case pads all of it)
+    out, stats = _run(case)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(stats.lse[0], torch.full_like(stats.lse[0], float("-inf")))
+    assert torch.equal(stats.modality_mass[0], torch.zeros_like(stats.modality_mass[0]))
+    check_against_reference(case, out, stats, dtype=torch.float32)
+
+
+# ---- the op contract: masks, causal offsets, dropout, grouped-query attention ----------------
+# Every case also rotates a subset of rows and takes two-modality statistics, so the new fields are
+# checked together with the fused ones. The float64 reference is the oracle (fp64 1e-10, fp32
+# 1e-5, bf16 twice the error of the same attention computed in bf16 by plain PyTorch).
+
+CONTRACT_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _mask(name, B, H, Lq, Lk, dtype, g):
+    if name == "bool_full":
+        m = torch.rand(B, H, Lq, Lk, generator=g) < 0.7
+        m[0, 1, 3] = False  # a row that sees no key: zeros, lse = -inf
+        return m
+    if name == "bool_keys":  # (B, 1, 1, Lk): one scalar per key
+        m = torch.rand(B, 1, 1, Lk, generator=g) < 0.8
+        m[..., 0] = True
+        return m
+    if name == "bool_1d":
+        return torch.rand(Lk, generator=g) < 0.6
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if name == "float_2d":  # (Lq, Lk), -inf entries and a row of -inf
+        m = torch.randn(Lq, Lk, generator=g, dtype=acc)
+        m[torch.rand(Lq, Lk, generator=g) < 0.2] = float("-inf")
+        m[2] = float("-inf")
+        return m.to(torch.float32)
+    if name == "float_heads":  # (B, 1, Lq, Lk) float32
+        return torch.randn(B, 1, Lq, Lk, generator=g)
+    if name == "float_keys_input_dtype":  # (B, 1, 1, Lk) in q's dtype
+        return torch.randn(B, 1, 1, Lk, generator=g, dtype=acc).to(dtype)
+    if name == "float_strided":  # columns not contiguous: a transposed view
+        return torch.randn(B, H, Lk, Lq, generator=g).transpose(-1, -2)
+    raise ValueError(name)
+
+
+MASKS = [
+    "bool_full",
+    "bool_keys",
+    "bool_1d",
+    "float_2d",
+    "float_heads",
+    "float_keys_input_dtype",
+    "float_strided",
+]
+
+
+def _contract_case(dtype, *, B=2, H=4, Hkv=None, Lq=37, Lk=70, D=24, seed=0, **extra):
+    g = torch.Generator().manual_seed(seed)
+    Hkv = H if Hkv is None else Hkv
+    acc = torch.float64
+    q = torch.randn(B, Lq, H, D, generator=g, dtype=acc).to(dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=acc).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D + 8, generator=g, dtype=acc).to(dtype)
+    ids = torch.randint(-1, 2, (B, Lk), generator=g)
+    rows = torch.rand(Lq, generator=g) < 0.3
+    kw = dict(
+        rotation=random_orthogonal(D, generator=g),
+        rotated_queries=rows,
+        key_modality=ids,
+        num_modalities=2,
+        return_stats=True,
+        enable_gqa=Hkv != H,
+    )
+    kw.update(extra)
+    return q, k, v, kw
+
+
+def _reference64(q, k, v, kw):
+    kw64 = dict(kw)
+    kw64["rotation"] = kw["rotation"].double()
+    mask = kw.get("attn_mask")
+    if type(mask) is torch.Tensor and mask.is_floating_point():  # not a CausalBias
+        kw64["attn_mask"] = mask.double()
+    return rolling_attention_reference(q.double(), k.double(), v.double(), **kw64)
+
+
+def _bf16_bound(q, k, v, kw, ref_out):
+    """Max error of the same attention computed by plain PyTorch in bfloat16 (FlashAttention's
+    test rule allows twice that)."""
+    kwl = dict(kw)
+    kwl["rotation"] = kw["rotation"].to(torch.bfloat16)
+    mask = kw.get("attn_mask")
+    if type(mask) is not torch.Tensor:  # a CausalBias: the offset below
+        mask = None
+        kwl.update(is_causal=True, causal_offset=k.shape[2] - q.shape[2])
+        kw = kwl
+    elif mask.is_floating_point():
+        kwl["attn_mask"] = mask.to(torch.bfloat16)
+    # the reference's arithmetic in bf16: scores and products rounded to bf16
+    H, Hkv = q.shape[1], k.shape[1]
+    qr = apply_rotation(q, kwl["rotation"], kwl["rotated_queries"])
+    kk = k.repeat_interleave(H // Hkv, 1)
+    vv = v.repeat_interleave(H // Hkv, 1)
+    scale = kw.get("scale") or q.shape[-1] ** -0.5
+    s = (qr @ kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        m = kwl["attn_mask"]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+    off = kw.get("causal_offset")
+    if kw.get("is_causal"):
+        Lq, Lk = s.shape[-2:]
+        hidden = torch.arange(Lk)[None, :] > torch.arange(Lq)[:, None] + (off or 0)
+        s = s.masked_fill(hidden, float("-inf"))
+    pr = torch.softmax(s.float(), -1).nan_to_num(0.0)
+    if kw.get("dropout_p", 0.0) > 0:
+        from rollingq_kernels.dropout import dropout_keep_mask
+
+        keep = dropout_keep_mask(kw["rng_state"], kw["dropout_p"], tuple(pr.shape))
+        pr = pr * keep / (1 - kw["dropout_p"])
+    out = pr.to(torch.bfloat16) @ vv
+    return (out.double() - ref_out).abs().max().item()
+
+
+def _check_contract(q, k, v, kw, dtype, what, grads=True):
+    inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
+    with nan_poisoned_outputs():
+        out, stats = rolling_attention(*inputs, backend="cpu", **kw)
+    assert out.stride() == torch.empty_like(q).stride() or not q.is_contiguous()
+    ref_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    ref_out, ref = _reference64(*ref_in, kw)
+    finite = torch.isfinite(ref_out)
+    if dtype == torch.bfloat16:
+        bound = 2 * _bf16_bound(q, k, v, kw, ref_out.detach()) + 1e-3
+        err = (out.double() - ref_out.detach()).abs().max().item()
+        assert err <= bound, f"{what}: out max error {err:.3e} > {bound:.3e}"
+    else:
+        assert_close(out, ref_out, rel=REL[dtype], name=f"{what}: out")
+    assert torch.equal(out.isnan(), ~finite & ref_out.isnan())
+    assert_close(stats.lse, ref.lse, rel=STATS_REL[dtype], name=f"{what}: lse")
+    assert_close(stats.modality_mass, ref.modality_mass, rel=STATS_REL[dtype], atol=1e-7,
+                 name=f"{what}: mass")  # fmt: skip
+    assert_close(stats.key_sum, ref.key_sum, rel=STATS_REL[dtype], name=f"{what}: key_sum")
+    assert torch.equal(stats.key_count.double(), ref.key_count)
+    if not grads:
+        return
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with nan_poisoned_outputs():
+        got = torch.autograd.grad(out, inputs, gout.to(dtype))
+    want = torch.autograd.grad(ref_out, ref_in, gout)
+    rel = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape and a.dtype == dtype
+        assert_close(a, b, rel=rel, name=f"{what}: d{name}")
+
+
+REL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mask", MASKS)
+def test_attn_mask_matches_reference(mask, dtype, isa):
+    g = torch.Generator().manual_seed(hash(mask) % 1000)
+    q, k, v, kw = _contract_case(dtype, seed=hash(mask) % 100)
+    B, H, Lq, _ = q.shape
+    kw["attn_mask"] = _mask(mask, B, H, Lq, k.shape[2], dtype, g)
+    if mask != "float_2d":
+        _check_contract(q, k, v, kw, dtype, mask)
+        return
+    # A row whose float mask is all -inf sees no key: zeros, lse = -inf, and no gradient. The
+    # reference's autograd gives NaN gradients there (logsumexp of -inf), so its gradients are
+    # compared on the same mask with that row opened.
+    _check_contract(q, k, v, kw, dtype, mask, grads=False)
+    kw["attn_mask"] = kw["attn_mask"].clone()
+    kw["attn_mask"][2] = 0.0
+    _check_contract(q, k, v, kw, dtype, mask + " (row 2 open)")
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "Lq,Lk,offset", [(37, 70, None), (70, 37, None), (40, 40, -5), (33, 20, 9), (7, 300, 250)]
+)
+def test_causal_offsets_match_reference(Lq, Lk, offset, dtype, isa):
+    # offset None: the lower-right CausalBias (offset Lk - Lq) through the API; otherwise the op
+    # with that offset (rows with i + offset < 0 see no key)
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v, kw = _contract_case(dtype, Lq=Lq, Lk=Lk, seed=Lq + Lk)
+    if offset is None:
+        kw["attn_mask"] = causal_lower_right(Lq, Lk)
+        _check_contract(q, k, v, kw, dtype, f"lower-right {Lq}x{Lk}")
+        return
+    kw.update(is_causal=True, causal_offset=offset)
+    p = make_problem(q, k, v, **{n: x for n, x in kw.items() if n != "causal_offset"})
+    args = list(p.op_args())
+    args[_FWD_ARG["causal_offset"]] = offset
+    with nan_poisoned_outputs():
+        out, lse, mass, *_ = torch.ops.rollingq.attention_fwd(*args)
+    ref_out, ref = _reference64(q, k, v, kw)
+    tol = REL.get(dtype, 2e-2)
+    assert_close(out, ref_out, rel=tol, name="out")
+    assert_close(lse, ref.lse, rel=STATS_REL[dtype], name="lse")
+    assert_close(mass, ref.modality_mass, rel=STATS_REL[dtype], atol=1e-7, name="mass")
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_grouped_query_attention_matches_reference(Hkv, dtype, isa):
+    q, k, v, kw = _contract_case(dtype, H=6, Hkv=Hkv, Lq=33, Lk=150, seed=Hkv)
+    kw["key_padding_mask"] = torch.rand(2, 150, generator=torch.Generator().manual_seed(1)) < 0.8
+    _check_contract(q, k, v, kw, dtype, f"gqa {Hkv}")
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_is_the_reference_keep_mask(p, dtype, isa):
+    # the reference applies dropout_keep_mask(rng_state): any element the kernel kept or dropped
+    # differently moves the output far beyond the tolerance
+    q, k, v, kw = _contract_case(dtype, H=3, Lq=45, Lk=301, seed=int(p * 10), is_causal=True)
+    kw.update(dropout_p=p, rng_state=torch.tensor([-1234567890123, 987654321], dtype=torch.int64))
+    _check_contract(q, k, v, kw, dtype, f"dropout {p}")
+
+
+def test_dropout_keeps_statistics_and_depends_on_the_rng_state(isa):
+    q, k, v, kw = _contract_case(torch.float32, H=2, Lq=20, Lk=40, seed=9)
+    plain, plain_stats = rolling_attention(q, k, v, backend="cpu", **kw)
+    state = torch.tensor([42, 0], dtype=torch.int64)
+    a, a_stats = rolling_attention(q, k, v, backend="cpu", dropout_p=0.3, rng_state=state, **kw)
+    b, _ = rolling_attention(q, k, v, backend="cpu", dropout_p=0.3, rng_state=state.clone(), **kw)
+    c, _ = rolling_attention(
+        q, k, v, backend="cpu", dropout_p=0.3, rng_state=torch.tensor([42, 1]), **kw
+    )
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    for x, y in zip(a_stats, plain_stats):  # statistics are taken before dropout
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_everything_at_once_with_broadcast_inputs(dtype, isa):
+    # GQA + float mask + lower-right causal offset via is_causal... and k / v / side inputs with
+    # stride-0 (broadcast) batch dims, odd sizes
+    q, k, v, kw = _contract_case(dtype, B=3, H=4, Hkv=2, Lq=29, Lk=131, D=40, seed=77)
+    k = k[:1].expand(3, -1, -1, -1)
+    v = v[:1].expand(3, -1, -1, -1)
+    assert k.stride(0) == 0
+    kw["key_padding_mask"] = (torch.arange(131) % 7 != 3).expand(3, 131)
+    kw["key_modality"] = kw["key_modality"][:1].expand(3, -1)
+    kw["attn_mask"] = torch.randn(1, 4, 29, 131)
+    kw.update(dropout_p=0.2, rng_state=torch.tensor([7, 3], dtype=torch.int64))
+    _check_contract(q, k, v, kw, dtype, "everything")
 
 
 # ---- gradients ------------------------------------------------------------------------------
@@ -234,7 +776,7 @@ def _op_out(q, k, v, rotation, rows, ids, M, pad, causal, scale):
     ],
     ids=["rot_rows_pad_causal", "lq_lt_lk_pad", "lq_gt_lk_causal"],
 )
-def test_gradcheck_float64(kw):
+def test_gradcheck_float64(kw, isa):
     kw = {"B": 2, "H": 2, "Lq": 5, "D": 4, **kw}
     case = make_case(dtype=torch.float64, seed=13, **kw)
     problem = make_problem(case.q, case.k, case.v, **case.kwargs)
@@ -259,10 +801,11 @@ def test_gradcheck_float64(kw):
         dict(B=1, H=2, Lq=70, Lk=300, D=64, Dv=48, rotation="shared", padding=True),
         dict(B=1, H=1, Lq=1, Lk=600, D=96, layout="blhd", rotation="shared"),
         dict(B=1, H=1, Lq=65, Lk=40, D=768, layout="strided", rotation="shared", rows="subset"),
+        dict(B=1, H=2, Lq=270, Lk=130, D=136, rotation="per_head", rows="batch", causal=True),
     ],
-    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided"],
+    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided", "wide_tiles"],
 )
-def test_backward_matches_reference_autograd(kw, dtype):
+def test_backward_matches_reference_autograd(kw, dtype, isa):
     case = make_case(dtype=dtype, seed=17, modalities=2, **kw)
     g = torch.randn(case.q.shape[:3] + case.v.shape[3:], dtype=torch.float64)
 

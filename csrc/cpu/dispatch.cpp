@@ -1,0 +1,289 @@
+// Chooses the kernel variant once, from what the CPU reports (the way ATen's CPU capability
+// dispatch works), and runs the chosen variant's tasks on torch's thread pool.
+//
+// Compiled with the baseline flags: nothing here may execute an instruction the oldest
+// supported CPU lacks.
+//
+// ROLLINGQ_CPU_ISA=amx|avx512|avx2|generic overrides the choice (read at the first kernel call);
+// a name this library does not know or this CPU cannot run is an error, never a silent
+// downgrade. The C functions at the end let tests and benchmarks read and switch the variant of
+// the loaded library (through ctypes).
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#define ROLLINGQ_X86 1
+#endif
+
+namespace rollingq {
+namespace cpu {
+namespace {
+
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+constexpr int kIsaCount = 4;
+constexpr const char* kIsaNames[kIsaCount] = {"generic", "avx2", "avx512", "amx"};
+
+const KernelTable* compiled_table(Isa isa) {
+  switch (isa) {
+    case Isa::kGeneric:
+      return &isa_generic::table;
+#ifdef ROLLINGQ_ISA_AVX2
+    case Isa::kAvx2:
+      return &isa_avx2::table;
+#endif
+#ifdef ROLLINGQ_ISA_AVX512
+    case Isa::kAvx512:
+      return &isa_avx512::table;
+    case Isa::kAmx:
+      return &isa_avx512::table_amx;
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+#ifdef ROLLINGQ_X86
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+
+// Linux keeps the AMX tile data state off until the process asks for it (kernel >= 5.16).
+bool request_amx_state() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
+
+struct CpuSupport {
+  bool isa[kIsaCount] = {true, false, false, false};
+};
+
+CpuSupport detect() {
+  CpuSupport s;
+#ifdef ROLLINGQ_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return s;
+  const bool fma = c & (1u << 12), movbe = c & (1u << 22), osxsave = c & (1u << 27);
+  const bool avx = c & (1u << 28), f16c = c & (1u << 29);
+  const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+  const bool os_avx = (xcr0 & 0x6) == 0x6;        // XMM and YMM state
+  const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+  unsigned max_leaf = __get_cpuid_max(0, nullptr);
+  if (max_leaf < 7) return s;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool bmi1 = b & (1u << 3), avx2 = b & (1u << 5), bmi2 = b & (1u << 8);
+  const bool avx512f = b & (1u << 16), avx512dq = b & (1u << 17), avx512cd = b & (1u << 28);
+  const bool avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+  __cpuid_count(7, 1, a, b, c, d);
+  const bool avx512bf16 = a & (1u << 5);
+  unsigned ea = 0, eb = 0, ec = 0, ed = 0;
+  __get_cpuid(0x80000001, &ea, &eb, &ec, &ed);
+  const bool lzcnt = ec & (1u << 5);
+  // x86-64-v3 and v4 as the compilers define them (the variants are built with -march=x86-64-vN)
+  const bool v3 = os_avx && avx && avx2 && fma && f16c && bmi1 && bmi2 && lzcnt && movbe;
+  const bool v4 = v3 && os_avx512 && avx512f && avx512dq && avx512cd && avx512bw && avx512vl;
+  s.isa[int(Isa::kAvx2)] = v3;
+  s.isa[int(Isa::kAvx512)] = v4 && avx512bf16;
+  s.isa[int(Isa::kAmx)] = s.isa[int(Isa::kAvx512)] && amx_tile && amx_bf16 && request_amx_state();
+#endif
+  return s;
+}
+
+const CpuSupport& support() {
+  static const CpuSupport s = detect();
+  return s;
+}
+
+bool runnable(Isa isa) { return support().isa[int(isa)] && compiled_table(isa) != nullptr; }
+
+int parse_isa(const char* name) {
+  for (int i = 0; i < kIsaCount; ++i)
+    if (std::strcmp(name, kIsaNames[i]) == 0) return i;
+  return -1;
+}
+
+std::string runnable_list() {
+  std::string s;
+  for (int i = kIsaCount - 1; i >= 0; --i)
+    if (runnable(Isa(i))) s += (s.empty() ? "" : ",") + std::string(kIsaNames[i]);
+  return s;
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+std::once_flag g_init;
+std::string g_init_error;
+
+void init() {
+  const char* env = std::getenv("ROLLINGQ_CPU_ISA");
+  if (env != nullptr && *env != '\0') {
+    const int i = parse_isa(env);
+    if (i < 0) {
+      g_init_error = std::string("ROLLINGQ_CPU_ISA=") + env +
+                     " is not a kernel variant; known: amx, avx512, avx2, generic";
+      return;
+    }
+    if (!runnable(Isa(i))) {
+      g_init_error = std::string("ROLLINGQ_CPU_ISA=") + env +
+                     ": this CPU or this build cannot run that variant; it can run: " +
+                     runnable_list();
+      return;
+    }
+    g_table.store(compiled_table(Isa(i)));
+    return;
+  }
+  for (int i = kIsaCount - 1; i >= 0; --i)
+    if (runnable(Isa(i))) {
+      g_table.store(compiled_table(Isa(i)));
+      return;
+    }
+}
+
+const KernelTable& table() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (t != nullptr) return *t;
+  std::call_once(g_init, init);
+  t = g_table.load(std::memory_order_acquire);
+  TORCH_CHECK(t != nullptr, "rollingq (CPU): ", g_init_error);
+  return *t;
+}
+
+// ---- workspaces and tasks ----------------------------------------------------------------------
+
+// Each thread keeps its workspace between calls (no allocation per call once warm), up to this
+// size; larger ones are freed after the call.
+constexpr size_t kKeepBytes = size_t(64) << 20;
+
+struct ThreadBuffer {
+  char* data = nullptr;
+  size_t size = 0;
+  ~ThreadBuffer() { release(); }
+  void release() {
+    if (data) ::operator delete(data, std::align_val_t(64));
+    data = nullptr;
+    size = 0;
+  }
+};
+
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes) {
+    thread_local ThreadBuffer buffer;
+    buf_ = &buffer;
+    if (bytes > buffer.size) {
+      buffer.release();
+      buffer.data = static_cast<char*>(::operator new(bytes, std::align_val_t(64)));
+      buffer.size = bytes;
+    }
+  }
+  ~Workspace() {
+    if (buf_->size > kKeepBytes) buf_->release();
+  }
+  void* get() const { return buf_->data; }
+
+ private:
+  ThreadBuffer* buf_;
+};
+
+// A problem of a few MFLOP runs on the calling thread: waking the pool costs more.
+constexpr int64_t kMinParallelFlops = int64_t(1) << 22;
+
+template <typename F>
+void run_tasks(int64_t n, int64_t flops_per_task, size_t workspace_bytes, const F& body) {
+  if (n <= 0) return;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelFlops / std::max<int64_t>(1, flops_per_task));
+  auto chunk = [&](int64_t begin, int64_t end) {
+    Workspace ws(workspace_bytes);
+    body(begin, end, ws.get());
+  };
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region())
+    chunk(0, n);
+  else
+    at::parallel_for(0, n, grain, chunk);
+}
+
+struct SharedBuffer {
+  explicit SharedBuffer(size_t bytes)
+      : data(bytes ? static_cast<char*>(::operator new(bytes, std::align_val_t(64))) : nullptr) {}
+  ~SharedBuffer() {
+    if (data) ::operator delete(data, std::align_val_t(64));
+  }
+  char* data;
+};
+
+}  // namespace
+
+void attention_fwd(const AttentionParams& p, ElementType type) {
+  const KernelTable& t = table();
+  Plan plan;
+  t.fwd_plan(p, type, plan);
+  run_tasks(plan.tasks, plan.flops_per_task, plan.workspace_bytes,
+            [&](int64_t b, int64_t e, void* ws) { t.fwd_run(p, type, plan, b, e, ws); });
+}
+
+void attention_bwd(const AttentionBwdParams& p, ElementType type) {
+  const KernelTable& t = table();
+  Plan plan;
+  t.bwd_plan(p, type, plan);
+  SharedBuffer shared(plan.shared_bytes);
+  run_tasks(plan.tasks, plan.flops_per_task, plan.workspace_bytes, [&](int64_t b, int64_t e, void* ws) {
+    t.bwd_run(p, type, plan, b, e, ws, shared.data);
+  });
+  run_tasks(plan.reduce_tasks, plan.flops_per_task, plan.workspace_bytes,
+            [&](int64_t b, int64_t e, void* ws) { t.bwd_reduce(p, type, plan, b, e, ws, shared.data); });
+}
+
+const char* isa_name() { return table().name; }
+
+}  // namespace cpu
+}  // namespace rollingq
+
+// ---- C interface for tests and benchmarks (ctypes) -----------------------------------------------
+
+// Name of the variant in use; "" (and the error printed by the next kernel call) when
+// ROLLINGQ_CPU_ISA names one that cannot run.
+extern "C" __attribute__((visibility("default"))) const char* rollingq_cpu_isa() {
+  try {
+    return rollingq::cpu::isa_name();
+  } catch (...) {
+    return "";
+  }
+}
+
+// Variants this CPU and this build can run, best first, comma-separated.
+extern "C" __attribute__((visibility("default"))) const char* rollingq_cpu_isas() {
+  static const std::string list = rollingq::cpu::runnable_list();
+  return list.c_str();
+}
+
+// Switch the variant for the following calls (not while a kernel runs). 0 on success, -1 for
+// an unknown name, -2 for a variant this CPU or build cannot run.
+extern "C" __attribute__((visibility("default"))) int rollingq_cpu_set_isa(const char* name) {
+  using namespace rollingq::cpu;
+  const int i = parse_isa(name);
+  if (i < 0) return -1;
+  if (!runnable(Isa(i))) return -2;
+  g_table.store(compiled_table(Isa(i)), std::memory_order_release);
+  return 0;
+}

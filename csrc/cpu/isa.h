@@ -1,0 +1,57 @@
+// The interface between the dispatcher (csrc/cpu/dispatch.cpp, compiled for the baseline
+// instruction set) and the kernel variants (csrc/cpu/isa/*.cpp, each compiled for one
+// instruction set). Plain C++ only: the variant files include no torch header, so that no
+// inline function compiled for a wider instruction set can be merged into code that runs on a
+// CPU without it.
+//
+// A kernel call is planned by the variant (tile sizes, task count, workspace sizes), then run
+// by the dispatcher as tasks [begin, end) on torch's thread pool. The partition of the work into
+// tasks depends on the problem's shape only, never on the number of threads, and every output
+// element is reduced in a fixed order inside one task: results are bitwise identical for any
+// thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/attention_cpu.h"
+
+namespace rollingq {
+namespace cpu {
+
+struct Plan {
+  int64_t tasks = 0;            // tasks of the main phase
+  int64_t flops_per_task = 1;   // to run small problems on the calling thread
+  size_t workspace_bytes = 0;   // per thread, 64-byte aligned
+  size_t shared_bytes = 0;      // one buffer for all tasks (backward: partial dq sums)
+  int64_t reduce_tasks = 0;     // backward: tasks of the second phase (0 = none)
+  int64_t param[6] = {};        // private to the variant (tile sizes, chunking)
+};
+
+struct KernelTable {
+  const char* name;
+  void (*fwd_plan)(const AttentionParams& p, ElementType t, Plan& plan);
+  void (*fwd_run)(const AttentionParams& p, ElementType t, const Plan& plan, int64_t begin,
+                  int64_t end, void* workspace);
+  void (*bwd_plan)(const AttentionBwdParams& p, ElementType t, Plan& plan);
+  void (*bwd_run)(const AttentionBwdParams& p, ElementType t, const Plan& plan, int64_t begin,
+                  int64_t end, void* workspace, void* shared);
+  void (*bwd_reduce)(const AttentionBwdParams& p, ElementType t, const Plan& plan,
+                     int64_t begin, int64_t end, void* workspace, void* shared);
+};
+
+// One table per compiled variant (defined in csrc/cpu/isa/<name>.cpp). The AMX table lives in
+// the avx512 file: it shares that file's code and differs in the bf16 matrix products.
+namespace isa_generic {
+extern const KernelTable table;
+}
+namespace isa_avx2 {
+extern const KernelTable table;
+}
+namespace isa_avx512 {
+extern const KernelTable table;
+extern const KernelTable table_amx;
+}
+
+}  // namespace cpu
+}  // namespace rollingq

@@ -1,0 +1,406 @@
+// Fused RollingQ attention for bfloat16 inputs on bf16 hardware: every matrix product is a bf16
+// dot product with float32 accumulation (bf16_gemm.h: VDPBF16PS or AMX tiles); the softmax, the
+// statistics, the masks and dropout run in float32 on the same score blocks as the float engine
+// (fp_engine.h), whose pieces are reused.
+//
+// Layout (queries of a tile along lanes, as in the float engine):
+//   forward   S^T = scale K Q^T       A = K rows (in place)      B = Q^T in pairs of d
+//             O^T += V^T P^T          A = V^T (packed per head)  B = P^T in pairs of keys
+//   backward  dV  += (P Z)^T dO       A = P^T rows               B = dO in pairs of queries
+//             dP^T = V dO^T           A = V rows (in place)      B = dO^T in pairs of dv
+//             dK  += dS^T Q'          A = dS^T rows              B = Q' in pairs of queries
+//             dQ'^T += K^T dS^T       A = K^T (packed per chunk) B = dS^T in pairs of keys
+// The products are cut by shape only and reduce every element in a fixed order: results do not
+// depend on the number of threads.
+#pragma once
+
+#include "cpu/kernels/bf16_gemm.h"
+#include "cpu/kernels/fp_engine.h"
+
+ROLLINGQ_KERNELS_BEGIN
+
+// The bf16 engine needs even head dims (a bf16 pair is the unit of the dot products); the float
+// engine takes the others.
+inline bool bf16_engine_applies(const AttentionParams& p) {
+  return p.head_dim % 2 == 0 && p.value_dim % 2 == 0;
+}
+
+inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
+
+// Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through
+// memory once per step (the tile unit holds 8 tiles), so steps are longer than the float
+// engine's.
+constexpr int64_t kBf16KeyBlock = 128;
+
+// ---- forward ---------------------------------------------------------------------------------
+
+// The softmax's probabilities straight into bf16 pairs of keys (the B operand of O^T += V^T P^T):
+// pv[(j / 2) * 2 lanes + 2 lane + j % 2]; no float copy is stored.
+struct StorePairs {
+  static constexpr bool kStoresF32 = false;
+  static constexpr bool kCoarseExp = true;
+  bf16* pv;
+  int64_t lanes;
+  __m512 prev[kSoftmaxGroup];
+  template <int G>
+  void row(float*, int64_t j, int64_t v0, const vec_t<float> (&e)[G]) {
+    if ((j & 1) == 0) {
+      for (int g = 0; g < G; ++g) prev[g] = (__m512)e[g];
+      return;
+    }
+    store<G>(j - 1, v0, e);
+  }
+  template <int G>
+  void store(int64_t j, int64_t v0, const vec_t<float> (&e)[G]) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                                9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                                17, 1, 16, 0);
+    bf16* dst = pv + (j / 2) * 2 * lanes + 2 * 16 * v0;
+    for (int g = 0; g < G; ++g) {
+      const __m512bh both = _mm512_cvtne2ps_pbh((__m512)e[g], prev[g]);
+      _mm512_storeu_si512(dst + 32 * g, _mm512_permutexvar_epi16(interleave, (__m512i)both));
+    }
+  }
+  template <int G>
+  void finish(int64_t kn, int64_t v0) {
+    if (kn & 1) {
+      vec_t<float> zero[G];
+      for (int g = 0; g < G; ++g) zero[g] = vec_t<float>{};
+      store<G>(kn - 1, v0, zero);
+    }
+  }
+};
+
+struct Bf16FwdWork {
+  float *qT, *tmp, *S, *OT, *orows, *m, *l, *alpha, *mass, *mbuf;
+  bf16 *qv, *pv, *vT;
+};
+
+inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
+  const int64_t D = p.head_dim, Dv = p.value_dim, KB = kBf16KeyBlock;
+  const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
+  Carve c{base};
+  Bf16FwdWork w;
+  w.qT = c.take<float>(D * QT);
+  w.tmp = c.take<float>(2 * D * QT);
+  w.S = c.take<float>(KB * QT);
+  w.OT = c.take<float>(Dv * QT);
+  w.orows = c.take<float>(QT * Dvp);
+  w.m = c.take<float>(QT);
+  w.l = c.take<float>(QT);
+  w.alpha = c.take<float>(QT);
+  w.mass = c.take<float>(imax(p.num_modalities, 1) * QT);
+  w.mbuf = c.take<float>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
+  w.qv = c.take<bf16>(round_up(D, 2) * QT);
+  w.pv = c.take<bf16>(round_up(KB, 32) * QT);
+  w.vT = c.take<bf16>(Dv * Lkp);
+  if (bytes) *bytes = c.used;
+  return w;
+}
+
+// V^T of one kv head, packed lazily for the key range asked so far (columns past Lk are zero).
+struct VTransposed {
+  bf16* vT;
+  int64_t key = -1, end = 0;
+  void ensure(const AttentionParams& p, const bf16* v, int64_t bk, int64_t j1) {
+    const int64_t Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32), Dv = p.value_dim;
+    if (key != bk) {
+      key = bk;
+      end = 0;
+      for (int64_t d = 0; d < Dv; ++d)
+        std::memset(vT + d * Lkp + p.seqlen_k, 0, size_t(Lkp - p.seqlen_k) * sizeof(bf16));
+    }
+    if (j1 <= end) return;
+    transpose_bf16(v + end * p.v_row_stride, p.v_row_stride, vT + end, Lkp, j1 - end, Dv);
+    end = j1;
+  }
+};
+
+template <typename G>
+void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
+                   Bf16FwdWork& w, VTransposed& vt) {
+  const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
+  const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
+  const int M = p.num_modalities;
+  const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
+  if (M > 0 && tile == 0) key_stats<bf16, float>(p, b, h, h == 0);
+  const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
+  if (qn <= 0) return;
+  const int64_t lanes = bf16_lanes(qn);
+  const float inf = std::numeric_limits<float>::infinity();
+
+  pack_queries<bf16, float>(p, b, h, i0, qn, lanes, 0, w.qT, nullptr, w.tmp);
+  pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
+  fill(w.OT, Dv * lanes, 0.0f);
+  fill(w.m, lanes, -inf);
+  fill(w.l, lanes, 0.0f);
+  fill(w.mass, M * lanes, 0.0f);
+
+  const int64_t hk = kv_head(p, h);
+  const bf16* k = ptr<bf16>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const bool masked = has_masks(p);
+  const int64_t k_end = causal_end(p, i0, qn);
+  for (int64_t j0 = 0; j0 < k_end; j0 += kBf16KeyBlock) {
+    const int64_t kn = imin(kBf16KeyBlock, k_end - j0), knp = round_up(kn, 32);
+    vt.ensure(p, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
+    G::gemm(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, 2 * lanes, w.S, lanes,
+            Acc::kSet, float(p.scale));
+    // While the softmax computes, bring this block's V^T and the next block's K rows to L1:
+    // the tile unit stalls on loads that miss it.
+    for (int64_t d = 0; d < Dv; ++d)
+      for (int64_t j = 0; j < knp; j += 32) _mm_prefetch(w.vT + d * Lkp + j0 + j, _MM_HINT_T0);
+    for (int64_t j = j0 + kBf16KeyBlock; j < imin(k_end, j0 + 2 * kBf16KeyBlock); ++j)
+      for (int64_t d = 0; d < D; d += 32) _mm_prefetch(k + j * p.k_row_stride + d, _MM_HINT_T0);
+    if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+    bool moved;
+    if (p.dropout_p > 0.0) {
+      moved = softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
+      dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.S, true);
+      pack_vnni(w.S, lanes, kn, knp, lanes, w.pv);
+    } else {
+      moved = softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
+                                   StorePairs{w.pv, lanes, {}});
+      for (int64_t j = round_up(kn, 2); j < knp; j += 2)
+        std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
+    }
+    // O^T = O^T * alpha + V^T P^T (alpha is 1 everywhere once the running maxima settle)
+    if (moved)
+      for (int64_t d = 0; d < Dv; ++d)
+        for (int64_t l = 0; l < lanes; l += 16)
+          _mm512_storeu_ps(w.OT + d * lanes + l,
+                           _mm512_mul_ps(_mm512_loadu_ps(w.OT + d * lanes + l),
+                                         _mm512_loadu_ps(w.alpha + l)));
+    G::gemm(Dv, lanes, knp, w.vT + j0, Lkp, w.pv, 2 * lanes, w.OT, lanes, Acc::kAdd);
+  }
+
+  bf16* out = static_cast<bf16*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+              i0 * p.out_row_stride;
+  const int64_t row0 = (b * H + h) * Lq + i0;
+  float* lse = static_cast<float*>(p.lse) + row0;
+  float* mass_out = M > 0 ? static_cast<float*>(p.modality_mass) + row0 * M : nullptr;
+  transpose(w.OT, lanes, w.orows, Dvp, Dv, qn);
+  for (int64_t i = 0; i < qn; ++i) {
+    const float L = w.l[i];
+    const float inv = L == 0.0f ? 0.0f : 1.0f / L;
+    float* orow = w.orows + i * Dvp;
+    for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+    store_row(out + i * p.out_row_stride, orow, Dv);
+    lse[i] = L == 0.0f ? -inf : w.m[i] + alog(L);
+    for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;
+  }
+}
+
+inline void bf16_fwd_plan(const AttentionParams& p, Plan& plan) {
+  const int64_t qt = fp_query_tile(p);
+  const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
+  plan.tasks = p.batch * p.heads * tiles;
+  plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
+                        imax<int64_t>(p.seqlen_k, 1) * (p.head_dim + p.value_dim + 1);
+  carve_bf16_fwd(nullptr, p, qt, &plan.workspace_bytes);
+  plan.param[0] = tiles;
+  plan.param[1] = qt;
+}
+
+template <typename G>
+void bf16_fwd_run(const AttentionParams& p, const Plan& plan, int64_t begin, int64_t end,
+                  void* ws) {
+  const int64_t qt = plan.param[1];
+  Bf16FwdWork w = carve_bf16_fwd(static_cast<char*>(ws), p, qt, nullptr);
+  VTransposed vt{w.vT};
+  G::begin();
+  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, vt);
+  G::end();
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+struct Bf16BwdWork {
+  float *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQT, *dK, *dV, *rpad,
+      *mbuf;
+  bf16 *kT, *qv, *qrv, *dov, *doTv, *pb, *dsb, *dsv;
+};
+
+inline Bf16BwdWork carve_bf16_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
+                                  size_t* bytes) {
+  const int64_t D = p.head_dim, Dv = p.value_dim, QT = s.qt, KB = kKeyBlock;
+  const int64_t ck = imin(s.chunk, imax<int64_t>(p.seqlen_k, 1)), ckp = round_up(ck, 32);
+  const bool dropout = p.dropout_p > 0.0;
+  Carve c{base};
+  Bf16BwdWork w;
+  w.qT = c.take<float>(D * QT);
+  w.tmp = c.take<float>(2 * imax(D, Dv) * QT);
+  w.qrows = c.take<float>(QT * s.Dp);
+  w.dorows = c.take<float>(QT * s.Dvp);
+  w.doT = c.take<float>(Dv * QT);
+  w.delta = c.take<float>(QT);
+  w.lse = c.take<float>(QT);
+  w.S = c.take<float>(KB * QT);
+  w.dP = c.take<float>(KB * QT);
+  w.Z = c.take<float>(dropout ? KB * QT : 1);
+  w.PZ = c.take<float>(dropout ? KB * QT : 1);
+  w.dQT = c.take<float>(D * QT);
+  w.dK = c.take<float>(ck * s.Dp);
+  w.dV = c.take<float>(ck * s.Dvp);
+  w.rpad = c.take<float>(p.rotation != nullptr ? D * s.Dp : 1);
+  w.mbuf = c.take<float>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
+  w.kT = c.take<bf16>(D * ckp);
+  w.qv = c.take<bf16>(round_up(D, 2) * QT);
+  w.qrv = c.take<bf16>(QT * s.Dp);
+  w.dov = c.take<bf16>(QT * s.Dvp);
+  w.doTv = c.take<bf16>(round_up(Dv, 2) * QT);
+  w.pb = c.take<bf16>(KB * QT);
+  w.dsb = c.take<bf16>(KB * QT);
+  w.dsv = c.take<bf16>(round_up(KB, 32) * QT);
+  if (bytes) *bytes = c.used;
+  return w;
+}
+
+inline void bf16_bwd_plan(const AttentionBwdParams& p, Plan& plan) {
+  // tasks and dq slots as the float engine's; its workspace serves the second phase
+  bwd_plan_fp<bf16, float>(p, plan);
+  size_t bytes = 0;
+  carve_bf16_bwd(nullptr, p, bwd_shape<float>(p, plan.param[1]), &bytes);
+  plan.workspace_bytes = imax(plan.workspace_bytes, bytes);
+}
+
+template <typename G>
+void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task, Bf16BwdWork& w,
+                   float* shared) {
+  const int64_t Hkv = p.heads_kv, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim;
+  const int64_t Dv = p.value_dim, Dp = s.Dp, Dvp = s.Dvp;
+  const int64_t c = task % s.nc, bk = task / s.nc, hk = bk % Hkv, b = bk / Hkv;
+  const int64_t c0 = imin(Lk, c * s.chunk), c1 = imin(Lk, c0 + s.chunk), ck = c1 - c0;
+  const int64_t ckp = round_up(imax<int64_t>(ck, 1), 32);
+  const float inf = std::numeric_limits<float>::infinity();
+  const float scale = float(p.scale);
+  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0;
+
+  const bf16* k = ptr<bf16>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  fill(w.dK, ck * Dp, 0.0f);
+  fill(w.dV, ck * Dvp, 0.0f);
+  // K^T of the chunk, once for every query head and tile (zero columns past the chunk)
+  transpose_bf16(k + c0 * p.k_row_stride, p.k_row_stride, w.kT, ckp, ck, D);
+  for (int64_t d = 0; d < D; ++d)
+    std::memset(w.kT + d * ckp + ck, 0, size_t(ckp - ck) * sizeof(bf16));
+
+  for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
+    const int64_t bh = b * p.heads + h;
+    const bf16* o = ptr<bf16>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+    const bf16* dout = ptr<bf16>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+    const float* lse_bh = ptr<float>(p.lse) + bh * Lq;
+    for (int64_t tile = 0; tile < s.tiles; ++tile) {
+      const int64_t i0 = tile * s.qt, qn = imin(s.qt, Lq - i0);
+      const int64_t lanes = bf16_lanes(qn);
+      float* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * s.qt * Dp : w.qrows;
+      const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
+      if (k_hi <= c0) {
+        fill(dQ, qn * Dp, 0.0f);
+        if (s.nc == 1) finish_dq<bf16, float>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
+        continue;
+      }
+      pack_queries<bf16, float>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
+      pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
+      pack_vnni(w.qrows, Dp, lanes, lanes, Dp, w.qrv);
+      for (int64_t l = 0; l < lanes; ++l) {
+        float* dst = w.dorows + l * Dvp;
+        if (l >= qn) {  // padding lanes: no probability, no gradient
+          fill(dst, Dvp, 0.0f);
+          w.delta[l] = 0.0f;
+          w.lse[l] = inf;
+          continue;
+        }
+        load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
+        fill(dst + Dv, Dvp - Dv, 0.0f);
+        const bf16* orow = o + (i0 + l) * p.out_row_stride;
+        float sum = 0;
+        for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<float>(orow[d]);
+        w.delta[l] = sum;
+        const float lse = lse_bh[i0 + l];
+        w.lse[l] = lse == -inf ? inf : lse;
+      }
+      pack_vnni(w.dorows, Dvp, lanes, lanes, Dvp, w.dov);
+      transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
+      pack_vnni(w.doT, lanes, Dv, round_up(Dv, 2), lanes, w.doTv);
+      fill(w.dQT, D * lanes, 0.0f);
+
+      for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
+        const int64_t kn = imin(kKeyBlock, k_hi - j0), knp = round_up(kn, 32);
+        G::gemm(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, 2 * lanes, w.S,
+                lanes, Acc::kSet, scale);
+        if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+        for (int64_t j = 0; j < kn; ++j)
+          for (int64_t l = 0; l < lanes; l += 16) {
+            float* sp = w.S + j * lanes + l;
+            vstore(sp, exp2v((vload(sp) - vload(w.lse + l)) * log2e<float>()));
+          }
+        const float* PZ = w.S;
+        if (dropout) {
+          dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.Z, false);
+          for (int64_t i = 0; i < kn * lanes; i += 16)
+            vstore(w.PZ + i, vload(w.S + i) * vload(w.Z + i));
+          PZ = w.PZ;
+        }
+        // dV += (P Z)^T dO
+        for (int64_t j = 0; j < kn; ++j) pack_row_bf16(PZ + j * lanes, w.pb + j * lanes, lanes);
+        G::gemm(kn, Dvp, lanes, w.pb, lanes, w.dov, 2 * Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
+                Acc::kAdd);
+        // dP^T = V dO^T ; dS^T = P^T (Z dP^T - delta)
+        G::gemm(kn, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv, 2 * lanes, w.dP,
+                lanes, Acc::kSet);
+        for (int64_t j = 0; j < kn; ++j)
+          for (int64_t l = 0; l < lanes; l += 16) {
+            float* dp = w.dP + j * lanes + l;
+            vec_t<float> g = vload(dp);
+            if (dropout) g *= vload(w.Z + j * lanes + l);
+            vstore(dp, vload(w.S + j * lanes + l) * (g - vload(w.delta + l)));
+          }
+        for (int64_t j = 0; j < kn; ++j) pack_row_bf16(w.dP + j * lanes, w.dsb + j * lanes, lanes);
+        pack_vnni(w.dP, lanes, kn, knp, lanes, w.dsv);
+        // dK += dS^T Q' (scaled at the end) ; dQ'^T += K^T dS^T
+        G::gemm(kn, Dp, lanes, w.dsb, lanes, w.qrv, 2 * Dp, w.dK + (j0 - c0) * Dp, Dp, Acc::kAdd);
+        G::gemm(D, lanes, knp, w.kT + (j0 - c0), ckp, w.dsv, 2 * lanes, w.dQT, lanes, Acc::kAdd);
+      }
+      // dQ' rows, then scale, rotation and store (or the chunk's slot)
+      transpose(w.dQT, lanes, dQ, Dp, D, qn);
+      for (int64_t l = 0; l < qn; ++l) fill(dQ + l * Dp + D, Dp - D, 0.0f);
+      if (s.nc == 1) finish_dq<bf16, float>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
+    }
+  }
+
+  bf16* dk = static_cast<bf16*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+  bf16* dv = static_cast<bf16*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  for (int64_t j = 0; j < ck; ++j) {
+    float* src = w.dK + j * Dp;
+    for (int64_t d = 0; d < D; ++d) src[d] *= scale;
+    store_row(dk + (c0 + j) * p.dk_row_stride, src, D);
+    store_row(dv + (c0 + j) * p.dv_row_stride, w.dV + j * Dvp, Dv);
+  }
+}
+
+template <typename G>
+void bf16_bwd_run(const AttentionBwdParams& p, const Plan& plan, int64_t begin, int64_t end,
+                  void* ws, void* shared) {
+  const BwdShape s = bwd_shape<float>(p, plan.param[1]);
+  Bf16BwdWork w = carve_bf16_bwd(static_cast<char*>(ws), p, s, nullptr);
+  G::begin();
+  for (int64_t t = begin; t < end; ++t) bf16_bwd_task<G>(p, s, t, w, static_cast<float*>(shared));
+  G::end();
+}
+
+template <typename G>
+struct Bf16Engine {
+  static bool applies(const AttentionParams& p) { return bf16_engine_applies(p); }
+  static void fwd_plan(const AttentionParams& p, Plan& plan) { bf16_fwd_plan(p, plan); }
+  static void fwd_run(const AttentionParams& p, const Plan& plan, int64_t b, int64_t e, void* ws) {
+    bf16_fwd_run<G>(p, plan, b, e, ws);
+  }
+  static void bwd_plan(const AttentionBwdParams& p, Plan& plan) { bf16_bwd_plan(p, plan); }
+  static void bwd_run(const AttentionBwdParams& p, const Plan& plan, int64_t b, int64_t e,
+                      void* ws, void* shared) {
+    bf16_bwd_run<G>(p, plan, b, e, ws, shared);
+  }
+};
+
+ROLLINGQ_KERNELS_END

@@ -1,0 +1,271 @@
+// bfloat16 products with float32 accumulation on the bf16 hardware of AVX-512 CPUs, in one form:
+//
+//   C[m][n] (op)= sum_k A[m][k] B[k][n]      m < M, n < N (N a multiple of 16), K even
+//
+// A is bf16 by rows (A[m][k] at a[m * lda + k]: the pair k, k+1 adjacent), B is bf16 in pairs of
+// rows ("VNNI": B[k][n] at b[(k / 2) * ldb + 2 n + k % 2]), C float32. Two implementations:
+//   Bf16Dot  VDPBF16PS (AVX512_BF16): 6 x 64 register blocks, one broadcast pair of A per row;
+//   Amx      TDPBF16PS on the AMX tile unit for whole 16-row blocks and 32-wide slices of K,
+//            Bf16Dot for the rest.
+// Both accumulate every C element in a fixed order set by the shape only.
+#pragma once
+
+#include <immintrin.h>
+
+#include "cpu/kernels/namespace.h"
+#include "cpu/kernels/vec.h"
+#include "cpu/kernels/gemm.h"
+#include "cpu/kernels/transpose.h"
+
+#if !defined(__AVX512BF16__)
+#error "bf16_gemm.h needs AVX512_BF16"
+#endif
+
+ROLLINGQ_KERNELS_BEGIN
+
+inline int32_t load_pair(const bf16* p) {
+  int32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+template <int MR, int NV>
+__attribute__((noinline)) void bf16_micro_kernel(int64_t K, const bf16* a, int64_t lda,
+                                                 const bf16* b, int64_t ldb, float* c,
+                                                 int64_t ldc, Acc mode, float alpha) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = mode == Acc::kSet ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + v * 16);
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512(b + (k / 2) * ldb + v * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(a + r * lda + k));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(mode == Acc::kSet ? alpha : 1.0f);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, _mm512_mul_ps(acc[r][v], va));
+}
+
+template <int R, int NV>
+inline void bf16_rows_tail(int64_t rem, int64_t K, const bf16* a, int64_t lda, const bf16* b,
+                           int64_t ldb, float* c, int64_t ldc, Acc mode, float alpha) {
+  if constexpr (R > 0) {
+    if (rem == R)
+      bf16_micro_kernel<R, NV>(K, a, lda, b, ldb, c, ldc, mode, alpha);
+    else
+      bf16_rows_tail<R - 1, NV>(rem, K, a, lda, b, ldb, c, ldc, mode, alpha);
+  }
+}
+
+template <int NV>
+inline void bf16_cols(int64_t M, int64_t K, const bf16* a, int64_t lda, const bf16* b,
+                      int64_t ldb, float* c, int64_t ldc, Acc mode, float alpha) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6)
+    bf16_micro_kernel<6, NV>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, mode, alpha);
+  bf16_rows_tail<5, NV>(M - m, K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, mode, alpha);
+}
+
+template <int NV>
+inline void bf16_cols_tail(int64_t rem, int64_t M, int64_t K, const bf16* a, int64_t lda,
+                           const bf16* b, int64_t ldb, float* c, int64_t ldc, Acc mode,
+                           float alpha) {
+  if constexpr (NV > 0) {
+    if (rem == NV)
+      bf16_cols<NV>(M, K, a, lda, b, ldb, c, ldc, mode, alpha);
+    else
+      bf16_cols_tail<NV - 1>(rem, M, K, a, lda, b, ldb, c, ldc, mode, alpha);
+  }
+}
+
+// Modes: Acc::kSet (C = alpha AB) and Acc::kAdd (C += AB).
+struct Bf16Dot {
+  static constexpr const char* name = "avx512_bf16";
+  static void begin() {}
+  static void end() {}
+  static void gemm(int64_t M, int64_t N, int64_t K, const bf16* a, int64_t lda, const bf16* b,
+                   int64_t ldb, float* c, int64_t ldc, Acc mode, float alpha = 1.0f) {
+    if (M <= 0 || N <= 0) return;
+    const int64_t NVt = N / 16;
+    int64_t v = 0;
+    for (; v + 4 <= NVt; v += 4)
+      bf16_cols<4>(M, K, a, lda, b + v * 32, ldb, c + v * 16, ldc, mode, alpha);
+    bf16_cols_tail<3>(NVt - v, M, K, a, lda, b + v * 32, ldb, c + v * 16, ldc, mode, alpha);
+  }
+};
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Tile registers: 0-3 C (16 rows x 16 floats), 4-5 A (16 rows x 32 bf16), 6-7 B (16 pair-rows x
+// 16 columns x 2). One configuration for every product.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+template <int RM, int RN>  // 16-row blocks of C (1 or 2) x 16-column blocks (1 or 2)
+inline void amx_block(int64_t K32, const bf16* a, int64_t lda, const bf16* b, int64_t ldb,
+                      float* c, int64_t ldc, bool load_c) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  if (load_c) {
+    _tile_loadd(0, c, sc);
+    if (RN > 1) _tile_loadd(1, c + 16, sc);
+    if (RM > 1) _tile_loadd(2, c + 16 * ldc, sc);
+    if (RM > 1 && RN > 1) _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if (RN > 1) _tile_zero(1);
+    if (RM > 1) _tile_zero(2);
+    if (RM > 1 && RN > 1) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < K32; k += 32) {
+    _tile_loadd(4, a + k, sa);
+    if (RM > 1) _tile_loadd(5, a + 16 * lda + k, sa);
+    _tile_loadd(6, b + (k / 2) * ldb, sb);
+    if (RN > 1) _tile_loadd(7, b + (k / 2) * ldb + 32, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (RN > 1) _tile_dpbf16ps(1, 4, 7);
+    if (RM > 1) _tile_dpbf16ps(2, 5, 6);
+    if (RM > 1 && RN > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, sc);
+  if (RN > 1) _tile_stored(1, c + 16, sc);
+  if (RM > 1) _tile_stored(2, c + 16 * ldc, sc);
+  if (RM > 1 && RN > 1) _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+struct Amx {
+  static constexpr const char* name = "amx";
+  // Load the tile configuration on this thread (once per batch of tasks).
+  static void begin() {
+    TileConfig cfg{};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = 16;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+  }
+  static void end() { _tile_release(); }
+
+  static void gemm(int64_t M, int64_t N, int64_t K, const bf16* a, int64_t lda, const bf16* b,
+                   int64_t ldb, float* c, int64_t ldc, Acc mode, float alpha = 1.0f) {
+    if (M <= 0 || N <= 0) return;
+    const int64_t K32 = K / 32 * 32, M16 = M / 16 * 16;
+    const bool load_c = mode != Acc::kSet;
+    for (int64_t m = 0; m < M16; m += 32) {
+      const bool two_rows = m + 32 <= M16;
+      for (int64_t n = 0; n < N; n += 32) {
+        const bool two_cols = n + 32 <= N;
+        const bf16* am = a + m * lda;
+        const bf16* bn = b + n * 2;
+        float* cm = c + m * ldc + n;
+        if (two_rows && two_cols)
+          amx_block<2, 2>(K32, am, lda, bn, ldb, cm, ldc, load_c);
+        else if (two_rows)
+          amx_block<2, 1>(K32, am, lda, bn, ldb, cm, ldc, load_c);
+        else if (two_cols)
+          amx_block<1, 2>(K32, am, lda, bn, ldb, cm, ldc, load_c);
+        else
+          amx_block<1, 1>(K32, am, lda, bn, ldb, cm, ldc, load_c);
+      }
+    }
+    // the K tail of the AMX rows, then the rows below the last 16-row block
+    if (K32 < K)
+      Bf16Dot::gemm(M16, N, K - K32, a + K32, lda, b + (K32 / 2) * ldb, ldb, c, ldc,
+                    K32 == 0 ? mode : Acc::kAdd, 1.0f);
+    if (mode == Acc::kSet && alpha != 1.0f) {
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int64_t m = 0; m < M16; ++m)
+        for (int64_t n = 0; n < N; n += 16)
+          _mm512_storeu_ps(c + m * ldc + n, _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + n), va));
+    }
+    Bf16Dot::gemm(M - M16, N, K, a + M16 * lda, lda, b, ldb, c + M16 * ldc, ldc, mode, alpha);
+  }
+};
+#endif
+
+// ---- packing into bf16 -------------------------------------------------------------------------
+
+// dst[2 l + t] = bf16(rt[l]) for t = 0, 1 and l < n (n a multiple of 16): two float rows into one
+// row of pairs.
+inline void pack_pair_rows(const float* r0, const float* r1, bf16* dst, int64_t n) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                              24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                              1, 16, 0);
+  for (int64_t l = 0; l < n; l += 16) {
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + l), _mm512_loadu_ps(r0 + l));
+    _mm512_storeu_si512(dst + 2 * l, _mm512_permutexvar_epi16(interleave, (__m512i)both));
+  }
+}
+
+inline void pack_pair_zero(const float* r0, bf16* dst, int64_t n) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                              24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                              1, 16, 0);
+  for (int64_t l = 0; l < n; l += 16) {
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_loadu_ps(r0 + l));
+    _mm512_storeu_si512(dst + 2 * l, _mm512_permutexvar_epi16(interleave, (__m512i)both));
+  }
+}
+
+// rows [0, R) of src (R x n floats, row stride ss) as pairs of rows: dst[(r / 2) * 2 n + 2 l +
+// r % 2]; rows R .. R_pad (even) are zero pairs. n a multiple of 16.
+inline void pack_vnni(const float* src, int64_t ss, int64_t R, int64_t R_pad, int64_t n,
+                      bf16* dst) {
+  int64_t r = 0;
+  for (; r + 1 < R; r += 2) pack_pair_rows(src + r * ss, src + (r + 1) * ss, dst + r * n, n);
+  if (r < R) {
+    pack_pair_zero(src + r * ss, dst + r * n, n);
+    r += 2;
+  }
+  for (; r < R_pad; r += 2) std::memset(dst + r * n, 0, size_t(2 * n) * sizeof(bf16));
+}
+
+// dst[l] = bf16(src[l]), l < n (a multiple of 16)
+inline void pack_row_bf16(const float* src, bf16* dst, int64_t n) {
+  for (int64_t l = 0; l < n; l += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + l),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + l)));
+}
+
+// dst[c * ds + r] = src[r * ss + c] for bf16 (r < R, c < C): 16 x 16 blocks through float
+// registers (exact), scalar at the edges.
+inline void transpose_bf16(const bf16* src, int64_t ss, bf16* dst, int64_t ds, int64_t R,
+                           int64_t C) {
+  alignas(64) float in[16 * 16], out[16 * 16];
+  int64_t r0 = 0;
+  for (; r0 + 16 <= R; r0 += 16) {
+    int64_t c0 = 0;
+    for (; c0 + 16 <= C; c0 += 16) {
+      for (int i = 0; i < 16; ++i) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (r0 + i) * ss + c0));
+        _mm512_store_ps(in + 16 * i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+      transpose_block16(in, 16, out, 16);
+      for (int i = 0; i < 16; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + i) * ds + r0),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_load_ps(out + 16 * i)), 16)));
+    }
+    for (int64_t c = c0; c < C; ++c)
+      for (int64_t r = r0; r < r0 + 16; ++r) dst[c * ds + r] = src[r * ss + c];
+  }
+  for (int64_t r = r0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[c * ds + r] = src[r * ss + c];
+}
+
+ROLLINGQ_KERNELS_END

@@ -1,0 +1,687 @@
+// Fused RollingQ attention, forward and backward, with float arithmetic on vec.h / gemm.h.
+// Runs float32 and float64 inputs in their own precision and bfloat16 inputs in float32 (the
+// path for CPUs without bf16 dot products).
+//
+// Layout: the queries of a tile lie along SIMD lanes. The scores of a key block are computed
+// transposed, S^T = scale * K Q^T (keys along rows; K read in place, Q^T packed once per query
+// tile with the rotation applied; the scale multiplies the finished dot products, as in torch's
+// SDPA, so that overflow to infinity happens where it happens there). The softmax statistics of
+// a query (running max, row sum, modality mass) are then per-lane vectors that need no
+// horizontal reduction. Every other product reads its B operand by rows: O = P V takes V's rows
+// in place, the backward's dQ = dS K takes K's rows. Memory is O(tile).
+//
+// Forward task = (batch, head, query tile). Backward task = (batch, head, key chunk): it owns
+// dK and dV of its keys, so no two tasks write the same element; with several chunks per head
+// (when batch * heads is small) each chunk's partial dQ goes to its own slot and a second phase
+// sums the slots in chunk order. The partition depends on the shape only: results are bitwise
+// the same for any number of threads.
+#pragma once
+
+#include "cpu/isa.h"
+#include "cpu/kernels/namespace.h"
+#include "cpu/kernels/gemm.h"
+#include "cpu/kernels/masks.h"
+#include "cpu/kernels/transpose.h"
+
+ROLLINGQ_KERNELS_BEGIN
+
+inline float alog(float x) { return __builtin_logf(x); }
+inline double alog(double x) { return __builtin_log(x); }
+
+// Bump allocator over a 64-byte aligned workspace; with base == nullptr it only measures.
+struct Carve {
+  char* base;
+  size_t used = 0;
+  template <typename X>
+  X* take(int64_t n) {
+    X* r = base ? reinterpret_cast<X*>(base + used) : nullptr;
+    used += size_t(round_up(imax<int64_t>(n, 1) * int64_t(sizeof(X)), 64));
+    return r;
+  }
+};
+
+// Queries per tile (SIMD lanes of the score blocks): 64, or 256 for wide heads (D + Dv > 256),
+// where every tile re-reads the head's K and V (and the backward sweeps its dK / dV
+// accumulators) and larger tiles read them 4x less often, as torch's kernel does with its
+// 256-row query blocks.
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kWideQueryTile = 256;
+constexpr int64_t kMaxQueryTile = kWideQueryTile;
+inline int64_t fp_query_tile(const AttentionParams& p) {
+  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : kQueryTile;
+}
+constexpr int64_t kKeyBlock = 128;  // keys per online-softmax step: S^T block of 32 KiB (fp32)
+// Backward: heads are split into key chunks until there are this many tasks, chunks of at
+// least kMinChunk keys.
+constexpr int64_t kBwdTargetTasks = 16;
+constexpr int64_t kMinChunk = 256;
+
+template <typename T>
+inline const T* ptr(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+// kv head read by query head h (grouped-query attention: heads / heads_kv query heads per kv head)
+inline int64_t kv_head(const AttentionParams& p, int64_t h) {
+  return h / (p.heads / p.heads_kv);
+}
+
+// ---- pieces shared by forward and backward ---------------------------------------------------
+
+// Per-modality key sums of one (batch, query head) over the non-padded keys it reads (its kv head
+// under grouped-query attention); the key counts of the batch entry when count. Keys with id -1
+// count nowhere.
+template <typename T, typename A>
+void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
+  const int64_t Lk = p.seqlen_k, D = p.head_dim;
+  const int M = p.num_modalities;
+  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + kv_head(p, h) * p.k_head_stride;
+  const int32_t* ids = p.key_modality + b * p.key_modality_batch_stride;
+  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
+  A* ks = static_cast<A*>(p.key_sum) + (b * p.heads + h) * M * D;
+  fill(ks, M * D, A(0));
+  A* kc = static_cast<A*>(p.key_count) + b * M;
+  if (count) fill(kc, M, A(0));
+  for (int64_t j = 0; j < Lk; ++j) {
+    const int32_t id = ids[j];
+    if (id < 0 || (pad && !pad[j])) continue;
+    A* dst = ks + id * D;
+    const T* kr = k + j * p.k_row_stride;
+    for (int64_t d = 0; d < D; ++d) dst[d] += to_acc<A>(kr[d]);
+    if (count) kc[id] += A(1);
+  }
+}
+
+// The query tile i0 .. i0 + qn of one (batch, head), rotated rows R q_i:
+//   qT    [D][lanes]  transposed (lanes >= qn are 0)
+//   qrows [lanes][Dp] by rows, when qrows is not null
+// tmp: 2 * D * lanes.
+template <typename T, typename A>
+void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
+                  int64_t lanes, int64_t Dp, A* qT, A* qrows, A* tmp) {
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim;
+  const T* q = ptr<T>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
+  const A* src;
+  int64_t ss;
+  if (same_type<T, A>::value && qrows == nullptr) {
+    src = reinterpret_cast<const A*>(q);
+    ss = p.q_row_stride;
+  } else {
+    A* rows = qrows != nullptr ? qrows : tmp;  // tmp holds lanes * D as well
+    const int64_t ld = qrows != nullptr ? Dp : D;
+    for (int64_t l = 0; l < qn; ++l) {
+      load_row(rows + l * ld, q + l * p.q_row_stride, D);
+      fill(rows + l * ld + D, ld - D, A(0));
+    }
+    fill(rows + qn * ld, (lanes - qn) * ld, A(0));
+    src = rows;
+    ss = ld;
+  }
+  transpose(src, ss, qT, lanes, qn, D);
+  for (int64_t d = 0; d < D; ++d) fill(qT + d * lanes + qn, lanes - qn, A(0));
+  if (p.rotation == nullptr) return;
+  // Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone; at D = 768 a
+  // whole tile would cost a fraction of the attention itself): gathered, rotated, put back.
+  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
+  int64_t idx[kMaxQueryTile];
+  int64_t cnt = 0;
+  for (int64_t l = 0; l < qn; ++l)
+    if (sel == nullptr || sel[l]) idx[cnt++] = l;
+  if (cnt == 0) return;
+  const int64_t cw = round_up(cnt, W);
+  A* g = tmp;            // [D][cw] the selected columns of Q^T
+  A* r = tmp + D * cw;   // [D][cw] R times them
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = 0; c < cw; ++c) g[d * cw + c] = c < cnt ? qT[d * lanes + idx[c]] : A(0);
+  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
+  // (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c]
+  gemm<A>(D, cw / W, D, R, D, 1, g, cw, r, cw, Acc::kSet);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = 0; c < cnt; ++c) qT[d * lanes + idx[c]] = r[d * cw + c];
+  if (qrows != nullptr)
+    for (int64_t c = 0; c < cnt; ++c)
+      for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[d * cw + c];
+}
+
+// Rows of K and V of one head prepared for the products, packed once per head (forward) or per
+// key chunk (backward) and reused by every query tile (and every query head of a GQA group):
+// copied into contiguous rows padded to the vector width (converted when the input is not of
+// type A). In place, rows of a (B, L, H, D) layout lie H * D apart, a power of two that maps a
+// block's rows to a few L1 cache sets; packed, the broadcast operand of S^T = K Q^T ran 15 %
+// faster at D = 64. V as broadcast operand (backward dP = V dO^T) is read in place.
+template <typename T, typename A>
+struct HeadRows {
+  A* kbuf;  // rows x Dp: K converted (T != A) or packed as vector operand
+  A* vbuf;  // rows x Dvp: V converted / packed
+  int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
+
+  // Make rows [j0, j1) available, packing what is missing (rows must be asked in order).
+  void ensure(const AttentionParams& p, const T* k, const T* v, int64_t bh, int64_t j0,
+              int64_t j1, int64_t Dp, int64_t Dvp, bool want_v) {
+    if (key != bh) {
+      key = bh;
+      first = end = j0;
+    }
+    const int64_t D = p.head_dim, Dv = p.value_dim;
+    for (int64_t j = end; j < j1; ++j) {
+      {
+        A* dst = kbuf + (j - first) * Dp;
+        load_row(dst, k + j * p.k_row_stride, D);
+        fill(dst + D, Dp - D, A(0));
+      }
+      if (want_v || !same_type<T, A>::value) {
+        A* dst = vbuf + (j - first) * Dvp;
+        load_row(dst, v + j * p.v_row_stride, Dv);
+        fill(dst + Dv, Dvp - Dv, A(0));
+      }
+    }
+    end = imax(end, j1);
+  }
+  // K of row j as broadcast operand and its row stride
+  const A* kA(int64_t j, int64_t Dp, int64_t* ld) const {
+    *ld = Dp;
+    return kbuf + (j - first) * Dp;
+  }
+  const A* vA(const AttentionParams& p, const T* v, int64_t j, int64_t Dvp, int64_t* ld) const {
+    if constexpr (same_type<T, A>::value) {
+      *ld = p.v_row_stride;
+      return v + j * p.v_row_stride;
+    } else {
+      *ld = Dvp;
+      return vbuf + (j - first) * Dvp;
+    }
+  }
+  const A* kB(int64_t j, int64_t Dp) const { return kbuf + (j - first) * Dp; }
+  const A* vB(int64_t j, int64_t Dvp) const { return vbuf + (j - first) * Dvp; }
+};
+
+// Products over a key block in slices of kSliceKeys keys, so that the slice of both operands
+// stays in L1 while it is reused by every row block of C.
+constexpr int64_t kSliceKeys = 64;
+
+// ---- forward ---------------------------------------------------------------------------------
+
+template <typename A>
+struct FwdWork {
+  A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf, *mbuf;
+};
+
+template <typename T, typename A>
+FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim, KB = kKeyBlock;
+  const int64_t Dp = round_up(D, W), Dvp = round_up(p.value_dim, W);
+  Carve c{base};
+  FwdWork<A> w;
+  w.qT = c.take<A>(D * QT);
+  w.tmp = c.take<A>(2 * D * QT);
+  w.S = c.take<A>(KB * QT);
+  w.O = c.take<A>(QT * Dvp);
+  w.m = c.take<A>(QT);
+  w.l = c.take<A>(QT);
+  w.alpha = c.take<A>(QT);
+  w.mass = c.take<A>(imax(p.num_modalities, 1) * QT);
+  const int64_t rows = imax<int64_t>(p.seqlen_k, 1);
+  w.kbuf = c.take<A>(rows * Dp);
+  w.vbuf = c.take<A>(rows * Dvp);
+  w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
+  if (bytes) *bytes = c.used;
+  return w;
+}
+
+template <typename T, typename A>
+void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
+  const int64_t qt = fp_query_tile(p);
+  const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
+  plan.tasks = p.batch * p.heads * tiles;
+  plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
+                        imax<int64_t>(p.seqlen_k, 1) * (p.head_dim + p.value_dim + 1);
+  carve_fwd<T, A>(nullptr, p, qt, &plan.workspace_bytes);
+  plan.param[0] = tiles;
+  plan.param[1] = qt;
+}
+
+// Where the softmax puts the probabilities of a block: back into S (float), by default.
+template <typename A>
+struct StoreProbabilities {
+  static constexpr bool kStoresF32 = true;
+  static constexpr bool kCoarseExp = false;  // exp2v_coarse (bf16 consumers only)
+  template <int G>
+  void row(A* sp, int64_t, int64_t, const vec_t<A> (&e)[G]) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) vstore(sp + g * VT<A>::W, e[g]);
+  }
+  template <int G>
+  void finish(int64_t, int64_t) {}
+};
+
+// One key block of the online softmax for the query lanes of column vectors v0 .. v0 + G - 1:
+// running max, exp, row sums, modality mass. S holds the masked, scaled scores S^T[j][lane] on
+// entry (hidden ones -inf); the probabilities (relative to the new running max) go to `out`. G
+// columns at once keep G independent dependency chains in flight. Returns whether the running
+// max of any lane moved (else alpha is 1 everywhere).
+template <typename A, int G, typename Out>
+inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                         int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass,
+                         Out& out) {
+  using V = vec_t<A>;
+  constexpr int W = VT<A>::W;
+  const int M = p.num_modalities;
+  const int32_t* ids = M > 0 ? p.key_modality + b * p.key_modality_batch_stride + j0 : nullptr;
+  const V ninf = vbcast(-std::numeric_limits<A>::infinity());
+  A* S0 = S + v0 * W;
+  V bm[G], m_safe[G], run[G], a[G];
+  bool moved = false;
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) bm[g] = ninf;
+  for (int64_t j = 0; j < kn; ++j)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) bm[g] = vmax<A>(bm[g], vload(S0 + j * lanes + g * W));
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    const V m_old = vload(m + (v0 + g) * W);
+    const V m_new = vmax<A>(m_old, bm[g]);
+    // a lane that has seen no key yet keeps max -inf: shift it by 0 so exp(-inf) = 0, not NaN.
+    // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow.
+    m_safe[g] = m_new == ninf ? V{} : m_new;
+    a[g] = exp2v((m_old - m_safe[g]) * log2e<A>());
+    for (int l2 = 0; l2 < W; ++l2) moved |= a[g][l2] != A(1);
+    vstore(m + (v0 + g) * W, m_new);
+    vstore(alpha + (v0 + g) * W, a[g]);
+    vstore(l + (v0 + g) * W, vload(l + (v0 + g) * W) * a[g]);
+    for (int mm = 0; mm < M; ++mm)
+      vstore(mass + mm * lanes + (v0 + g) * W, vload(mass + mm * lanes + (v0 + g) * W) * a[g]);
+    run[g] = V{};
+  }
+  // Keys come in runs of one modality id: the sum of a run goes to the row sum and to its
+  // modality's mass (ids -1 to the row sum only). Hidden keys have probability 0.
+  int32_t cur = -1;
+  auto flush = [&]() {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      A* lp = l + (v0 + g) * W;
+      vstore(lp, vload(lp) + run[g]);
+      if (cur >= 0) {
+        A* mp = mass + cur * lanes + (v0 + g) * W;
+        vstore(mp, vload(mp) + run[g]);
+      }
+      run[g] = V{};
+    }
+  };
+  for (int64_t j = 0; j < kn; ++j) {
+    if (M > 0 && ids[j] != cur) {
+      flush();
+      cur = ids[j];
+    }
+    A* sp = S0 + j * lanes;
+    V e[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const V t = (vload(sp + g * W) - m_safe[g]) * log2e<A>();
+      if constexpr (Out::kCoarseExp)
+        e[g] = exp2v_coarse(t);
+      else
+        e[g] = exp2v(t);
+      run[g] += e[g];
+    }
+    out.template row<G>(sp, j, v0, e);
+  }
+  flush();
+  out.template finish<G>(kn, v0);
+  return moved;
+}
+
+// Columns per softmax group: as many independent chains as the registers allow.
+constexpr int kSoftmaxGroup = kVecBytes == 64 ? 4 : 2;
+
+template <typename A, int G, typename Out>
+inline bool softmax_tail(int64_t rem, const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                         int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass,
+                         Out& out) {
+  if constexpr (G > 0) {
+    if (rem == G) return softmax_cols<A, G>(p, b, j0, kn, lanes, v0, S, m, l, alpha, mass, out);
+    return softmax_tail<A, G - 1>(rem, p, b, j0, kn, lanes, v0, S, m, l, alpha, mass, out);
+  }
+  return false;
+}
+
+template <typename A, typename Out = StoreProbabilities<A>>
+inline bool softmax_block(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                          int64_t lanes, A* S, A* m, A* l, A* alpha, A* mass, Out out = Out{}) {
+  const int64_t nv = lanes / VT<A>::W;
+  int64_t v = 0;
+  bool moved = false;
+  for (; v + kSoftmaxGroup <= nv; v += kSoftmaxGroup)
+    moved |= softmax_cols<A, kSoftmaxGroup>(p, b, j0, kn, lanes, v, S, m, l, alpha, mass, out);
+  moved |= softmax_tail<A, kSoftmaxGroup - 1>(nv - v, p, b, j0, kn, lanes, v, S, m, l, alpha, mass,
+                                              out);
+  return moved;
+}
+
+template <typename T, typename A>
+void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
+                 FwdWork<A>& w, HeadRows<T, A>& rows) {
+  using V = vec_t<A>;
+  constexpr int W = VT<A>::W;
+  const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
+  const int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
+  const int M = p.num_modalities;
+  const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
+  if (M > 0 && tile == 0) key_stats<T, A>(p, b, h, h == 0);
+  const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
+  if (qn <= 0) return;
+  const int64_t nv = ceil_div(qn, W), lanes = nv * W;
+  const A inf = std::numeric_limits<A>::infinity();
+
+  pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, nullptr, w.tmp);
+  fill(w.O, qn * Dvp, A(0));
+  fill(w.m, lanes, -inf);
+  fill(w.l, lanes, A(0));
+  fill(w.mass, M * lanes, A(0));
+
+  const int64_t hk = kv_head(p, h);
+  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const bool masked = has_masks(p);
+  const int64_t k_end = causal_end(p, i0, qn);
+  for (int64_t j0 = 0; j0 < k_end; j0 += kKeyBlock) {
+    const int64_t kn = imin(kKeyBlock, k_end - j0);
+    rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
+    int64_t ldk;
+    const A* kA = rows.kA(j0, Dp, &ldk);
+    gemm<A>(kn, nv, D, kA, ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
+    if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+    softmax_block<A>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
+    // dropout on the probabilities, after the statistics took them
+    if (p.dropout_p > 0.0) dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.S, true);
+    // O = O * alpha + P V  (P[i][j] = S[j][i])
+    for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
+      gemm<A>(qn, Dvp / W, imin(kSliceKeys, kn - s0), w.S + s0 * lanes, 1, lanes,
+              rows.vB(j0 + s0, Dvp), Dvp, w.O, Dvp, s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd,
+              s0 == 0 ? w.alpha : nullptr);
+  }
+
+  // epilogue: normalise, write out, lse, mass. A row that saw no key has l = 0: zeros, lse =
+  // -inf, zero mass. A NaN row sum (NaN in the row's scores, or an infinite score) gives NaN.
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+           i0 * p.out_row_stride;
+  const int64_t row0 = (b * H + h) * Lq + i0;
+  A* lse = static_cast<A*>(p.lse) + row0;
+  A* mass_out = M > 0 ? static_cast<A*>(p.modality_mass) + row0 * M : nullptr;
+  for (int64_t i = 0; i < qn; ++i) {
+    const A L = w.l[i];
+    const A inv = L == A(0) ? A(0) : A(1) / L;
+    A* orow = w.O + i * Dvp;
+    const V vinv = vbcast(inv);
+    for (int64_t d = 0; d < Dvp; d += W) vstore(orow + d, vload(orow + d) * vinv);
+    store_row(out + i * p.out_row_stride, orow, Dv);
+    lse[i] = L == A(0) ? -inf : w.m[i] + alog(L);
+    for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;
+  }
+}
+
+template <typename T, typename A>
+void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64_t end,
+                void* ws) {
+  const int64_t qt = plan.param[1];
+  FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
+  HeadRows<T, A> rows{w.kbuf, w.vbuf};
+  for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows);
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+template <typename A>
+struct BwdWork {
+  A *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQ, *dK, *dV, *kbuf,
+      *vbuf, *rpad, *mbuf;
+};
+
+// Backward task = (batch, kv head, key chunk): it loops over the query heads that read the kv
+// head and over the query tiles, so dK / dV of its keys are complete inside the task.
+struct BwdShape {
+  int64_t qt, tiles, nc, chunk, Dp, Dvp, group;
+};
+
+template <typename A>
+BwdShape bwd_shape(const AttentionBwdParams& p, int64_t qt) {
+  constexpr int W = VT<A>::W;
+  BwdShape s;
+  s.qt = qt;
+  s.tiles = ceil_div(p.seqlen_q, qt);
+  s.group = p.heads / p.heads_kv;
+  const int64_t bh = p.batch * p.heads_kv, Lk = p.seqlen_k;
+  int64_t nc = 1;
+  if (bh < kBwdTargetTasks) nc = imin(ceil_div(kBwdTargetTasks, bh), ceil_div(Lk, kMinChunk));
+  nc = imax<int64_t>(nc, 1);
+  s.chunk = round_up(imax<int64_t>(ceil_div(Lk, nc), 1), kKeyBlock);
+  s.nc = imax<int64_t>(1, ceil_div(Lk, s.chunk));
+  s.Dp = round_up(p.head_dim, W);
+  s.Dvp = round_up(p.value_dim, W);
+  return s;
+}
+
+template <typename T, typename A>
+BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s, size_t* bytes) {
+  const int64_t D = p.head_dim, Dv = p.value_dim, QT = s.qt, KB = kKeyBlock;
+  const int64_t ck = imin(s.chunk, imax<int64_t>(p.seqlen_k, 1));
+  const bool dropout = p.dropout_p > 0.0;
+  Carve c{base};
+  BwdWork<A> w;
+  w.qT = c.take<A>(D * QT);
+  w.tmp = c.take<A>(2 * imax(D, Dv) * QT);
+  w.qrows = c.take<A>(QT * s.Dp);
+  w.dorows = c.take<A>(QT * s.Dvp);
+  w.doT = c.take<A>(Dv * QT);
+  w.delta = c.take<A>(QT);
+  w.lse = c.take<A>(QT);
+  w.S = c.take<A>(KB * QT);
+  w.dP = c.take<A>(KB * QT);
+  w.Z = c.take<A>(dropout ? KB * QT : 1);
+  w.PZ = c.take<A>(dropout ? KB * QT : 1);
+  w.dQ = c.take<A>(QT * s.Dp);
+  w.dK = c.take<A>(ck * s.Dp);
+  w.dV = c.take<A>(ck * s.Dvp);
+  w.kbuf = c.take<A>(ck * s.Dp);
+  w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
+  w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
+  w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
+  if (bytes) *bytes = c.used;
+  return w;
+}
+
+template <typename T, typename A>
+void bwd_plan_fp(const AttentionBwdParams& p, Plan& plan, int64_t qt = 0) {
+  const BwdShape s = bwd_shape<A>(p, qt > 0 ? qt : fp_query_tile(p));
+  plan.param[1] = s.qt;
+  plan.tasks = p.batch * p.heads_kv * s.nc;
+  plan.flops_per_task = 5 * s.group * imax<int64_t>(p.seqlen_q, 1) * imax<int64_t>(s.chunk, 1) *
+                        (p.head_dim + p.value_dim);
+  carve_bwd<T, A>(nullptr, p, s, &plan.workspace_bytes);
+  plan.shared_bytes =
+      s.nc > 1 ? size_t(p.batch * p.heads * s.nc * s.tiles * s.qt * s.Dp) * sizeof(A) : 0;
+  plan.reduce_tasks = s.nc > 1 ? p.batch * p.heads * s.tiles : 0;
+}
+
+// dq rows of one query tile from dQ' (rows of Dp, unscaled): dq = scale * dQ', then through the
+// rotation for rotated rows (q' = R q  =>  dq = R^T dq', as rows dq = dq' R), converted and
+// written. rpad: D * Dp.
+template <typename T, typename A>
+void finish_dq(const AttentionBwdParams& p, const BwdShape& s, int64_t b, int64_t h, int64_t i0,
+               int64_t qn, A* dQ, A* tmp, A* rpad) {
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim, Dp = s.Dp;
+  if (p.rotation != nullptr) {
+    const bool* sel =
+        p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
+    int64_t idx[kMaxQueryTile];
+    int64_t cnt = 0;
+    for (int64_t l = 0; l < qn; ++l)
+      if (sel == nullptr || sel[l]) idx[cnt++] = l;
+    if (cnt > 0) {
+      const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
+      for (int64_t a = 0; a < D; ++a) {
+        for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * D + c];
+        fill(rpad + a * Dp + D, Dp - D, A(0));
+      }
+      A* g = tmp;              // [cnt][Dp] the selected rows of dQ'
+      A* r = tmp + cnt * Dp;   // [cnt][Dp] times R
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t d = 0; d < Dp; ++d) g[c * Dp + d] = dQ[idx[c] * Dp + d];
+      // (dQ' R)[l][c] = sum_a dQ'[l][a] R[a][c]
+      gemm<A>(cnt, Dp / W, D, g, Dp, 1, rpad, Dp, r, Dp, Acc::kSet);
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t d = 0; d < D; ++d) dQ[idx[c] * Dp + d] = r[c * Dp + d];
+    }
+  }
+  const A scale = A(p.scale);
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  for (int64_t l = 0; l < qn; ++l) {
+    A* row = dQ + l * Dp;
+    for (int64_t d = 0; d < D; ++d) row[d] *= scale;
+    store_row(dq + (i0 + l) * p.dq_row_stride, row, D);
+  }
+}
+
+template <typename T, typename A>
+void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, BwdWork<A>& w,
+                 A* shared) {
+  using V = vec_t<A>;
+  constexpr int W = VT<A>::W;
+  const int64_t Hkv = p.heads_kv, Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim;
+  const int64_t Dv = p.value_dim, Dp = s.Dp, Dvp = s.Dvp;
+  const int64_t c = task % s.nc, bk = task / s.nc, hk = bk % Hkv, b = bk / Hkv;
+  const int64_t c0 = imin(Lk, c * s.chunk), c1 = imin(Lk, c0 + s.chunk), ck = c1 - c0;
+  const A inf = std::numeric_limits<A>::infinity();
+  const A scale = A(p.scale);
+  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0;
+
+  const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  fill(w.dK, ck * Dp, A(0));
+  fill(w.dV, ck * Dvp, A(0));
+  // the chunk's K (and V) rows, packed once for every query head and tile
+  HeadRows<T, A> rows{w.kbuf, w.vbuf};
+  rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
+
+  for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
+    const int64_t bh = b * p.heads + h;
+    const T* o = ptr<T>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+    const T* dout = ptr<T>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+    const A* lse_bh = ptr<A>(p.lse) + bh * Lq;
+    for (int64_t tile = 0; tile < s.tiles; ++tile) {
+      const int64_t i0 = tile * s.qt, qn = imin(s.qt, Lq - i0);
+      const int64_t nv = ceil_div(qn, W), lanes = nv * W;
+      A* dQ = s.nc > 1 ? shared + ((bh * s.nc + c) * s.tiles + tile) * s.qt * Dp : w.dQ;
+      fill(dQ, qn * Dp, A(0));
+      const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
+      if (k_hi > c0) {
+        pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
+        for (int64_t l = 0; l < lanes; ++l) {
+          A* dst = w.dorows + l * Dvp;
+          if (l >= qn) {  // padding lanes: no probability, no gradient
+            fill(dst, Dvp, A(0));
+            w.delta[l] = A(0);
+            w.lse[l] = inf;
+            continue;
+          }
+          load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
+          fill(dst + Dv, Dvp - Dv, A(0));
+          const T* orow = o + (i0 + l) * p.out_row_stride;
+          A sum = 0;
+          for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<A>(orow[d]);
+          w.delta[l] = sum;
+          // a row that saw no key (lse = -inf) has no probability: exp(s - inf) = 0
+          const A lse = lse_bh[i0 + l];
+          w.lse[l] = lse == -inf ? inf : lse;
+        }
+        transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
+
+        for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
+          const int64_t kn = imin(kKeyBlock, k_hi - j0);
+          int64_t ldkA, ldvA;
+          const A* kA = rows.kA(j0, Dp, &ldkA);
+          const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
+          gemm<A>(kn, nv, D, kA, ldkA, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
+          if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+          // P^T = exp(S^T - lse)
+          for (int64_t j = 0; j < kn; ++j)
+            for (int64_t cv = 0; cv < nv; ++cv) {
+              A* sp = w.S + j * lanes + cv * W;
+              vstore(sp, exp2v((vload(sp) - vload(w.lse + cv * W)) * log2e<A>()));
+            }
+          // with dropout Z (0 or 1 / (1 - p)): the output used P Z, so dV = (P Z)^T dO and
+          // dS = P (Z dP - delta), dP = dO V^T
+          const A* PZ = w.S;
+          if (dropout) {
+            dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.Z, false);
+            for (int64_t i = 0; i < kn * lanes; i += W)
+              vstore(w.PZ + i, vload(w.S + i) * vload(w.Z + i));
+            PZ = w.PZ;
+          }
+          // dV += (P Z)^T dO
+          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, w.dorows, Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
+                  Acc::kAdd);
+          // dP^T = V dO^T, then dS^T = P^T (Z dP^T - delta) in place
+          gemm<A>(kn, nv, Dv, vA, ldvA, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
+          for (int64_t j = 0; j < kn; ++j)
+            for (int64_t cv = 0; cv < nv; ++cv) {
+              A* dp = w.dP + j * lanes + cv * W;
+              V g = vload(dp);
+              if (dropout) g *= vload(w.Z + j * lanes + cv * W);
+              vstore(dp, vload(w.S + j * lanes + cv * W) * (g - vload(w.delta + cv * W)));
+            }
+          // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
+          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, Dp, w.dK + (j0 - c0) * Dp, Dp,
+                  Acc::kAdd);
+          for (int64_t s0 = 0; s0 < kn; s0 += kSliceKeys)
+            gemm<A>(qn, Dp / W, imin(kSliceKeys, kn - s0), w.dP + s0 * lanes, 1, lanes,
+                    rows.kB(j0 + s0, Dp), Dp, dQ, Dp, Acc::kAdd);
+        }
+      }
+      if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
+    }
+  }
+
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  for (int64_t j = 0; j < ck; ++j) {
+    A* src = w.dK + j * Dp;
+    for (int64_t d = 0; d < D; ++d) src[d] *= scale;
+    store_row(dk + (c0 + j) * p.dk_row_stride, src, D);
+    store_row(dv + (c0 + j) * p.dv_row_stride, w.dV + j * Dvp, Dv);
+  }
+}
+
+template <typename T, typename A>
+void bwd_run_fp(const AttentionBwdParams& p, const Plan& plan, int64_t begin, int64_t end,
+                void* ws, void* shared) {
+  const BwdShape s = bwd_shape<A>(p, plan.param[1]);
+  BwdWork<A> w = carve_bwd<T, A>(static_cast<char*>(ws), p, s, nullptr);
+  for (int64_t t = begin; t < end; ++t) bwd_task_fp<T, A>(p, s, t, w, static_cast<A*>(shared));
+}
+
+// Second phase with several key chunks per head: task = (batch, head, query tile), sums the
+// chunks' partial dQ' in chunk order.
+template <typename T, typename A>
+void bwd_reduce_fp(const AttentionBwdParams& p, const Plan& plan, int64_t begin, int64_t end,
+                   void* ws, void* shared) {
+  const BwdShape s = bwd_shape<A>(p, plan.param[1]);
+  BwdWork<A> w = carve_bwd<T, A>(static_cast<char*>(ws), p, s, nullptr);
+  const A* part = static_cast<const A*>(shared);
+  const int64_t slot = s.qt * s.Dp;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t tile = t % s.tiles, bh = t / s.tiles, h = bh % p.heads, b = bh / p.heads;
+    const int64_t i0 = tile * s.qt, qn = imin(s.qt, p.seqlen_q - i0);
+    const int64_t n = qn * s.Dp;
+    fill(w.dQ, n, A(0));
+    for (int64_t c = 0; c < s.nc; ++c) {
+      const A* src = part + ((bh * s.nc + c) * s.tiles + tile) * slot;
+      for (int64_t i = 0; i < n; ++i) w.dQ[i] += src[i];
+    }
+    finish_dq<T, A>(p, s, b, h, i0, qn, w.dQ, w.tmp, w.rpad);
+  }
+}
+
+ROLLINGQ_KERNELS_END

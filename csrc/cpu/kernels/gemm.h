@@ -1,0 +1,119 @@
+// The one matrix product of the float kernels (float32, float64, and bfloat16 on CPUs without
+// bf16 dot products), register-blocked on vec.h:
+//
+//   C[r][n] (op)= sum_k A(r, k) * B[k][n]      r < M, n < NV * W (whole vectors)
+//
+// A is read one scalar at a time through two strides (A(r, k) = a[r * ars + k * aks]) and
+// broadcast, so the same kernel takes A or its transpose; B is read by rows of whole vectors,
+// straight from the caller's tensors where their rows are a multiple of the vector width. Every
+// C element is a chain of FMAs in k order, whatever the blocking: the result of an element does
+// not depend on M, on its position in a block, or on the memory alignment of any operand.
+#pragma once
+
+#include "cpu/kernels/vec.h"
+
+ROLLINGQ_KERNELS_BEGIN
+
+// C = alpha AB, C += AB, C = C * rs[r] + AB (rs non-null exactly for kRowScaleAdd)
+enum class Acc { kSet, kAdd, kRowScaleAdd };
+
+// Register blocking: MR rows of A times NV vectors of B in MR * NV accumulators.
+#if defined(__AVX512F__)
+constexpr int kMR = 6, kNV = 4;  // 24 of 32 registers
+#elif defined(__AVX2__)
+constexpr int kMR = 6, kNV = 2;  // 12 of 16 registers
+#else
+constexpr int kMR = 4, kNV = 2;  // 8 of 16 registers (SSE2 / NEON)
+#endif
+
+// Not inlined: alone, the compiler keeps every pointer and stride of the loop in registers.
+template <typename A, int MR, int NV>
+__attribute__((noinline)) void micro_kernel(int64_t K, const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb,
+                         A* c, int64_t ldc, Acc mode, const A* cs, A alpha) {
+  using V = vec_t<A>;
+  constexpr int W = VT<A>::W;
+  V acc[MR][NV];
+  if (mode == Acc::kSet) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V scale = vbcast(cs != nullptr ? cs[r] : A(1));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = vload(c + r * ldc + v * W) * scale;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V av = vbcast(a[r * ars + k * aks]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  const V va = vbcast(mode == Acc::kSet ? alpha : A(1));  // x * 1 == x exactly
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * W, acc[r][v] * va);
+}
+
+// rows m0 .. M with a fixed NV: full MR blocks, then one block of the remaining R < MR rows
+template <typename A, int R, int NV>
+inline void rows_tail(int64_t rem, int64_t K, const A* a, int64_t ars, int64_t aks, const A* b,
+                      int64_t ldb, A* c, int64_t ldc, Acc mode, const A* cs, A alpha) {
+  if constexpr (R > 0) {
+    if (rem == R)
+      micro_kernel<A, R, NV>(K, a, ars, aks, b, ldb, c, ldc, mode, cs, alpha);
+    else
+      rows_tail<A, R - 1, NV>(rem, K, a, ars, aks, b, ldb, c, ldc, mode, cs, alpha);
+  }
+}
+
+template <typename A, int NV>
+inline void gemm_cols(int64_t M, int64_t K, const A* a, int64_t ars, int64_t aks, const A* b,
+                      int64_t ldb, A* c, int64_t ldc, Acc mode, const A* cs, A alpha) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR)
+    micro_kernel<A, kMR, NV>(K, a + m * ars, ars, aks, b, ldb, c + m * ldc, ldc, mode,
+                             cs ? cs + m : nullptr, alpha);
+  rows_tail<A, kMR - 1, NV>(M - m, K, a + m * ars, ars, aks, b, ldb, c + m * ldc, ldc, mode,
+                            cs ? cs + m : nullptr, alpha);
+}
+
+template <typename A, int NV>
+inline void cols_tail(int64_t rem, int64_t M, int64_t K, const A* a, int64_t ars, int64_t aks,
+                      const A* b, int64_t ldb, A* c, int64_t ldc, Acc mode, const A* cs, A alpha) {
+  if constexpr (NV > 0) {
+    if (rem == NV)
+      gemm_cols<A, NV>(M, K, a, ars, aks, b, ldb, c, ldc, mode, cs, alpha);
+    else
+      cols_tail<A, NV - 1>(rem, M, K, a, ars, aks, b, ldb, c, ldc, mode, cs, alpha);
+  }
+}
+
+// C (M x NVt vectors, row stride ldc) op= A (M x K, strides ars / aks) * B (K x NVt vectors,
+// row stride ldb). cs: M row scales for Acc::kRowScaleAdd; alpha: the factor of Acc::kSet,
+// applied to the finished sums (as torch's SDPA applies the softmax scale). Callers cut long
+// products over keys into slices that stay in L1 (kSliceKeys); cutting K = D into slices
+// measured no faster up to D = 768.
+template <typename A>
+inline void gemm(int64_t M, int64_t NVt, int64_t K, const A* a, int64_t ars, int64_t aks,
+                 const A* b, int64_t ldb, A* c, int64_t ldc, Acc mode, const A* cs = nullptr,
+                 A alpha = A(1)) {
+  constexpr int W = VT<A>::W;
+  if (M <= 0 || NVt <= 0) return;
+  int64_t v = 0;
+  for (; v + kNV <= NVt; v += kNV)
+    gemm_cols<A, kNV>(M, K, a, ars, aks, b + v * W, ldb, c + v * W, ldc, mode, cs, alpha);
+  cols_tail<A, kNV - 1>(NVt - v, M, K, a, ars, aks, b + v * W, ldb, c + v * W, ldc, mode, cs,
+                        alpha);
+}
+
+ROLLINGQ_KERNELS_END

@@ -1,0 +1,262 @@
+// Portable SIMD for the kernel variants: GCC/Clang vector extensions, whose width is the widest
+// the variant's compile flags allow (64 bytes with AVX-512, 32 with AVX2, 16 otherwise: SSE2 on
+// x86-64, NEON on aarch64). The compiler maps +, -, *, comparisons and selects to native
+// instructions, and contracts a * b + c to an FMA where the target has one (-ffp-contract=fast).
+//
+// Included only by csrc/cpu/isa/*.cpp, inside that variant's namespace and an anonymous
+// namespace: every function here has internal linkage in each variant.
+//
+// NaN rules (the kernels must propagate NaN exactly where torch's SDPA does):
+//  * vmax(a, b) = a > b ? a : b, which is the x86 max instruction: it returns b when either is
+//    NaN. Row maxima may therefore skip a NaN score; the kernels never rely on the maximum to
+//    carry NaN, they let exp2v() carry it into the row sum instead.
+//  * exp2v(NaN) = NaN, exp2v(-inf) = 0 (exp2v is only used on arguments <= 0).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/kernels/namespace.h"
+
+ROLLINGQ_KERNELS_BEGIN
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename X, typename Y>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <typename X>
+struct same_type<X, X> {
+  static constexpr bool value = true;
+};
+
+template <typename A>
+struct VT;
+
+template <>
+struct VT<float> {
+  typedef float v __attribute__((vector_size(kVecBytes)));
+  typedef float vu __attribute__((vector_size(kVecBytes), aligned(4)));
+  typedef int32_t vi __attribute__((vector_size(kVecBytes)));
+  typedef uint32_t vui __attribute__((vector_size(kVecBytes)));
+  typedef uint16_t vh __attribute__((vector_size(kVecBytes / 2)));
+  typedef uint16_t vhu __attribute__((vector_size(kVecBytes / 2), aligned(2)));
+  static constexpr int W = kVecBytes / 4;
+};
+
+template <>
+struct VT<double> {
+  typedef double v __attribute__((vector_size(kVecBytes)));
+  typedef double vu __attribute__((vector_size(kVecBytes), aligned(8)));
+  typedef int64_t vi __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / 8;
+};
+
+template <typename A>
+using vec_t = typename VT<A>::v;
+
+template <typename A>
+inline vec_t<A> vload(const A* p) {
+  return *reinterpret_cast<const typename VT<A>::vu*>(p);
+}
+template <typename A>
+inline void vstore(A* p, vec_t<A> x) {
+  *reinterpret_cast<typename VT<A>::vu*>(p) = x;
+}
+// x - 0 == x for every x (signed zeros and NaN included), so this folds to a broadcast.
+template <typename A>
+inline vec_t<A> vbcast(A x) {
+  return x - vec_t<A>{};
+}
+template <typename A>
+inline vec_t<A> vmax(vec_t<A> a, vec_t<A> b) {
+  return a > b ? a : b;
+}
+template <typename A>
+inline vec_t<A> viota() {
+  vec_t<A> r;
+  for (int l = 0; l < VT<A>::W; ++l) r[l] = A(l);
+  return r;
+}
+template <typename A>
+inline A hsum(vec_t<A> x) {
+  A s = 0;
+  for (int l = 0; l < VT<A>::W; ++l) s += x[l];
+  return s;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^t for t <= 0, -inf and NaN, relative error 3e-7: range reduction t = n + r, |r| <= 1/2, a
+// degree-5 polynomial for 2^r (fitted on [-1/2, 1/2]), 2^n put into the exponent. t below -126
+// gives 0 (no subnormal ever reaches an FMA), NaN stays NaN.
+#if defined(__AVX512F__)
+inline VT<float>::v exp2v(VT<float>::v tv) {
+  const __m512 t = (__m512)tv;
+  // No clamp needed: -inf and t < -126 are zeroed by the mask (-inf - -inf is NaN in r, but the
+  // mask discards it), NaN is kept (unordered compare), and scalef saturates large n to inf.
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3056319439783692e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67874564230442e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.551639199256897e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022091925144196e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931460499763489e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return (VT<float>::v)_mm512_maskz_scalef_ps(keep, p, n);
+}
+// The same with a degree-3 polynomial, relative error 2e-4: for probabilities that are rounded to
+// bfloat16 (relative step 4e-3) before they are used.
+inline VT<float>::v exp2v_coarse(VT<float>::v tv) {
+  const __m512 t = (__m512)tv;
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(5.313127487897873e-2f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.425205409526825e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.937806606292725e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return (VT<float>::v)_mm512_maskz_scalef_ps(keep, p, n);
+}
+#else
+inline VT<float>::v exp2v(VT<float>::v t) {
+  using V = VT<float>::v;
+  const V lo = vbcast(-127.0f), hi = vbcast(128.0f);
+  const V tc = t < lo ? lo : (t > hi ? hi : t);
+  const V n = (tc + 12582912.0f) - 12582912.0f;  // round to nearest (|tc| < 2^22)
+  const V r = tc - n;
+  V p = vbcast(1.3056319439783692e-3f);
+  p = p * r + 9.67874564230442e-3f;
+  p = p * r + 5.551639199256897e-2f;
+  p = p * r + 2.4022091925144196e-1f;
+  p = p * r + 6.931460499763489e-1f;
+  p = p * r + 1.0f;
+  const VT<float>::vi e = (__builtin_convertvector(n, VT<float>::vi) + 127) << 23;
+  const V res = p * (V)e;  // 2^128 encodes +inf
+  return t < vbcast(-126.0f) ? V{} : res;
+}
+#endif
+
+// double: lane by lane through the C library (float64 is the precision reference, not a fast
+// path).
+inline VT<double>::v exp2v(VT<double>::v t) {
+  VT<double>::v r{};
+  for (int l = 0; l < VT<double>::W; ++l) r[l] = __builtin_exp2(t[l]);
+  return r;
+}
+
+template <typename A>
+constexpr A log2e() {
+  return A(1.4426950408889634073599246810019);
+}
+
+// ---- dropout: Philox4x32-10, N lanes at a time (rollingq_kernels/dropout.py is the spec) ------
+
+template <int N>
+struct PhiloxLanes {
+  typedef uint32_t u32 __attribute__((vector_size(4 * N)));
+  typedef uint64_t u64 __attribute__((vector_size(8 * N)));
+};
+
+// The four output words for the counters (c0, c1, c2, c3) of N lanes under key (k0, k1).
+template <int N>
+inline void philox4x32_10(typename PhiloxLanes<N>::u32 (&c)[4], uint32_t k0, uint32_t k1) {
+  using U32 = typename PhiloxLanes<N>::u32;
+  using U64 = typename PhiloxLanes<N>::u64;
+  U32 c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+  for (int r = 0; r < 10; ++r) {
+    const U64 p0 = __builtin_convertvector(c0, U64) * uint64_t(0xD2511F53u);
+    const U64 p1 = __builtin_convertvector(c2, U64) * uint64_t(0xCD9E8D57u);
+    const U32 hi0 = __builtin_convertvector(p0 >> 32, U32), lo0 = __builtin_convertvector(p0, U32);
+    const U32 hi1 = __builtin_convertvector(p1 >> 32, U32), lo1 = __builtin_convertvector(p1, U32);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  c[0] = c0;
+  c[1] = c1;
+  c[2] = c2;
+  c[3] = c3;
+}
+
+// ---- bfloat16 storage (the upper 16 bits of a float) ----------------------------------------
+
+struct bf16 {
+  uint16_t x;
+};
+
+inline float bf16_to_float(bf16 h) {
+  const uint32_t u = uint32_t(h.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline bf16 float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{uint16_t(u >> 16)};
+}
+
+template <typename A, typename T>
+inline A to_acc(T x) {
+  return static_cast<A>(x);
+}
+template <>
+inline float to_acc<float, bf16>(bf16 x) {
+  return bf16_to_float(x);
+}
+template <typename T, typename A>
+inline T from_acc(A x) {
+  return static_cast<T>(x);
+}
+template <>
+inline bf16 from_acc<bf16, float>(float x) {
+  return float_to_bf16(x);
+}
+
+// dst[0..n) = src[0..n) converted
+template <typename A, typename T>
+inline void load_row(A* dst, const T* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_acc<A>(src[j]);
+}
+template <typename T, typename A>
+inline void store_row(T* dst, const A* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = from_acc<T>(src[j]);
+}
+
+template <typename X>
+inline X imin(X a, X b) {
+  return a < b ? a : b;
+}
+template <typename X>
+inline X imax(X a, X b) {
+  return a < b ? b : a;
+}
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+inline int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
+
+ROLLINGQ_KERNELS_END
