@@ -76,6 +76,11 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
             return num_modalities
     lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
     if num_modalities is None:
+        if hi >= 2**31 - 1:  # M = max id + 1 must fit the kernels' 32-bit modality count
+            raise ValueError(
+                f"key_modality ids must lie in [-1, 2**31 - 2] when num_modalities is inferred; "
+                f"got values in [{lo}, {hi}]"
+            )
         num_modalities = max(hi + 1, 1)
     if lo < -1 or hi >= num_modalities:
         raise ValueError(
