@@ -76,8 +76,9 @@ inline void check_same_device(const char* op, const char* name, const Tensor& t,
 // q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with H % Hkv == 0, one dtype and device.
 inline void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, H, Lq, D); got ", shape_str(q));
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) > 0 &&
-                  q.size(1) % k.size(1) == 0,
+  // Hkv divides H; H = Hkv = 0 (no heads at all) is an empty problem, not an error
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
+                  (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0),
               op, ": k must have shape (", q.size(0), ", Hkv, Lk, ", q.size(3),
               ") with Hkv dividing H = ", q.size(1), "; got ", shape_str(k));
   TORCH_CHECK(v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&

@@ -240,7 +240,10 @@ def rolling_attention_reference(
         return out
 
     if num_modalities is None:
-        num_modalities = 1 if key_modality is None else max(int(key_modality.max()) + 1, 1)
+        if key_modality is None or key_modality.numel() == 0:
+            num_modalities = 1
+        else:
+            num_modalities = max(int(key_modality.max()) + 1, 1)
     with torch.no_grad():
         onehot = modality_onehot(
             key_modality, num_modalities, key_padding_mask, B, Lk, dtype=acc, device=q.device

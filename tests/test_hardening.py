@@ -528,3 +528,61 @@ def test_api_refuses_ids_whose_inferred_count_is_wider_than_32_bits(bad):
     if fused_op.load_error() is None:
         with pytest.raises(ValueError, match=r"key_modality ids must lie in"):
             rolling_attention(q, k, k, key_modality=ids, return_stats=True, backend="cpu")
+
+
+def test_api_checks_ids_of_an_empty_batch_too():
+    # (Lk,) ids are the user's tensor whatever B is: B = 0 used to skip their range check
+    q, k = _randn(0, 1, 2, 4), _randn(0, 1, 3, 4, seed=1)
+    with pytest.raises(ValueError, match=r"key_modality ids must lie in \[-1, 2\]"):
+        rolling_attention(q, k, k, key_modality=torch.tensor([0, -2, 1]), num_modalities=3)
+
+
+def test_reference_infers_one_modality_from_empty_ids():
+    # an empty batch's (0, Lk) ids used to make the oracle call max() on an empty tensor
+    q, k = _randn(0, 1, 2, 4), _randn(0, 1, 3, 4, seed=1)
+    out, st = rolling_attention_reference(
+        q, k, k, key_modality=torch.zeros(0, 3, dtype=torch.int64), return_stats=True
+    )
+    assert out.shape == (0, 1, 2, 4) and st.modality_mass.shape == (0, 1, 2, 1)
+
+
+@needs_op
+def test_op_takes_a_problem_without_heads():
+    # H = Hkv = 0 is an empty problem (the binding has a path for it), not "Hkv dividing H = 0"
+    q, k, v = torch.randn(2, 0, 3, 4), torch.randn(2, 0, 5, 4), torch.randn(2, 0, 5, 6)
+    ids = torch.tensor([[0, 1, -1, 1, 1], [1, 1, 1, 1, 1]])
+    out, lse, mass, key_sum, key_count = raw_fwd(q, k, v, key_modality=ids, num_modalities=2)
+    assert out.shape == (2, 0, 3, 6) and lse.shape == (2, 0, 3) and mass.shape == (2, 0, 3, 2)
+    # key_count (B, M) counts keys, whatever the number of heads (as the reference does)
+    assert key_sum.shape == (2, 0, 2, 4) and key_count.tolist() == [[1, 3], [0, 5]]
+    pad = torch.tensor([[True, False, True, True, False], [True] * 5])
+    *_, key_count = raw_fwd(q, k, v, key_modality=ids, num_modalities=2, key_padding_mask=pad)
+    _, ref = rolling_attention_reference(
+        q, k, v, key_modality=ids, num_modalities=2, key_padding_mask=pad, return_stats=True
+    )
+    assert key_count.tolist() == ref.key_count.tolist() == [[1, 1], [0, 5]]
+    with pytest.raises(RuntimeError, match=r"k must have shape \(2, Hkv, Lk, 4\)"):
+        raw_fwd(torch.randn(2, 3, 3, 4), k, v)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((2, 1, 1, 0, 3), (2, 1, 1, 4, 3)),
+        ((2, 1, 1, 2, 3), (2, 1, 1, 0, 3)),
+        ((0, 2, 1, 2, 3),) * 2,
+    ],
+    ids=["no_queries", "no_keys", "no_batch"],
+)
+def test_sdpa_drop_in_takes_empty_inputs_of_five_dims(shapes):
+    # reshape(-1, ...) cannot infer the leading size of an empty tensor: it raised where torch
+    # returns an empty or zero output
+    from rollingq_kernels.api import scaled_dot_product_attention
+
+    qs, ks = shapes
+    q, k = torch.randn(qs), torch.randn(ks)
+    mask = torch.ones(qs[-2], ks[-2], dtype=torch.bool)
+    for m in (None, mask):
+        out = scaled_dot_product_attention(q, k, k, attn_mask=m)
+        want = F.scaled_dot_product_attention(q, k, k, attn_mask=m)
+        assert out.shape == want.shape and torch.equal(out, want)
