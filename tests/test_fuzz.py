@@ -847,8 +847,9 @@ def test_fuzz_sdpa_drop_in_matches_torch(data):
         with pytest.raises(type(exc)):
             rk_sdpa(q, k, v, **args)
         return
+    torch_low = None
     try:
-        F.scaled_dot_product_attention(q, k, v, **args)
+        torch_low = F.scaled_dot_product_attention(q, k, v, **args)
     except Exception as exc:  # noqa: BLE001
         # torch's kernel for this dtype refuses what its math backend computes: the drop-in may
         # refuse it the same way or compute it (checked below), never answer wrongly
@@ -877,6 +878,10 @@ def test_fuzz_sdpa_drop_in_matches_torch(data):
     fin = torch.isfinite(e)
     assert torch.isfinite(a).all(), "the drop-in returned NaN / inf on finite inputs"
     tol = bound + U_OUT[dtype] * e.abs() + 1e-300
+    if torch_low is not None and dtype == torch.bfloat16:
+        # a call the drop-in hands to torch is as precise as torch in that dtype (which rounds
+        # the probabilities to bfloat16): the FlashAttention rule, twice torch's own error
+        tol = torch.maximum(tol, 2 * (torch_low.double() - e).abs().max() + U_OUT[dtype] * e.abs())
     assert bool(((a - e).abs()[fin] <= tol[fin]).all()), (
         f"max error {(a - e).abs()[fin].max().item():.3e} beyond the bound"
     )
@@ -954,7 +959,19 @@ def test_fuzz_raw_ops(data):
     elif masking == "causal":
         a["is_causal"] = True
         a["causal_offset"] = gen.one(
-            0, 0, 1, -1, Lk - Lq, Lk + 3, -Lq - 3, 2**40, -(2**40), 2**62, label="offset"
+            0,
+            0,
+            1,
+            -1,
+            Lk - Lq,
+            Lk + 3,
+            -Lq - 3,
+            2**40,
+            -(2**40),
+            2**62,
+            2**63 - 1,
+            -(2**63),
+            label="offset",
         )
     if gen(st.integers(0, 4), "dropout?") == 0:
         a["dropout_p"] = gen.one(0.2, 0.75, label="dropout_p")
@@ -1060,15 +1077,11 @@ def test_fuzz_raw_ops(data):
     cond = 1.0 + exp.max_score
     bound = 16 * U[dtype] * (D + Dv + Lk + Lq) * cond
     for name, got_g, want_g in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
-        size = want_g.abs().max().item() if want_g.numel() else 0.0
-        err = (got_g.double() - want_g).abs().max().item() if want_g.numel() else 0.0
-        scale_g = (1.0 + size) * (1.0 + abs(a["scale"])) * (1.0 + _finite(grad).abs().max().item())
-        assert err <= bound * scale_g * (
-            1.0
-            + _finite(q).abs().max().item()
-            + _finite(k).abs().max().item()
-            + _finite(v).abs().max().item()
-        ), f"{name}: error {err:.3e} (gradient size {size:.3e})"
+        size = _max_abs(want_g)
+        err = _max_abs(got_g.double() - want_g)
+        inputs = 1.0 + _max_abs(_finite(q)) + _max_abs(_finite(k)) + _max_abs(_finite(v))
+        scale_g = (1.0 + size) * (1.0 + abs(a["scale"])) * (1.0 + _max_abs(_finite(grad)))
+        assert err <= bound * scale_g * inputs, f"{name}: error {err:.3e} (gradient {size:.3e})"
 
 
 def _break_op(gen: Gen, a: dict, B, H, Lq, Lk, D, dtype) -> Optional[str]:

@@ -586,3 +586,20 @@ def test_sdpa_drop_in_takes_empty_inputs_of_five_dims(shapes):
         out = scaled_dot_product_attention(q, k, k, attn_mask=m)
         want = F.scaled_dot_product_attention(q, k, k, attn_mask=m)
         assert out.shape == want.shape and torch.equal(out, want)
+
+
+# ---- the sanitizer run ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    "ROLLINGQ_SANITIZED_LIBRARY" not in os.environ, reason="only in `make sanitize`"
+)
+def test_sanitized_run_loads_the_sanitized_library_and_only_it():
+    want = os.path.realpath(os.environ["ROLLINGQ_SANITIZED_LIBRARY"])
+    assert fused_op.load_error() is None, fused_op.load_error()
+    assert os.path.realpath(fused_op.library_path("_C")) == want
+    with open("/proc/self/maps") as f:
+        mapped = {line.split()[-1] for line in f if "/" in line}
+    ours = {p for p in mapped if os.path.basename(os.path.dirname(p)) == "rollingq_kernels"}
+    assert {os.path.realpath(p) for p in ours} == {want}, ours
+    assert any("libasan" in p for p in mapped), "the ASan runtime is not loaded"
