@@ -1,14 +1,18 @@
 """A full training step (forward + backward) of the paper's attention fusion, three ways.
 
-Shape of the paper's audio-visual fusion: B = 16, E = 768, one head, 512 audio + 588 visual
-tokens behind a [CLS] token (L = 1101), float32, gradients to every parameter and to the tokens
-(the encoders below are trained end to end).
+Shape of the paper's audio-visual fusion: B = 16, E = 768, one head, 513 audio + 589 visual
+tokens (each backbone's own [CLS] included) behind the fusion's [CLS] token (L = 1103), float32,
+gradients to every parameter and to the tokens (the encoders below are trained end to end).
 
   unfused    projects Q, K, V of the whole sequence, materialises the (L, L) softmax, keeps the
              [CLS] row: what the paper's code does (no statistics at all).
   projected  RollingQFusion(mode="projected"): K and V of every token, only the [CLS] query row.
   absorbed   RollingQFusion(mode="absorbed"), the default: K and V projections moved to the query
-             side, the kernel attends from one query per head over the raw tokens.
+             side, the kernel attends from one query per head over the raw tokens, backward by
+             SharedHeadAttentionFunction (written for this shape).
+  absorbed_gqa  the same, through rolling_attention(..., enable_gqa=True) with one key/value head
+             and the kernel's generic backward; the line "gqa / shared" is the median of the
+             per-round ratios of these two (the decision between them).
 
 Both RollingQFusion rows also return the RollingQ statistics (need_stats=True), as in training.
 Each row reports median / p20 / p80 of the step, the speed-up over the unfused step (the median of
@@ -61,7 +65,12 @@ def unfused_step(fusion: RollingQFusion, head: torch.Tensor, tokens, labels) -> 
 
 
 def fused_step(fusion, head, tokens, labels, mode: str) -> torch.Tensor:
-    out, _ = fusion(tokens, need_stats=True, mode=mode)
+    impl = "gqa" if mode == "absorbed_gqa" else "shared"
+    fusion._absorbed_attention = impl
+    try:
+        out, _ = fusion(tokens, need_stats=True, mode=mode.replace("_gqa", ""))
+    finally:
+        fusion._absorbed_attention = "shared"
     return F.cross_entropy(out @ head, labels)
 
 
@@ -87,7 +96,7 @@ def _backend_name(x: torch.Tensor) -> str:
 
 def run(quick: bool = False) -> List[dict]:
     """Time the three steps at the paper's shape; one dict per row (see the module docstring)."""
-    B, E, H, lengths = 16, 768, 1, (512, 588)
+    B, E, H, lengths = 16, 768, 1, (513, 589)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     fusion = RollingQFusion(E, H)
@@ -114,7 +123,7 @@ def run(quick: bool = False) -> List[dict]:
     ref_loss = step("unfused")().detach()
     ref_grads = _grads(fusion, head, tokens)
     errors = {"unfused": (0.0, 0.0)}
-    for kind in ("projected", "absorbed"):
+    for kind in ("projected", "absorbed", "absorbed_gqa"):
         loss = step(kind)().detach()
         grads = _grads(fusion, head, tokens)
         errors[kind] = (
@@ -125,7 +134,12 @@ def run(quick: bool = False) -> List[dict]:
     # Interleaved rounds: each round times every step back to back, so a load change on a
     # shared machine hits both sides of a ratio; the speed-up is the median of per-round ratios.
     rounds = 2 if quick else 4
-    per_round = {"unfused": 1, "projected": 1, "absorbed": 3 if quick else 7}
+    per_round = {
+        "unfused": 1,
+        "projected": 1,
+        "absorbed": 3 if quick else 7,
+        "absorbed_gqa": 3 if quick else 7,
+    }
     kinds = list(per_round)
     fns = {k: step(k) for k in kinds}
     for k in kinds:  # warm-up
@@ -133,6 +147,7 @@ def run(quick: bool = False) -> List[dict]:
             fns[k]()
     samples = {k: [] for k in kinds}
     ratios = {k: [] for k in kinds}
+    gqa_over_shared = []
     for _ in range(rounds):
         round_ms = {}
         for k in kinds:
@@ -141,6 +156,7 @@ def run(quick: bool = False) -> List[dict]:
             round_ms[k] = statistics.median(times)
         for k in kinds:
             ratios[k].append(round_ms["unfused"] / round_ms[k])
+        gqa_over_shared.append(round_ms["absorbed_gqa"] / round_ms["absorbed"])
     info = machine_info()
     backend = _backend_name(fusion.sequence(tokens)[0].detach())
     rows = []
@@ -162,6 +178,9 @@ def run(quick: bool = False) -> List[dict]:
                 "loss_rel_err": errors[kind][0],
                 "grad_rel_err": errors[kind][1],
                 "threads": torch.get_num_threads(),
+                "gqa_over_shared": statistics.median(gqa_over_shared),
+                "gqa_over_shared_min": min(gqa_over_shared),
+                "gqa_over_shared_max": max(gqa_over_shared),
                 "date": info.get("date", datetime.date.today().isoformat()),
             }
         )
@@ -185,16 +204,21 @@ def main(argv=None) -> int:
     rows = run(quick=args.quick)
     print(f"{rows[0]['shape']}, float32, forward + backward, {rows[0]['date']}")
     print(
-        f"{'step':<10} {'backend':<10} {'median ms':>10} {'p20':>9} {'p80':>9} {'speed-up':>9} "
+        f"{'step':<13} {'backend':<10} {'median ms':>10} {'p20':>9} {'p80':>9} {'speed-up':>9} "
         f"{'loss err':>9} {'grad err':>9}"
     )
     for r in rows:
         print(
-            f"{r['step']:<10} {r['backend']:<10} {r['median_ms']:>10.2f} {r['p20_ms']:>9.2f} "
+            f"{r['step']:<13} {r['backend']:<10} {r['median_ms']:>10.2f} {r['p20_ms']:>9.2f} "
             f"{r['p80_ms']:>9.2f} {r['speedup']:>8.1f}x "
             f"{r['speedup_min']:>6.1f}..{r['speedup_max']:<5.1f} {r['loss_rel_err']:>9.1e} "
             f"{r['grad_rel_err']:>9.1e}"
         )
+    r = rows[0]
+    print(
+        f"gqa / shared (absorbed_gqa time over absorbed time, per round): "
+        f"{r['gqa_over_shared']:.3f} ({r['gqa_over_shared_min']:.3f}..{r['gqa_over_shared_max']:.3f})"
+    )
     return 0
 
 

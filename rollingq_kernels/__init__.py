@@ -6,9 +6,10 @@ needs (attention mass per modality, per-modality key sums, log-sum-exp).
 """
 
 from ._stats import AttentionStats
-from .api import rolling_attention
-from .backends import NoBackendError, backend_status, registered_backends
+from .api import patch_sdpa, rolling_attention, scaled_dot_product_attention
+from .backends import NoBackendError, backend_status, backend_table, registered_backends
 from .controller import RollingQ, RollingQReport
+from .dropout import dropout_keep_mask
 from .fusion import RollingQFusion
 from .mha import RollingQAttention, RollingQStats
 from .reference import rolling_attention_reference
@@ -33,7 +34,10 @@ __all__ = [
     "RollingQStats",
     "attention_imbalance_rate",
     "backend_status",
+    "backend_table",
+    "dropout_keep_mask",
     "key_modality_from_lengths",
+    "patch_sdpa",
     "modality_cosine",
     "registered_backends",
     "rolling_attention",
@@ -41,4 +45,5 @@ __all__ = [
     "rollingq_target",
     "rollingq_weights",
     "rotation_between",
+    "scaled_dot_product_attention",
 ]

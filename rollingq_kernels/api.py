@@ -94,6 +94,8 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
 
 def _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal):
     """(mask view or None, is_causal, causal_offset) from SDPA's attn_mask / is_causal."""
+    if attn_mask is None:
+        return None, is_causal, 0
     from torch.nn.attention.bias import CausalBias, CausalVariant
 
     if isinstance(attn_mask, CausalBias):
@@ -106,8 +108,6 @@ def _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal):
             )
         lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
         return None, True, (Lk - Lq) if lower_right else 0
-    if attn_mask is None:
-        return None, is_causal, 0
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(
             f"attn_mask must be None, a tensor or a torch.nn.attention.bias.CausalBias; got "
@@ -438,6 +438,45 @@ def rolling_attention(
     return out
 
 
+def _plain_problem(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+    """The canonical problem of a plain SDPA call (4-D tensors of one supported dtype and device,
+    a tensor mask or none, no dropout), built with only the checks such a call needs; None for
+    anything else, which goes through :func:`make_problem`. A model calls SDPA once per layer,
+    so this path is kept short."""
+    if dropout_p or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+        return None
+    if scale is not None and (type(scale) is not float or not math.isfinite(scale)):
+        return None
+    dev, dt = q.device, q.dtype
+    if k.device != dev or v.device != dev or k.dtype != dt or v.dtype != dt:
+        return None
+    if dt not in _backends.supported_dtypes(dev.type):
+        return None
+    B, H, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D or D == 0 or v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
+        return None
+    if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
+        return None
+    if mask is not None:
+        if type(mask) is not torch.Tensor or is_causal or mask.dim() > 4 or mask.dim() == 0:
+            return None
+        if mask.device != dev or (
+            mask.dtype != torch.bool and mask.dtype not in (dt, torch.float32)
+        ):
+            return None
+        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        if any(s != 1 and s != w for s, w in zip(shape, (B, H, Lq, Lk))):
+            return None
+        mask = mask.reshape(shape).expand(B, H, Lq, Lk)
+    return AttentionProblem(
+        q, k, v, None, None, None, 0, None, is_causal,
+        1.0 / math.sqrt(D) if scale is None else scale, False, mask,
+    )  # fmt: skip
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -482,10 +521,12 @@ def scaled_dot_product_attention(
         else:
             mask = mask.expand(full).reshape(math.prod(full[:-3]), *full[-3:])
     try:
-        problem = make_problem(
-            q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-            enable_gqa=enable_gqa,
-        )  # fmt: skip
+        problem = _plain_problem(q4, k4, v4, mask, dropout_p, is_causal, scale, enable_gqa)
+        if problem is None:
+            problem = make_problem(
+                q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                enable_gqa=enable_gqa,
+            )  # fmt: skip
     except (TypeError, ValueError):
         # let torch raise its own error for what it does not accept either
         return _TORCH_SDPA(

@@ -20,6 +20,8 @@ __all__ = [
     "rollingq_weights",
     "rollingq_target",
     "rotation_between",
+    "orthonormalize",
+    "compose_rotations",
 ]
 
 
@@ -135,8 +137,10 @@ def rotation_between(
     method="plane": the rotation within span(x, y), identity on its orthogonal complement.
         x ~ y gives the identity; x ~ -y rotates by pi in a plane through x (any such plane works).
     method="svd": U V^T from the SVD of y x^T, with the last column of U negated if that makes
-        det +1 (the construction of the paper's official code). On the complement of span(x, y) it
-        is some orthogonal map chosen by the SVD, not necessarily the identity.
+        det +1 (the construction of the official RollingQ code). Only x_hat -> y_hat is fixed:
+        y x^T has rank one, so the rest of U and V is whichever orthonormal completion LAPACK
+        returns, which changes with the build, the device, the dtype and the last bits of the
+        input; it is not the identity on the complement of span(x, y), even for x ~ y.
     Computed in float64 internally; returned in x's dtype.
     """
     if x.dim() != 1 or y.shape != x.shape:
@@ -178,3 +182,50 @@ def rotation_between(
         + (cos - 1.0) * (torch.outer(u, u) + torch.outer(w, w))
     )
     return R.to(out_dtype)
+
+
+def orthonormalize(R: torch.Tensor, *, tol: float = 1e-15, max_iter: int = 10) -> torch.Tensor:
+    """The orthogonal matrix nearest to an almost orthogonal square ``R`` (its polar factor).
+
+    Newton-Schulz iterations ``X <- X (3 I - X^T X) / 2`` in float64, until the largest entry of
+    ``X^T X - I`` is at most ``tol`` (or stops shrinking); each costs two (E, E) products. The
+    determinant's sign is kept, and a matrix that is exactly the identity on a subspace stays so
+    up to rounding. Returned in R's dtype.
+
+    Raises ValueError when R is not close enough to orthogonal for the iteration to converge
+    (largest entry of ``R^T R - I`` above 0.5): that is a wrong matrix, not rounding drift.
+    """
+    if R.dim() != 2 or R.shape[0] != R.shape[1]:
+        raise ValueError(f"R must be a square matrix; got shape {tuple(R.shape)}")
+    X = R.to(torch.float64)
+    eye = torch.eye(X.shape[0], dtype=torch.float64, device=X.device)
+    err = float((X.transpose(0, 1) @ X - eye).abs().max())
+    if not err <= 0.5:  # also catches NaN
+        raise ValueError(
+            f"R is not close to orthogonal (max |R^T R - I| = {err:.3g}, wanted <= 0.5): "
+            "orthonormalize removes rounding drift, it does not repair a wrong matrix"
+        )
+    for _ in range(max_iter):
+        if err <= tol:
+            break
+        Y = 1.5 * X - 0.5 * X @ (X.transpose(0, 1) @ X)
+        new_err = float((Y.transpose(0, 1) @ Y - eye).abs().max())
+        if new_err >= err:  # at the rounding floor
+            break
+        X, err = Y, new_err
+    return X.to(R.dtype)
+
+
+def compose_rotations(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new @ old`` computed in float64 and re-orthonormalised (:func:`orthonormalize`).
+
+    A plain product of rotations drifts away from orthogonality by rounding, linearly in the
+    number of products (about 1e-14 after 1000 float64 compositions); re-orthonormalising after
+    each product keeps the error at the rounding floor of one product. Returned in ``old``'s dtype.
+    """
+    if new.shape != old.shape:
+        raise ValueError(
+            f"new and old must have the same shape; got {tuple(new.shape)} and {tuple(old.shape)}"
+        )
+    composed = new.to(torch.float64) @ old.to(device=new.device, dtype=torch.float64)
+    return orthonormalize(composed).to(old.dtype)

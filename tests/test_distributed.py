@@ -42,6 +42,12 @@ def _data(seed):
     ]
 
 
+def _paper_controller(fusion, **kw):
+    # method="plane": the SVD's completion outside span(q, t) changes with the last bit of its
+    # input, and one process sums in another order than the all-reduce
+    return RollingQ(fusion, recipe="paper", method="plane", **kw)
+
+
 def _worker(rank, world, port, seed, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -57,8 +63,23 @@ def _worker(rank, world, port, seed, out_dir):
         for tokens in _data(seed)[rank::world]:
             rq.observe(fusion(tokens, need_stats=True)[1])
         report = rq.step()
+        # the official recipe: the AIR of each rank's last training batch, the target from a pass
+        paper = _model()
+        rq_p = _paper_controller(paper)
+        mine = _data(seed)[rank::world]
+        for tokens in mine:
+            rq_p.observe(paper(tokens, need_stats=True)[1])
+        rq_p.estimate(mine, lambda tokens: paper(tokens, need_stats=True))
+        report_p = rq_p.step()
         torch.save(
-            {"rotation": fusion.attn.rotation, "air": report.air, "n": report.num_samples},
+            {
+                "rotation": fusion.attn.rotation,
+                "air": report.air,
+                "n": report.num_samples,
+                "paper_rotation": paper.attn.rotation,
+                "paper_air": report_p.air,
+                "paper_n": report_p.num_samples,
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -100,3 +121,22 @@ def test_two_process_gloo_rotation_equals_single_process(tmp_path):
             got["rotation"], fusion.attn.rotation, rel=1e-10, name=f"seed {seed}: rank {r} R"
         )
     assert torch.equal(ranks[0]["rotation"], ranks[1]["rotation"])
+
+    # paper recipe: the AIR over the union of the ranks' last batches (rank 0 ends with batch 4,
+    # rank 1 with batch 3), the target from the mean of every rank's per-batch means
+    data = _data(seed)
+    last = [data[3], data[4]]
+    air_model = _model()
+    rq_air = _paper_controller(air_model, air_source="pass", max_rotations=0)
+    rq_air.estimate(last, lambda tokens: air_model(tokens, need_stats=True))
+    want_air = rq_air.step()
+    paper = _model()
+    rq_p = _paper_controller(paper, air_source="pass", distributed=False)
+    rq_p.estimate(data, lambda tokens: paper(tokens, need_stats=True))
+    assert rq_p.step().rotated  # sigma = 0: alpha = 1/2 whatever the AIR, so the same target
+    for r, got in enumerate(ranks):
+        assert got["paper_n"] == SIZES[3] + SIZES[4]
+        assert got["paper_air"] == pytest.approx(want_air.air, rel=1e-10), f"seed {seed}, rank {r}"
+        assert_close(
+            got["paper_rotation"], paper.attn.rotation, rel=1e-10, name=f"seed {seed}: rank {r} R"
+        )

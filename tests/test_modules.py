@@ -297,7 +297,9 @@ def test_shared_head_attention_gradcheck_and_huge_padded_tokens():
     keep[:, 0] = True
 
     def mixed(a, x0, x1):  # the sequence in two segments, as the fusion passes it
-        return SharedHeadAttentionFunction.apply(a, keep, None, None, 0.4, "auto", x0, x1)[0]
+        return SharedHeadAttentionFunction.apply(
+            a, keep, None, None, 0.4, "auto", 0.0, None, x0, x1
+        )[0]
 
     x0, x1 = (t.clone().requires_grad_(True) for t in (x[:, :3], x[:, 3:]))
     assert torch.autograd.gradcheck(mixed, (a, x0, x1))

@@ -15,6 +15,7 @@ from rollingq_kernels import (
     rollingq_weights,
     rotation_between,
 )
+from rollingq_kernels.rollingq_math import compose_rotations, orthonormalize
 
 
 def _check_rotation(R, x, y, atol=1e-10):
@@ -84,6 +85,59 @@ def test_rotation_dtype_and_bad_args():
         rotation_between(x, torch.zeros(5))
     with pytest.raises(ValueError, match="method"):
         rotation_between(x, x, method="qr")
+
+
+def test_composition_does_not_drift():
+    # 1000 compositions of SVD rotations: the plain float64 product drifts from orthogonality
+    # (linearly in the count), compose_rotations stays at the rounding of one product.
+    E = 8
+    g = torch.Generator().manual_seed(11)
+    eye = torch.eye(E, dtype=torch.float64)
+    plain, composed = eye.clone(), eye.clone()
+    for _ in range(1000):
+        x = torch.randn(E, dtype=torch.float64, generator=g)
+        y = torch.randn(E, dtype=torch.float64, generator=g)
+        r = rotation_between(x, y, method="svd")
+        plain = r @ plain
+        composed = compose_rotations(r, composed)
+    drift = float((plain.T @ plain - eye).abs().max())
+    err = float((composed.T @ composed - eye).abs().max())
+    assert drift > 1e-14, f"the plain product should show the drift ({drift:.3g})"
+    assert err < 2e-15, f"compose_rotations drifted: {err:.3g}"
+    # and it is the same rotation, only without the drift
+    assert torch.allclose(composed, plain, atol=1e-12)
+    # float32 buffers: composed in float64, returned in float32
+    r32 = compose_rotations(r, composed.float())
+    assert r32.dtype == torch.float32
+    assert float((r32.double().T @ r32.double() - eye).abs().max()) < 1e-6
+
+
+def test_orthonormalize_is_the_polar_factor():
+    g = torch.Generator().manual_seed(12)
+    E = 10
+    Q = torch.linalg.qr(torch.randn(E, E, dtype=torch.float64, generator=g)).Q
+    if torch.linalg.det(Q) < 0:
+        Q[:, 0] = -Q[:, 0]
+    noisy = Q + 1e-6 * torch.randn(E, E, dtype=torch.float64, generator=g)
+    U, _, Vh = torch.linalg.svd(noisy)
+    got = orthonormalize(noisy)
+    assert torch.allclose(got, U @ Vh, atol=1e-13)  # the nearest orthogonal matrix
+    assert abs(float(torch.linalg.det(got)) - 1.0) < 1e-12
+    # a matrix that is the identity on a subspace stays so: a plane rotation
+    x, y = (
+        torch.randn(E, dtype=torch.float64, generator=g),
+        torch.randn(E, dtype=torch.float64, generator=g),
+    )
+    R = rotation_between(x, y)
+    assert torch.allclose(orthonormalize(R), R, atol=1e-15)
+    with pytest.raises(ValueError, match="not close to orthogonal"):
+        orthonormalize(2.0 * Q)
+    with pytest.raises(ValueError, match="not close to orthogonal"):
+        orthonormalize(torch.full((E, E), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        orthonormalize(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="same shape"):
+        compose_rotations(torch.eye(3), torch.eye(4))
 
 
 def test_air_and_weights_match_paper_formulas():
