@@ -7,8 +7,9 @@ crash, never a silent wrong answer. The inputs cover: sizes 0 and 1 and sizes th
 kernels' vector widths, query tiles and key blocks; every memory layout a view can have
 (transposed, sliced, rows with gaps, stride-0 broadcasts, overlapping rows), with NaN in the gaps
 of strided buffers so that a read outside the view shows; float64 / float32 / bfloat16; masks of
-every broadcast shape and layout; ids of every integer dtype, in and out of range, up to 2**40;
-tiny, huge, zero and negative scales; NaN and +-inf anywhere; dropout; grouped-query attention.
+every broadcast shape and layout; ids of every integer dtype, in and out of range, up to +-2**62;
+causal offsets up to +-2**63 (raw op); tiny, huge, zero and negative scales; NaN and +-inf
+anywhere; dropout; grouped-query attention; the backward of the raw op.
 
 Bounded for CI: a fixed number of examples per property, derandomised (the same cases on every
 run). ``ROLLINGQ_FUZZ_EXAMPLES=N`` runs N fresh random examples per property instead, e.g.
@@ -19,9 +20,10 @@ How close is close: the kernels' error against the float64 oracle is bounded per
 rounding of the scores (their size times the unit roundoff of the arithmetic, which moves the
 softmax by a factor exp(2 delta)) and of the sums over keys, plus the rounding of the output;
 see :func:`_tolerances`. Ill-conditioned rows (huge scores) get a wide bound and are then checked
-for their NaN / inf pattern only. Scales for which the scores of the input dtype could overflow
-near the boundary are not drawn: whether 3.4e38 * (1 + 2**-24) overflows depends on the order of
-the sums, which no two implementations share. Overflowing scores are covered with +-inf inputs.
+for their NaN / inf pattern only. Cases whose scores could come within a factor 64 of the input
+dtype's overflow threshold are skipped: whether 3.4e38 * (1 + 2**-24) overflows depends on the
+order of the sums, which no two implementations share. Overflowing scores are covered with +-inf
+inputs.
 """
 
 from __future__ import annotations
@@ -257,7 +259,8 @@ class Expected:
     # out elements where a NaN or inf of a value hidden from the row may show (0 * NaN in a
     # block's P.V product): implementation-defined, NaN or the oracle's value
     hidden_nonfinite: torch.Tensor
-    # (B, H, Lq): the row sees no key (zeros, lse = -inf, zero mass)
+    # (B, H, Lq): the row sees no key (zeros whatever v holds, lse = -inf, zero mass). A row whose
+    # visible scores are all -inf has lse = -inf too, but its keys take part: 0 * NaN is NaN there
     empty_rows: torch.Tensor
     v_has_inf: bool
     key_abs_sum: torch.Tensor  # (B, H, 1, D): sum over keys of |k|, the scale of a key sum
@@ -297,7 +300,7 @@ def expected(q, k, v, *, rotation, rotated_queries, key_modality, num_modalities
         lse_tol=lse_tol,
         delta=delta,
         hidden_nonfinite=hidden_nonfinite,
-        empty_rows=stats.lse == -INF,
+        empty_rows=~vis.any(-1),
         v_has_inf=bool(torch.isinf(v.double()).any()),
         key_abs_sum=_expand_heads(_finite(k), H).abs().sum(2, keepdim=True),
         Lk=Lk,
