@@ -21,6 +21,7 @@ CXX=${CXX:-c++}
 OUT=$ROOT/build/sanitize
 SAN_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 
+command -v cmake >/dev/null || { echo "sanitize: cmake is needed (apt-get install cmake)" >&2; exit 1; }
 libasan=$("$CXX" -print-file-name=libasan.so)
 libubsan=$("$CXX" -print-file-name=libubsan.so)
 if [ ! -e "$libasan" ] || [ ! -e "$libubsan" ]; then

@@ -877,7 +877,11 @@ def test_fuzz_sdpa_drop_in_matches_torch(data):
     bound = vmax * (math.expm1(2 * delta) + (Lk + 8) * u)
     e = want.double()
     a = got.double()
-    # torch's math backend gives NaN for a row that sees no key in some versions; zeros in others
+    if torch_low is not None and torch.equal(got.isnan(), torch_low.isnan()):
+        if torch.equal(got.nan_to_num(), torch_low.nan_to_num()):
+            # a call handed to torch gets torch's own answer, its defects included (torch 2.13's
+            # CPU flash kernel returns NaN for a negative scale with is_causal)
+            return
     fin = torch.isfinite(e)
     assert torch.isfinite(a).all(), "the drop-in returned NaN / inf on finite inputs"
     tol = bound + U_OUT[dtype] * e.abs() + 1e-300
