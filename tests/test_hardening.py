@@ -156,7 +156,8 @@ def test_op_checks_narrow_ids_too(dtype, bad):
 # the score. A NaN in q row i poisons row i; a NaN in k or v of a visible key poisons every row
 # that sees it; a +inf score gives a NaN row; a row that sees no key gives zeros and lse = -inf.
 # Positions 3 and 35 of a 40-key block fall in the vectorised part and in the scalar remainder
-# of the CPU kernel's row loops: the answer must not depend on which.
+# of the CPU kernel's row loops (31: the last 16-key chunk of the vectorised part): the answer must
+# not depend on which.
 
 LK = 40
 
@@ -227,7 +228,7 @@ def test_nan_query_poisons_its_row(entry):
 
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
-@pytest.mark.parametrize("j", [3, 35], ids=["j3", "j35"])
+@pytest.mark.parametrize("j", [3, 31, 35], ids=["j3", "j31", "j35"])
 @CPU_SWALLOWS_NAN
 def test_nan_key_poisons_every_row_that_sees_it_wherever_it_lies(entry, j):
     q, k, v = _nan_case()
@@ -290,9 +291,22 @@ def _padded(j):
     return pad
 
 
+# A NaN in the last 16-key chunk of the vectorised row maximum comes out of it as NaN, and
+# std::max(-inf, NaN) is -inf: the kernel then takes the row for one that sees no key.
+CPU_ZEROES_ROW = pytest.mark.xfail(
+    strict=True,
+    reason="csrc/cpu: a NaN in the last vector chunk of row_max makes the row maximum NaN and "
+    "std::max(-inf, NaN) = -inf, so the row is silently returned as zeros",
+)
+
+
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
-@pytest.mark.parametrize("j", [3, pytest.param(35, marks=CPU_SWALLOWS_NAN)], ids=["j3", "j35"])
+@pytest.mark.parametrize(
+    "j",
+    [3, pytest.param(31, marks=CPU_ZEROES_ROW), pytest.param(35, marks=CPU_SWALLOWS_NAN)],
+    ids=["j3", "j31", "j35"],
+)
 def test_nan_key_of_a_padded_position_reaches_no_row(entry, j):
     q, k, v = _nan_case()
     k[0, 0, j, 1] = NAN
