@@ -99,6 +99,7 @@ ATTN_COLUMNS = [
 SUITES = {
     "bench.cpu_bench": "CPU kernel: forward / backward vs SDPA, memory",
     "bench.fusion_bench": "RollingQ fusion training step (paper shape)",
+    "bench.model_bench": "Whole-model forward through the integrations vs SDPA",
 }
 
 

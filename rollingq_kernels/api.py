@@ -92,6 +92,12 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
     return num_modalities
 
 
+def _is_causal_bias(mask) -> bool:
+    from torch.nn.attention.bias import CausalBias
+
+    return isinstance(mask, CausalBias)
+
+
 def _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal):
     """(mask view or None, is_causal, causal_offset) from SDPA's attn_mask / is_causal."""
     if attn_mask is None:
@@ -438,6 +444,10 @@ def rolling_attention(
     return out
 
 
+def _placeholder_rng() -> torch.Tensor:
+    return torch.zeros(2, dtype=torch.int64)
+
+
 def _plain_problem(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     """The canonical problem of a plain SDPA call (4-D tensors of one supported dtype and device,
     a tensor mask or none, no dropout), built with only the checks such a call needs; None for
@@ -514,18 +524,21 @@ def scaled_dot_product_attention(
         k4 = key.reshape(math.prod(key.shape[:-3]), *key.shape[-3:])
         v4 = value.reshape(math.prod(value.shape[:-3]), *value.shape[-3:])
     mask = attn_mask
-    if isinstance(mask, torch.Tensor) and nd != 4:
+    if isinstance(mask, torch.Tensor) and nd != 4 and not _is_causal_bias(mask):
         full = (*lead, *query.shape[-3:-1], key.shape[-2]) if nd > 4 else None
         if nd == 3:
             mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask
         else:
             mask = mask.expand(full).reshape(math.prod(full[:-3]), *full[-3:])
+    # The dropout seed is drawn only once a fused backend takes the call: a call handed to torch
+    # leaves torch's generator as torch's own SDPA would (same seed, same result).
+    draw_seed = isinstance(dropout_p, (int, float)) and dropout_p > 0.0
     try:
         problem = _plain_problem(q4, k4, v4, mask, dropout_p, is_causal, scale, enable_gqa)
         if problem is None:
             problem = make_problem(
                 q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                enable_gqa=enable_gqa,
+                enable_gqa=enable_gqa, rng_state=_placeholder_rng() if draw_seed else None,
             )  # fmt: skip
     except (TypeError, ValueError):
         # let torch raise its own error for what it does not accept either
@@ -545,6 +558,8 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
+    if problem.dropout_p > 0.0:
+        problem = problem._replace(rng_state=new_rng_state())
     out, _ = spec.load().forward(problem)
     if nd == 3:
         return out.squeeze(1)

@@ -496,7 +496,7 @@ register_backend(
         name="triton",
         module="rollingq_kernels.triton_attention",
         dtypes={"cuda": frozenset({torch.float16, torch.bfloat16, torch.float32})},
-        features=Features(max_modalities=None),
+        features=Features(max_modalities=None, causal_offset=True, gqa=True),
         description="fused Triton kernels (GPU)",
     ),
     priority=0,

@@ -357,7 +357,7 @@ class RollingQFusion(nn.Module):
             return self.out_dropout(out), stats
         x, ids, pad = self.sequence(tokens, padding_masks)
         M = len(tokens)
-        kw = {"key_padding_mask": pad, "need_stats": need_stats}
+        kw = {"key_padding_mask": pad, "need_stats": need_stats, "need_weights": False}
         if need_stats:
             kw.update(key_modality=ids, num_modalities=M)
         if mode == "full":

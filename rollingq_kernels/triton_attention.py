@@ -16,10 +16,12 @@ tensors. Without a GPU, Triton's interpreter (``TRITON_INTERPRET=1``, set before
 imported) runs the same kernels on CPU tensors: the tests call the launchers and the ops of this
 module directly in that mode; ``backend="triton"`` through the public API stays CUDA-only.
 
-Precision: fp16/bf16 dots run on tensor cores with float32 accumulation. float32 inputs use IEEE
-float32 dots by default (parity 1e-5 with the float64 reference); ``ROLLINGQ_TRITON_TF32=1``
-allows TF32 for them (about 5e-4). The rotation of fp16/bf16 queries is a TF32 product whose result
-is rounded to the input dtype anyway.
+Precision: fp16/bf16 dots run on tensor cores with float32 accumulation. float32 inputs use
+3xTF32 products by default (``input_precision="tf32x3"``: each operand split into a TF32 high and
+low part, three tensor-core products, about float32 accuracy, parity 1e-5 with the float64
+reference) in tiles of at most 64 x 32 so nothing spills; ``ROLLINGQ_TRITON_TF32=1`` allows
+single TF32 products (about 5e-4). The rotation of fp16/bf16 queries is a TF32 product whose
+result is rounded to the input dtype anyway; float32 queries are rotated by their own kernel.
 """
 
 import functools
@@ -62,6 +64,24 @@ _TILED_BWD_BLOCK = 128  # backward: chunk of dK / dV / dQ owned by one program
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Interpreter runs use small fixed tiles (16 x 16) so that small test shapes span several tiles.
+# Memory-safety tests instead set this to an ``EmulatedGpu`` so that the interpreter launches
+# exactly what a GPU of that kind would: its pruned configs (``config_index`` picks which one the
+# autotuner might choose), its split-K plan and the GPU block sizes of the helper kernels.
+_EMULATED_GPU = None
+
+
+class EmulatedGpu:
+    def __init__(self, capability=(9, 0), sm_count=132, config_index=0):
+        self.capability = tuple(capability)
+        self.sm_count = int(sm_count)
+        self.config_index = int(config_index)
+
+
+def _small_tiles() -> bool:
+    return _interpreting() and _EMULATED_GPU is None
 
 
 def _next_pow2(n: int) -> int:
@@ -107,6 +127,8 @@ def forward(p) -> Tuple[Tensor, Optional[AttentionStats]]:
 
 
 def _capability() -> Tuple[int, int]:
+    if _EMULATED_GPU is not None:
+        return _EMULATED_GPU.capability
     if not torch.cuda.is_available():
         return (0, 0)
     return torch.cuda.get_device_capability()
@@ -138,6 +160,7 @@ def _fwd_configs():
         (64, 64, 4, 2),
         (64, 64, 8, 2),
         (64, 32, 4, 2),
+        (64, 32, 8, 2),
         (32, 64, 4, 2),
         (16, 64, 4, 2),
         (16, 128, 4, 3),
@@ -179,6 +202,7 @@ def _prune(configs, named_args, kind: str, **kwargs):
     lq, lk = int(args["Lq"]), int(args["Lk"])
     chunked = int(args["D_CHUNKS"]) > 1 or int(args["DV_CHUNKS"]) > 1
     width = max(int(args["BLOCK_D"]), int(args["BLOCK_DV"]))
+    fp32 = args.get("PRECISION", "none") != "none"
     major, _ = _capability()
     keep, seen = [], set()
     for c in configs:
@@ -194,8 +218,8 @@ def _prune(configs, named_args, kind: str, **kwargs):
         if chunked:
             # head dims above 256 loop over chunks: a pipelined loop would buffer every chunk's
             # loads (over 200 KiB of shared memory at D = 768), so one stage and 64 x 64 tiles
-            if bm * bn > 64 * 64:
-                continue
+            if bm * bn > 64 * 64 or (kind == "fwd" and bm > 64):
+                continue  # (128 x 32 forward tiles spill)
             c = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
         # register budget of the float32 accumulators: (BLOCK_M or BLOCK_N) x head dim
         elif width >= 256:
@@ -205,6 +229,20 @@ def _prune(configs, named_args, kind: str, **kwargs):
                 continue
         if not chunked and width >= 128 and kind != "fwd" and bm * bn > 64 * 128:
             continue
+        if not chunked and kind == "fwd" and bm == 128:
+            # 128-row forward tiles on 4 warps spill at head dim 128, and at 64 once the rotation
+            # or the statistics add their registers; so do 128 x 128 tiles with either
+            extra = bool(args.get("ROTATE") or args.get("STATS"))
+            if c.num_warps < 8 and (width >= 128 or extra):
+                continue
+            if width >= 128 and bn > 64 and extra:
+                continue
+        if fp32 and (bm * bn > 64 * 32 or c.num_stages > 2):
+            continue  # float32 operands take twice the registers and shared memory
+        if (fp32 or width >= 256) and not chunked and bm >= 64 and c.num_warps < 8:
+            continue  # register budget: spread the float32 accumulators over 8 warps
+        if major == 8 and width >= 256 and c.num_stages > 1 and not chunked:
+            c = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
         if major == 8 and c.num_stages > 2 and width >= 128 and bm >= 128:
             continue  # sm_80/86/89: less shared memory per SM than sm_90
         if major < 9 and bm == 128 and bn == 128:
@@ -259,7 +297,12 @@ def _launch(kind: str, tuned, raw, grid, lq: int, lk: int, *args, **meta):
     """Run a tunable kernel: the fixed small config in the interpreter; on a GPU the autotuned
     kernel, or (ROLLINGQ_TRITON_AUTOTUNE=0, e.g. in tests, to skip tuning time) the first config
     the pruning keeps for these shapes and this GPU."""
-    if _interpreting():
+    if _interpreting() and _EMULATED_GPU is not None:
+        configs = {"fwd": _fwd_configs, "dkdv": _bwd_dkdv_configs, "dq": _bwd_dq_configs}[kind]()
+        kept = _prune(configs, {"Lq": lq, "Lk": lk}, kind, **meta)
+        cfg = kept[min(_EMULATED_GPU.config_index, len(kept) - 1)]
+        raw[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif _interpreting():
         raw[grid](*args, **meta, **_INTERP_META)
     elif _autotune_enabled():
         tuned[grid](*args, **meta)
@@ -269,6 +312,17 @@ def _launch(kind: str, tuned, raw, grid, lq: int, lk: int, *args, **meta):
         raw[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+_MAX_BLOCK_M = 128  # the largest BLOCK_M of the forward configs
+
+
+def _mass_plan(m: int) -> Tuple[int, bool]:
+    """(M_PAD, MASS_DOT): up to 8 modalities the statistics reduce per modality in registers
+    (M_PAD = next power of two >= 2); more take tensor-core / float32 products with one-hot ids,
+    whose width must be at least 16."""
+    pad = max(2, _next_pow2(max(m, 1)))
+    return (pad, False) if pad <= 8 else (max(16, pad), True)
+
+
 def _bucket(n: int) -> int:
     return _next_pow2(max(int(n), 1))
 
@@ -276,7 +330,7 @@ def _bucket(n: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "none"
-    return "tf32" if os.environ.get("ROLLINGQ_TRITON_TF32", "0") == "1" else "ieee"
+    return "tf32" if os.environ.get("ROLLINGQ_TRITON_TF32", "0") == "1" else "tf32x3"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -297,7 +351,9 @@ def _as_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def _num_splits(bh: int, lq: int, lk: int, device: torch.device) -> Tuple[int, int]:
     """Split-K (flash-decoding) plan (splits, keys per split) for short query blocks."""
-    if _interpreting() or device.type != "cuda":
+    if _EMULATED_GPU is not None:
+        n_sm, granule, min_keys = _EMULATED_GPU.sm_count, 128, 512
+    elif _interpreting() or device.type != "cuda":
         n_sm, granule, min_keys = 2, 16, 32
     else:
         n_sm, granule, min_keys = _sm_count(device.index or 0), 128, 512
@@ -333,7 +389,7 @@ def rotate_rows(
     B, H, L, D = x.shape
     y = torch.empty(B, H, L, D, dtype=out_dtype, device=x.device)
     rows_u8 = _as_u8(rows)
-    block_m = 16 if _interpreting() else 64
+    block_m = 16 if _small_tiles() else 64
     block_d = min(64, max(16, _next_pow2(D)))
     block_c = min(32, max(16, _next_pow2(D)))
     grid = (_cdiv(L, block_m), B * H, _cdiv(D, block_d))
@@ -378,6 +434,7 @@ def rolling_attention_triton_forward(
     scale: Optional[float] = None,
     *,
     num_splits: Optional[int] = None,
+    causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the forward on canonical inputs (see AttentionProblem).
 
@@ -385,9 +442,14 @@ def rolling_attention_triton_forward(
     (B, H, Lq, M) and key_sum (B, H, M, D), all float32; M = num_modalities (0: no statistics,
     key_modality is then ignored). ``num_splits`` forces the number of key splits (tests);
     None lets the flash-decoding heuristic choose (more than one only for short query blocks).
+    k and v may have fewer heads than q (grouped-query attention: H a multiple of theirs; they
+    are read in place, query head h reads kv head h // (H / Hkv)). With ``is_causal``, key j is
+    visible from row i iff j <= i + causal_offset.
     """
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
+    group = H // k.shape[1]
+    causal_offset = int(causal_offset) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -402,7 +464,9 @@ def rolling_attention_triton_forward(
     else:
         splits, per = _plan_splits(Lk, num_splits)
 
-    rotate_inside = rotation is not None and d_chunks == 1
+    # float32 queries are rotated by their own kernel: in the prologue, the accurate (3xTF32)
+    # product would cost the main loop its registers
+    rotate_inside = rotation is not None and d_chunks == 1 and q.dtype != torch.float32
     if rotation is not None and not rotate_inside:
         q = rotate_rows(q, rotation, rotated_queries, transpose=False, out_dtype=q.dtype)
     rows_u8 = _as_u8(rotated_queries) if rotate_inside else None
@@ -410,6 +474,8 @@ def rolling_attention_triton_forward(
     ids = key_modality.to(torch.int32).contiguous() if stats else None
 
     f32 = torch.float32
+    # key-sum slots: at most the query tiles of the largest BLOCK_M any config uses
+    ks_slots = _cdiv(Lq, _MAX_BLOCK_M)
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, Lq, dtype=f32, device=dev)
     mass = torch.empty(B, H, Lq, M, dtype=f32, device=dev)
@@ -418,11 +484,14 @@ def rolling_attention_triton_forward(
         o_buf = torch.empty(splits, B, H, Lq, Dv, dtype=f32, device=dev)
         lse_buf = torch.empty(splits, B, H, Lq, dtype=f32, device=dev)
         mass_buf = torch.empty(splits, B, H, Lq, M, dtype=f32, device=dev)
-        ks_buf = torch.empty(splits, B, H, M, D, dtype=f32, device=dev)
     else:
-        o_buf, lse_buf, mass_buf, ks_buf = out, lse, mass, key_sum
+        o_buf, lse_buf, mass_buf = out, lse, mass
+    if splits > 1 or ks_slots > 1:
+        ks_buf = torch.empty(splits, B, H, ks_slots, M, D, dtype=f32, device=dev)
+    else:
+        ks_buf = key_sum
     dummy = lse
-    m_pad = max(16, _next_pow2(max(M, 1)))
+    m_pad, mass_dot = _mass_plan(M)
     rot_chunk = max(16, min(block_d, 4096 // block_d))
 
     def grid(meta):
@@ -455,7 +524,10 @@ def rolling_attention_triton_forward(
         D,
         Dv,
         M,
+        group,
+        causal_offset,
         per,
+        ks_slots,
         float(scale) * _k.LOG2E,
         _bucket(Lq),
         _bucket(Lk),
@@ -471,8 +543,8 @@ def rolling_attention_triton_forward(
         CAUSAL=bool(is_causal),
         STATS=stats,
         PRECISION=_precision(q.dtype),
-        ROT_PRECISION="ieee" if (_interpreting() or q.dtype == f32) else "tf32",
-        MASS_FP32=q.dtype == f32,
+        ROT_PRECISION="ieee" if _interpreting() else ("tf32x3" if q.dtype == f32 else "tf32"),
+        MASS_DOT=mass_dot,
         UPCAST=_upcast(q.dtype),
     )
     if splits > 1:
@@ -494,8 +566,8 @@ def rolling_attention_triton_forward(
             M_PAD=m_pad,
             STATS=stats,
         )
-        if stats:
-            torch.sum(ks_buf, dim=0, out=key_sum)
+    if stats and ks_buf is not key_sum:
+        torch.sum(ks_buf, dim=(0, 3), out=key_sum)
     return out, lse, mass, key_sum
 
 
@@ -511,6 +583,8 @@ def rolling_attention_triton_backward(
     key_padding_mask: Optional[Tensor] = None,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    *,
+    causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of the forward above (contiguous, in q's dtype).
 
@@ -518,7 +592,9 @@ def rolling_attention_triton_backward(
     dq of the rotated queries is then taken back through the rotation: dq_i = dq_rot_i @ R.
     """
     B, H, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[3]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    causal_offset = int(causal_offset) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -536,7 +612,7 @@ def rolling_attention_triton_backward(
         block_dv, dv_chunks = _TILED_BWD_BLOCK, _cdiv(Dv, _TILED_BWD_BLOCK)
 
     delta = torch.empty(B, H, Lq, dtype=f32, device=dev)
-    pre_bm = 16 if _interpreting() else 64
+    pre_bm = 16 if _small_tiles() else 64
     pre_dv = min(128, max(16, _next_pow2(Dv)))
     _k._rolling_attn_bwd_preprocess_kernel[(_cdiv(Lq, pre_bm), B * H)](
         out,
@@ -551,8 +627,8 @@ def rolling_attention_triton_backward(
         DV_CHUNKS=_cdiv(Dv, pre_dv),
     )
 
-    dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=dev)
-    dv = torch.empty(B, H, Lk, Dv, dtype=v.dtype, device=dev)
+    dk = torch.empty(B, Hkv, Lk, D, dtype=k.dtype, device=dev)
+    dv = torch.empty(B, Hkv, Lk, Dv, dtype=v.dtype, device=dev)
     dq_buf = torch.empty(B, H, Lq, D, dtype=f32 if rotation is not None else q.dtype, device=dev)
     common = (
         *q.stride(),
@@ -564,6 +640,8 @@ def rolling_attention_triton_backward(
         Lk,
         D,
         Dv,
+        group,
+        causal_offset,
         float(scale),
         float(scale) * _k.LOG2E,
         _bucket(Lq),
@@ -585,7 +663,7 @@ def rolling_attention_triton_backward(
         "dkdv",
         _dkdv_tuned if not _interpreting() else None,
         _k._rolling_attn_bwd_dkdv_kernel,
-        lambda m: (_cdiv(Lk, m["BLOCK_N"]), B * H, chunks),
+        lambda m: (_cdiv(Lk, m["BLOCK_N"]), B * Hkv, chunks),
         Lq, Lk,
         q, k, v, pad_arg, dout, lse, delta, dk, dv,
         *common,
@@ -619,12 +697,8 @@ def _decline(name: str, attn_mask, is_causal, causal_offset, dropout_p, q, k) ->
     missing = []
     if attn_mask is not None:
         missing.append("attn_mask")
-    if is_causal and causal_offset != 0:
-        missing.append(f"causal_offset={causal_offset}")
     if dropout_p > 0.0:
         missing.append("dropout_p > 0")
-    if k.shape[1] != q.shape[1]:
-        missing.append("grouped-query attention (k with fewer heads than q)")
     if missing:
         raise NotImplementedError(
             f"rollingq::triton_{name}: not implemented by the Triton kernels: "
@@ -662,8 +736,9 @@ def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modal
     if rotation is None:
         rows = None
     out, lse, mass, key_sum = rolling_attention_triton_forward(
-        q, k, v, rotation, rows, ids, pad, num_modalities, is_causal, scale
-    )
+        q, k, v, rotation, rows, ids, pad, num_modalities, is_causal, scale,
+        causal_offset=causal_offset,
+    )  # fmt: skip
     B, H, Lq, _ = q.shape
     result = _contract.layout_like(q, (B, H, Lq, v.shape[3]))
     result.copy_(out)
@@ -679,8 +754,9 @@ def _triton_bwd_impl(grad_out, q, k, v, out, lse, rotation, rotated_queries, key
     if rotation is None:
         rows = None
     dq, dk, dv = rolling_attention_triton_backward(
-        grad_out, q, k, v, out, lse, rotation, rows, pad, is_causal, scale
-    )
+        grad_out, q, k, v, out, lse, rotation, rows, pad, is_causal, scale,
+        causal_offset=causal_offset,
+    )  # fmt: skip
     grads = []
     for t, g in ((q, dq), (k, dk), (v, dv)):
         r = _contract.layout_like(t, t.shape)

@@ -13,9 +13,13 @@ Only ``@triton.jit`` code lives here; launchers, configs and the torch op are in
   scores are accumulated chunk by chunk and each program owns one chunk of the output. Chunk
   loops are ``range`` loops, not ``static_range``: unrolled, every chunk's operands would get
   their own shared-memory buffers (400 KiB at D = 768).
-* ``_mm`` is the single place a ``tl.dot`` is issued, so the precision policy (IEEE or TF32 for
-  float32 operands) and the interpreter work-around (bfloat16 dots computed in float32) are
-  decided once.
+* ``_mm`` is the single place a ``tl.dot`` is issued, so the precision policy (3xTF32, TF32 or
+  IEEE for float32 operands) and the interpreter work-around (bfloat16 dots computed in float32)
+  are decided once.
+* Statistics stay off the main loop's critical path: the loop only adds its row sums to the mass
+  of a tile's modality when every visible key of the tile has one id; tiles with mixed ids are
+  recomputed after the loop (``_mass_of_mixed_tiles``) and key sums are a separate pass
+  (``_key_sum_tiles``) spread over the query tiles.
 """
 
 import triton
@@ -29,8 +33,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # PRECISION: "none" for 16-bit operands (tensor cores, float32 accumulation), "ieee" or
-    # "tf32" for float32 operands. UPCAST: compute in float32 (Triton's CPU interpreter has no
+    # PRECISION: "none" for 16-bit operands (tensor cores, float32 accumulation); "tf32x3"
+    # (three TF32 products: about float32 accuracy), "tf32" or "ieee" for float32 operands. UPCAST: compute in float32 (Triton's CPU interpreter has no
     # bfloat16 matmul).
     if UPCAST:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -42,15 +46,16 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _key_sum_range(
+def _key_sum_tiles(
     k_base,
     IDS,
     PAD,
     ids_row,
     skl,
     skd,
-    lo,
+    first,
     hi,
+    step,
     offs_d,
     d_valid,
     offs_mod,
@@ -58,34 +63,116 @@ def _key_sum_range(
     BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    MASS_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # Transposed per-modality key sums (BLOCK_D, M_PAD) of the keys in [lo, hi), float32.
+    # Transposed per-modality key sums (BLOCK_D, M_PAD), float32, of the key tiles starting at
+    # first, first + step, ... below hi. Few modalities: one register reduction per modality;
+    # many: a float32 product with the one-hot ids.
     acc = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(first, hi, step):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
         if HAS_PAD:
             n_valid = n_valid & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
         ids = tl.load(IDS + ids_row + offs_n, mask=n_valid, other=-1)
-        onehot = (ids[:, None] == offs_mod[None, :]).to(tl.float32)
+        kt = tl.load(
+            k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
+            mask=n_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        if MASS_DOT:
+            onehot = (ids[:, None] == offs_mod[None, :]).to(tl.float32)
+            acc += _mm(kt, onehot, "ieee", UPCAST)
+        else:
+            for m in tl.static_range(M_PAD):
+                col = tl.sum(tl.where(ids[None, :] == m, kt, 0.0), axis=1)
+                acc += tl.where(offs_mod[None, :] == m, col[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _scores(q, q_base, k_base, sql, sqd, skl, skd, offs_m, m_valid, offs_n, n_valid, offs_d,
+            d_valid, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            D_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    # q . k of a (query tile, key tile), float32, unscaled; returns the key tile too (D_CHUNKS=1)
+    if D_CHUNKS == 1:
         kt = tl.load(
             k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
             mask=n_valid[None, :] & d_valid[:, None],
             other=0.0,
         )
-        acc += _mm(kt.to(tl.float32), onehot, "ieee", UPCAST)
-    return acc
+        s = _mm(q, kt, PRECISION, UPCAST)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in range(D_CHUNKS):
+            offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            c_valid = offs_c < D
+            qc = tl.load(
+                q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
+                mask=m_valid[:, None] & c_valid[None, :],
+                other=0.0,
+            )
+            kc = tl.load(
+                k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
+                mask=n_valid[None, :] & c_valid[:, None],
+                other=0.0,
+            )
+            s += _mm(qc, kc, PRECISION, UPCAST)
+    return s
+
+
+@triton.jit
+def _mass_of_mixed_tiles(
+    mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi, offs_m,
+    m_valid, offs_d, d_valid, offs_mod, qk_scale, D, causal_off,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    M_PAD: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASS_DOT: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The mass of the key tiles whose visible keys carry more than one id (the main loop took
+    the others): their probabilities are recomputed against the final row max m_i, so the result
+    is in the units of the main loop's accumulators. Only the ids of other tiles are read."""
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    for start_n in range(lo, vis_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < vis_hi
+        key_ok = n_valid
+        if HAS_PAD:
+            key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
+        ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
+        id_lo = tl.min(tl.where(key_ok, ids, M_PAD), axis=0)
+        id_hi = tl.max(tl.where(key_ok, ids, -1), axis=0)
+        if id_lo < id_hi:
+            s = _scores(q, q_base, k_base, sql, sqd, skl, skd, offs_m, m_valid, offs_n, n_valid,
+                        offs_d, d_valid, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PRECISION,
+                        UPCAST)  # fmt: skip
+            vis = key_ok[None, :]
+            if CAUSAL:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            p = tl.where(vis, tl.exp2(s * qk_scale - m_use[:, None]), 0.0)
+            if MASS_DOT:
+                onehot = ids[:, None] == offs_mod[None, :]
+                if PRECISION == "none":
+                    # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
+                    mass += _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
+                else:  # float32 inputs: the same precision as their other products
+                    mass += _mm(p, onehot.to(tl.float32), PRECISION, UPCAST)
+            else:
+                for mm in tl.static_range(M_PAD):
+                    col = tl.sum(tl.where(ids[None, :] == mm, p, 0.0), axis=1)
+                    mass += tl.where(offs_mod[None, :] == mm, col[:, None], 0.0)
+    return mass
 
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
     sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
-    offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+    offs_dv, dv_valid, offs_mod, qk_scale, D, causal_off,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     BOUNDARY: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
-    PRECISION: tl.constexpr, MASS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, MASS_DOT: tl.constexpr, M_PAD: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Key tiles [start, end) of the forward's online softmax; returns the updated accumulators.
 
@@ -95,29 +182,28 @@ def _fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < vis_hi
-        if D_CHUNKS == 1:
-            kt = tl.load(
-                k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
-                mask=n_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-            s = _mm(q, kt, PRECISION, UPCAST)
-        else:
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c in range(D_CHUNKS):
-                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
-                c_valid = offs_c < D
-                qc = tl.load(
-                    q_base + offs_m[:, None] * sql + offs_c[None, :] * sqd,
-                    mask=m_valid[:, None] & c_valid[None, :],
-                    other=0.0,
-                )
-                kc = tl.load(
-                    k_base + offs_n[None, :] * skl + offs_c[:, None] * skd,
-                    mask=n_valid[None, :] & c_valid[:, None],
-                    other=0.0,
-                )
-                s += _mm(qc, kc, PRECISION, UPCAST)
+        s = _scores(
+            q,
+            q_base,
+            k_base,
+            sql,
+            sqd,
+            skl,
+            skd,
+            offs_m,
+            m_valid,
+            offs_n,
+            n_valid,
+            offs_d,
+            d_valid,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            D_CHUNKS,
+            PRECISION,
+            UPCAST,
+        )
         key_ok = n_valid
         if HAS_PAD:
             key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
@@ -125,7 +211,7 @@ def _fwd_inner(
             # rows past Lq need no mask: they read zeros, stay finite and are never stored
             vis = key_ok[None, :]
             if CAUSAL and BOUNDARY:
-                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(vis, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0
@@ -136,7 +222,8 @@ def _fwd_inner(
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        row_p = tl.sum(p, axis=1)
+        l_i = l_i * alpha + row_p
         vt = tl.load(
             v_base + offs_n[:, None] * svl + offs_dv[None, :] * svd,
             mask=n_valid[:, None] & dv_valid[None, :],
@@ -144,20 +231,18 @@ def _fwd_inner(
         )
         acc = acc * alpha[:, None] + _mm(p.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
         if STATS:
+            # Attention mass per modality, main-loop part: a tile whose visible keys all carry
+            # one id (keys laid out in runs per modality: all but a few tiles) adds the row sums
+            # already computed for l. Mixed tiles are left to _mass_of_mixed_tiles after the
+            # loop, so the loop carries no per-modality work. (Padded keys count as any id.)
             ids = tl.load(IDS + ids_row + offs_n, mask=key_ok, other=-1)
-            onehot = ids[:, None] == offs_mod[None, :]
-            # probabilities lie in [0, 1]: float16 holds them with 11 significant bits
-            if MASS_FP32:
-                pm = _mm(p, onehot.to(tl.float32), "ieee", UPCAST)
-            else:
-                pm = _mm(p.to(tl.float16), onehot.to(tl.float16), "none", UPCAST)
-            mass = mass * alpha[:, None] + pm
-            if D_CHUNKS == 1:
-                if do_ksum:
-                    ksum_t += _mm(kt.to(tl.float32), onehot.to(tl.float32), "ieee", UPCAST)
+            id_lo = tl.min(tl.where(key_ok, ids, M_PAD), axis=0)
+            id_hi = tl.max(tl.where(key_ok, ids, -1), axis=0)
+            take = (offs_mod[None, :] == id_lo) & (id_lo >= id_hi)
+            mass = mass * alpha[:, None] + tl.where(take, row_p[:, None], 0.0)
         m_i = m_new
 
-    return acc, l_i, m_i, mass, ksum_t
+    return acc, l_i, m_i, mass
 
 
 @triton.jit
@@ -191,7 +276,10 @@ def _rolling_attn_fwd_kernel(
     D,
     Dv,
     M,
+    GROUP,  # query heads per key/value head (grouped-query attention; 1 otherwise)
+    CAUSAL_OFF,  # causal: key j is visible from row i iff j <= i + CAUSAL_OFF
     keys_per_split,
+    KS_SLOTS,
     qk_scale,
     LQ_KEY,  # autotuning keys only (bucketed Lq, Lk)
     LK_KEY,
@@ -210,17 +298,18 @@ def _rolling_attn_fwd_kernel(
     STATS: tl.constexpr,
     PRECISION: tl.constexpr,
     ROT_PRECISION: tl.constexpr,
-    MASS_FP32: tl.constexpr,
+    MASS_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One (query tile, batch*head, split*Dv-chunk) program.
 
     Writes rows ``split * B*H*Lq + bh*Lq + i`` of O (Dv wide), LSE (natural log) and MASS (M wide);
     without split-K there is one split and these are the final outputs. Per-modality key sums of
-    the split's key range go to KSUM[split, bh] (M, D); they are computed by the programs of
-    query tile 0 (and Dv chunk 0) only, so every key is counted once per (split, b, h): inside the
-    main loop for the keys that tile visits, then in a tail loop for the keys a causal mask hid
-    from it (those programs stop earliest, so the tail also evens out the causal work).
+    the split's key range are computed after the main loop by the programs of Dv chunk 0 and query
+    tiles below KS_SLOTS (the launcher picks KS_SLOTS <= the number of query tiles of any config):
+    slot s sums key tiles s, s + KS_SLOTS, ... into KSUM[split, bh, s] (M, D), so every key is
+    counted once per (split, b, h), the work is spread evenly and the main loop carries no key-sum
+    registers; the launcher adds the slots (and the splits).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -230,9 +319,10 @@ def _rolling_attn_fwd_kernel(
     BH = tl.num_programs(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
     q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     ids_row = b * Lk
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,9 +337,8 @@ def _rolling_attn_fwd_kernel(
     hi = tl.minimum(lo + keys_per_split, Lk)
     vis_hi = hi
     if CAUSAL:
-        # top-left causal: row i sees keys j <= i; the tile's last row is pid_m*BLOCK_M+BLOCK_M-1
-        # (never below lo, so the key-sum tail below stays inside this split's range)
-        vis_hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M), lo)
+        # row i sees keys j <= i + CAUSAL_OFF; the tile's last row is (pid_m + 1) * BLOCK_M - 1
+        vis_hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M + CAUSAL_OFF), lo)
 
     if D_CHUNKS == 1:
         q = tl.load(
@@ -296,30 +385,28 @@ def _rolling_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M, M_PAD], dtype=tl.float32)
-    ksum_t = tl.zeros([BLOCK_D, M_PAD], dtype=tl.float32)
-    do_ksum = (pid_m == 0) & (dvc == 0)
 
     # Interior tiles (every key in range, all visible to every row when causal) skip the score
     # mask unless there is key padding; the boundary tiles after them apply it.
     interior_hi = lo + ((vis_hi - lo) // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        # tile [s, s + BLOCK_N) is fully visible when its last key <= the tile's first row
+        # tile [s, s + BLOCK_N) is fully visible when its last key <= first row + CAUSAL_OFF
         first_row = pid_m * BLOCK_M
-        causal_hi = lo + tl.maximum(first_row + 1 - lo, 0) // BLOCK_N * BLOCK_N
+        causal_hi = lo + tl.maximum(first_row + CAUSAL_OFF + 1 - lo, 0) // BLOCK_N * BLOCK_N
         interior_hi = tl.minimum(interior_hi, causal_hi)
-    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
-        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    acc, l_i, m_i, mass = _fwd_inner(
+        acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, lo, interior_hi, vis_hi, offs_m, m_valid, offs_d, d_valid,
-        offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, False, HAS_PAD, CAUSAL, STATS, PRECISION,
-        MASS_FP32, UPCAST,
+        MASS_DOT, M_PAD, UPCAST,
     )  # fmt: skip
-    acc, l_i, m_i, mass, ksum_t = _fwd_inner(
-        acc, l_i, m_i, mass, ksum_t, q, q_base, k_base, v_base, IDS, PAD, ids_row,
+    acc, l_i, m_i, mass = _fwd_inner(
+        acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, interior_hi, vis_hi, vis_hi, offs_m, m_valid, offs_d,
-        d_valid, offs_dv, dv_valid, offs_mod, do_ksum, qk_scale, D,
+        d_valid, offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, True, HAS_PAD, CAUSAL, STATS, PRECISION,
-        MASS_FP32, UPCAST,
+        MASS_DOT, M_PAD, UPCAST,
     )  # fmt: skip
 
     row = (split * BH + pid_bh).to(tl.int64) * Lq + offs_m
@@ -334,66 +421,34 @@ def _rolling_attn_fwd_kernel(
         lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_use)) * _LN2, float("-inf"))
         tl.store(LSE + row, lse, mask=m_valid)
         if STATS:
+            # after the output is stored, so the accumulator is dead during this pass
+            mass = _mass_of_mixed_tiles(
+                mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi,
+                offs_m, m_valid, offs_d, d_valid, offs_mod, qk_scale, D, CAUSAL_OFF, BLOCK_M, BLOCK_N,
+                BLOCK_D, D_CHUNKS, M_PAD, HAS_PAD, CAUSAL, PRECISION, MASS_DOT, UPCAST,
+            )  # fmt: skip
             tl.store(
                 MASS + row[:, None] * M + offs_mod[None, :],
                 mass / l_use[:, None],
                 mask=m_valid[:, None] & (offs_mod[None, :] < M),
             )
     if STATS:
-        if do_ksum:
-            ks_base = KSUM + (split * BH + pid_bh).to(tl.int64) * M * D
-            if D_CHUNKS == 1:
-                if CAUSAL:
-                    ksum_t += _key_sum_range(
-                        k_base,
-                        IDS,
-                        PAD,
-                        ids_row,
-                        skl,
-                        skd,
-                        vis_hi,
-                        hi,
-                        offs_d,
-                        d_valid,
-                        offs_mod,
-                        BLOCK_N,
-                        BLOCK_D,
-                        M_PAD,
-                        HAS_PAD,
-                        UPCAST,
-                    )
+        if (dvc == 0) & (pid_m < KS_SLOTS):
+            ks_base = KSUM + ((split * BH + pid_bh) * KS_SLOTS + pid_m).to(tl.int64) * M * D
+            first = lo + pid_m * BLOCK_N
+            step = KS_SLOTS * BLOCK_N
+            for c in range(D_CHUNKS):
+                offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                c_valid = offs_c < D
+                ks = _key_sum_tiles(
+                    k_base, IDS, PAD, ids_row, skl, skd, first, hi, step, offs_c, c_valid,
+                    offs_mod, BLOCK_N, BLOCK_D, M_PAD, HAS_PAD, MASS_DOT, UPCAST,
+                )  # fmt: skip
                 tl.store(
-                    ks_base + offs_mod[None, :] * D + offs_d[:, None],
-                    ksum_t,
-                    mask=d_valid[:, None] & (offs_mod[None, :] < M),
+                    ks_base + offs_mod[None, :] * D + offs_c[:, None],
+                    ks,
+                    mask=c_valid[:, None] & (offs_mod[None, :] < M),
                 )
-            else:
-                for c in range(D_CHUNKS):
-                    offs_c = c * BLOCK_D + tl.arange(0, BLOCK_D)
-                    c_valid = offs_c < D
-                    ks = _key_sum_range(
-                        k_base,
-                        IDS,
-                        PAD,
-                        ids_row,
-                        skl,
-                        skd,
-                        lo,
-                        hi,
-                        offs_c,
-                        c_valid,
-                        offs_mod,
-                        BLOCK_N,
-                        BLOCK_D,
-                        M_PAD,
-                        HAS_PAD,
-                        UPCAST,
-                    )
-                    tl.store(
-                        ks_base + offs_mod[None, :] * D + offs_c[:, None],
-                        ks,
-                        mask=c_valid[:, None] & (offs_mod[None, :] < M),
-                    )
 
 
 @triton.jit
@@ -589,6 +644,8 @@ def _rolling_attn_bwd_dkdv_kernel(
     Lk,
     D,
     Dv,
+    GROUP,
+    CAUSAL_OFF,
     scale,
     qk_scale,
     LQ_KEY,
@@ -611,15 +668,13 @@ def _rolling_attn_bwd_dkdv_kernel(
     Works in the transposed form (keys along rows): sT = K Q^T, pT = exp(sT - lse).
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1)  # (batch, key/value head)
     c = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdb + h * sdh
-    row0 = pid_bh.to(tl.int64) * Lq
+    HKV = H // GROUP
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < Lk
@@ -650,79 +705,86 @@ def _rolling_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     m_lo = 0
     if CAUSAL:
-        m_lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
-    for start_m in range(m_lo, Lq, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < Lq
-        if D_CHUNKS == 1:
-            qt = tl.load(
-                q_base + offs_m[None, :] * sql + offs_d0[:, None] * sqd,
-                mask=m_valid[None, :] & (offs_d0[:, None] < D),
-                other=0.0,
-            )
-            st = _mm(k, qt, PRECISION, UPCAST)
-        else:
-            st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in range(D_CHUNKS):
-                offs_c = cc * BLOCK_D + offs_d0
-                c_valid = offs_c < D
-                kc = tl.load(
-                    k_base + offs_n[:, None] * skl + offs_c[None, :] * skd,
-                    mask=n_valid[:, None] & c_valid[None, :],
+        # the first row that sees the tile's first key: i >= j - CAUSAL_OFF
+        m_lo = (tl.maximum(pid_n * BLOCK_N - CAUSAL_OFF, 0) // BLOCK_M) * BLOCK_M
+    # grouped-query attention: dK, dV of this key/value head sum over its GROUP query heads
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row0 = (b * H + h) * Lq
+        for start_m in range(m_lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < Lq
+            if D_CHUNKS == 1:
+                qt = tl.load(
+                    q_base + offs_m[None, :] * sql + offs_d0[:, None] * sqd,
+                    mask=m_valid[None, :] & (offs_d0[:, None] < D),
                     other=0.0,
                 )
-                qc = tl.load(
-                    q_base + offs_m[None, :] * sql + offs_c[:, None] * sqd,
-                    mask=m_valid[None, :] & c_valid[:, None],
+                st = _mm(k, qt, PRECISION, UPCAST)
+            else:
+                st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for cc in range(D_CHUNKS):
+                    offs_c = cc * BLOCK_D + offs_d0
+                    c_valid = offs_c < D
+                    kc = tl.load(
+                        k_base + offs_n[:, None] * skl + offs_c[None, :] * skd,
+                        mask=n_valid[:, None] & c_valid[None, :],
+                        other=0.0,
+                    )
+                    qc = tl.load(
+                        q_base + offs_m[None, :] * sql + offs_c[:, None] * sqd,
+                        mask=m_valid[None, :] & c_valid[:, None],
+                        other=0.0,
+                    )
+                    st += _mm(kc, qc, PRECISION, UPCAST)
+                qt = tl.load(
+                    q_base + offs_m[None, :] * sql + offs_dk[:, None] * sqd,
+                    mask=m_valid[None, :] & dk_valid[:, None],
                     other=0.0,
                 )
-                st += _mm(kc, qc, PRECISION, UPCAST)
-            qt = tl.load(
-                q_base + offs_m[None, :] * sql + offs_dk[:, None] * sqd,
-                mask=m_valid[None, :] & dk_valid[:, None],
-                other=0.0,
-            )
-        lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
-        vis = key_ok[:, None] & m_valid[None, :]
-        if CAUSAL:
-            vis = vis & (offs_m[None, :] >= offs_n[:, None])
-        pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
-        # dO^T: the whole (padded) Dv when it fits, else this program's chunk
-        if DV_CHUNKS == 1:
-            dot_ = tl.load(
-                do_base + offs_m[None, :] * sdl + offs_dv0[:, None] * sdd,
-                mask=m_valid[None, :] & (offs_dv0[:, None] < Dv),
-                other=0.0,
-            )
-        else:
-            dot_ = tl.load(
-                do_base + offs_m[None, :] * sdl + offs_dvc[:, None] * sdd,
-                mask=m_valid[None, :] & dvc_valid[:, None],
-                other=0.0,
-            )
-        dv += _mm(pt.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
-        if DV_CHUNKS == 1:
-            dpt = _mm(v, dot_, PRECISION, UPCAST)
-        else:
-            dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in range(DV_CHUNKS):
-                offs_c = cc * BLOCK_DV + offs_dv0
-                c_valid = offs_c < Dv
-                vc = tl.load(
-                    v_base + offs_n[:, None] * svl + offs_c[None, :] * svd,
-                    mask=n_valid[:, None] & c_valid[None, :],
+            lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+            vis = key_ok[:, None] & m_valid[None, :]
+            if CAUSAL:
+                vis = vis & (offs_m[None, :] + CAUSAL_OFF >= offs_n[:, None])
+            pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            # dO^T: the whole (padded) Dv when it fits, else this program's chunk
+            if DV_CHUNKS == 1:
+                dot_ = tl.load(
+                    do_base + offs_m[None, :] * sdl + offs_dv0[:, None] * sdd,
+                    mask=m_valid[None, :] & (offs_dv0[:, None] < Dv),
                     other=0.0,
                 )
-                doc = tl.load(
-                    do_base + offs_m[None, :] * sdl + offs_c[:, None] * sdd,
-                    mask=m_valid[None, :] & c_valid[:, None],
+            else:
+                dot_ = tl.load(
+                    do_base + offs_m[None, :] * sdl + offs_dvc[:, None] * sdd,
+                    mask=m_valid[None, :] & dvc_valid[:, None],
                     other=0.0,
                 )
-                dpt += _mm(vc, doc, PRECISION, UPCAST)
-        delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
-        dst = pt * (dpt - delta[None, :])
-        dk += _mm(dst.to(Q.dtype.element_ty), tl.trans(qt), PRECISION, UPCAST)
+            dv += _mm(pt.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
+            if DV_CHUNKS == 1:
+                dpt = _mm(v, dot_, PRECISION, UPCAST)
+            else:
+                dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for cc in range(DV_CHUNKS):
+                    offs_c = cc * BLOCK_DV + offs_dv0
+                    c_valid = offs_c < Dv
+                    vc = tl.load(
+                        v_base + offs_n[:, None] * svl + offs_c[None, :] * svd,
+                        mask=n_valid[:, None] & c_valid[None, :],
+                        other=0.0,
+                    )
+                    doc = tl.load(
+                        do_base + offs_m[None, :] * sdl + offs_c[:, None] * sdd,
+                        mask=m_valid[None, :] & c_valid[:, None],
+                        other=0.0,
+                    )
+                    dpt += _mm(vc, doc, PRECISION, UPCAST)
+            delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk += _mm(dst.to(Q.dtype.element_ty), tl.trans(qt), PRECISION, UPCAST)
 
     dk = dk * scale
     krow = pid_bh.to(tl.int64) * Lk + offs_n
@@ -769,6 +831,8 @@ def _rolling_attn_bwd_dq_kernel(
     Lk,
     D,
     Dv,
+    GROUP,
+    CAUSAL_OFF,
     scale,
     qk_scale,
     LQ_KEY,
@@ -794,9 +858,10 @@ def _rolling_attn_bwd_dq_kernel(
     c = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
     q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     do_base = DO + b * sdb + h * sdh
     row = pid_bh.to(tl.int64) * Lq + tl.arange(0, BLOCK_M) + pid_m * BLOCK_M
 
@@ -824,7 +889,7 @@ def _rolling_attn_bwd_dq_kernel(
 
     hi = Lk
     if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+        hi = tl.maximum(tl.minimum(Lk, (pid_m + 1) * BLOCK_M + CAUSAL_OFF), 0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -862,7 +927,7 @@ def _rolling_attn_bwd_dq_kernel(
             key_ok = key_ok & (tl.load(PAD + b * Lk + offs_n, mask=n_valid, other=0) != 0)
         vis = key_ok[None, :] & m_valid[:, None]
         if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_OFF)
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         if DV_CHUNKS == 1:
             vt = tl.load(

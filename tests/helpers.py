@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.nn.attention.bias import CausalBias as _CausalBias
 
 from rollingq_kernels import rolling_attention_reference
 
@@ -49,6 +50,8 @@ class Case:
         def conv(t):
             if t is None or not isinstance(t, torch.Tensor):
                 return t
+            if isinstance(t, _CausalBias):
+                return t  # a description of a mask (sizes, alignment), no data to convert
             if t.is_floating_point() and dtype is not None:
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device) if device is not None else t

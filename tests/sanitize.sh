@@ -49,7 +49,10 @@ lib=$OUT/cmake/_C.so
 pkg=$OUT/pkg/rollingq_kernels
 rm -rf "$OUT/pkg"
 mkdir -p "$pkg"
-for f in "$ROOT"/rollingq_kernels/*.py; do ln -s "$f" "$pkg/"; done
+for f in "$ROOT"/rollingq_kernels/*; do
+  case "$(basename "$f")" in *.so | *.pyd | __pycache__) continue ;; esac
+  ln -s "$f" "$pkg/"
+done
 cp "$lib" "$pkg/_C.so"
 
 if [ -n "${SANITIZE_TESTS:-}" ]; then

@@ -54,9 +54,17 @@ def test_identity_rotation_matches_multihead_attention(H, bias, kind, padding):
         pad = torch.rand(B, Lk, generator=g) < 0.4  # True = ignored, MultiheadAttention's way
         pad[:, 0] = False
     want, _ = mha(*args, key_padding_mask=pad, need_weights=False)
-    got, stats = mod(*args, key_padding_mask=pad)
+    got, stats = mod(*args, key_padding_mask=pad, need_weights=False)
     assert stats is None
     assert_close(got, want, rel=1e-12, name="out")
+    # the default need_weights=True: MultiheadAttention's weights, and the same output
+    with torch.no_grad():
+        want_w_out, want_w = mha(*args, key_padding_mask=pad)
+        got_w_out, got_w = mod(*args, key_padding_mask=pad)
+        _, got_heads = mod(*args, key_padding_mask=pad, average_attn_weights=False)
+    assert_close(got_w, want_w, rel=1e-12, name="weights")
+    assert_close(got_heads.mean(1), want_w, rel=1e-12, name="per-head weights")
+    assert_close(got_w_out, want_w_out, rel=1e-12, name="out with weights")
     w = torch.randn_like(want)
     (want * w).sum().backward()
     want_g, want_x = _grads(mha), x.grad.clone()
@@ -73,11 +81,11 @@ def test_float32_seq_first_and_unbatched():
     assert mod.batch_first is False and mod.rotation.dtype == torch.float32
     x = torch.randn(9, 4, E)  # (L, B, E)
     want, _ = mha(x, x, x, need_weights=False)
-    got, _ = mod(x)
+    got, _ = mod(x, need_weights=False)
     assert_close(got, want, rel=1e-5, name="seq-first out")
     xu = torch.randn(5, E)  # unbatched (L, E)
     want_u, _ = mha(xu, xu, xu, need_weights=False)
-    got_u, _ = mod(xu)
+    got_u, _ = mod(xu, need_weights=False)
     assert_close(got_u, want_u, rel=1e-5, name="unbatched out")
 
 
@@ -134,6 +142,15 @@ def test_cls_rotation_matches_multihead_attention_on_rotated_queries(H, structur
     want = torch.where(chosen[None, :, None], rotated, plain)
     got, stats = mod(x, key_padding_mask=pad, need_stats=True)
     assert_close(got, want, rel=1e-12, name="out")
+    with torch.no_grad():  # the weights path applies the rotation the same way
+        got_w, weights = mod(x, key_padding_mask=pad)
+        _, want_rot_w = rot(x, x, x, key_padding_mask=pad, average_attn_weights=False)
+        _, want_plain_w = mha(x, x, x, key_padding_mask=pad, average_attn_weights=False)
+        _, heads = mod(x, key_padding_mask=pad, average_attn_weights=False)
+    assert_close(got_w, want, rel=1e-12, name="out with weights")
+    want_w = torch.where(chosen[None, None, :, None], want_rot_w, want_plain_w)
+    assert_close(heads, want_w, rel=1e-12, name="weights of rotated rows")
+    assert_close(weights, want_w.mean(1), rel=1e-12, name="averaged weights")
     # the tracked [CLS] query is the rotated one: R (W_q x_0 + b_q)
     q0 = x[:, 0].detach() @ mha.in_proj_weight[:E].detach().T + mha.in_proj_bias[:E].detach()
     assert_close(stats.query, q0 @ R.T, rel=1e-12, name="stats.query")
@@ -154,10 +171,10 @@ def test_rotation_change_is_seen_by_the_next_forward():
     E, H = 16, 2
     mod = RollingQAttention(E, H, dtype=F64)
     x = torch.randn(2, 5, E, dtype=F64)
-    before, _ = mod(x)
+    before, _ = mod(x, need_weights=False)
     g = torch.Generator().manual_seed(7)
     mod.compose_rotation(random_orthogonal(E, dtype=F64, generator=g))
-    after, _ = mod(x)
+    after, _ = mod(x, need_weights=False)
     assert not torch.allclose(before[:, 0], after[:, 0])
     assert_close(after[:, 1:], before[:, 1:], rel=1e-13, name="unrotated rows")
     assert int(mod.num_rotations) == 1
@@ -180,7 +197,7 @@ def test_state_dict_round_trip_and_multihead_attention_load():
     assert int(fresh.num_rotations) == 2
     assert fresh.air_history == [0.25, -0.125]
     x = torch.randn(2, 6, E, dtype=F64)
-    assert torch.equal(fresh(x)[0], mod(x)[0])
+    assert torch.equal(fresh(x, need_weights=False)[0], mod(x, need_weights=False)[0])
     # and a RollingQAttention state_dict back into MultiheadAttention (strict=False: the
     # RollingQ buffers are extra) gives the same module at identity
     mha = nn.MultiheadAttention(E, H, batch_first=True, dtype=F64)
@@ -188,24 +205,33 @@ def test_state_dict_round_trip_and_multihead_attention_load():
     result = mha.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(result.unexpected_keys) == ["_extra_state", "num_rotations", "rotation"]
     assert_close(mha(x, x, x, need_weights=False)[0], plain(x)[0], rel=1e-12, name="out")
+    # and the supported way back: to_multihead_attention()
+    back = plain.to_multihead_attention()
+    assert isinstance(back, nn.MultiheadAttention)
+    assert back.state_dict().keys() == mha.state_dict().keys()
+    assert_close(back(x, x, x)[0], plain(x)[0], rel=1e-12, name="to_multihead_attention")
+    with pytest.raises(ValueError, match="reset_rotation"):
+        mod.to_multihead_attention()  # a [CLS]-row rotation has no MultiheadAttention form
 
 
 def test_unsupported_options_raise():
-    mha = nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
-    mod = RollingQAttention.from_multihead_attention(mha)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        RollingQAttention(8, 2, add_bias_kv=True)
+    mha = nn.MultiheadAttention(8, 2, add_zero_attn=True, batch_first=True)
+    with pytest.raises(ValueError, match="add_zero_attn"):
+        RollingQAttention.from_multihead_attention(mha)
+    mod = RollingQAttention(8, 2)
     x = torch.randn(2, 3, 8)
-    with pytest.raises(RuntimeError, match="dropout"):
-        mod(x)
-    mod.eval()
-    mod(x)  # dropout is inactive in eval mode
-    with pytest.raises(ValueError, match="need_weights"):
-        mod(x, need_weights=True)
-    with pytest.raises(ValueError, match="attn_mask"):
-        mod(x, attn_mask=torch.zeros(3, 3))
     with pytest.raises(TypeError, match="True = padding"):
-        mod(x, key_padding_mask=torch.zeros(2, 3))
+        mod(x, key_padding_mask=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        mod(x, attn_mask=torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="batch \\* heads"):
+        mod(x, attn_mask=torch.zeros(3, 3, 3))
     with pytest.raises(ValueError, match="multiple of num_heads"):
         RollingQAttention(10, 3)
+    with pytest.raises(ValueError, match="dropout"):
+        RollingQAttention(8, 2, dropout=1.0)
 
 
 # ---- RollingQFusion -------------------------------------------------------------------------
@@ -319,3 +345,20 @@ def test_shared_head_attention_gradcheck_and_huge_padded_tokens():
     dx_ref = torch.cat([x0.grad, x1.grad], 1)
     assert_close(dx_big[keep], dx_ref[keep], rel=1e-12, name="dx")
     assert_close(a.grad, a_ref.grad, rel=1e-12, name="da")
+
+
+def test_module_rotation_stays_orthogonal_over_many_compositions():
+    # RollingQAttention.compose_rotation re-orthonormalises like the controller: a plain product
+    # of 1000 float64 rotations drifts from orthogonality by about 1e-13
+    mod = RollingQAttention(8, 2).double()
+    g = torch.Generator().manual_seed(3)
+    plain = torch.eye(8, dtype=torch.float64)
+    for _ in range(1000):
+        step = random_orthogonal(8, dtype=torch.float64, generator=g)
+        mod.compose_rotation(step)
+        plain = step @ plain
+    eye = torch.eye(8, dtype=torch.float64)
+    drift = (mod.rotation.T @ mod.rotation - eye).abs().max().item()
+    assert drift < 2e-15, drift
+    assert (plain.T @ plain - eye).abs().max().item() > drift
+    torch.testing.assert_close(mod.rotation, plain, rtol=0, atol=1e-12)

@@ -405,8 +405,9 @@ def test_split_plan_on_a_gpu(monkeypatch):
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    """The interpreter does not run Triton's compiler: compile the main kernel variants for sm_90
-    in a subprocess without the interpreter (ptxas ships with triton; no GPU needed)."""
+    """The interpreter does not run Triton's compiler: compile what the launchers launch for a
+    few representative calls, for sm_90, in a subprocess without the interpreter (ptxas ships
+    with triton; no GPU needed); fails on a compile error or a shared-memory overflow."""
     import subprocess
     import sys
 
@@ -418,9 +419,12 @@ def test_kernels_compile_for_sm90():
         [
             sys.executable,
             os.path.join(root, "bench", "compile_check.py"),
-            "--quick",
+            "--set",
+            "ci",
             "--arch",
             "90",
+            "--jobs",
+            "2",
         ],
         env=env,
         capture_output=True,
@@ -429,3 +433,107 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "layout,M",
+    [("runs", 3), ("runs", 2), ("random", 11), ("random", 1), ("runs", 9)],
+    ids=["runs_m3", "runs_m2", "random_m11_dot", "random_m1", "runs_m9_dot"],
+)
+def test_modality_mass_paths(layout, M):
+    """Every way the forward takes the mass: tiles whose visible keys share one id (keys in runs
+    per modality) add the row sums; mixed tiles reduce per modality in registers (M <= 8) or
+    take a product with the one-hot ids (M > 8). Padding and causal masks cut runs short."""
+    B, H, Lq, Lk = 2, 2, 37, 83
+    case = make_case(B, H, Lq, Lk, 16, dtype=torch.float32, seed=M, modalities=M,
+                     padding=True, causal=True, rotation="shared")  # fmt: skip
+    if layout == "runs":
+        ids = torch.div(torch.arange(Lk), -(-Lk // M), rounding_mode="floor")
+        ids = ids.expand(B, Lk).clone()
+        ids[:, 0] = -1  # a [CLS] key
+        ids[1, 40:45] = -1  # a run of uncounted keys inside a tile
+        case.kwargs["key_modality"] = ids
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=torch.float32, what=f"{layout} M={M}: ")
+    out2, stats2 = _run(case, num_splits=3)
+    check_against_reference(case, out2, stats2, dtype=torch.float32, what=f"split {layout}: ")
+
+
+# ----------------------------------------------------------------------------------------------
+# The op contract's arguments: grouped-query attention and causal alignments other than top-left
+
+
+def _gqa_case(dtype, hkv=2, **kw):
+    from helpers import Case
+
+    c = make_case(dtype=dtype, **kw)
+    # k / v with fewer heads, read in place (a head slice of a larger tensor: non-contiguous)
+    return Case(c.q, c.k[:, :hkv], c.v[:, :hkv], dict(c.kwargs, enable_gqa=True))
+
+
+def _lower_right(case):
+    from torch.nn.attention.bias import causal_lower_right
+
+    Lq, Lk = case.q.shape[2], case.k.shape[2]
+    case.kwargs["is_causal"] = False
+    case.kwargs["attn_mask"] = causal_lower_right(Lq, Lk)
+    return case
+
+
+CONTRACT_CASES = {
+    "gqa_g3_rot_pad_stats": lambda dt: _gqa_case(
+        dt, B=2, H=6, Lq=19, Lk=23, D=16, seed=31, rotation="per_head", rows="subset",
+        modalities=2, padding=True, layout="blhd"),
+    "gqa_g2_causal": lambda dt: _gqa_case(
+        dt, hkv=2, B=1, H=4, Lq=21, Lk=21, D=40, seed=32, modalities=3, causal=True),
+    "lower_right_lq_lt_lk": lambda dt: _lower_right(make_case(
+        2, 2, 9, 30, 16, dtype=dt, seed=33, rotation="shared", modalities=2, padding=True,
+        layout="strided")),
+    "lower_right_lq_gt_lk": lambda dt: _lower_right(make_case(
+        2, 2, 21, 13, 16, dtype=dt, seed=34, modalities=2)),
+    "gqa_lower_right_decode": lambda dt: _lower_right(_gqa_case(
+        dt, B=2, H=4, Lq=1, Lk=53, D=16, seed=35, rotation="per_head", modalities=2)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CONTRACT_CASES))
+def test_contract_forward_float32(name):
+    case = CONTRACT_CASES[name](torch.float32)
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=torch.float32, what=f"{name}: ")
+
+
+@pytest.mark.parametrize("name", list(CONTRACT_CASES))
+def test_contract_gradients_float32(name):
+    case = CONTRACT_CASES[name](torch.float32)
+    case.kwargs["return_stats"] = False
+    g = _cotangent(case)
+    got = _grads(case, g)
+    want = _reference_grads(case, g)
+    for n, a, e in zip(("dq", "dk", "dv"), got, want):
+        assert a.shape == e.shape, (n, a.shape, e.shape)
+        assert_close(a, e, rel=GRAD_REL_TOL[torch.float32], name=f"{name}: {n}")
+
+
+def test_contract_gqa_bfloat16():
+    """bf16 by the 2x rule; the yardstick (plain PyTorch in bf16) runs on K/V repeated per query
+    head, which is the same attention."""
+    from helpers import Case
+
+    case = CONTRACT_CASES["gqa_g3_rot_pad_stats"](torch.bfloat16)
+    out, stats = _run(case)
+    group = case.q.shape[1] // case.k.shape[1]
+    kw = {k: v for k, v in case.kwargs.items() if k != "enable_gqa"}
+    expanded = Case(case.q, case.k.repeat_interleave(group, 1), case.v.repeat_interleave(group, 1),
+                    kw)  # fmt: skip
+    check_against_reference(expanded, out, stats, dtype=torch.bfloat16, what="gqa bf16: ")
+
+
+def test_contract_cases_use_the_new_paths():
+    # the cases above really are grouped / offset (not silently canonicalised away)
+    p = _problem(CONTRACT_CASES["gqa_g3_rot_pad_stats"](torch.float32))
+    assert p.k.shape[1] * 3 == p.q.shape[1]
+    p = _problem(CONTRACT_CASES["lower_right_lq_lt_lk"](torch.float32))
+    assert p.is_causal and p.causal_offset == 21
+    p = _problem(CONTRACT_CASES["lower_right_lq_gt_lk"](torch.float32))
+    assert p.is_causal and p.causal_offset == -8
