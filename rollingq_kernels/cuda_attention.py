@@ -17,7 +17,6 @@ JIT build's compiler output.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from typing import List, Optional
 
@@ -56,10 +55,35 @@ def _jit_build() -> None:
     )
 
 
+def _op_library_error() -> Optional[str]:
+    """Why the op schema this library implements is missing (rollingq_kernels._C via fused_op)."""
+    try:
+        from . import fused_op
+    except Exception as exc:  # noqa: BLE001 - the reason is reported, never raised
+        return (
+            f"the op glue rollingq_kernels.fused_op cannot be imported: {type(exc).__name__}: {exc}"
+        )
+    why = fused_op.load_error()
+    if why:
+        return (
+            "the CUDA kernels implement the rollingq ops whose schema, fake impls and autograd "
+            f"come with the compiled library rollingq_kernels._C, and {why}"
+        )
+    return None
+
+
 def load_library() -> Optional[str]:
-    """Load the CUDA library once (prebuilt, else JIT-built); None on success, else why not."""
+    """Load the CUDA library once (prebuilt, else JIT-built); None on success, else why not.
+
+    The op schema (rollingq_kernels._C, through fused_op) is loaded first: the CUDA library only
+    adds implementations to it.
+    """
     global _loaded, _load_error
     if _loaded is not None:
+        return _load_error
+    why = _op_library_error()
+    if why:
+        _loaded, _load_error = False, why
         return _load_error
     try:
         importlib.import_module("rollingq_kernels._C_cuda")
@@ -82,8 +106,9 @@ def load_library() -> Optional[str]:
         _loaded, _load_error = (
             False,
             (
-                "the CUDA extension rollingq_kernels._C_cuda is not built and nvcc was not found for "
-                "a JIT build (set CUDA_HOME, or reinstall with a CUDA toolkit present)"
+                f"the CUDA extension rollingq_kernels._C_cuda is not built ({prebuilt}) and nvcc "
+                "was not found for a JIT build (set CUDA_HOME, or reinstall with a CUDA toolkit "
+                "present)"
             ),
         )
         return _load_error
@@ -105,6 +130,9 @@ def load_library() -> Optional[str]:
 
 
 def unavailable_reason() -> Optional[str]:
+    """None when the backend can run on this machine, else the first reason it cannot: a CPU
+    build of torch, no GPU, a GPU older than sm_80, or the real error of loading (or JIT-building)
+    the compiled libraries."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build (no CUDA support)"
     if not torch.cuda.is_available():
@@ -112,8 +140,6 @@ def unavailable_reason() -> Optional[str]:
     major, _ = torch.cuda.get_device_capability()
     if major < 8:
         return "the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16/f16)"
-    if importlib.util.find_spec("rollingq_kernels.fused_op") is None:
-        return "rollingq_kernels.fused_op (op schema, fake impls, autograd) is not installed"
     return load_library()
 
 

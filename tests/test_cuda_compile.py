@@ -5,7 +5,10 @@ headers.
 The kernels cannot run without a GPU; this is the check that they build exactly as the extension
 build compiles them (same flags, same half/bfloat16 macros as torch's builder). The jobs run in
 parallel over the machine's cores, into a temporary directory (nothing is cached in the repo).
-ptxas must report no register spills: a spill in a tile kernel is a performance bug.
+ptxas must report no register spills: a spill in a tile kernel is a performance bug. Where a
+disassembler is at hand (cuobjdump: CUDA_HOME, PATH or the triton wheel), the machine code of the
+tensor-core forward is also checked for what its design promises: ldmatrix (LDSM) and cp.async
+(LDGSTS) in the key-tile loop, 128 MMAs per warp and tile, and few plain shared loads.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def compiled(tmp_path_factory):
     sys.stderr.write(
         f"\n[cuda compile check] {len(jobs)} jobs on {workers} workers: {total:.1f}s\n"
     )
+    results["_dir"] = str(out_dir)
     return results
 
 
@@ -109,6 +113,68 @@ def test_kernel_compiles(compiled, name):
     assert all(int(s) == 0 for s in spills), f"{name} spills registers:\n{output}"
 
 
+MMA_FILES = [k for k in KERNELS if k.startswith("fwd_mma_") and "_hd" in k]
+
+
+@pytest.mark.parametrize("name", MMA_FILES)
+def test_tensor_core_forward_machine_code(compiled, name, tmp_path_factory):
+    from bench import cuda_cost_table as cct
+
+    code, _, _ = compiled[name]
+    assert code == 0
+    cuobjdump = cct.find_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA_HOME, PATH or the triton wheel) to read the machine code")
+    obj = os.path.join(compiled["_dir"], f"{name}.o")
+    kernels = {}
+    for arch in ARCHS:
+        res = subprocess.run(
+            [cuobjdump, "-sass", "-arch", arch, obj], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        for fn, instrs in cct.parse_sass(res.stdout).items():
+            if "fwd_mma_kernel" in fn:
+                kernels[(arch, fn)] = cct.mix(cct.main_loop(instrs))
+    assert len(kernels) == 4 * len(ARCHS), sorted(kernels)  # causal x statistics, per arch
+    for (arch, fn), loop in kernels.items():
+        what = f"{name} {arch} {fn}: key-tile loop {loop}"
+        extra = 0 if "Lb0EEEv" in fn else loop["HMMA"] - 128  # one-hot mass MMAs with statistics
+        assert loop["HMMA"] - extra == 128 and 0 <= extra <= 8, what
+        assert loop["LDSM"] >= 32 and loop["LDGSTS"] >= 4, what
+        assert loop["LDS"] <= 20, what  # the fragments all come through ldmatrix
+
+
+BWD_MMA_FILES = [k for k in KERNELS if k.startswith("bwd_mma_")]
+
+
+@pytest.mark.parametrize("name", BWD_MMA_FILES)
+def test_tensor_core_backward_machine_code(compiled, name):
+    from bench import cuda_cost_table as cct
+
+    code, _, _ = compiled[name]
+    assert code == 0
+    cuobjdump = cct.find_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA_HOME, PATH or the triton wheel) to read the machine code")
+    obj = os.path.join(compiled["_dir"], f"{name}.o")
+    loops = {}
+    for arch in ARCHS:
+        res = subprocess.run(
+            [cuobjdump, "-sass", "-arch", arch, obj], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        for fn, instrs in cct.parse_sass(res.stdout).items():
+            if "bwd_mma_dq_kernel" in fn or "bwd_mma_dkdv_kernel" in fn:
+                loops[(arch, fn)] = cct.mix(cct.main_loop(instrs))
+    assert len(loops) == 4 * len(ARCHS), sorted(loops)  # dq and dkdv, causal or not, per arch
+    for (arch, fn), loop in loops.items():
+        # dq: 3 products per key tile (S, dP, dQ); dkdv: 4 per query tile (S^T, dP^T, dV, dK)
+        want = 4 if "dkdv" in fn else 3
+        what = f"{name} {arch} {fn}: loop {loop}"
+        assert loop["HMMA"] % want == 0 and loop["HMMA"] >= 32 * want, what
+        assert loop["LDSM"] > 0 and loop["LDGSTS"] > 0 and loop["LDS"] <= 16, what
+
+
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 def test_binding_compiles(compiled):
     code, output, seconds = compiled["binding.cpp"]
@@ -120,4 +186,4 @@ def test_every_kernel_file_is_in_the_build():
     srcs = _cuda_build.extension_sources()
     assert sorted(os.path.basename(s) for s in srcs[:-1]) == sorted(KERNELS)
     assert srcs[-1].endswith("binding.cpp") and os.path.exists(srcs[-1])
-    assert len(KERNELS) >= 6
+    assert len(KERNELS) >= 10

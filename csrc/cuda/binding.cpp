@@ -71,7 +71,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cuda(
   AttentionParams p;
   fill_common(p, c);
   set_outputs(p, o);
-  const char* err = run_attention_fwd(p, kind, c10::cuda::getCurrentCUDAStream().stream());
+  // the key codes of the tensor-core path (B x key tiles x 80 or 48 bytes; none without padding
+  // and statistics): from the caching allocator, on the op's stream
+  const size_t ws_bytes = forward_workspace_bytes(p, kind);
+  Tensor workspace;
+  if (ws_bytes > 0)
+    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, c.q.options().dtype(at::kByte));
+  const char* err = run_attention_fwd(p, kind, c10::cuda::getCurrentCUDAStream().stream(),
+                                      ws_bytes > 0 ? workspace.data_ptr() : nullptr);
   TORCH_CHECK(err == nullptr, op, ": ", err);
   return {o.out, o.lse, o.modality_mass, o.key_sum, o.key_count};
 }
@@ -95,7 +102,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
   const int64_t B = c.q.size(0), H = c.q.size(1), Lq = c.q.size(2), D = c.q.size(3);
   const auto f32 = c.q.options().dtype(at::kFloat);
   Tensor delta = at::empty({B, H, Lq}, f32);
-  Tensor q_rot = at::empty({B, H, Lq, D}, f32);
 
   AttentionBwdParams p;
   fill_common(p, c);
@@ -105,7 +111,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
   p.lse = const_cast<void*>(lse_c.data_ptr());
   set_grads(p, dout, dq, dk, dv);
   p.delta = delta.data_ptr();
-  p.q_rot = q_rot.data_ptr();
+  // q_rot workspace: the generic kernels keep every row of R q in float32; the tensor-core path
+  // keeps the rotated q in the input dtype, and needs none without a rotation
+  Tensor q_rot;
+  if (choose_backward_path(p, kind) == BwdPath::kGeneric)
+    q_rot = at::empty({B, H, Lq, D}, f32);
+  else if (c.rotation.defined())
+    q_rot = at::empty({B, H, Lq, D}, c.q.options());
+  p.q_rot = q_rot.defined() ? q_rot.data_ptr() : nullptr;
   const char* err = run_attention_bwd(p, kind, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, op, ": ", err);
   return {dq, dk, dv};

@@ -1,6 +1,7 @@
-// Instantiation: tensor-core forward, bf16, head dim 128 (causal and non-causal).
+// Instantiation: tensor-core forward, bf16, head dim 128 (causal or not, with or without
+// statistics: four kernels).
 #include "fwd_mma_kernel.cuh"
 
 namespace rollingq {
-template const char* launch_fwd_mma<__nv_bfloat16, 128>(const AttentionParams&, cudaStream_t);
+template const char* launch_fwd_mma<__nv_bfloat16, 128>(const AttentionParams&, void*, cudaStream_t);
 }  // namespace rollingq

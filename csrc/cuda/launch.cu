@@ -16,17 +16,21 @@ const char* check_grid(const AttentionParams& p) {
 }
 }  // namespace
 
-const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* stream_ptr) {
+const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* stream_ptr,
+                              void* workspace) {
   if (const char* e = check_grid(p)) return e;
   if (p.batch == 0 || p.heads == 0) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const FwdPath path = choose_forward_path(p, kind);
   if (path != FwdPath::kGeneric) {
     const bool hd64 = path == FwdPath::kMma64;
+    if (forward_workspace_bytes(p, kind) > 0 && workspace == nullptr)
+      return "rollingq CUDA forward: the key-code workspace is missing";
     if (kind == ScalarKind::kFloat16)
-      return hd64 ? launch_fwd_mma<__half, 64>(p, stream) : launch_fwd_mma<__half, 128>(p, stream);
-    return hd64 ? launch_fwd_mma<__nv_bfloat16, 64>(p, stream)
-                : launch_fwd_mma<__nv_bfloat16, 128>(p, stream);
+      return hd64 ? launch_fwd_mma<__half, 64>(p, workspace, stream)
+                  : launch_fwd_mma<__half, 128>(p, workspace, stream);
+    return hd64 ? launch_fwd_mma<__nv_bfloat16, 64>(p, workspace, stream)
+                : launch_fwd_mma<__nv_bfloat16, 128>(p, workspace, stream);
   }
   return RQ_DTYPE_SWITCH(kind, T, [&]() -> const char* { return launch_fwd_generic<T>(p, stream); });
 }
@@ -34,9 +38,20 @@ const char* run_attention_fwd(const AttentionParams& p, ScalarKind kind, void* s
 const char* run_attention_bwd(const AttentionBwdParams& p, ScalarKind kind, void* stream_ptr) {
   if (const char* e = check_grid(p)) return e;
   if (p.batch == 0 || p.heads == 0) return nullptr;
-  if (p.q_rot == nullptr || p.delta == nullptr)
-    return "rollingq CUDA backward: the q_rot and delta workspaces are required";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const BwdPath path = choose_backward_path(p, kind);
+  // (with no query row, the workspaces are empty and their pointers may be null)
+  if (p.seqlen_q > 0 && p.delta == nullptr)
+    return "rollingq CUDA backward: the delta workspace is required";
+  if (p.seqlen_q > 0 && p.q_rot == nullptr && (path == BwdPath::kGeneric || p.rotation != nullptr))
+    return "rollingq CUDA backward: the q_rot workspace is required";
+  if (path != BwdPath::kGeneric) {
+    const bool hd64 = path == BwdPath::kMma64;
+    if (kind == ScalarKind::kFloat16)
+      return hd64 ? launch_bwd_mma<__half, 64>(p, stream) : launch_bwd_mma<__half, 128>(p, stream);
+    return hd64 ? launch_bwd_mma<__nv_bfloat16, 64>(p, stream)
+                : launch_bwd_mma<__nv_bfloat16, 128>(p, stream);
+  }
   return RQ_DTYPE_SWITCH(kind, T, [&]() -> const char* { return launch_bwd_generic<T>(p, stream); });
 }
 

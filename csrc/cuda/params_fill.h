@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../rollingq_params.h"
+#include "fwd_mma_config.h"
 
 namespace rollingq {
 
@@ -21,9 +22,10 @@ struct TensorDesc {
 enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Forward kernel paths. The tensor-core path needs fp16/bf16, D == Dv in {64, 128}, at most
-// kMmaMaxModalities modalities and 16-byte aligned rows; everything else takes the generic path.
+// kMmaMaxModalities (8) modalities, a positive scale (its softmax folds the scale into the
+// exponent of a running maximum), sequences shorter than 2^31 and 16-byte aligned rows of q, k,
+// v and out; everything else takes the generic path.
 enum class FwdPath : int { kGeneric = 0, kMma64 = 1, kMma128 = 2 };
-constexpr int kMmaMaxModalities = 4;
 
 inline void set_bhl_strides(const TensorDesc& t, int64_t* batch, int64_t* head, int64_t* row) {
   *batch = t.strides[0];
@@ -79,14 +81,48 @@ inline FwdPath choose_forward_path(const AttentionParams& p, ScalarKind kind) {
   if (kind == ScalarKind::kFloat32) return FwdPath::kGeneric;
   if (p.head_dim != p.value_dim) return FwdPath::kGeneric;
   if (p.num_modalities > kMmaMaxModalities) return FwdPath::kGeneric;
+  if (!(p.scale > 0.0)) return FwdPath::kGeneric;
+  // (no key at all: nothing for its key-code pass to describe; the generic path writes the zeros)
+  if (p.seqlen_k == 0) return FwdPath::kGeneric;
+  // its row and key positions are 32-bit
+  if (p.seqlen_q >= ((int64_t)1 << 31) - kMmaBlockM || p.seqlen_k >= ((int64_t)1 << 31) - 64)
+    return FwdPath::kGeneric;
   const bool aligned =
       rows_16b_aligned(p.q, 2, p.q_batch_stride, p.q_head_stride, p.q_row_stride) &&
       rows_16b_aligned(p.k, 2, p.k_batch_stride, p.k_head_stride, p.k_row_stride) &&
-      rows_16b_aligned(p.v, 2, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+      rows_16b_aligned(p.v, 2, p.v_batch_stride, p.v_head_stride, p.v_row_stride) &&
+      rows_16b_aligned(p.out, 2, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
   if (!aligned) return FwdPath::kGeneric;
   if (p.head_dim == 64) return FwdPath::kMma64;
   if (p.head_dim == 128) return FwdPath::kMma128;
   return FwdPath::kGeneric;
+}
+
+// The backward's tensor-core path: the forward's conditions that concern it (fp16/bf16, D = Dv in
+// {64, 128}, scale > 0, keys present, 32-bit positions) and 16-byte aligned rows of every tensor
+// it reads or writes; the generic kernels otherwise.
+enum class BwdPath : int { kGeneric = 0, kMma64 = 1, kMma128 = 2 };
+
+inline BwdPath choose_backward_path(const AttentionBwdParams& p, ScalarKind kind) {
+  if (kind == ScalarKind::kFloat32 || p.head_dim != p.value_dim) return BwdPath::kGeneric;
+  if (p.head_dim != 64 && p.head_dim != 128) return BwdPath::kGeneric;
+  if (!(p.scale > 0.0) || p.seqlen_k == 0) return BwdPath::kGeneric;
+  if (p.seqlen_q >= ((int64_t)1 << 31) - 256 || p.seqlen_k >= ((int64_t)1 << 31) - 256)
+    return BwdPath::kGeneric;
+  const bool aligned =
+      rows_16b_aligned(p.q, 2, p.q_batch_stride, p.q_head_stride, p.q_row_stride) &&
+      rows_16b_aligned(p.k, 2, p.k_batch_stride, p.k_head_stride, p.k_row_stride) &&
+      rows_16b_aligned(p.v, 2, p.v_batch_stride, p.v_head_stride, p.v_row_stride) &&
+      rows_16b_aligned(p.dout, 2, p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride) &&
+      rows_16b_aligned(p.dk, 2, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride) &&
+      rows_16b_aligned(p.dv, 2, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  if (!aligned) return BwdPath::kGeneric;
+  return p.head_dim == 64 ? BwdPath::kMma64 : BwdPath::kMma128;
+}
+
+// Device workspace the forward needs (bytes): the key-code records of the tensor-core path.
+inline size_t forward_workspace_bytes(const AttentionParams& p, ScalarKind kind) {
+  return choose_forward_path(p, kind) == FwdPath::kGeneric ? 0 : mma_workspace_bytes(p);
 }
 
 // Shared memory (bytes) one warp of the generic kernels needs, and how many warps a block gets.

@@ -6,11 +6,11 @@
 // the same tiles, masks, online-softmax update and final normalisation, plus a split-K mode that
 // cuts each row's key tiles into chunks and combines them with merge_partials. Scalar loops
 // stand in for the MMAs; float64 accumulation makes the comparison with the reference tight.
+// (The tensor-core forward itself runs on the CPU through the SIMT executor: simt_runner.cpp.)
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "../mma_layout.h"
 #include "../params_fill.h"
 #include "../tile_math.h"
 
@@ -242,92 +242,6 @@ void backward(const AttentionBwdParams& p) {
 }  // namespace
 }  // namespace rollingq
 
-// ---- one warp of the tensor-core kernel, emulated ----------------------------------------------
-// mma.sync m16n8k16 as the PTX ISA defines its fragments, written from the ISA's tables and
-// independent of mma_layout.h: element i (0..7) of A, (0..3) of B, (0..3) of C in a lane.
-namespace ptx {
-inline int a_row(int lane, int i) { return (lane >> 2) + (((i >> 1) & 1) ? 8 : 0); }
-inline int a_col(int lane, int i) { return 2 * (lane & 3) + (i & 1) + (i >= 4 ? 8 : 0); }
-inline int b_row(int lane, int i) { return 2 * (lane & 3) + (i & 1) + (i >= 2 ? 8 : 0); }
-inline int b_col(int lane) { return lane >> 2; }
-inline int c_row(int lane, int i) { return (lane >> 2) + (i >= 2 ? 8 : 0); }
-inline int c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
-
-// D = A B + C for a warp: a[lane][8], b[lane][4], c[lane][4] are the lanes' fragments.
-inline void mma_16816(const float (*a)[8], const float (*b)[4], float (*c)[4]) {
-  float A[16][16], B[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 8; ++i) A[a_row(lane, i)][a_col(lane, i)] = a[lane][i];
-    for (int i = 0; i < 4; ++i) B[b_row(lane, i)][b_col(lane)] = b[lane][i];
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 4; ++i) {
-      double acc = c[lane][i];
-      for (int k = 0; k < 16; ++k) acc += (double)A[c_row(lane, i)][k] * B[k][c_col(lane, i)];
-      c[lane][i] = (float)acc;
-    }
-  }
-}
-}  // namespace ptx
-
-namespace rollingq {
-namespace {
-// One warp's 16 query rows against an n-key tile, with the kernel's addressing (mma_layout.h):
-// S = Q K^T, P = f(S) elementwise (here 0.01 * S, standing in for the softmax), O = P V.
-// Q is (16, d), K and V are (n, d), all row-major with pitch ld >= d; O is (16, d) dense.
-void warp_tile(const float* Q, const float* K, const float* V, int d, int n, int ld, float* O) {
-  using namespace rollingq::mma;
-  const int kt = d / 16, nt8 = n / 8, ot8 = d / 8;
-  std::vector<float> s((size_t)32 * nt8 * 4, 0.f), o((size_t)32 * ot8 * 4, 0.f);
-  auto S = [&](int lane, int tile, int e) -> float& { return s[((size_t)lane * nt8 + tile) * 4 + e]; };
-  auto Oacc = [&](int lane, int tile, int e) -> float& { return o[((size_t)lane * ot8 + tile) * 4 + e]; };
-  float a[32][8], b[32][4], c[32][4];
-  for (int ks = 0; ks < kt; ++ks) {
-    for (int tile = 0; tile < nt8; ++tile) {
-      for (int lane = 0; lane < 32; ++lane) {
-        for (int reg = 0; reg < 4; ++reg) {
-          const float* q = Q + ks * 16 + a_offset(lane, reg, ld);
-          a[lane][2 * reg] = q[0];
-          a[lane][2 * reg + 1] = q[1];
-        }
-        for (int reg = 0; reg < 2; ++reg) {
-          const float* k = K + tile * 8 * ld + ks * 16 + b_offset_nk(lane, reg, ld);
-          b[lane][2 * reg] = k[0];
-          b[lane][2 * reg + 1] = k[1];
-        }
-        for (int e = 0; e < 4; ++e) c[lane][e] = S(lane, tile, e);
-      }
-      ptx::mma_16816(a, b, c);
-      for (int lane = 0; lane < 32; ++lane)
-        for (int e = 0; e < 4; ++e) S(lane, tile, e) = c[lane][e];
-    }
-  }
-  for (auto& x : s) x *= 0.01f;
-  for (int kk = 0; kk < n / 16; ++kk) {
-    for (int tile = 0; tile < ot8; ++tile) {
-      for (int lane = 0; lane < 32; ++lane) {
-        for (int reg = 0; reg < 4; ++reg)
-          for (int half = 0; half < 2; ++half)
-            a[lane][2 * reg + half] = S(lane, 2 * kk + c_tile(reg), c_elem(reg, half));
-        const float* vp = V + kk * 16 * ld + tile * 8;
-        for (int reg = 0; reg < 2; ++reg)
-          for (int half = 0; half < 2; ++half)
-            b[lane][2 * reg + half] = vp[b_offset_kn(lane, reg, half, ld)];
-        for (int e = 0; e < 4; ++e) c[lane][e] = Oacc(lane, tile, e);
-      }
-      ptx::mma_16816(a, b, c);
-      for (int lane = 0; lane < 32; ++lane)
-        for (int e = 0; e < 4; ++e) Oacc(lane, tile, e) = c[lane][e];
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int tile = 0; tile < ot8; ++tile)
-      for (int e = 0; e < 4; ++e)
-        O[c_row(lane, e) * d + tile * 8 + c_col(lane, e)] = Oacc(lane, tile, e);
-}
-}  // namespace
-}  // namespace rollingq
-
 // ---- C interface for ctypes ----------------------------------------------------------------------
 extern "C" {
 
@@ -405,23 +319,6 @@ int64_t rq_num_key_tiles(int64_t m0, int64_t block_m, int64_t seqlen_q, int64_t 
 
 int32_t rq_generic_warps_per_block(int64_t smem_per_warp) {
   return rollingq::generic_warps_per_block(smem_per_warp);
-}
-
-// One warp of the tensor-core kernel on a 16-row tile (see warp_tile); returns 0.
-int rq_mma_warp_tile(const float* Q, const float* K, const float* V, int d, int n, int ld,
-                     float* O) {
-  rollingq::warp_tile(Q, K, V, d, n, ld, O);
-  return 0;
-}
-
-// The kernel's own row bookkeeping: C element e of a lane belongs to row g + 8 (e >> 1).
-int rq_mma_layout_consistent() {
-  using namespace rollingq::mma;
-  for (int lane = 0; lane < 32; ++lane)
-    for (int e = 0; e < 4; ++e)
-      if (c_row(lane, e) != group(lane) + 8 * (e >> 1) || c_col(lane, e) != ptx::c_col(lane, e))
-        return 0;
-  return 1;
 }
 
 }  // extern "C"

@@ -1,0 +1,7 @@
+// Instantiation: tensor-core backward, bf16, head dim 64 (prep, dq and dkdv kernels, causal or
+// not).
+#include "bwd_mma_kernel.cuh"
+
+namespace rollingq {
+template const char* launch_bwd_mma<__nv_bfloat16, 64>(const AttentionBwdParams&, cudaStream_t);
+}  // namespace rollingq

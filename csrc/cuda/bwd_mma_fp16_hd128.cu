@@ -1,0 +1,7 @@
+// Instantiation: tensor-core backward, fp16, head dim 128 (prep, dq and dkdv kernels, causal or
+// not).
+#include "bwd_mma_kernel.cuh"
+
+namespace rollingq {
+template const char* launch_bwd_mma<__half, 128>(const AttentionBwdParams&, cudaStream_t);
+}  // namespace rollingq
