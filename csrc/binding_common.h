@@ -281,6 +281,14 @@ inline ForwardOutputs allocate_forward(const Canonical& c) {
   o.modality_mass = at::empty({B, H, Lq, M}, acc);
   o.key_sum = at::empty({B, H, M, D}, acc);
   o.key_count = at::empty({B, M}, acc);
+  if (H == 0 && M > 0 && B > 0) {
+    // No head attends, so no kernel runs, but key_count (B, M) counts the keys all the same.
+    // (Ids outside [0, M), left by the device-side clamp, count nowhere.)
+    const Tensor ids = c.key_modality.to(at::kLong);
+    Tensor counted = ids.ge(0).logical_and(ids.lt(M));
+    if (c.key_padding.defined()) counted = counted.logical_and(c.key_padding);
+    o.key_count.zero_().scatter_add_(1, ids.clamp(0, M - 1), counted.to(o.key_count.scalar_type()));
+  }
   return o;
 }
 

@@ -88,15 +88,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   AttentionParams p;
   fill_common(p, c);
   set_outputs(p, o);
-  if (c.q.size(0) * c.q.size(1) > 0) {
-    cpu::attention_fwd(p, element_type(c.q));
-  } else if (c.num_modalities > 0 && c.q.size(0) > 0) {
-    // H = 0: no head attends, but key_count (B, M) counts the keys all the same
-    const Tensor ids = c.key_modality.to(at::kLong);
-    Tensor counted = ids.ge(0);
-    if (c.key_padding.defined()) counted = counted.logical_and(c.key_padding);
-    o.key_count.zero_().scatter_add_(1, ids.clamp_min(0), counted.to(o.key_count.scalar_type()));
-  }
+  // H = 0: no kernel runs (allocate_forward has counted the keys)
+  if (c.q.size(0) * c.q.size(1) > 0) cpu::attention_fwd(p, element_type(c.q));
   return {o.out, o.lse, o.modality_mass, o.key_sum, o.key_count};
 }
 
