@@ -41,6 +41,13 @@ format: $(INSTALLED)
 test: build lint
 	$(PY) -m pytest tests
 
+# The CPU library built with AddressSanitizer + UndefinedBehaviorSanitizer into build/sanitize
+# (the normal rollingq_kernels/_C is untouched), and the kernel, raw-op, hardening and fuzz tests
+# run against it alone: tests/sanitize.sh. .ci/run calls it after `make test`.
+.PHONY: sanitize
+sanitize: $(INSTALLED)
+	PY=$(abspath $(PY)) tests/sanitize.sh
+
 bench: build
 	$(PY) -m bench.report
 

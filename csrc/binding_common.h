@@ -76,8 +76,9 @@ inline void check_same_device(const char* op, const char* name, const Tensor& t,
 // q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with H % Hkv == 0, one dtype and device.
 inline void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, H, Lq, D); got ", shape_str(q));
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) > 0 &&
-                  q.size(1) % k.size(1) == 0,
+  // Hkv divides H; H = Hkv = 0 (no heads at all) is an empty problem, not an error
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
+                  (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0),
               op, ": k must have shape (", q.size(0), ", Hkv, Lk, ", q.size(3),
               ") with Hkv dividing H = ", q.size(1), "; got ", shape_str(k));
   TORCH_CHECK(v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
@@ -280,6 +281,14 @@ inline ForwardOutputs allocate_forward(const Canonical& c) {
   o.modality_mass = at::empty({B, H, Lq, M}, acc);
   o.key_sum = at::empty({B, H, M, D}, acc);
   o.key_count = at::empty({B, M}, acc);
+  if (H == 0 && M > 0 && B > 0) {
+    // No head attends, so no kernel runs, but key_count (B, M) counts the keys all the same.
+    // (Ids outside [0, M), left by the device-side clamp, count nowhere.)
+    const Tensor ids = c.key_modality.to(at::kLong);
+    Tensor counted = ids.ge(0).logical_and(ids.lt(M));
+    if (c.key_padding.defined()) counted = counted.logical_and(c.key_padding);
+    o.key_count.zero_().scatter_add_(1, ids.clamp(0, M - 1), counted.to(o.key_count.scalar_type()));
+  }
   return o;
 }
 

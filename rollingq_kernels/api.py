@@ -76,6 +76,11 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
             return num_modalities
     lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
     if num_modalities is None:
+        if hi >= 2**31 - 1:  # M = max id + 1 must fit the kernels' 32-bit modality count
+            raise ValueError(
+                f"key_modality ids must lie in [-1, 2**31 - 2] when num_modalities is inferred; "
+                f"got values in [{lo}, {hi}]"
+            )
         num_modalities = max(hi + 1, 1)
     if lo < -1 or hi >= num_modalities:
         raise ValueError(
@@ -317,10 +322,11 @@ def make_problem(
             raise ValueError(
                 f"key_modality must have shape ({Lk},) or ({B}, {Lk}); got {_shape(key_modality)}"
             )
-        if not _compiling() and ids.numel() > 0:
-            num_modalities = _check_id_range(key_modality, ids, num_modalities)
+        # the ids are checked even when the batch is empty (B = 0 leaves a (Lk,) tensor unread)
+        if not _compiling() and key_modality.numel() > 0:
+            num_modalities = _check_id_range(key_modality, key_modality, num_modalities)
         elif num_modalities is None:
-            if ids.numel() > 0:
+            if key_modality.numel() > 0:
                 raise ValueError("num_modalities must be given when rolling_attention is compiled")
             num_modalities = 1
     if num_modalities is None:
@@ -513,16 +519,17 @@ def scaled_dot_product_attention(
     elif nd == 4:
         q4, k4, v4 = query, key, value
     else:
-        q4 = query.reshape(-1, *query.shape[-3:])
-        k4 = key.reshape(-1, *key.shape[-3:])
-        v4 = value.reshape(-1, *value.shape[-3:])
+        # the leading dims' product, not -1: a reshape cannot infer it when a tensor is empty
+        q4 = query.reshape(math.prod(query.shape[:-3]), *query.shape[-3:])
+        k4 = key.reshape(math.prod(key.shape[:-3]), *key.shape[-3:])
+        v4 = value.reshape(math.prod(value.shape[:-3]), *value.shape[-3:])
     mask = attn_mask
     if isinstance(mask, torch.Tensor) and nd != 4 and not _is_causal_bias(mask):
         full = (*lead, *query.shape[-3:-1], key.shape[-2]) if nd > 4 else None
         if nd == 3:
             mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask
         else:
-            mask = mask.expand(full).reshape(-1, *full[-3:])
+            mask = mask.expand(full).reshape(math.prod(full[:-3]), *full[-3:])
     # The dropout seed is drawn only once a fused backend takes the call: a call handed to torch
     # leaves torch's generator as torch's own SDPA would (same seed, same result).
     draw_seed = isinstance(dropout_p, (int, float)) and dropout_p > 0.0

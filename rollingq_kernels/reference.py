@@ -111,6 +111,29 @@ def modality_onehot(
     return onehot.to(dtype)
 
 
+def _weighted_values(weights: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """weights (B, H, Lq, Lk) @ v (B, H, Lk, Dv), where a key hidden from a row (visible False)
+    takes no part in it even when its value is NaN or infinite. A visible key takes part with
+    IEEE arithmetic, as in SDPA: a weight of 0 times inf or NaN is NaN.
+
+    Under torch.compile this is the plain product (no data-dependent branch in the graph): there a
+    NaN or inf value of a hidden key reaches every row as 0 * NaN, as in SDPA's math backend."""
+    if torch.compiler.is_compiling():
+        return torch.matmul(weights, v)
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(weights, v)
+    out = torch.matmul(weights, torch.where(finite, v, torch.zeros_like(v)))
+    bad_keys = torch.nonzero((~finite).flatten(0, 1).any(-1).any(0)).flatten()
+    # the non-finite values, restricted to the rows that see their key (rare: tests of NaN rules)
+    sub = v[:, :, bad_keys, :]  # (B, H, J, Dv)
+    w = weights[..., bad_keys]  # (B, H, Lq, J)
+    seen = visible[..., bad_keys].expand(w.shape)[..., None]  # (B, H, Lq, J, 1)
+    bad = ~torch.isfinite(sub)[:, :, None]  # (B, H, 1, J, Dv)
+    part = torch.where(seen & bad, w[..., None] * sub[:, :, None], v.new_zeros(()))
+    return out + part.sum(-2)
+
+
 def rolling_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,10 +218,13 @@ def rolling_attention_reference(
         causal_offset=causal_offset or 0,
         device=q.device,
     )
+    # Hidden positions are replaced by -inf (never added to): a NaN there reaches no row.
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
+    # A row with a +inf score has no softmax (inf - inf): its lse is NaN, as for a NaN score.
+    lse = torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
     # A row that sees no key has lse = -inf; shift it by 0 instead so exp() gives 0, not NaN.
-    # Only -inf: lse = +inf (an infinite score) or NaN must reach the output as NaN, as in SDPA.
+    # Only -inf: a NaN lse must reach the output as NaN, as in SDPA.
     shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - shift[..., None])
     weights = probs
@@ -207,18 +233,28 @@ def rolling_attention_reference(
             raise ValueError("dropout_p > 0 needs rng_state (seed, offset)")
         keep = dropout_keep_mask(rng_state, dropout_p, (B, H, Lq, Lk), device=q.device)
         weights = probs * keep.to(acc) / (1.0 - dropout_p)
-    out = torch.matmul(weights, vf).to(q.dtype)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    out = _weighted_values(weights, vf, visible).to(q.dtype)
     if not return_stats:
         return out
 
     if num_modalities is None:
-        num_modalities = 1 if key_modality is None else max(int(key_modality.max()) + 1, 1)
+        if key_modality is None or key_modality.numel() == 0:
+            num_modalities = 1
+        else:
+            num_modalities = max(int(key_modality.max()) + 1, 1)
     with torch.no_grad():
         onehot = modality_onehot(
             key_modality, num_modalities, key_padding_mask, B, Lk, dtype=acc, device=q.device
         )
         mass = torch.matmul(probs.detach(), onehot[:, None])  # (B, H, Lq, M)
-        key_sum = torch.einsum("bhkd,bkm->bhmd", kf.detach(), onehot)
+        kd = kf.detach()
+        if torch.compiler.is_compiling() or bool(torch.isfinite(kd).all()):
+            key_sum = torch.einsum("bhkd,bkm->bhmd", kd, onehot)
+        else:  # a non-finite key reaches its own modality's sum only (not through 0 * NaN)
+            counted = onehot.bool()[:, None, :, :, None]  # (B, 1, Lk, M, 1)
+            key_sum = torch.where(counted, kd[:, :, :, None, :], 0).sum(2)
         key_count = onehot.sum(dim=1)
         stats = AttentionStats(mass, key_sum, key_count, lse.detach())
     return out, stats
