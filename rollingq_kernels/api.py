@@ -527,29 +527,35 @@ def _plain_problem(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     a tensor mask or none, no dropout), built with only the checks such a call needs; None for
     anything else, which goes through :func:`make_problem`. A model calls SDPA once per layer,
     so this path is kept short."""
-    if dropout_p or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if dropout_p or len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         return None
-    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+    if (is_causal is not False and is_causal is not True) or (
+        enable_gqa is not False and enable_gqa is not True
+    ):
         return None
     if scale is not None and (type(scale) is not float or not math.isfinite(scale)):
         return None
-    dev, dt = q.device, q.dtype
-    if k.device != dev or v.device != dev or k.dtype != dt or v.dtype != dt:
+    on_cpu = q.is_cpu and k.is_cpu and v.is_cpu  # flag reads; no torch.device objects
+    if not on_cpu and (k.device != q.device or v.device != q.device):
         return None
-    if dt not in _backends.supported_dtypes(dev.type):
+    dt = q.dtype
+    if k.dtype != dt or v.dtype != dt:
         return None
-    B, H, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or Dk != D or D == 0 or v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
+    if dt not in _backends.supported_dtypes("cpu" if on_cpu else q.device.type):
+        return None
+    B, H, Lq, D = qs
+    Bk, Hkv, Lk, Dk = ks
+    if Bk != B or Dk != D or D == 0 or vs[0] != B or vs[1] != Hkv or vs[2] != Lk or vs[3] == 0:
         return None
     if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
         return None
     if mask is not None:
         if type(mask) is not torch.Tensor or is_causal or mask.dim() > 4 or mask.dim() == 0:
             return None
-        if mask.device != dev or (
-            mask.dtype != torch.bool and mask.dtype not in (dt, torch.float32)
-        ):
+        if not (on_cpu and mask.is_cpu) and mask.device != q.device:
+            return None
+        if mask.dtype != torch.bool and mask.dtype not in (dt, torch.float32):
             return None
         shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
         if any(s != 1 and s != w for s, w in zip(shape, (B, H, Lq, Lk))):
@@ -579,7 +585,7 @@ def scaled_dot_product_attention(
     (e.g. a dtype or device it does not support, or a float mask that requires grad) is handed to
     torch's own SDPA, never to the O(L^2) reference.
     """
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+    if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     nd = query.dim()
     if nd < 3 or key.dim() != nd or value.dim() != nd:
@@ -587,7 +593,7 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    lead = query.shape[:-3] if nd >= 4 else query.shape[:-2]
+    lead = None if nd == 4 else query.shape[:-3] if nd > 4 else query.shape[:-2]
     if nd == 3:
         q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     elif nd == 4:
@@ -620,7 +626,8 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    if q4.numel() == 0 or k4.numel() == 0 or v4.numel() == 0:
+    qs, ks = q4.shape, k4.shape
+    if not (qs[0] and qs[1] and qs[2] and ks[1] and ks[2]):  # empty (head dims are positive)
         spec = None
     else:
         try:
