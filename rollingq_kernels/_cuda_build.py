@@ -18,7 +18,7 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))  # through links (make sanitize)
 ROOT = os.path.dirname(PACKAGE_DIR)
 
 
