@@ -8,6 +8,8 @@
 // and an argument the kernels cannot honour raises an error that names it.
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -160,7 +162,9 @@ inline void canonical_side_inputs(const char* op, Canonical& c,
   c.is_causal = is_causal;
   TORCH_CHECK(is_causal || causal_offset == 0, op,
               ": causal_offset must be 0 when is_causal is false; got ", causal_offset);
-  c.causal_offset = causal_offset;
+  // Any offset >= Lk shows every key to every row and any offset <= -Lq hides every key: clamped
+  // to [-Lq, Lk] the meaning is unchanged and i + offset cannot overflow in a kernel.
+  c.causal_offset = std::clamp<int64_t>(causal_offset, -Lq, Lk);
   c.scale = scale;
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must lie in [0, 1); got ",

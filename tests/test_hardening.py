@@ -28,15 +28,6 @@ NAN, INF = float("nan"), float("inf")
 
 needs_op = pytest.mark.skipif(fused_op.load_error() is not None, reason=str(fused_op.load_error()))
 
-# The CPU kernel's row maximum and vector exp skip NaN: the NaN rules below fail there until the
-# kernel propagates NaN like SDPA (csrc/cpu). Each such case is a strict xfail: it turns into a
-# failure as soon as the kernel is fixed, so that this mark is removed with the fix.
-CPU_SWALLOWS_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="csrc/cpu: row_max / exp drop NaN and +inf in the vectorised part of a key block, "
-    "and the epilogue maps a NaN row sum to zeros and lse = -inf",
-)
-
 _FWD_NAMES = (
     "q k v rotation rotated_queries key_modality num_modalities key_padding_mask attn_mask "
     "is_causal causal_offset scale dropout_p rng_state"
@@ -217,7 +208,6 @@ ENTRIES = ["api", "op"]
 
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
-@CPU_SWALLOWS_NAN
 def test_nan_query_poisons_its_row(entry):
     q, k, v = _nan_case()
     q[1, 0, 2, 5] = NAN
@@ -229,7 +219,6 @@ def test_nan_query_poisons_its_row(entry):
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("j", [3, 31, 35], ids=["j3", "j31", "j35"])
-@CPU_SWALLOWS_NAN
 def test_nan_key_poisons_every_row_that_sees_it_wherever_it_lies(entry, j):
     q, k, v = _nan_case()
     k[0, 1, j, 2] = NAN
@@ -241,7 +230,6 @@ def test_nan_key_poisons_every_row_that_sees_it_wherever_it_lies(entry, j):
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("j", [3, 35], ids=["j3", "j35"])
-@CPU_SWALLOWS_NAN
 def test_infinite_score_gives_nan_not_the_value_of_its_key(entry, j):
     q, k, v = _nan_case()
     q = q.abs() + 0.1  # every score with an all-+inf key is +inf
@@ -291,20 +279,11 @@ def _padded(j):
     return pad
 
 
-# A NaN in the last 16-key chunk of the vectorised row maximum comes out of it as NaN, and
-# std::max(-inf, NaN) is -inf: the kernel then takes the row for one that sees no key.
-CPU_ZEROES_ROW = pytest.mark.xfail(
-    strict=True,
-    reason="csrc/cpu: a NaN in the last vector chunk of row_max makes the row maximum NaN and "
-    "std::max(-inf, NaN) = -inf, so the row is silently returned as zeros",
-)
-
-
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize(
     "j",
-    [3, pytest.param(31, marks=CPU_ZEROES_ROW), pytest.param(35, marks=CPU_SWALLOWS_NAN)],
+    [3, 31, 35],
     ids=["j3", "j31", "j35"],
 )
 def test_nan_key_of_a_padded_position_reaches_no_row(entry, j):
@@ -334,19 +313,35 @@ def test_nan_query_of_a_row_that_sees_no_key_gives_zeros(entry):
 
 @needs_op
 @pytest.mark.parametrize("entry", ENTRIES)
-@pytest.mark.xfail(
-    strict=True,
-    reason="csrc/cpu: the P.V product multiplies the zero weights of hidden keys by their values, "
-    "and the epilogue scales a row that saw no key by 0, so a NaN value of a padded key makes it NaN",
-)
-def test_row_that_sees_no_key_gives_zeros_whatever_the_values_hold(entry):
-    q, k, v = _nan_case()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_that_sees_no_key_gives_zeros_whatever_the_values_hold(entry, dtype):
+    q, k, v = _nan_case(dtype)
     v[1, 0, 35, 2] = NAN  # sample 1 sees no key: its rows must still be zeros
     pad = _padded(5)
     got = _run(entry, q, k, v, key_padding_mask=pad)
     want = _reference(q, k, v, key_padding_mask=pad)
     assert torch.equal(want[0][1], torch.zeros_like(want[0][1]))
     assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [2**63 - 1, 2**62, -(2**63), -(2**62), 40, -6])
+def test_op_causal_offset_of_any_int64_keeps_its_meaning(offset, dtype):
+    # i + offset must not wrap in a kernel: an offset past Lk shows every key to every row, one
+    # below -Lq hides every key (zeros, lse = -inf)
+    q, k, v = _nan_case(dtype)
+    with nan_poisoned_outputs():
+        out, lse = raw_fwd(q, k, v, is_causal=True, causal_offset=offset)[:2]
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(max(min(offset, Lk), -Lq - 1))
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    seen = mask.any(-1)
+    want[..., ~seen, :] = 0
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    assert bool(torch.isfinite(lse[..., seen]).all())
+    assert bool((lse[..., ~seen] == -INF).all())
 
 
 def test_reference_nan_value_of_a_hidden_key_reaches_no_row():

@@ -184,7 +184,11 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
     const float L = w.l[i];
     const float inv = L == 0.0f ? 0.0f : 1.0f / L;
     float* orow = w.orows + i * Dvp;
-    for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+    if (L == 0.0f && !row_sees_a_key(p, b, h, i0 + i)) {
+      fill(orow, Dv, 0.0f);  // no key: zeros, even where a hidden value is NaN
+    } else {
+      for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+    }
     store_row(out + i * p.out_row_stride, orow, Dv);
     lse[i] = L == 0.0f ? -inf : w.m[i] + alog(L);
     for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;

@@ -414,7 +414,11 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     const A inv = L == A(0) ? A(0) : A(1) / L;
     A* orow = w.O + i * Dvp;
     const V vinv = vbcast(inv);
-    for (int64_t d = 0; d < Dvp; d += W) vstore(orow + d, vload(orow + d) * vinv);
+    if (L == A(0) && !row_sees_a_key(p, b, h, i0 + i)) {
+      fill(orow, Dvp, A(0));  // no key: zeros, even where a hidden value is NaN
+    } else {
+      for (int64_t d = 0; d < Dvp; d += W) vstore(orow + d, vload(orow + d) * vinv);
+    }
     store_row(out + i * p.out_row_stride, orow, Dv);
     lse[i] = L == A(0) ? -inf : w.m[i] + alog(L);
     for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;

@@ -26,6 +26,25 @@ inline int64_t causal_end(const AttentionParams& p, int64_t i0, int64_t qn) {
   return imax<int64_t>(0, imin<int64_t>(p.seqlen_k, i0 + qn + p.causal_offset));
 }
 
+// Whether row i of (b, h) has a key that no boolean mask hides (key padding, the causal band, a
+// bool attn_mask). Asked only for a row whose softmax sum is 0: a row that sees no key gives zeros
+// whatever the values of its hidden keys hold, while a row whose visible scores are all -inf keeps
+// its 0 * value products (NaN for a NaN value, as in SDPA).
+inline bool row_sees_a_key(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  const int64_t end = causal_end(p, i, 1);
+  const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
+  const bool* m = nullptr;
+  if (p.attn_mask_kind == AttentionParams::kMaskBool)
+    m = static_cast<const bool*>(p.attn_mask) + b * p.mask_batch_stride +
+        h * p.mask_head_stride + i * p.mask_row_stride;
+  for (int64_t j = 0; j < end; ++j) {
+    if (pad != nullptr && !pad[j]) continue;
+    if (m != nullptr && !m[j * p.mask_col_stride]) continue;
+    return true;
+  }
+  return false;
+}
+
 inline bool has_masks(const AttentionParams& p) {
   return p.key_padding != nullptr || p.is_causal || p.attn_mask_kind != AttentionParams::kMaskNone;
 }
