@@ -165,6 +165,34 @@ def test_attn_mask_float32(mask):
         assert torch.all(got[0][1, H - 1, 4] == 0)
 
 
+# the broadcast shapes SDPA accepts (those of tests/test_sdpa_dropin.py)
+SDPA_MASK_SHAPES = {
+    "Lq,Lk": lambda B, H, Lq, Lk: (Lq, Lk),
+    "1,Lk": lambda B, H, Lq, Lk: (1, Lk),
+    "1,1,Lq,Lk": lambda B, H, Lq, Lk: (1, 1, Lq, Lk),
+    "B,1,1,Lk": lambda B, H, Lq, Lk: (B, 1, 1, Lk),
+    "1,H,1,Lk": lambda B, H, Lq, Lk: (1, H, 1, Lk),
+    "B,1,Lq,1": lambda B, H, Lq, Lk: (B, 1, Lq, 1),
+    "H,Lq,Lk": lambda B, H, Lq, Lk: (H, Lq, Lk),
+    "B,H,Lq,Lk": lambda B, H, Lq, Lk: (B, H, Lq, Lk),
+}
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", list(SDPA_MASK_SHAPES))
+def test_every_sdpa_broadcast_shape(shape, kind):
+    B, H, Lq, Lk = 2, 2, 9, 21
+    case = _case(F32, B, H, Lq, Lk, D=16, seed=len(shape))
+    g = torch.Generator().manual_seed(len(shape))
+    dims = SDPA_MASK_SHAPES[shape](B, H, Lq, Lk)
+    mask = torch.rand(dims, generator=g) < 0.7 if kind == "bool" else torch.randn(dims, generator=g)
+    if kind == "bool" and shape == "B,1,Lq,1":
+        mask[0, 0, 2] = False  # a row that sees no key
+    case.kwargs["attn_mask"] = mask
+    out, stats = _forward(case)
+    _check_forward(case, out, stats, f"{kind} {shape}")
+
+
 def test_attn_mask_is_read_in_place():
     """A broadcast mask reaches the kernels as a stride-0 view of the caller's storage."""
     case = _case(F32, B=3, H=2, Lq=9, Lk=21)
