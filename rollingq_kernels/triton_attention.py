@@ -525,7 +525,8 @@ def rolling_attention_triton_forward(
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     group = H // k.shape[1]
-    causal_offset = int(causal_offset) if is_causal else 0
+    # offsets past Lk show every key and below -Lq hide every key: clamped, i + offset fits int32
+    causal_offset = min(max(int(causal_offset), -Lq), Lk) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -681,7 +682,8 @@ def rolling_attention_triton_backward(
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
-    causal_offset = int(causal_offset) if is_causal else 0
+    # offsets past Lk show every key and below -Lq hide every key: clamped, i + offset fits int32
+    causal_offset = min(max(int(causal_offset), -Lq), Lk) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)

@@ -208,14 +208,12 @@ def test_transformers_padding_mask_with_finfo_min():
     """finfo.min marks hidden keys in transformers' additive masks: the log2 scaling of the
     kernels must not turn it into -inf. Sample 1 (some keys visible) matches the reference; in
     sample 0 every key carries finfo.min, the scores vanish next to it and the row attends
-    uniformly, as SDPA's float32 softmax does. (The float64 reference itself loses log(Lk) next
-    to -3.4e38 in its lse there and returns the sum of the values instead of their mean, so that
-    sample is compared with the mean.)"""
+    uniformly, as SDPA's float32 softmax does; its lse is held near the clamp."""
     case = _case(F32, B=2, H=2, Lq=17, Lk=29)
     case.kwargs["attn_mask"] = _mask("float_finfo_min", 2, 2, 17, 29, F32)
     out, stats = _forward(case)
     ref_out, ref = reference(case)
-    assert_close(out[1], ref_out[1], rel=1e-5, name="out")
+    assert_close(out, ref_out, rel=1e-5, name="out")
     v_mean = case.v.double().mean(dim=2, keepdim=True).expand(-1, -1, 17, -1)
     assert_close(out[0], v_mean[0], rel=1e-5, name="uniform sample 0")
     assert_close(stats.lse[1], ref.lse[1], rel=2e-5, name="lse")
@@ -529,3 +527,23 @@ def test_mask_and_dropout_match_math_on_small_random_problems():
         out, stats = _forward(case)
         _check_forward(case, out, stats, f"{Lq}x{Lk}")
         assert math.isfinite(out.sum().item())
+
+
+@pytest.mark.parametrize("offset", [2**63 - 1, -(2**63), 40, -19])
+def test_causal_offset_of_any_int64_keeps_its_meaning(offset):
+    # the raw entry point is public: an offset past Lk shows every key, one below -Lq none; the
+    # kernels take it as int32, so it must be clamped, not wrapped
+    case = _case(F32, B=1, H=2, Lq=19, Lk=37, padding=False, modalities=0, rotation=None)
+    q, k, v = case.q, case.k, case.v
+    with nan_poisoned_outputs():
+        out, lse = ta.rolling_attention_triton_forward(
+            q, k, v, is_causal=True, causal_offset=offset
+        )[:2]
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(max(min(offset, Lk), -Lq - 1))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask
+    )
+    want[..., ~mask.any(-1), :] = 0
+    assert_close(out, want, rel=1e-5, name="out")
+    assert bool((lse[..., ~mask.any(-1)] == float("-inf")).all())
