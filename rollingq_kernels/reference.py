@@ -220,13 +220,18 @@ def rolling_attention_reference(
     )
     # Hidden positions are replaced by -inf (never added to): a NaN there reaches no row.
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    # A row with a +inf score has no softmax (inf - inf): its lse is NaN, as for a NaN score.
-    lse = torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
-    # A row that sees no key has lse = -inf; shift it by 0 instead so exp() gives 0, not NaN.
-    # Only -inf: a NaN lse must reach the output as NaN, as in SDPA.
-    shift = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - shift[..., None])
+    # softmax shifted by the row maximum, normalised by the row sum: exp(s - lse) would be wrong
+    # where lse = m + log(sum) rounds back to m (m near the dtype's minimum, as with a mask of
+    # finfo.min), giving every key a weight of 1.
+    m = scores.amax(dim=-1)
+    # A row that sees no key (m = -inf) is shifted by 0 so exp() gives 0, not NaN; a +inf score
+    # has no softmax (inf - inf): NaN, as for a NaN score, which propagates by itself.
+    shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    shift = torch.where(m == float("inf"), torch.full_like(m, float("nan")), shift)
+    e = torch.exp(scores - shift[..., None])
+    total = e.sum(dim=-1)
+    lse = shift + torch.log(total)
+    probs = e / torch.where(total == 0, torch.ones_like(total), total)[..., None]
     weights = probs
     if dropout_p > 0.0:
         if rng_state is None:

@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import dropout as _dropout
 from . import op_contract as _contract
 from ._stats import AttentionStats
 
@@ -114,7 +115,26 @@ def unsupported_reasons(problem) -> List[str]:
         )
     if problem.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"supports float16, bfloat16 and float32, not {problem.q.dtype}")
+    B, H, _, _ = problem.q.shape
+    if B * H > _MAX_GRID_Y:
+        reasons.append(f"B * H = {B * H} exceeds the grid limit {_MAX_GRID_Y} of one launch")
+    for name, t in (("q", problem.q), ("k", problem.k), ("v", problem.v),
+                    ("attn_mask", problem.attn_mask)):  # fmt: skip
+        if t is not None and _slice_extent(t) >= 2**31:
+            reasons.append(
+                f"{name}: one (batch, head) slice spans {_slice_extent(t)} elements; the kernels "
+                "index within a slice in 32 bits (< 2^31)"
+            )
     return reasons
+
+
+_MAX_GRID_Y = 65535  # CUDA's limit on the 2nd and 3rd grid dims; axis 1 of every launch is B * H
+
+
+def _slice_extent(t: Tensor) -> int:
+    """One past the largest element offset within one (batch, head) slice of a 4-D tensor: the
+    kernels add 64-bit batch / head offsets and 32-bit offsets within the slice."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n > 0)
 
 
 def forward(p) -> Tuple[Tensor, Optional[AttentionStats]]:
@@ -156,6 +176,7 @@ def _fwd_configs():
         (128, 64, 4, 3),
         (128, 64, 8, 2),
         (128, 32, 4, 3),
+        (128, 32, 8, 3),
         (64, 64, 4, 3),
         (64, 64, 4, 2),
         (64, 64, 8, 2),
@@ -177,6 +198,7 @@ def _bwd_dkdv_configs():
         (64, 128, 8, 2),
         (64, 64, 4, 2),
         (32, 64, 4, 2),
+        (32, 64, 8, 2),
         (16, 64, 4, 2),
         (16, 32, 4, 2),
     ]
@@ -203,7 +225,12 @@ def _prune(configs, named_args, kind: str, **kwargs):
     chunked = int(args["D_CHUNKS"]) > 1 or int(args["DV_CHUNKS"]) > 1
     width = max(int(args["BLOCK_D"]), int(args["BLOCK_DV"]))
     fp32 = args.get("PRECISION", "none") != "none"
+    dropout = bool(args.get("DROPOUT"))
     major, _ = _capability()
+    # dropout with a float mask (or any dropout on sm_8x, whose smaller register allocation
+    # spills sooner): smaller tiles at head dims >= 128
+    float_mask = bool(args.get("HAS_MASK")) and not args.get("MASK_BOOL")
+    heavy = dropout and (float_mask or major == 8)
     keep, seen = [], set()
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -232,11 +259,22 @@ def _prune(configs, named_args, kind: str, **kwargs):
         if not chunked and kind == "fwd" and bm == 128:
             # 128-row forward tiles on 4 warps spill at head dim 128, and at 64 once the rotation
             # or the statistics add their registers; so do 128 x 128 tiles with either
-            extra = bool(args.get("ROTATE") or args.get("STATS"))
+            extra = any(args.get(f) for f in ("ROTATE", "STATS", "HAS_MASK", "DROPOUT"))
             if c.num_warps < 8 and (width >= 128 or extra):
                 continue
             if width >= 128 and bn > 64 and extra:
                 continue
+        if heavy and width >= 128 and not chunked:
+            # a float mask tile and the dropout words on top of the 128-wide accumulators: the
+            # tiles that compile without spills on sm_90 (docs/triton.md, compile table)
+            if kind == "fwd" and (bm * bn > 128 * 32 or c.num_warps < 8):
+                continue
+            if kind == "dq" and bm * bn > 128 * 32:
+                continue
+            if kind == "dkdv" and (bn > 64 or (bm >= 32 and c.num_warps < 8)):
+                continue
+        if dropout and width >= 256 and not chunked and kind == "fwd" and bn > 32:
+            continue
         if fp32 and (bm * bn > 64 * 32 or c.num_stages > 2):
             continue  # float32 operands take twice the registers and shared memory
         if (fp32 or width >= 256) and not chunked and bm >= 64 and c.num_warps < 8:
@@ -261,11 +299,11 @@ def _prune(configs, named_args, kind: str, **kwargs):
 
 _FWD_KEY = [
     "LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "D_CHUNKS", "DV_CHUNKS", "ROTATE", "HAS_ROWS",
-    "HAS_PAD", "CAUSAL", "STATS", "PRECISION",
+    "HAS_PAD", "CAUSAL", "STATS", "PRECISION", "HAS_MASK", "MASK_BOOL", "DROPOUT",
 ]  # fmt: skip
 _BWD_KEY = [
     "LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "D_CHUNKS", "DV_CHUNKS", "HAS_PAD", "CAUSAL",
-    "PRECISION",
+    "PRECISION", "HAS_MASK", "MASK_BOOL", "DROPOUT",
 ]  # fmt: skip
 
 if triton is not None:
@@ -347,6 +385,39 @@ def _head_plan(d: int, tiled_block: int) -> Tuple[int, int]:
 
 def _as_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def _mask_args(attn_mask: Optional[Tensor], shape, dummy: Tensor) -> Tuple[Tensor, tuple, dict]:
+    """(pointer, strides, constexprs) of an attn_mask broadcast to ``shape`` (B, H, Lq, Lk): read
+    in place through its strides (stride 0 on broadcast dims); a bool mask as uint8 (a view)."""
+    if attn_mask is None:
+        return dummy, (0, 0, 0, 0), dict(HAS_MASK=False, MASK_BOOL=False)
+    m = attn_mask.expand(shape)
+    is_bool = m.dtype == torch.bool
+    if is_bool:
+        m = m.view(torch.uint8)
+    return m, m.stride(), dict(HAS_MASK=True, MASK_BOOL=is_bool)
+
+
+def _as_int32(x: int) -> int:
+    # the two's complement int32 holding the 32-bit pattern x (the kernels bitcast it to uint32)
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
+def _dropout_args(dropout_p: float, rng_state: Optional[Tensor], lk: int) -> Tuple[tuple, dict]:
+    """Scalar kernel arguments of the dropout keep-mask (dropout.py): (ceil(Lk / 4), seed lo, seed
+    hi, offset lo, offset hi, threshold, 1 / (1 - p)) and the DROPOUT constexpr."""
+    groups = _cdiv(lk, 4)
+    if dropout_p <= 0.0:
+        return (groups, 0, 0, 0, 0, 0, 1.0), dict(DROPOUT=False)
+    if rng_state is None:
+        raise ValueError("dropout_p > 0 needs rng_state, an int64 CPU tensor (seed, offset)")
+    seed, offset = (int(x) & (2**64 - 1) for x in rng_state.tolist())
+    thr = _dropout.dropout_threshold(float(dropout_p))
+    words = (seed, seed >> 32, offset, offset >> 32, thr)
+    scale = 1.0 / (1.0 - float(dropout_p))
+    return (groups, *(_as_int32(w) for w in words), scale), dict(DROPOUT=True)
 
 
 def _num_splits(bh: int, lq: int, lk: int, device: torch.device) -> Tuple[int, int]:
@@ -435,6 +506,9 @@ def rolling_attention_triton_forward(
     *,
     num_splits: Optional[int] = None,
     causal_offset: int = 0,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the forward on canonical inputs (see AttentionProblem).
 
@@ -444,12 +518,15 @@ def rolling_attention_triton_forward(
     None lets the flash-decoding heuristic choose (more than one only for short query blocks).
     k and v may have fewer heads than q (grouped-query attention: H a multiple of theirs; they
     are read in place, query head h reads kv head h // (H / Hkv)). With ``is_causal``, key j is
-    visible from row i iff j <= i + causal_offset.
+    visible from row i iff j <= i + causal_offset. ``attn_mask``: None, or bool / float
+    broadcastable to (B, H, Lq, Lk), read in place. ``dropout_p`` > 0 drops probabilities with the
+    keep-mask of ``rng_state`` (dropout.py); lse and the statistics are taken before dropout.
     """
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     group = H // k.shape[1]
-    causal_offset = int(causal_offset) if is_causal else 0
+    # offsets past Lk show every key and below -Lq hide every key: clamped, i + offset fits int32
+    causal_offset = min(max(int(causal_offset), -Lq), Lk) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -493,6 +570,8 @@ def rolling_attention_triton_forward(
     dummy = lse
     m_pad, mass_dot = _mass_plan(M)
     rot_chunk = max(16, min(block_d, 4096 // block_d))
+    mask_ptr, mask_strides, mask_meta = _mask_args(attn_mask, (B, H, Lq, Lk), dummy)
+    drop_args, drop_meta = _dropout_args(dropout_p, rng_state, Lk)
 
     def grid(meta):
         return (_cdiv(Lq, meta["BLOCK_M"]), B * H, splits * dv_chunks)
@@ -515,9 +594,11 @@ def rolling_attention_triton_forward(
         lse_buf,
         mass_buf if stats else dummy,
         ks_buf if stats else dummy,
+        mask_ptr,
         *q.stride(),
         *k.stride(),
         *v.stride(),
+        *mask_strides,
         H,
         Lq,
         Lk,
@@ -529,6 +610,7 @@ def rolling_attention_triton_forward(
         per,
         ks_slots,
         float(scale) * _k.LOG2E,
+        *drop_args,
         _bucket(Lq),
         _bucket(Lk),
         BLOCK_D=block_d,
@@ -546,6 +628,8 @@ def rolling_attention_triton_forward(
         ROT_PRECISION="ieee" if _interpreting() else ("tf32x3" if q.dtype == f32 else "tf32"),
         MASS_DOT=mass_dot,
         UPCAST=_upcast(q.dtype),
+        **mask_meta,
+        **drop_meta,
     )
     if splits > 1:
         rows_total = B * H * Lq
@@ -585,16 +669,21 @@ def rolling_attention_triton_backward(
     scale: Optional[float] = None,
     *,
     causal_offset: int = 0,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of the forward above (contiguous, in q's dtype).
 
     The rotated queries are recomputed (one small product) rather than stored by the forward;
     dq of the rotated queries is then taken back through the rotation: dq_i = dq_rot_i @ R.
+    The attn_mask is read again and the dropout keep-mask regenerated from ``rng_state``.
     """
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
-    causal_offset = int(causal_offset) if is_causal else 0
+    # offsets past Lk show every key and below -Lq hide every key: clamped, i + offset fits int32
+    causal_offset = min(max(int(causal_offset), -Lq), Lk) if is_causal else 0
     dev = q.device
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -602,6 +691,8 @@ def rolling_attention_triton_backward(
         q = rotate_rows(q, rotation, rotated_queries, transpose=False, out_dtype=q.dtype)
     out = out.contiguous()
     lse = lse.contiguous()
+    if _slice_extent(dout) >= 2**31:  # a gradient laid out more widely than q (32-bit offsets)
+        dout = dout.contiguous()
     pad_u8 = _as_u8(key_padding_mask)
     f32 = torch.float32
     if D <= FAST_HEAD_DIM and Dv <= FAST_HEAD_DIM:
@@ -630,11 +721,14 @@ def rolling_attention_triton_backward(
     dk = torch.empty(B, Hkv, Lk, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, Hkv, Lk, Dv, dtype=v.dtype, device=dev)
     dq_buf = torch.empty(B, H, Lq, D, dtype=f32 if rotation is not None else q.dtype, device=dev)
+    mask_ptr, mask_strides, mask_meta = _mask_args(attn_mask, (B, H, Lq, Lk), delta)
+    drop_args, drop_meta = _dropout_args(dropout_p, rng_state, Lk)
     common = (
         *q.stride(),
         *k.stride(),
         *v.stride(),
         *dout.stride(),
+        *mask_strides,
         H,
         Lq,
         Lk,
@@ -644,6 +738,7 @@ def rolling_attention_triton_backward(
         causal_offset,
         float(scale),
         float(scale) * _k.LOG2E,
+        *drop_args,
         _bucket(Lq),
         _bucket(Lk),
     )
@@ -656,6 +751,8 @@ def rolling_attention_triton_backward(
         CAUSAL=bool(is_causal),
         PRECISION=_precision(q.dtype),
         UPCAST=_upcast(q.dtype),
+        **mask_meta,
+        **drop_meta,
     )
     pad_arg = pad_u8 if pad_u8 is not None else delta
     chunks = max(d_chunks, dv_chunks)
@@ -665,7 +762,7 @@ def rolling_attention_triton_backward(
         _k._rolling_attn_bwd_dkdv_kernel,
         lambda m: (_cdiv(Lk, m["BLOCK_N"]), B * Hkv, chunks),
         Lq, Lk,
-        q, k, v, pad_arg, dout, lse, delta, dk, dv,
+        q, k, v, pad_arg, dout, lse, delta, dk, dv, mask_ptr,
         *common,
         **meta,
     )  # fmt: skip
@@ -675,7 +772,7 @@ def rolling_attention_triton_backward(
         _k._rolling_attn_bwd_dq_kernel,
         lambda m: (_cdiv(Lq, m["BLOCK_M"]), B * H, d_chunks),
         Lq, Lk,
-        q, k, v, pad_arg, dout, lse, delta, dq_buf,
+        q, k, v, pad_arg, dout, lse, delta, dq_buf, mask_ptr,
         *common,
         **meta,
     )  # fmt: skip
@@ -689,22 +786,6 @@ def rolling_attention_triton_backward(
 # Implementations of the op family rollingq::triton_attention_fwd / _bwd (schema, fake and
 # autograd: op_contract.py). Registered for CUDA tensors, and for CPU tensors so that Triton's
 # interpreter can run them.
-
-
-def _decline(name: str, attn_mask, is_causal, causal_offset, dropout_p, q, k) -> None:
-    """The contract's arguments these kernels do not implement yet: a clear error, never a
-    wrong answer (the registry keeps "auto" from sending them)."""
-    missing = []
-    if attn_mask is not None:
-        missing.append("attn_mask")
-    if dropout_p > 0.0:
-        missing.append("dropout_p > 0")
-    if missing:
-        raise NotImplementedError(
-            f"rollingq::triton_{name}: not implemented by the Triton kernels: "
-            + ", ".join(missing)
-            + "; use backend='reference' (or 'auto', which chooses a backend that can)"
-        )
 
 
 def _key_count(ids, pad, B: int, M: int, device) -> Tensor:
@@ -729,7 +810,6 @@ def _side_inputs(rotation, rotated_queries, key_modality, key_padding_mask):
 def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modalities,
                      key_padding_mask, attn_mask, is_causal, causal_offset, scale, dropout_p,
                      rng_state):  # fmt: skip
-    _decline("attention_fwd", attn_mask, is_causal, causal_offset, dropout_p, q, k)
     rotation, rows, ids, pad = _side_inputs(
         rotation, rotated_queries, key_modality, key_padding_mask
     )
@@ -737,7 +817,8 @@ def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modal
         rows = None
     out, lse, mass, key_sum = rolling_attention_triton_forward(
         q, k, v, rotation, rows, ids, pad, num_modalities, is_causal, scale,
-        causal_offset=causal_offset,
+        causal_offset=causal_offset, attn_mask=attn_mask, dropout_p=dropout_p,
+        rng_state=rng_state,
     )  # fmt: skip
     B, H, Lq, _ = q.shape
     result = _contract.layout_like(q, (B, H, Lq, v.shape[3]))
@@ -749,13 +830,13 @@ def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modal
 def _triton_bwd_impl(grad_out, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask,
                      attn_mask, is_causal, causal_offset, scale, dropout_p,
                      rng_state):  # fmt: skip
-    _decline("attention_bwd", attn_mask, is_causal, causal_offset, dropout_p, q, k)
     rotation, rows, _, pad = _side_inputs(rotation, rotated_queries, None, key_padding_mask)
     if rotation is None:
         rows = None
     dq, dk, dv = rolling_attention_triton_backward(
         grad_out, q, k, v, out, lse, rotation, rows, pad, is_causal, scale,
-        causal_offset=causal_offset,
+        causal_offset=causal_offset, attn_mask=attn_mask, dropout_p=dropout_p,
+        rng_state=rng_state,
     )  # fmt: skip
     grads = []
     for t, g in ((q, dq), (k, dk), (v, dv)):

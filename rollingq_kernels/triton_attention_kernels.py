@@ -45,6 +45,82 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return r
 
 
+# Philox4x32-10 constants (rollingq_kernels/dropout.py is the specification)
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _philox4x32(c0, c1, c2, c3, k0, k1):
+    # ten rounds on uint32 counters (tensors) and key (scalars), as dropout.philox4x32
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, _PHILOX_M1) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, _PHILOX_M0) ^ c3 ^ k1
+        c1 = a2 * _PHILOX_M1
+        c3 = a0 * _PHILOX_M0
+        k0 = k0 + _PHILOX_W0
+        k1 = k1 + _PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _keep_tile(row_g, start_n, seed_lo, seed_hi, off_lo, off_hi, drop_thr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """Dropout keep-mask (bool [rows, BLOCK_N]) of keys start_n .. start_n + BLOCK_N - 1 (start_n
+    a multiple of 4) for rows whose first 4-key group has the counter ``row_g`` (int64):
+    element (row, j) is kept when word j % 4 of Philox4x32-10 with counter (g lo, g hi, offset lo,
+    offset hi), g = row_g + j // 4, and key (seed lo, seed hi) is >= drop_thr. One Philox call per
+    four keys; the four words are interleaved back into key order."""
+    g = row_g[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    c0 = g.to(tl.uint32)  # the low 32 bits
+    c1 = (g >> 32).to(tl.uint32)
+    z = tl.zeros_like(c0)
+    w0, w1, w2, w3 = _philox4x32(
+        c0,
+        c1,
+        z + off_lo.to(tl.uint32, bitcast=True),
+        z + off_hi.to(tl.uint32, bitcast=True),
+        seed_lo.to(tl.uint32, bitcast=True),
+        seed_hi.to(tl.uint32, bitcast=True),
+    )
+    w = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    return w >= drop_thr.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _mask_tile(mask_base, smq, smk, offs_m, m_valid, offs_n, n_valid, TRANS: tl.constexpr):
+    """The attn_mask tile of rows offs_m and keys offs_n, read in place through its strides
+    ([rows, keys]; [keys, rows] with TRANS); 0 outside the valid rows and keys."""
+    if TRANS:
+        mt = tl.load(
+            mask_base + offs_m[None, :] * smq + offs_n[:, None] * smk,
+            mask=m_valid[None, :] & n_valid[:, None],
+            other=0,
+        )
+    else:
+        mt = tl.load(
+            mask_base + offs_m[:, None] * smq + offs_n[None, :] * smk,
+            mask=m_valid[:, None] & n_valid[None, :],
+            other=0,
+        )
+    return mt
+
+
+@triton.jit
+def _mask_bias(mt):
+    """A float attn_mask tile in log2 units. A finite value below -1e37 (torch.finfo(dtype).min
+    marks hidden keys in many models) is held at -1e37 so that the log2 scaling cannot overflow it
+    to -inf: a row whose keys all carry it still attends to all of them (as in SDPA), while -inf
+    hides a key; NaN and +inf pass through."""
+    m = mt.to(tl.float32)
+    m = tl.where((m < -1.0e37) & (m != float("-inf")), -1.0e37, m)
+    return m * _LOG2E
+
+
 @triton.jit
 def _key_sum_tiles(
     k_base,
@@ -125,10 +201,11 @@ def _scores(q, q_base, k_base, sql, sqd, skl, skd, offs_m, m_valid, offs_n, n_va
 @triton.jit
 def _mass_of_mixed_tiles(
     mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi, offs_m,
-    m_valid, offs_d, d_valid, offs_mod, qk_scale, D, causal_off,
+    m_valid, offs_d, d_valid, offs_mod, qk_scale, D, causal_off, mask_base, smq, smk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     M_PAD: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    MASS_DOT: tl.constexpr, UPCAST: tl.constexpr,
+    MASS_DOT: tl.constexpr, UPCAST: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
 ):  # fmt: skip
     """The mass of the key tiles whose visible keys carry more than one id (the main loop took
     the others): their probabilities are recomputed against the final row max m_i, so the result
@@ -150,7 +227,14 @@ def _mass_of_mixed_tiles(
             vis = key_ok[None, :]
             if CAUSAL:
                 vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_off)
-            p = tl.where(vis, tl.exp2(s * qk_scale - m_use[:, None]), 0.0)
+            s = s * qk_scale
+            if HAS_MASK:
+                mt = _mask_tile(mask_base, smq, smk, offs_m, m_valid, offs_n, n_valid, False)
+                if MASK_BOOL:
+                    vis = vis & (mt != 0)
+                else:
+                    s = s + _mask_bias(mt)
+            p = tl.exp2(tl.where(vis, s, float("-inf")) - m_use[:, None])
             if MASS_DOT:
                 onehot = ids[:, None] == offs_mod[None, :]
                 if PRECISION == "none":
@@ -169,15 +253,19 @@ def _mass_of_mixed_tiles(
 def _fwd_inner(
     acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
     sql, sqd, skl, skd, svl, svd, start, end, vis_hi, offs_m, m_valid, offs_d, d_valid,
-    offs_dv, dv_valid, offs_mod, qk_scale, D, causal_off,
+    offs_dv, dv_valid, offs_mod, qk_scale, D, causal_off, mask_base, smq, smk, row_g, seed_lo,
+    seed_hi, off_lo, off_hi, drop_thr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     BOUNDARY: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
     PRECISION: tl.constexpr, MASS_DOT: tl.constexpr, M_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """Key tiles [start, end) of the forward's online softmax; returns the updated accumulators.
 
     BOUNDARY tiles mask keys at or past ``vis_hi`` and, when causal, keys past each row; interior
-    tiles only mask padded keys (and nothing at all without padding).
+    tiles only mask padded keys and the attn_mask (nothing at all without either). Dropout
+    applies to the probabilities that reach the output only: the row sums (l, lse) and the
+    modality mass are taken before it.
     """
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -207,12 +295,19 @@ def _fwd_inner(
         key_ok = n_valid
         if HAS_PAD:
             key_ok = key_ok & (tl.load(PAD + ids_row + offs_n, mask=n_valid, other=0) != 0)
-        if BOUNDARY or HAS_PAD:
+        if BOUNDARY or HAS_PAD or HAS_MASK:
             # rows past Lq need no mask: they read zeros, stay finite and are never stored
             vis = key_ok[None, :]
             if CAUSAL and BOUNDARY:
                 vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_off)
-            s = tl.where(vis, s * qk_scale, float("-inf"))
+            s = s * qk_scale
+            if HAS_MASK:
+                mt = _mask_tile(mask_base, smq, smk, offs_m, m_valid, offs_n, n_valid, False)
+                if MASK_BOOL:
+                    vis = vis & (mt != 0)
+                else:
+                    s = s + _mask_bias(mt)
+            s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -229,7 +324,12 @@ def _fwd_inner(
             mask=n_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + _mm(p.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
+        if DROPOUT:
+            keep = _keep_tile(row_g, start_n, seed_lo, seed_hi, off_lo, off_hi, drop_thr, BLOCK_N)
+            p_out = tl.where(keep, p, 0.0)
+        else:
+            p_out = p
+        acc = acc * alpha[:, None] + _mm(p_out.to(v_base.dtype.element_ty), vt, PRECISION, UPCAST)
         if STATS:
             # Attention mass per modality, main-loop part: a tile whose visible keys all carry
             # one id (keys laid out in runs per modality: all but a few tiles) adds the row sums
@@ -245,7 +345,10 @@ def _fwd_inner(
     return acc, l_i, m_i, mass
 
 
-@triton.jit
+_RNG_ARGS = ["seed_lo", "seed_hi", "off_lo", "off_hi", "drop_thr"]
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
 def _rolling_attn_fwd_kernel(
     Q,
     K,
@@ -258,6 +361,7 @@ def _rolling_attn_fwd_kernel(
     LSE,
     MASS,
     KSUM,
+    MASK,  # attn_mask (B, H, Lq, Lk) read through its strides: uint8 (bool) or float
     sqb,
     sqh,
     sql,
@@ -270,6 +374,10 @@ def _rolling_attn_fwd_kernel(
     svh,
     svl,
     svd,
+    smb,
+    smh,
+    smq,
+    smk,
     H,
     Lq,
     Lk,
@@ -281,6 +389,13 @@ def _rolling_attn_fwd_kernel(
     keys_per_split,
     KS_SLOTS,
     qk_scale,
+    KEY_GROUPS,  # dropout: ceil(Lk / 4), the counters of one row
+    seed_lo,  # dropout seed and offset, 32-bit halves (as int32), and threshold (floor(p 2^32))
+    seed_hi,
+    off_lo,
+    off_hi,
+    drop_thr,
+    drop_scale,  # 1 / (1 - p)
     LQ_KEY,  # autotuning keys only (bucketed Lq, Lk)
     LK_KEY,
     BLOCK_M: tl.constexpr,
@@ -300,6 +415,9 @@ def _rolling_attn_fwd_kernel(
     ROT_PRECISION: tl.constexpr,
     MASS_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One (query tile, batch*head, split*Dv-chunk) program.
 
@@ -324,9 +442,12 @@ def _rolling_attn_fwd_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     ids_row = b * Lk
+    mask_base = MASK + b * smb + h * smh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Lq
+    # dropout counter of each row's first 4-key group (the query head h counts, not the kv head)
+    row_g = (pid_bh.to(tl.int64) * Lq + offs_m) * KEY_GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     offs_dv = dvc * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -397,35 +518,41 @@ def _rolling_attn_fwd_kernel(
     acc, l_i, m_i, mass = _fwd_inner(
         acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, lo, interior_hi, vis_hi, offs_m, m_valid, offs_d, d_valid,
-        offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF,
+        offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF, mask_base, smq, smk, row_g,
+        seed_lo, seed_hi, off_lo, off_hi, drop_thr,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, False, HAS_PAD, CAUSAL, STATS, PRECISION,
-        MASS_DOT, M_PAD, UPCAST,
+        MASS_DOT, M_PAD, UPCAST, HAS_MASK, MASK_BOOL, DROPOUT,
     )  # fmt: skip
     acc, l_i, m_i, mass = _fwd_inner(
         acc, l_i, m_i, mass, q, q_base, k_base, v_base, IDS, PAD, ids_row,
         sql, sqd, skl, skd, svl, svd, interior_hi, vis_hi, vis_hi, offs_m, m_valid, offs_d,
-        d_valid, offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF,
+        d_valid, offs_dv, dv_valid, offs_mod, qk_scale, D, CAUSAL_OFF, mask_base, smq, smk,
+        row_g, seed_lo, seed_hi, off_lo, off_hi, drop_thr,
         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, True, HAS_PAD, CAUSAL, STATS, PRECISION,
-        MASS_DOT, M_PAD, UPCAST,
+        MASS_DOT, M_PAD, UPCAST, HAS_MASK, MASK_BOOL, DROPOUT,
     )  # fmt: skip
 
     row = (split * BH + pid_bh).to(tl.int64) * Lq + offs_m
-    l_use = tl.where(l_i > 0.0, l_i, 1.0)
+    l_use = tl.where(l_i == 0.0, 1.0, l_i)  # 0: a row that saw no key; NaN stays NaN
     out = acc / l_use[:, None]
+    if DROPOUT:
+        out = out * drop_scale
     tl.store(
         O + row[:, None] * Dv + offs_dv[None, :],
         out.to(O.dtype.element_ty),
         mask=m_valid[:, None] & dv_valid[None, :],
     )
     if dvc == 0:
-        lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_use)) * _LN2, float("-inf"))
+        # a row that saw no key: -inf; a NaN score (e.g. from a NaN in a float mask): NaN
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_use)) * _LN2)
         tl.store(LSE + row, lse, mask=m_valid)
         if STATS:
             # after the output is stored, so the accumulator is dead during this pass
             mass = _mass_of_mixed_tiles(
                 mass, m_i, q, q_base, k_base, IDS, PAD, ids_row, sql, sqd, skl, skd, lo, vis_hi,
-                offs_m, m_valid, offs_d, d_valid, offs_mod, qk_scale, D, CAUSAL_OFF, BLOCK_M, BLOCK_N,
-                BLOCK_D, D_CHUNKS, M_PAD, HAS_PAD, CAUSAL, PRECISION, MASS_DOT, UPCAST,
+                offs_m, m_valid, offs_d, d_valid, offs_mod, qk_scale, D, CAUSAL_OFF, mask_base,
+                smq, smk, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, M_PAD, HAS_PAD, CAUSAL, PRECISION,
+                MASS_DOT, UPCAST, HAS_MASK, MASK_BOOL,
             )  # fmt: skip
             tl.store(
                 MASS + row[:, None] * M + offs_mod[None, :],
@@ -482,9 +609,11 @@ def _rolling_attn_merge_kernel(
     mx_use = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse_s - mx_use)
     total = tl.sum(w, axis=0)
-    inv = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
+    # total is 0 when no split saw a key (row of zeros, lse -inf) and NaN when one saw a NaN
+    # score, which then reaches the row's output and lse
+    inv = tl.where(total == 0.0, 0.0, 1.0 / tl.where(total == 0.0, 1.0, total))
     w = w * inv
-    lse = tl.where(total > 0.0, mx_use + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    lse = tl.where(total == 0.0, float("-inf"), mx_use + tl.log(tl.where(total == 0.0, 1.0, total)))
     tl.store(LSE + row, lse)
     for c in tl.static_range(DV_CHUNKS):
         offs_dv = c * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -612,7 +741,7 @@ def _rolling_attn_bwd_preprocess_kernel(
     tl.store(DELTA + row, delta, mask=m_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RNG_ARGS)
 def _rolling_attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -623,6 +752,7 @@ def _rolling_attn_bwd_dkdv_kernel(
     DELTA,
     DK,
     DV,
+    MASK,
     sqb,
     sqh,
     sql,
@@ -639,6 +769,10 @@ def _rolling_attn_bwd_dkdv_kernel(
     sdh,
     sdl,
     sdd,
+    smb,
+    smh,
+    smq,
+    smk,
     H,
     Lq,
     Lk,
@@ -648,6 +782,13 @@ def _rolling_attn_bwd_dkdv_kernel(
     CAUSAL_OFF,
     scale,
     qk_scale,
+    KEY_GROUPS,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    drop_thr,
+    drop_scale,
     LQ_KEY,
     LK_KEY,
     BLOCK_M: tl.constexpr,
@@ -660,6 +801,9 @@ def _rolling_attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """dK, dV of one key tile, streaming the query tiles that can see it (Q is the rotated q).
 
@@ -712,6 +856,7 @@ def _rolling_attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
+        mask_base = MASK + b * smb + h * smh
         row0 = (b * H + h) * Lq
         for start_m in range(m_lo, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -749,7 +894,23 @@ def _rolling_attn_bwd_dkdv_kernel(
             vis = key_ok[:, None] & m_valid[None, :]
             if CAUSAL:
                 vis = vis & (offs_m[None, :] + CAUSAL_OFF >= offs_n[:, None])
-            pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            st = st * qk_scale
+            if HAS_MASK:
+                mt = _mask_tile(mask_base, smq, smk, offs_m, m_valid, offs_n, n_valid, True)
+                if MASK_BOOL:
+                    vis = vis & (mt != 0)
+                else:
+                    st = st + _mask_bias(mt)
+            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+            if DROPOUT:
+                # the forward's keep-mask, regenerated (rows of this query head, this key tile)
+                keep_t = tl.trans(
+                    _keep_tile((row0 + offs_m) * KEY_GROUPS, pid_n * BLOCK_N, seed_lo, seed_hi,
+                               off_lo, off_hi, drop_thr, BLOCK_N)
+                )  # fmt: skip
+                pt_out = tl.where(keep_t, pt, 0.0)  # dV takes 1 / (1 - p) after the loop
+            else:
+                pt_out = pt
             # dO^T: the whole (padded) Dv when it fits, else this program's chunk
             if DV_CHUNKS == 1:
                 dot_ = tl.load(
@@ -763,7 +924,7 @@ def _rolling_attn_bwd_dkdv_kernel(
                     mask=m_valid[None, :] & dvc_valid[:, None],
                     other=0.0,
                 )
-            dv += _mm(pt.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
+            dv += _mm(pt_out.to(DO.dtype.element_ty), tl.trans(dot_), PRECISION, UPCAST)
             if DV_CHUNKS == 1:
                 dpt = _mm(v, dot_, PRECISION, UPCAST)
             else:
@@ -782,11 +943,15 @@ def _rolling_attn_bwd_dkdv_kernel(
                         other=0.0,
                     )
                     dpt += _mm(vc, doc, PRECISION, UPCAST)
+            if DROPOUT:
+                dpt = tl.where(keep_t, dpt * drop_scale, 0.0)
             delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
             dst = pt * (dpt - delta[None, :])
             dk += _mm(dst.to(Q.dtype.element_ty), tl.trans(qt), PRECISION, UPCAST)
 
     dk = dk * scale
+    if DROPOUT:
+        dv = dv * drop_scale
     krow = pid_bh.to(tl.int64) * Lk + offs_n
     tl.store(
         DK + krow[:, None] * D + offs_dk[None, :],
@@ -800,7 +965,7 @@ def _rolling_attn_bwd_dkdv_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RNG_ARGS)
 def _rolling_attn_bwd_dq_kernel(
     Q,
     K,
@@ -810,6 +975,7 @@ def _rolling_attn_bwd_dq_kernel(
     LSE,
     DELTA,
     DQ,
+    MASK,
     sqb,
     sqh,
     sql,
@@ -826,6 +992,10 @@ def _rolling_attn_bwd_dq_kernel(
     sdh,
     sdl,
     sdd,
+    smb,
+    smh,
+    smq,
+    smk,
     H,
     Lq,
     Lk,
@@ -835,6 +1005,13 @@ def _rolling_attn_bwd_dq_kernel(
     CAUSAL_OFF,
     scale,
     qk_scale,
+    KEY_GROUPS,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    drop_thr,
+    drop_scale,
     LQ_KEY,
     LK_KEY,
     BLOCK_M: tl.constexpr,
@@ -847,6 +1024,9 @@ def _rolling_attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """dQ (of the rotated queries) of one query tile, streaming the key tiles it sees.
 
@@ -863,7 +1043,9 @@ def _rolling_attn_bwd_dq_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     do_base = DO + b * sdb + h * sdh
+    mask_base = MASK + b * smb + h * smh
     row = pid_bh.to(tl.int64) * Lq + tl.arange(0, BLOCK_M) + pid_m * BLOCK_M
+    row_g = row * KEY_GROUPS  # dropout counters of each row's first 4-key group
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Lq
@@ -928,7 +1110,14 @@ def _rolling_attn_bwd_dq_kernel(
         vis = key_ok[None, :] & m_valid[:, None]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_OFF)
-        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        s = s * qk_scale
+        if HAS_MASK:
+            mt = _mask_tile(mask_base, smq, smk, offs_m, m_valid, offs_n, n_valid, False)
+            if MASK_BOOL:
+                vis = vis & (mt != 0)
+            else:
+                s = s + _mask_bias(mt)
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         if DV_CHUNKS == 1:
             vt = tl.load(
                 v_base + offs_n[None, :] * svl + offs_dv0[:, None] * svd,
@@ -952,6 +1141,9 @@ def _rolling_attn_bwd_dq_kernel(
                     other=0.0,
                 )
                 dp += _mm(doc, vc, PRECISION, UPCAST)
+        if DROPOUT:
+            keep = _keep_tile(row_g, start_n, seed_lo, seed_hi, off_lo, off_hi, drop_thr, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(K.dtype.element_ty), tl.trans(kt), PRECISION, UPCAST)
 

@@ -232,3 +232,20 @@ def test_torch_compile_fullgraph_through_validation_and_dispatch():
     want_out, want_st = rolling_attention_reference(c.q, c.k, c.v, **kw)
     assert_close(out, want_out, rel=1e-12, name="out")
     assert_close(mass, want_st.modality_mass, rel=1e-12, name="mass")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_whose_keys_all_carry_finfo_min_attends_uniformly_like_sdpa(dtype):
+    # transformers hides keys with finfo(float32).min added to the scores; a row where every key
+    # carries it has scores that vanish next to the mask, so SDPA gives the mean of the values.
+    # lse = m + log(sum) rounds back to m there: weights exp(s - lse) would all be 1 (the sum).
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 5, dtype=dtype)
+    mask[0] = torch.finfo(torch.float32).min
+    mask[1, ..., 3] = torch.finfo(torch.float32).min
+    out, st = rolling_attention_reference(q, k, v, attn_mask=mask, return_stats=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out[0], v[0].mean(dim=1, keepdim=True).expand_as(out[0]))
+    assert bool(torch.isfinite(st.lse).all())
