@@ -223,7 +223,10 @@ def rolling_attention_reference(
     # softmax shifted by the row maximum, normalised by the row sum: exp(s - lse) would be wrong
     # where lse = m + log(sum) rounds back to m (m near the dtype's minimum, as with a mask of
     # finfo.min), giving every key a weight of 1.
-    m = scores.amax(dim=-1)
+    if Lk:
+        m = scores.amax(dim=-1)
+    else:  # no key at all
+        m = scores.new_full(scores.shape[:-1], float("-inf"))
     # A row that sees no key (m = -inf) is shifted by 0 so exp() gives 0, not NaN; a +inf score
     # has no softmax (inf - inf): NaN, as for a NaN score, which propagates by itself.
     shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)
