@@ -19,14 +19,16 @@ all: test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# torch first, then the package against it without build isolation (an isolated build cannot see
+# the installed torch; docs/build.md). The editable install is pure Python; `build` compiles.
 $(INSTALLED): $(PY) pyproject.toml setup.py
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel
 	ROLLINGQ_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 setup: $(INSTALLED)
 
-$(BUILT): $(INSTALLED) $(CSRC) setup.py
+$(BUILT): $(INSTALLED) $(CSRC) csrc/build_flags.txt setup.py
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $@
 

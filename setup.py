@@ -1,7 +1,15 @@
-"""Build script: the pure-Python package plus the C++ (CPU) and, where possible, CUDA extensions.
+"""Build script: the Python package plus the C++ (CPU) and, where possible, CUDA extensions.
+
+The extensions are compiled against the torch that is installed where the package goes, so the
+build needs that torch: install torch first, then
+
+    pip install --no-build-isolation .
+
+(pip's default build isolation hides the installed torch; the build then stops and says so).
 
 Environment variables:
-  ROLLINGQ_NO_EXT=1      install the pure-Python package only (no compiler needed)
+  ROLLINGQ_NO_EXT=1      install the pure-Python package only (no compiler, no torch at build time;
+                         the "cpu" backend is then unavailable)
   ROLLINGQ_FORCE_CUDA=1  build the CUDA extension even when torch.cuda.is_available() is False
                          (needs nvcc and a CUDA build of torch)
   ROLLINGQ_NO_CUDA=1     never build the CUDA extension
@@ -11,23 +19,64 @@ Environment variables:
   MAX_JOBS               parallel compile jobs (torch's BuildExtension reads it)
 """
 
+import fnmatch
 import glob
 import importlib.util
 import os
 import platform
+import shutil
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+NEEDS_TORCH = """
+rollingq-kernels: torch cannot be imported in this build environment ({error}).
 
-def _cuda_build_config():
+The C++ library is compiled against the torch it will run with, so the build must see the torch
+installed where the package goes. pip builds in an isolated environment unless told otherwise,
+and that environment has no torch. Install torch first, then build without isolation:
+
+    pip install --no-build-isolation .                  (a source checkout)
+    pip install --no-build-isolation rollingq-kernels   (a source distribution)
+
+(the build also needs setuptools, wheel and, for a parallel build, ninja in that environment).
+ROLLINGQ_NO_EXT=1 installs the pure-Python package without compiling anything: the "cpu" backend
+is then unavailable and "auto" runs the O(L^2) reference, with a warning.
+"""
+
+
+def _build_config():
     # rollingq_kernels/_cuda_build.py by file path: the package itself is not importable yet.
     path = os.path.join(ROOT, "rollingq_kernels", "_cuda_build.py")
-    spec = importlib.util.spec_from_file_location("_rollingq_cuda_build", path)
+    spec = importlib.util.spec_from_file_location("_rollingq_build_config", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+CONFIG = _build_config()
+
+
+def _import_torch():
+    """torch, or None with the reason kept in TORCH_ERROR."""
+    global TORCH_ERROR
+    try:
+        import torch
+    except ImportError as exc:
+        TORCH_ERROR = f"{type(exc).__name__}: {exc}"
+        return None
+    TORCH_ERROR = None
+    return torch
+
+
+TORCH_ERROR = None
+MIN_TORCH = (2, 6)  # as pyproject.toml's dependency
+
+
+# ---- the CUDA library ------------------------------------------------------------------------
 
 
 def _cuda_extension():
@@ -35,7 +84,9 @@ def _cuda_extension():
 
     Built when torch is a CUDA build, a CUDA toolkit is found and a GPU is visible, or when
     ROLLINGQ_FORCE_CUDA=1 (then a missing toolkit or a CPU build of torch is an error). Without
-    ROLLINGQ_FORCE_CUDA, a machine without CUDA simply gets the CPU extension only.
+    ROLLINGQ_FORCE_CUDA, a machine without CUDA simply gets the CPU extension only; an installed
+    package without the CUDA library builds it on first use where it finds nvcc
+    (rollingq_kernels/cuda_attention.py).
     """
     if os.environ.get("ROLLINGQ_NO_CUDA") == "1":
         return None
@@ -57,42 +108,15 @@ def _cuda_extension():
     if missing:
         print("rollingq: skipping the CUDA extension: " + "; ".join(missing))
         return None
-    cfg = _cuda_build_config()
     return cpp_extension.CUDAExtension(
         name="rollingq_kernels._C_cuda",
-        sources=[os.path.relpath(s, ROOT) for s in cfg.extension_sources()],
+        sources=[os.path.relpath(s, ROOT) for s in CONFIG.extension_sources()],
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.nvcc_flags()},
+        extra_compile_args={"cxx": CONFIG.CXX_FLAGS, "nvcc": CONFIG.nvcc_flags()},
     )
 
 
-def _extensions():
-    if os.environ.get("ROLLINGQ_NO_EXT") == "1":
-        return [], {}
-    exts = [e for e in (_cpu_extension(), _cuda_extension()) if e is not None]
-    if not exts:
-        return [], {}
-    return exts, {"build_ext": _build_ext_class().with_options(no_python_abi_suffix=False)}
-
-
 # ---- the CPU library: flags from csrc/build_flags.txt (CMakeLists.txt reads the same file) ----
-
-FLAGS_FILE = os.path.join(ROOT, "csrc", "build_flags.txt")
-
-
-def read_build_flags(path: str = FLAGS_FILE) -> dict:
-    """The ``key = value`` lines of csrc/build_flags.txt, values split into argument lists."""
-    flags = {}
-    with open(path) as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            key, sep, value = line.partition("=")
-            if not sep:
-                raise ValueError(f"{path}: expected 'key = value', got {line!r}")
-            flags[key.strip()] = value.split()
-    return flags
 
 
 def _target_arch() -> str:
@@ -137,15 +161,19 @@ def _cpu_variants(flags: dict):
     return variants
 
 
+def _cpu_sources():
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    return sources + sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+
+
 def _cpu_extension():
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cpu_sources += sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cpu_sources = _cpu_sources()
     if not cpu_sources:
         return None
     import torch
     from torch.utils.cpp_extension import CppExtension
 
-    flags = read_build_flags()
+    flags = CONFIG.read_build_flags()
     native = flags["native"] if os.environ.get("ROLLINGQ_NATIVE") == "1" else []
     variants = _cpu_variants(flags)
     cxx = flags["cxx"] + [f"-DROLLINGQ_ISA_{name.upper()}=1" for name, _, _ in variants]
@@ -184,6 +212,76 @@ def _build_ext_class():
             super().build_extension(ext)
 
     return BuildWithVariants
+
+
+class NeedsTorch(build_ext):
+    """Stands in for the extension build where torch cannot be imported: metadata and source
+    distributions need no torch, but compiling does, and this says how to give it one."""
+
+    def run(self):
+        raise SystemExit(NEEDS_TORCH.format(error=TORCH_ERROR))
+
+
+# ---- the sources inside the package ----------------------------------------------------------
+
+# What the package carries of csrc/ (as rollingq_kernels/csrc): the JIT build of the CUDA library
+# compiles from it where the package was installed without that library.
+SHIPPED_SOURCES = ("*.h", "*.cuh", "*.cu", "*.cpp", "build_flags.txt")
+
+
+def _shipped_sources():
+    found = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for name in sorted(files):
+            if any(fnmatch.fnmatch(name, pat) for pat in SHIPPED_SOURCES):
+                found.append(
+                    os.path.relpath(os.path.join(dirpath, name), os.path.join(ROOT, "csrc"))
+                )
+    return sorted(found)
+
+
+class BuildPyWithSources(build_py):
+    """build_py, plus csrc/ copied to rollingq_kernels/csrc in the build (so in every wheel)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads csrc/ of the checkout
+        target = os.path.join(self.build_lib, "rollingq_kernels", "csrc")
+        for rel in _shipped_sources():
+            dst = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(ROOT, "csrc", rel), dst)
+
+    def get_outputs(self, include_bytecode=True):
+        if getattr(self, "editable_mode", False):
+            return super().get_outputs(include_bytecode)
+        target = os.path.join(self.build_lib, "rollingq_kernels", "csrc")
+        shipped = [os.path.join(target, rel) for rel in _shipped_sources()]
+        return super().get_outputs(include_bytecode) + shipped
+
+
+def _extensions():
+    """(ext_modules, cmdclass) of this build."""
+    cmdclass = {"build_py": BuildPyWithSources}
+    if os.environ.get("ROLLINGQ_NO_EXT") == "1":
+        return [], cmdclass
+    if _import_torch() is None:
+        # the build stops at build_ext, with NEEDS_TORCH; an sdist or metadata needs no torch
+        placeholder = Extension("rollingq_kernels._C", sources=_cpu_sources())
+        return [placeholder], {**cmdclass, "build_ext": NeedsTorch}
+    torch = _import_torch()
+    found = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if found < MIN_TORCH:
+        raise SystemExit(
+            f"rollingq-kernels needs torch >= {'.'.join(map(str, MIN_TORCH))} to build; found "
+            f"torch {torch.__version__}. Install a newer torch first, then build again."
+        )
+    exts = [e for e in (_cpu_extension(), _cuda_extension()) if e is not None]
+    if not exts:
+        return [], cmdclass
+    build = _build_ext_class().with_options(no_python_abi_suffix=False)
+    return exts, {**cmdclass, "build_ext": build}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,10 +1,11 @@
 """Per-call cost of a tiny attention call: where the time goes between the Python API and the
 kernel, side by side with torch's SDPA in one process.
 
-    python -m bench.overhead_bench [--calls N] [--rounds R]
+    python -m bench.overhead_bench [--calls N] [--rounds R] [--threads T]
 
-Rows (all on the same (1, 1, 16, 64) float32 CPU inputs, medians over rounds of N back-to-back
-calls, the rounds of every row interleaved so load from other processes hits them alike):
+Rows (all on the same (1, 1, 16, 64) float32 CPU inputs; medians, and minima, over rounds of N
+back-to-back calls, the rounds of every row interleaved so load from other processes hits them
+alike):
 
     torch SDPA                         F.scaled_dot_product_attention(q, k, v)
     rolling_attention (auto)           the public call: validation, dispatch, op, kernel
@@ -12,6 +13,8 @@ calls, the rounds of every row interleaved so load from other processes hits the
     scaled_dot_product_attention       this package's SDPA drop-in
     make_problem                       validation alone
     raw op, below autograd             torch.ops.rollingq.attention_fwd on canonical arguments
+    ... rotation + stats               the RollingQ call: a contiguous float32 (D, D) rotation of
+                                       the first row, int64 key modalities (Lk,), M = 2, stats
 """
 
 from __future__ import annotations
@@ -37,56 +40,92 @@ def _per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def run(calls: int = 2000, rounds: int = 7, shape=(1, 1, 16, 64)):
+def run(calls: int = 2000, rounds: int = 15, shape=(1, 1, 16, 64)):
+    """[(name, median us, median / SDPA's, min us, min / SDPA's min)] for every row."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
-    problem = make_problem(q, k, v)
-    args = problem.op_args()
+    B, H, L, D = shape
+    rotation = torch.linalg.qr(torch.randn(D, D, generator=g)).Q.contiguous()
+    rows_mask = torch.zeros(L, dtype=torch.bool)
+    rows_mask[0] = True
+    ids = torch.zeros(L, dtype=torch.long)
+    ids[0] = -1
+    ids[L // 2 :] = 1
+    rq = dict(
+        rotation=rotation,
+        rotated_queries=rows_mask,
+        key_modality=ids,
+        num_modalities=2,
+        return_stats=True,
+    )
     rows = [
         ("torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v)),
         ("rolling_attention (auto)", lambda: rk.rolling_attention(q, k, v)),
         ("rolling_attention (cpu)", lambda: rk.rolling_attention(q, k, v, backend="cpu")),
         ("scaled_dot_product_attention", lambda: rk.scaled_dot_product_attention(q, k, v)),
         ("make_problem", lambda: make_problem(q, k, v)),
+        ("rolling_attention, rotation + stats", lambda: rk.rolling_attention(q, k, v, **rq)),
+        ("make_problem, rotation + stats", lambda: make_problem(q, k, v, **rq)),
     ]
     from rollingq_kernels import fused_op
 
     if fused_op.load_error() is None:
+        plain = make_problem(q, k, v).op_args()
+        rolling = make_problem(q, k, v, **rq).op_args()
+        op = torch.ops.rollingq.attention_fwd.default
 
-        def raw():
+        def raw(args):
             with torch._C._AutoDispatchBelowAutograd():
-                return torch.ops.rollingq.attention_fwd(*args)
+                return op(*args)
 
-        rows.append(("raw op, below autograd", raw))
+        rows.insert(5, ("raw op, below autograd", lambda: raw(plain)))
+        rows.append(("raw op, rotation + stats", lambda: raw(rolling)))
     for _, fn in rows:  # warm-up
         _per_call_us(fn, max(calls // 10, 10))
     samples = {name: [] for name, _ in rows}
     for _ in range(rounds):
         for name, fn in rows:
             samples[name].append(_per_call_us(fn, calls))
-    base = statistics.median(samples["torch SDPA"])
+    base, base_min = statistics.median(samples["torch SDPA"]), min(samples["torch SDPA"])
     out = []
     for name, _ in rows:
-        med = statistics.median(samples[name])
-        out.append((name, med, med / base))
+        med, low = statistics.median(samples[name]), min(samples[name])
+        out.append((name, med, med / base, low, low / base_min))
     return out
+
+
+def _isa_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine_info()
-    isa = torch.backends.cpu.get_cpu_capability()
     print(
-        f"# per-call cost, (1, 1, 16, 64) float32; {info.get('cpu')} ({isa}), {info['cores']} cores"
+        f"# per-call cost, (1, 1, 16, 64) float32; {info.get('cpu')} ({_isa_flags()}; kernel "
+        f"variant {info.get('kernel_isa') or 'not built'}), {info['cores']} cores"
     )
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| call | us per call (median) | x SDPA |")
-    print("|---|---|---|")
-    for name, us, ratio in run(args.calls, args.rounds):
-        print(f"| {name} | {us:.1f} | {ratio:.2f} |")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {info['date']}")
+    print(f"# load average before: {info.get('load_average', '?')}")
+    rows = run(args.calls, args.rounds)
+    print("| call | median us | x SDPA | min us | x SDPA (min) |")
+    print("|---|---|---|---|---|")
+    for name, med, ratio, low, low_ratio in rows:
+        print(f"| {name} | {med:.1f} | {ratio:.2f} | {low:.1f} | {low_ratio:.2f} |")
+    with open("/proc/loadavg") as f:
+        print(f"# load average after: {' '.join(f.read().split()[:3])}")
     return 0
 
 

@@ -1,8 +1,14 @@
-"""How the CUDA extension is built: sources and compiler flags, in one place.
+"""Where the compiled libraries' sources are, and how they are built: one place.
 
-Used by setup.py (loaded by file path, so the package need not be importable while it is being
-built), by the JIT build in :mod:`rollingq_kernels.cuda_attention`, and by the compile check in
-tests/test_cuda_compile.py. Imports nothing beyond the standard library.
+The compiler flags live in ``csrc/build_flags.txt`` (read here, by setup.py and by CMakeLists.txt);
+this module finds the sources and reads the flags for the CUDA extension. Used by setup.py (loaded
+by file path, so the package need not be importable while it is being built), by the JIT build in
+:mod:`rollingq_kernels.cuda_attention`, and by the compile check in tests/test_cuda_compile.py.
+Imports nothing beyond the standard library.
+
+The sources are found in the installed package (``rollingq_kernels/csrc``, which the wheel
+carries so that the JIT build works where the package was installed without its CUDA library)
+and otherwise in the source checkout (``csrc/`` next to the package).
 """
 
 from __future__ import annotations
@@ -10,32 +16,51 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
+PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))  # through links (make sanitize)
+ROOT = os.path.dirname(PACKAGE_DIR)
+
+
+def find_csrc() -> str:
+    """The directory of the C++ / CUDA sources: the package's copy, else the checkout's."""
+    shipped = os.path.join(PACKAGE_DIR, "csrc")
+    if os.path.isfile(os.path.join(shipped, "build_flags.txt")):
+        return shipped
+    return os.path.join(ROOT, "csrc")
+
+
+CSRC = find_csrc()
 CUDA_DIR = os.path.join(CSRC, "cuda")
+FLAGS_FILE = os.path.join(CSRC, "build_flags.txt")
 
-# Machine code for Ampere (sm_80, also runs on sm_86/89) and Hopper (sm_90a), plus compute_80
-# PTX so that newer GPUs can JIT-compile the kernels.
-DEFAULT_GENCODE = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-gencode=arch=compute_80,code=compute_80",
-]
+
+def read_build_flags(path: str = FLAGS_FILE) -> Dict[str, List[str]]:
+    """The ``key = value`` lines of csrc/build_flags.txt, each value split into arguments."""
+    flags = {}
+    with open(path) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: expected 'key = value', got {line!r}")
+            flags[key.strip()] = value.split()
+    return flags
+
+
+_FLAGS = read_build_flags()
+# Machine code and PTX targets of the extension (TORCH_CUDA_ARCH_LIST replaces them).
+DEFAULT_GENCODE = _FLAGS["cuda.gencode"]
 # The two targets the compile check builds every kernel file for.
 CHECK_ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
-
-# torch's extension builder adds the __CUDA_NO_HALF*__ macros; the compile check uses them too so
-# that it sees exactly what the extension build sees (no implicit half <-> float conversions).
-TORCH_STYLE_DEFINES = [
-    "-D__CUDA_NO_HALF_OPERATORS__",
-    "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__",
-]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# torch's extension builder adds the __CUDA_NO_HALF*__ macros; the compile check and CMake use
+# them too so that they see exactly what the extension build sees (no implicit half <-> float
+# conversions).
+TORCH_STYLE_DEFINES = _FLAGS["cuda.defines"]
+NVCC_FLAGS = _FLAGS["cuda.nvcc"]
+CXX_FLAGS = _FLAGS["cuda.cxx"]
 
 
 def kernel_sources() -> List[str]:

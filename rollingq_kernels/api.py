@@ -37,6 +37,9 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
+_Tensor = torch.Tensor
+
+
 def _check_tensor(name: str, t, *, optional: bool = False) -> None:
     if t is None and optional:
         return
@@ -47,6 +50,15 @@ def _check_tensor(name: str, t, *, optional: bool = False) -> None:
 def _check_device(name: str, t: Optional[torch.Tensor], device: torch.device) -> None:
     if t is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}; move it to {device}")
+
+
+def _check_side(name: str, t: torch.Tensor, q: torch.Tensor, on_cpu: bool) -> None:
+    """t is a tensor on q's device. ``is_cpu`` is a flag read; comparing devices builds two
+    torch.device objects, several times the cost, so CPU inputs skip it."""
+    if not isinstance(t, _Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not (on_cpu and t.is_cpu):
+        _check_device(name, t, q.device)
 
 
 def _compiling() -> bool:
@@ -61,20 +73,47 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-# key_modality tensors whose ids were range-checked, with their version counter and M: on a GPU the
-# check is a device sync, so a tensor passed again unchanged (the usual case: one layout reused
-# every step) is checked once. CPU tensors are checked on every call (no sync).
-_CHECKED_IDS: weakref.WeakKeyDictionary[torch.Tensor, Tuple[int, int]] = weakref.WeakKeyDictionary()
+class _VersionedCache:
+    """Per-tensor memo of a value derived from the tensor's contents, valid while the tensor's
+    version counter is unchanged. Keyed by identity (a tensor's ``__eq__`` is elementwise, so
+    tensors cannot be dict keys by value); an entry goes when its tensor is freed."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, t: torch.Tensor, extra):
+        entry = self._entries.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == (t._version, extra):
+            return entry[2]
+        return None
+
+    def put(self, t: torch.Tensor, extra, value) -> None:
+        key, entries = id(t), self._entries
+
+        def drop(_ref, key=key):
+            entries.pop(key, None)
+
+        entries[key] = (weakref.ref(t, drop), (t._version, extra), value)
+
+
+# key_modality tensors on a GPU whose ids were range-checked, with their version counter and M:
+# there the check is a device sync, so a tensor passed again unchanged (the usual case: one layout
+# reused every step) is checked once. CPU tensors are checked on every call (no sync).
+_CHECKED_IDS = _VersionedCache()
+_AMINMAX_DTYPES = frozenset({torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64})
 
 
 def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalities) -> int:
     """Range-check ids (a view of key_modality) against num_modalities (None = infer); return M."""
-    on_gpu = ids.device.type != "cpu"
-    if on_gpu and num_modalities is not None:
-        seen = _CHECKED_IDS.get(key_modality)
-        if seen == (key_modality._version, num_modalities):
+    on_gpu = not ids.is_cpu
+    if on_gpu:
+        if num_modalities is not None and _CHECKED_IDS.get(key_modality, num_modalities):
             return num_modalities
-    lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
+        lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())  # one sync
+    else:
+        # aminmax covers the usual id dtypes; the unsigned 16/32/64-bit ones are read widened
+        lo, hi = torch.aminmax(ids if ids.dtype in _AMINMAX_DTYPES else ids.to(torch.int64))
+        lo, hi = int(lo), int(hi)
     if num_modalities is None:
         if hi >= 2**31 - 1:  # M = max id + 1 must fit the kernels' 32-bit modality count
             raise ValueError(
@@ -88,7 +127,7 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
             f"{num_modalities}); got values in [{lo}, {hi}]"
         )
     if on_gpu:
-        _CHECKED_IDS[key_modality] = (key_modality._version, num_modalities)
+        _CHECKED_IDS.put(key_modality, num_modalities, True)
     return num_modalities
 
 
@@ -143,6 +182,36 @@ def _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal):
     return attn_mask.reshape(shape).expand(want), False, 0
 
 
+# Zero ids (every key modality 0) for calls with statistics but no key_modality, by (Lk, device):
+# the kernels only read them. CPU only: a GPU tensor filled on one stream and read on another
+# would need a synchronisation.
+_ZERO_IDS: dict = {}
+
+
+def _zero_ids(B: int, Lk: int, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(1, Lk, dtype=torch.int32, device=device).expand(B, Lk)
+    ids = _ZERO_IDS.get(Lk)
+    if ids is None:
+        if len(_ZERO_IDS) >= 64:
+            _ZERO_IDS.clear()
+        ids = _ZERO_IDS[Lk] = torch.zeros(1, Lk, dtype=torch.int32)
+    return ids.expand(B, Lk)
+
+
+def _check_qkv(q, k, v) -> None:
+    """The slow path of the q / k / v checks: raises the error that names what is wrong."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    for name, t, want in (
+        ("q", q, "(B, H, Lq, D)"),
+        ("k", k, "(B, Hkv, Lk, D)"),
+        ("v", v, "(B, Hkv, Lk, Dv)"),
+    ):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape {want} (4 dims); got {_shape(t)}")
+
+
 def make_problem(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,33 +233,45 @@ def make_problem(
     """Validate the arguments of :func:`rolling_attention` and put them in canonical form.
 
     Raises TypeError / ValueError naming the argument, what it got and what it wanted.
+    (Each check is written for the cost of a tiny call too: flag reads before object building,
+    the common case first.)
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-    for name, t, want in (
-        ("q", q, "(B, H, Lq, D)"),
-        ("k", k, "(B, Hkv, Lk, D)"),
-        ("v", v, "(B, Hkv, Lk, Dv)"),
-    ):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape {want} (4 dims); got {_shape(t)}")
-    device = q.device
-    dtypes = _backends.supported_dtypes(device.type)
+    return _problem(
+        q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask,
+        attn_mask, is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
+    )  # fmt: skip
+
+
+def _problem(
+    q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask, attn_mask,
+    is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
+) -> AttentionProblem:  # fmt: skip
+    # make_problem with positional arguments: rolling_attention calls it once per call
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+        _check_qkv(q, k, v)
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        _check_qkv(q, k, v)
+    on_cpu = q.is_cpu
+    dtypes = _backends.supported_dtypes("cpu" if on_cpu else q.device.type)
     if not dtypes:
-        raise ValueError(f"q is on {device}; no backend runs on {device.type} tensors")
-    _check_device("k", k, device)
-    _check_device("v", v, device)
-    if q.dtype not in dtypes:
+        raise ValueError(f"q is on {q.device}; no backend runs on {q.device.type} tensors")
+    if not (on_cpu and k.is_cpu and v.is_cpu):
+        _check_device("k", k, q.device)
+        _check_device("v", v, q.device)
+    dt = q.dtype
+    if dt not in dtypes:
         names = sorted(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"q has dtype {q.dtype}; supported on {device.type}: {names}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"q has dtype {dt}; supported on {q.device.type}: {names}")
+    if k.dtype != dt or v.dtype != dt:
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != dt:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {dt}; they must match")
+    B, H, Lq, D = qs
+    _, Hkv, Lk, _ = ks
+    if enable_gqa is not False and enable_gqa is not True:
         raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
-    if k.shape[0] != B or k.shape[3] != D:
+    if ks[0] != B or ks[3] != D:
         raise ValueError(
             f"k must have shape ({B}, Hkv, Lk, {D}) to match q {_shape(q)}; got {_shape(k)}"
         )
@@ -200,66 +281,78 @@ def make_problem(
             f"k has {Hkv} heads and q has {H}: k's head count must be {want} q's; got k "
             f"{_shape(k)}, q {_shape(q)}"
         )
-    if tuple(v.shape[:3]) != (B, Hkv, Lk):
+    if vs[0] != B or vs[1] != Hkv or vs[2] != Lk:
         raise ValueError(
             f"v must have shape ({B}, {Hkv}, {Lk}, Dv) to match k {_shape(k)}; got {_shape(v)}"
         )
-    if D == 0 or v.shape[3] == 0:
-        raise ValueError(f"head dims must be positive; got D={D}, Dv={v.shape[3]}")
+    if D == 0 or vs[3] == 0:
+        raise ValueError(f"head dims must be positive; got D={D}, Dv={vs[3]}")
 
-    if not isinstance(is_causal, bool):
+    if is_causal is not False and is_causal is not True:
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
-    if not isinstance(return_stats, bool):
+    if return_stats is not False and return_stats is not True:
         raise TypeError(f"return_stats must be a bool; got {type(return_stats).__name__}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be finite; got {scale}")
-    scale = float(scale)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float; got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1); got {dropout_p}")
-    if dropout_p > 0.0 and dropout_threshold(dropout_p) == 0:
-        dropout_p = 0.0  # below 2**-32: no element can be dropped
+    elif type(scale) is not float or not math.isfinite(scale):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite; got {scale}")
+        scale = float(scale)
     rng = None
-    if dropout_p > 0.0:
-        if rng_state is None:
-            rng = new_rng_state()
-        else:
-            _check_tensor("rng_state", rng_state)
-            if rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,):
-                raise ValueError(
-                    f"rng_state must be an int64 tensor (seed, offset) of shape (2,); got "
-                    f"{rng_state.dtype} {_shape(rng_state)}"
-                )
-            if rng_state.device.type != "cpu":
-                raise ValueError(f"rng_state must be a CPU tensor; got one on {rng_state.device}")
-            rng = rng_state
+    if type(dropout_p) is not float or dropout_p != 0.0:
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+            raise TypeError(f"dropout_p must be a float; got {type(dropout_p).__name__}")
+        dropout_p = float(dropout_p)
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must lie in [0, 1); got {dropout_p}")
+        if dropout_p > 0.0 and dropout_threshold(dropout_p) == 0:
+            dropout_p = 0.0  # below 2**-32: no element can be dropped
+        if dropout_p > 0.0:
+            if rng_state is None:
+                rng = new_rng_state()
+            else:
+                _check_tensor("rng_state", rng_state)
+                if rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,):
+                    raise ValueError(
+                        f"rng_state must be an int64 tensor (seed, offset) of shape (2,); got "
+                        f"{rng_state.dtype} {_shape(rng_state)}"
+                    )
+                if rng_state.device.type != "cpu":
+                    raise ValueError(
+                        f"rng_state must be a CPU tensor; got one on {rng_state.device}"
+                    )
+                rng = rng_state
 
-    mask, is_causal, causal_offset = _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal)
-
-    acc = accumulation_dtype(q.dtype)
+    if attn_mask is None:
+        mask, causal_offset = None, 0
+    else:
+        mask, is_causal, causal_offset = _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal)
 
     # --- rotation -------------------------------------------------------------------------
     rot = None
     if rotation is not None:
-        _check_tensor("rotation", rotation)
-        _check_device("rotation", rotation, device)
+        _check_side("rotation", rotation, q, on_cpu)
         if not rotation.is_floating_point():
             raise TypeError(f"rotation must be a floating tensor; got {rotation.dtype}")
-        if rotation.dim() == 2 and tuple(rotation.shape) == (D, D):
-            rot = rotation.to(acc).contiguous().unsqueeze(0).expand(H, D, D)
-        elif rotation.dim() == 3 and tuple(rotation.shape) == (H, D, D):
-            rot = rotation.to(acc).contiguous()
+        acc = accumulation_dtype(dt)
+        rs = rotation.shape
+        if len(rs) == 2 and rs[0] == D and rs[1] == D:
+            rot = rotation
+        elif len(rs) == 3 and rs[0] == H and rs[1] == D and rs[2] == D:
+            rot = rotation
         else:
             raise ValueError(
                 f"rotation must have shape ({D}, {D}) or ({H}, {D}, {D}) (an orthogonal matrix per "
                 f"head, D={D}); got {_shape(rotation)}"
             )
+        if rot.dtype != acc:
+            rot = rot.to(acc)
+        if not rot.is_contiguous():
+            rot = rot.contiguous()
+        if len(rs) == 2:
+            rot = rot.expand(H, D, D)  # head stride 0: one matrix, never copied per head
 
     # --- rotated rows ---------------------------------------------------------------------
     rows = None
@@ -267,12 +360,13 @@ def make_problem(
         _check_tensor("rotated_queries", rotated_queries)
         if rotation is None:
             raise ValueError("rotated_queries was given without a rotation")
-        _check_device("rotated_queries", rotated_queries, device)
+        _check_side("rotated_queries", rotated_queries, q, on_cpu)
         if rotated_queries.dtype != torch.bool:
             raise TypeError(f"rotated_queries must be a bool tensor; got {rotated_queries.dtype}")
-        if tuple(rotated_queries.shape) == (Lq,):
-            rows = _last_dim_contiguous(rotated_queries).unsqueeze(0).expand(B, Lq)
-        elif tuple(rotated_queries.shape) == (B, Lq):
+        rqs = rotated_queries.shape
+        if len(rqs) == 1 and rqs[0] == Lq:
+            rows = _last_dim_contiguous(rotated_queries).expand(B, Lq)
+        elif len(rqs) == 2 and rqs[0] == B and rqs[1] == Lq:
             rows = _last_dim_contiguous(rotated_queries)
         else:
             raise ValueError(
@@ -282,14 +376,14 @@ def make_problem(
     # --- padding --------------------------------------------------------------------------
     pad = None
     if key_padding_mask is not None:
-        _check_tensor("key_padding_mask", key_padding_mask)
-        _check_device("key_padding_mask", key_padding_mask, device)
+        _check_side("key_padding_mask", key_padding_mask, q, on_cpu)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(
                 "key_padding_mask must be a bool tensor (True = the key takes part); got "
                 f"{key_padding_mask.dtype}"
             )
-        if tuple(key_padding_mask.shape) != (B, Lk):
+        kps = key_padding_mask.shape
+        if len(kps) != 2 or kps[0] != B or kps[1] != Lk:
             raise ValueError(
                 f"key_padding_mask must have shape ({B}, {Lk}); got {_shape(key_padding_mask)}"
             )
@@ -297,10 +391,12 @@ def make_problem(
 
     # --- modalities -----------------------------------------------------------------------
     if num_modalities is not None:
-        if isinstance(num_modalities, bool) or not isinstance(num_modalities, int):
-            raise TypeError(
-                f"num_modalities must be an int or None; got {type(num_modalities).__name__}"
-            )
+        if type(num_modalities) is not int:
+            if isinstance(num_modalities, bool) or not isinstance(num_modalities, int):
+                raise TypeError(
+                    f"num_modalities must be an int or None; got {type(num_modalities).__name__}"
+                )
+            num_modalities = int(num_modalities)
         limit = _backends.max_supported_modalities()
         if num_modalities < 1 or (limit is not None and num_modalities > limit):
             raise ValueError(
@@ -310,20 +406,20 @@ def make_problem(
             raise ValueError(f"num_modalities must be < 2**31; got {num_modalities}")
     ids = None
     if key_modality is not None:
-        _check_tensor("key_modality", key_modality)
-        _check_device("key_modality", key_modality, device)
+        _check_side("key_modality", key_modality, q, on_cpu)
         if not _is_integer_dtype(key_modality.dtype):
             raise TypeError(f"key_modality must be an integer tensor; got {key_modality.dtype}")
-        if tuple(key_modality.shape) == (Lk,):
-            ids = key_modality.unsqueeze(0).expand(B, Lk)
-        elif tuple(key_modality.shape) == (B, Lk):
-            ids = key_modality
+        kms = key_modality.shape
+        if len(kms) == 1 and kms[0] == Lk:
+            pass
+        elif len(kms) == 2 and kms[0] == B and kms[1] == Lk:
+            pass
         else:
             raise ValueError(
                 f"key_modality must have shape ({Lk},) or ({B}, {Lk}); got {_shape(key_modality)}"
             )
         # the ids are checked even when the batch is empty (B = 0 leaves a (Lk,) tensor unread)
-        if not _compiling() and key_modality.numel() > 0:
+        if key_modality.numel() > 0 and not _compiling():
             num_modalities = _check_id_range(key_modality, key_modality, num_modalities)
         elif num_modalities is None:
             if key_modality.numel() > 0:
@@ -333,33 +429,23 @@ def make_problem(
         num_modalities = 1
 
     if return_stats:
-        if ids is None:
-            ids = torch.zeros(1, Lk, dtype=torch.int32, device=device).expand(B, Lk)
-        elif key_modality.dim() == 1:
-            ids = _last_dim_contiguous(key_modality.to(torch.int32)).unsqueeze(0).expand(B, Lk)
+        if key_modality is None:
+            ids = _zero_ids(B, Lk, q.device)
         else:
-            ids = _last_dim_contiguous(ids.to(torch.int32))
+            ids = key_modality
+            if ids.dtype != torch.int32:
+                ids = ids.to(torch.int32)
+            ids = _last_dim_contiguous(ids)
+            if len(ids.shape) == 1:
+                ids = ids.expand(B, Lk)
         M = num_modalities
     else:
-        ids, M = None, 0
+        M = 0
 
     return AttentionProblem(
-        q=q,
-        k=k,
-        v=v,
-        rotation=rot,
-        rotated_queries=rows,
-        key_modality=ids,
-        num_modalities=M,
-        key_padding_mask=pad,
-        is_causal=is_causal,
-        scale=scale,
-        return_stats=return_stats,
-        attn_mask=mask,
-        causal_offset=causal_offset,
-        dropout_p=dropout_p,
-        rng_state=rng,
-    )
+        q, k, v, rot, rows, ids, M, pad, is_causal, scale, return_stats, mask, causal_offset,
+        dropout_p, rng,
+    )  # fmt: skip
 
 
 def rolling_attention(
@@ -417,24 +503,12 @@ def rolling_attention(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str; got {type(backend).__name__}")
-    problem = make_problem(
-        q,
-        k,
-        v,
-        rotation=rotation,
-        rotated_queries=rotated_queries,
-        key_modality=key_modality,
-        num_modalities=num_modalities,
-        key_padding_mask=key_padding_mask,
-        attn_mask=attn_mask,
-        is_causal=is_causal,
-        scale=scale,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-        enable_gqa=enable_gqa,
-        return_stats=return_stats,
-    )
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+    problem = _problem(
+        q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask,
+        attn_mask, is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
+    )  # fmt: skip
+    qs, ks = q.shape, k.shape
+    if not (qs[0] and qs[1] and qs[2] and ks[1] and ks[2]):  # (head dims are checked positive)
         # Empty problems (B, H, Lq or Lk = 0) are answered by the reference on any backend.
         backend = "reference"
     spec = select_backend(problem, backend)
@@ -453,29 +527,35 @@ def _plain_problem(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     a tensor mask or none, no dropout), built with only the checks such a call needs; None for
     anything else, which goes through :func:`make_problem`. A model calls SDPA once per layer,
     so this path is kept short."""
-    if dropout_p or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if dropout_p or len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         return None
-    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+    if (is_causal is not False and is_causal is not True) or (
+        enable_gqa is not False and enable_gqa is not True
+    ):
         return None
     if scale is not None and (type(scale) is not float or not math.isfinite(scale)):
         return None
-    dev, dt = q.device, q.dtype
-    if k.device != dev or v.device != dev or k.dtype != dt or v.dtype != dt:
+    on_cpu = q.is_cpu and k.is_cpu and v.is_cpu  # flag reads; no torch.device objects
+    if not on_cpu and (k.device != q.device or v.device != q.device):
         return None
-    if dt not in _backends.supported_dtypes(dev.type):
+    dt = q.dtype
+    if k.dtype != dt or v.dtype != dt:
         return None
-    B, H, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or Dk != D or D == 0 or v.shape[:3] != k.shape[:3] or v.shape[3] == 0:
+    if dt not in _backends.supported_dtypes("cpu" if on_cpu else q.device.type):
+        return None
+    B, H, Lq, D = qs
+    Bk, Hkv, Lk, Dk = ks
+    if Bk != B or Dk != D or D == 0 or vs[0] != B or vs[1] != Hkv or vs[2] != Lk or vs[3] == 0:
         return None
     if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
         return None
     if mask is not None:
         if type(mask) is not torch.Tensor or is_causal or mask.dim() > 4 or mask.dim() == 0:
             return None
-        if mask.device != dev or (
-            mask.dtype != torch.bool and mask.dtype not in (dt, torch.float32)
-        ):
+        if not (on_cpu and mask.is_cpu) and mask.device != q.device:
+            return None
+        if mask.dtype != torch.bool and mask.dtype not in (dt, torch.float32):
             return None
         shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
         if any(s != 1 and s != w for s, w in zip(shape, (B, H, Lq, Lk))):
@@ -505,7 +585,7 @@ def scaled_dot_product_attention(
     (e.g. a dtype or device it does not support, or a float mask that requires grad) is handed to
     torch's own SDPA, never to the O(L^2) reference.
     """
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+    if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     nd = query.dim()
     if nd < 3 or key.dim() != nd or value.dim() != nd:
@@ -513,7 +593,7 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    lead = query.shape[:-3] if nd >= 4 else query.shape[:-2]
+    lead = None if nd == 4 else query.shape[:-3] if nd > 4 else query.shape[:-2]
     if nd == 3:
         q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     elif nd == 4:
@@ -546,7 +626,8 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    if q4.numel() == 0 or k4.numel() == 0 or v4.numel() == 0:
+    qs, ks = q4.shape, k4.shape
+    if not (qs[0] and qs[1] and qs[2] and ks[1] and ks[2]):  # empty (head dims are positive)
         spec = None
     else:
         try:

@@ -127,15 +127,31 @@ class AttentionProblem(NamedTuple):
         )
 
     def signature(self) -> tuple:
-        """Everything a backend's feature declaration depends on (the dispatch cache key)."""
-        q, mask, causal = self.q, self.attn_mask, self.is_causal
-        grad = self.needs_grad()
+        """Everything a backend's feature declaration depends on (the dispatch cache key).
+
+        Computed on every call that "auto" dispatches, so it reads each attribute once."""
+        q, k, v, rot, mask, causal = (
+            self.q,
+            self.k,
+            self.v,
+            self.rotation,
+            self.attn_mask,
+            self.is_causal,
+        )
+        qs = q.shape
+        grad = torch.is_grad_enabled() and (
+            q.requires_grad
+            or k.requires_grad
+            or v.requires_grad
+            or (rot is not None and rot.requires_grad)
+            or (mask is not None and mask.requires_grad)
+        )
         return (
-            q.device.type,
+            q.device,
             q.dtype,
-            q.shape[3],
-            self.v.shape[3],
-            self.rotation is not None,
+            qs[3],
+            v.shape[3],
+            rot is not None,
             self.num_modalities,
             self.key_padding_mask is not None,
             None if mask is None else mask.dtype == torch.bool,
@@ -143,7 +159,7 @@ class AttentionProblem(NamedTuple):
             causal,
             causal and self.causal_offset != 0,
             self.dropout_p > 0.0,
-            self.k.shape[1] != q.shape[1],
+            k.shape[1] != qs[1],
             grad,
         )
 
@@ -305,7 +321,9 @@ class NoBackendError(RuntimeError):
 _REGISTRY: Dict[str, BackendSpec] = {}
 # "auto" tries backends in this order; the reference is always last.
 _AUTO_ORDER: List[str] = []
-_AUTO_CACHE: Dict[tuple, Tuple[str, ...]] = {}
+# signature -> ((name, spec, unsupported_reasons), ...) for "auto"; (name, signature) -> (spec,
+# unsupported_reasons) for a named backend that runs that signature
+_AUTO_CACHE: Dict[tuple, tuple] = {}
 _DTYPE_CACHE: Dict[str, frozenset] = {}
 _WARNED: set = set()
 
@@ -344,8 +362,14 @@ def supported_dtypes(device_type: str) -> frozenset:
 
 
 def max_supported_modalities() -> Optional[int]:
-    limits = [s.features.max_modalities for s in _REGISTRY.values()]
-    return None if any(m is None for m in limits) else max(limits)
+    """The largest modality count some registered backend takes (None = no limit)."""
+    most = 0
+    for spec in _REGISTRY.values():
+        limit = spec.features.max_modalities
+        if limit is None:
+            return None
+        most = max(most, limit)
+    return most
 
 
 def backend_status(p: Optional[AttentionProblem] = None) -> Dict[str, List[str]]:
@@ -384,6 +408,27 @@ def _warn_once(key, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+_ENV_NAME = "ROLLINGQ_BACKEND"
+try:  # os.environ's own store, read without re-encoding the name on every call
+    _ENV_STORE, _ENV_KEY, _ENV_DECODE = (
+        os.environ._data,
+        os.environ.encodekey(_ENV_NAME),
+        os.environ.decodevalue,
+    )
+except AttributeError:  # pragma: no cover - another Python's os.environ
+    _ENV_STORE = None
+
+
+def _env_backend() -> str:
+    """ROLLINGQ_BACKEND, or "auto" when it is unset or empty. Read on every call (a test or a
+    program may set it at any time); os.environ.get costs about a microsecond, a dict read of
+    os.environ's store a tenth of that, which matters on the per-call path."""
+    if _ENV_STORE is None:
+        return os.environ.get(_ENV_NAME) or "auto"
+    raw = _ENV_STORE.get(_ENV_KEY)
+    return _ENV_DECODE(raw) if raw else "auto"
+
+
 def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = True) -> BackendSpec:
     """The backend that will run ``p``. ``backend`` may be "auto" or a registered name.
 
@@ -392,8 +437,12 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
     warns once (per reason) when it falls back from a fused backend to the O(L^2) reference.
     """
     if backend == "auto":
-        backend = os.environ.get("ROLLINGQ_BACKEND", "auto") or "auto"
+        backend = _env_backend()
+    key = p.signature()
     if backend != "auto":
+        named = _AUTO_CACHE.get((backend, key))
+        if named is not None and not named[1](p):
+            return named[0]
         spec = _REGISTRY.get(backend)
         if spec is None:
             raise ValueError(
@@ -405,12 +454,13 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
                 f"backend {backend!r} cannot run these inputs ({p.describe()}): "
                 + "; ".join(reasons)
             )
+        # it runs this signature: next time only its size check is asked
+        _AUTO_CACHE[(backend, key)] = (spec, sys.modules[spec.module].unsupported_reasons)
         return spec
-    key = p.signature()
     candidates = _AUTO_CACHE.get(key)
     passed: Dict[str, List[str]] = {}
     if candidates is None:
-        names = []
+        found = []
         for name in _AUTO_ORDER:
             spec = _REGISTRY[name]
             reasons = spec.static_reasons(p)
@@ -420,12 +470,12 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
             if reasons:
                 passed[name] = reasons
             else:
-                names.append(name)
-        candidates = tuple(names)
+                # the module is imported now (unavailable() did it): keep its size check at hand
+                found.append((name, spec, sys.modules[spec.module].unsupported_reasons))
+        candidates = tuple(found)
         _AUTO_CACHE[key] = candidates
-    for name in candidates:
-        spec = _REGISTRY[name]
-        reasons = list(sys.modules[spec.module].unsupported_reasons(p))
+    for name, spec, unsupported_reasons in candidates:
+        reasons = list(unsupported_reasons(p))
         if reasons:
             passed[name] = reasons
             continue

@@ -1,12 +1,15 @@
 """The "cuda" backend: the fused CUDA C++ kernels of csrc/cuda/, behind torch.ops.rollingq.
 
 The kernels register CUDA implementations of the ``rollingq::attention_fwd`` and
-``rollingq::attention_bwd`` ops (schema, fake impls and autograd live with the C++ extension's op
-glue in :mod:`rollingq_kernels.fused_op`). This module only makes sure the CUDA library is loaded:
+``rollingq::attention_bwd`` ops (schema, fake impls and autograd: :mod:`rollingq_kernels.op_contract`;
+the CPU library that comes with them: :mod:`rollingq_kernels.fused_op`). This module only makes sure
+the CUDA library is loaded:
 
 1. ``rollingq_kernels._C_cuda``, built by setup.py where a CUDA build of torch and nvcc exist;
 2. otherwise a JIT build with ``torch.utils.cpp_extension.load`` (ninja, nvcc) for the GPU at
-   hand, cached by torch in its extensions directory (``TORCH_EXTENSIONS_DIR``).
+   hand, from the sources the package carries (``rollingq_kernels/csrc`` when installed,
+   ``csrc/`` in a checkout), cached by torch in its extensions directory
+   (``TORCH_EXTENSIONS_DIR``).
 
 Every reason it cannot run (CPU build of torch, no GPU, a GPU older than sm_80, nvcc missing,
 the build failing) is reported by :func:`unavailable_reason`, never raised at import.
@@ -43,11 +46,22 @@ def _jit_arch_flags() -> List[str]:
 
 
 def _jit_build() -> None:
-    from torch.utils.cpp_extension import load
+    """Compile and load the CUDA library from the sources the package carries (an installed
+    package has them in rollingq_kernels/csrc, a checkout in csrc/; see _cuda_build)."""
+    from torch.utils.cpp_extension import is_ninja_available, load
 
+    sources = _cuda_build.extension_sources()
+    missing = [s for s in sources + [_cuda_build.FLAGS_FILE] if not os.path.isfile(s)]
+    if not sources or missing:
+        raise RuntimeError(
+            f"the CUDA sources are not where the package looks for them ({_cuda_build.CSRC}): "
+            f"missing {missing or 'every .cu file'}; reinstall the package"
+        )
+    if not is_ninja_available():
+        raise RuntimeError("the JIT build needs ninja, which is not installed (pip install ninja)")
     load(
         name="rollingq_C_cuda",
-        sources=_cuda_build.extension_sources(),
+        sources=sources,
         extra_include_paths=[_cuda_build.CSRC],
         extra_cflags=list(_cuda_build.CXX_FLAGS),
         extra_cuda_cflags=list(_cuda_build.NVCC_FLAGS) + _jit_arch_flags(),

@@ -53,6 +53,16 @@ def _installed_torch() -> str:
     return torch.__version__.split("+")[0]
 
 
+def _rebuild_hint() -> str:
+    """How to build the library: in place in a source checkout, else by reinstalling."""
+    if os.path.isfile(os.path.join(os.path.dirname(_PACKAGE_DIR), "setup.py")):
+        return "build it with `python setup.py build_ext --inplace` (or `make build`)"
+    return (
+        "reinstall the package from its source against the installed torch with "
+        "`pip install --no-build-isolation --force-reinstall --no-deps <source>` (docs/build.md)"
+    )
+
+
 def _load_library(name: str = "_C") -> None:
     """Load a compiled library of this package, after checking which torch it was built for.
 
@@ -64,8 +74,7 @@ def _load_library(name: str = "_C") -> None:
         others = _other_builds(name)
         found = f" (found only {others}, built for another Python)" if others else ""
         raise ImportError(
-            f"rollingq_kernels.{name} is not built for this Python{found}; build it with "
-            "`python setup.py build_ext --inplace` (or `make build`)"
+            f"rollingq_kernels.{name} is not built for this Python{found}; {_rebuild_hint()}"
         )
     with open(path, "rb") as f:
         found = _VERSION_MARK.search(f.read())
@@ -73,7 +82,7 @@ def _load_library(name: str = "_C") -> None:
     if built != _installed_torch():
         raise ImportError(
             f"{path} was built against torch {built} but torch {torch.__version__} is installed; "
-            "rebuild it with `python setup.py build_ext --inplace`"
+            f"{_rebuild_hint()}"
         )
     torch.ops.load_library(path)
 

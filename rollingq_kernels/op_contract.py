@@ -210,9 +210,10 @@ def run_forward(fam: OpFamily, problem) -> Tuple[torch.Tensor, Optional[Attentio
         out, lse, mass, key_sum, key_count = fam.forward(*problem.op_args())
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
-        # of the per-call cost of a small problem
+        # of the per-call cost of a small problem; the overload is called without the packet's
+        # Python frame
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse, mass, key_sum, key_count = fam.forward(*problem.op_args())
+            out, lse, mass, key_sum, key_count = fam.forward.default(*problem.op_args())
     if not problem.return_stats:
         return out, None
     return out, AttentionStats(mass, key_sum, key_count, lse)

@@ -1,0 +1,120 @@
+"""The per-call path of rolling_attention: what it caches, and what it must never cache.
+
+Validation and dispatch are written for the cost of a tiny call (bench/overhead_bench.py); these
+tests pin the rules that make that safe: value checks are redone on every CPU call, caches are
+keyed so that a changed input or environment is seen, and the GPU-side memo of checked ids works
+for tensors of any size.
+"""
+
+import gc
+
+import pytest
+import torch
+
+import rollingq_kernels as rk
+from rollingq_kernels import api, backends, fused_op
+from rollingq_kernels.reference import rolling_attention_reference
+
+CPU_OP = fused_op.load_error() is None
+
+
+def _rand(*shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def test_checked_ids_memo_takes_tensors_with_many_elements():
+    # The memo is keyed by identity: a tensor's __eq__ is elementwise, so a dictionary keyed by
+    # tensor value (weakref.WeakKeyDictionary) raises "Boolean value of Tensor with more than one
+    # value is ambiguous" on the second lookup of a multi-element tensor.
+    memo = api._VersionedCache()
+    ids = torch.tensor([0, 1, 1, 0, -1, 1])
+    assert memo.get(ids, 2) is None
+    memo.put(ids, 2, True)
+    assert memo.get(ids, 2) is True
+    assert memo.get(ids, 3) is None  # another num_modalities: checked again
+    ids.add_(0)  # an in-place write bumps the version counter
+    assert memo.get(ids, 2) is None
+    other = ids.clone()
+    assert memo.get(other, 2) is None  # equal values, another tensor
+    memo.put(ids, 2, True)
+    assert len(memo._entries) == 1
+    del ids
+    gc.collect()
+    assert memo._entries == {}  # the entry goes with its tensor
+
+
+def test_cpu_ids_are_range_checked_on_every_call():
+    q, k, v = (_rand(2, 3, 5, 8, seed=s) for s in (1, 2, 3))
+    ids = torch.tensor([0, 1, 0, 1, 1])
+    out, stats = rk.rolling_attention(
+        q, k, v, key_modality=ids, num_modalities=2, return_stats=True
+    )
+    ref, ref_stats = rolling_attention_reference(
+        q.double(), k.double(), v.double(), key_modality=ids, num_modalities=2, return_stats=True
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.modality_mass.double(), ref_stats.modality_mass)
+    ids[2] = 7  # same tensor, now out of range
+    with pytest.raises(ValueError, match=r"key_modality ids must lie in \[-1, 1\].*\[0, 7\]"):
+        rk.rolling_attention(q, k, v, key_modality=ids, num_modalities=2, return_stats=True)
+    ids.numpy()[2] = -3  # a write torch does not see (no version bump) is seen all the same
+    with pytest.raises(ValueError, match=r"\[-3, 1\]"):
+        rk.rolling_attention(q, k, v, key_modality=ids, num_modalities=2, return_stats=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_id_range_check_reads_every_integer_dtype(dtype):
+    ids = torch.tensor([[0, 2, 1], [1, 1, -1 if dtype != torch.uint8 else 0]], dtype=dtype)
+    assert api._check_id_range(ids, ids, None) == 3
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        api._check_id_range(ids, ids, 2)
+
+
+def test_stats_without_key_modality_use_zero_ids_of_the_right_batch():
+    for B, Lk in ((2, 5), (3, 5), (1, 7)):
+        q, k, v = (_rand(B, 2, 4, 8, seed=s) for s in (4, 5, 6))
+        k, v = k[:, :, :1].expand(B, 2, Lk, 8).contiguous(), v[:, :, :1].expand(B, 2, Lk, 8)
+        p = api.make_problem(q, k, v, return_stats=True)
+        assert p.key_modality.shape == (B, Lk) and p.key_modality.dtype == torch.int32
+        assert int(p.key_modality.abs().max()) == 0
+        assert p.num_modalities == 1
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_named_backend_cache_still_checks_sizes_and_features():
+    q, k, v = (_rand(1, 2, 6, 8, seed=s) for s in (7, 8, 9))
+    assert rk.rolling_attention(q, k, v, backend="cpu").shape == (1, 2, 6, 8)
+    # same sizes, a feature the cpu backend declines: the cached decision must not hide it
+    bias = _rand(6, 6, seed=10).requires_grad_()
+    with pytest.raises(rk.NoBackendError, match="'cpu' cannot run"):
+        rk.rolling_attention(q, k, v, attn_mask=bias, backend="cpu")
+
+
+def test_environment_override_is_read_on_every_call(monkeypatch):
+    q, k, v = (_rand(1, 1, 4, 8, seed=s) for s in (11, 12, 13))
+    p = api.make_problem(q, k, v)
+    monkeypatch.delenv("ROLLINGQ_BACKEND", raising=False)
+    first = backends.select_backend(p).name
+    monkeypatch.setenv("ROLLINGQ_BACKEND", "reference")
+    assert backends.select_backend(p).name == "reference"
+    monkeypatch.setenv("ROLLINGQ_BACKEND", "")
+    assert backends.select_backend(p).name == first
+    monkeypatch.setenv("ROLLINGQ_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="no-such-backend"):
+        backends.select_backend(p)
+
+
+def test_rotation_is_canonicalised_without_copies_per_head():
+    H, D = 3, 8
+    q, k, v = (_rand(2, H, 5, D, seed=s) for s in (14, 15, 16))
+    R = torch.linalg.qr(_rand(D, D, seed=17)).Q  # column-major: must become contiguous
+    p = api.make_problem(q, k, v, rotation=R)
+    assert p.rotation.shape == (H, D, D) and p.rotation.stride() == (0, D, 1)
+    torch.testing.assert_close(p.rotation[1], R)
+    Rc = R.contiguous()
+    p = api.make_problem(q, k, v, rotation=Rc)
+    assert p.rotation.data_ptr() == Rc.data_ptr()  # float32 and contiguous: read in place
+    rows = torch.tensor([True, False, False, True, False])
+    p = api.make_problem(q, k, v, rotation=Rc, rotated_queries=rows)
+    assert p.rotated_queries.shape == (2, 5) and p.rotated_queries.stride() == (0, 1)
