@@ -89,17 +89,14 @@ void apply_attn_mask(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
   }
   // rows of the mask, transposed into buf[j][lane]
   A* T = buf;
+  bool in_place = false;  // rows of the accumulation type with unit key stride: transposed as they are
   if constexpr (same_type<MT, A>::value) {
     if (cs == 1) {
       transpose(reinterpret_cast<const A*>(base) + i0 * rs + j0, rs, T, lanes, qn, kn);
-    } else {
-      A* rows = buf + kn * lanes;
-      for (int64_t l = 0; l < qn; ++l)
-        for (int64_t j = 0; j < kn; ++j)
-          rows[l * kn + j] = mask_value<MT, A>(base, (i0 + l) * rs + (j0 + j) * cs);
-      transpose(rows, kn, T, lanes, qn, kn);
+      in_place = true;
     }
-  } else {
+  }
+  if (!in_place) {  // gathered into rows of A first
     A* rows = buf + kn * lanes;
     for (int64_t l = 0; l < qn; ++l)
       for (int64_t j = 0; j < kn; ++j)
