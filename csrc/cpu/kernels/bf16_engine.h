@@ -27,10 +27,14 @@ inline bool bf16_engine_applies(const AttentionParams& p) {
 
 inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
 
+inline int64_t bf16_query_tile(const AttentionParams& p) {
+  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 64;  //qt
+}
+
 // Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through
 // memory once per step (the tile unit holds 8 tiles), so steps are longer than the float
 // engine's.
-constexpr int64_t kBf16KeyBlock = 128;
+constexpr int64_t kBf16KeyBlock = 256;
 
 // ---- forward ---------------------------------------------------------------------------------
 
@@ -230,7 +234,7 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
 }
 
 inline void bf16_fwd_plan(const AttentionParams& p, Plan& plan) {
-  const int64_t qt = fp_query_tile(p);
+  const int64_t qt = bf16_query_tile(p);
   const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
   plan.tasks = p.batch * p.heads * tiles;
   plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
