@@ -28,7 +28,7 @@ inline bool bf16_engine_applies(const AttentionParams& p) {
 inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
 
 inline int64_t bf16_query_tile(const AttentionParams& p) {
-  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 64;  //qt
+  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 128;  //qt
 }
 
 // Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through
