@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from ._stats import AttentionStats, accumulation_dtype
-from .backends import AttentionProblem, select_backend
+from .backends import AttentionProblem, select_forward
 from .dropout import dropout_threshold, new_rng_state
 
 __all__ = [
@@ -511,8 +511,8 @@ def rolling_attention(
     if not (qs[0] and qs[1] and qs[2] and ks[1] and ks[2]):  # (head dims are checked positive)
         # Empty problems (B, H, Lq or Lk = 0) are answered by the reference on any backend.
         backend = "reference"
-    spec = select_backend(problem, backend)
-    out, stats = spec.load().forward(problem)
+    _, forward = select_forward(problem, backend)
+    out, stats = forward(problem)
     if return_stats:
         return out, stats
     return out
@@ -631,7 +631,7 @@ def scaled_dot_product_attention(
         spec = None
     else:
         try:
-            spec = select_backend(problem, "auto", warn=False)
+            spec, forward = select_forward(problem, "auto", warn=False)
         except _backends.NoBackendError:
             spec = None
     if spec is None or not spec.fused:
@@ -641,7 +641,7 @@ def scaled_dot_product_attention(
         )  # fmt: skip
     if problem.dropout_p > 0.0:
         problem = problem._replace(rng_state=new_rng_state())
-    out, _ = spec.load().forward(problem)
+    out, _ = forward(problem)
     if nd == 3:
         return out.squeeze(1)
     if nd > 4:

@@ -436,13 +436,21 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
     cannot run raises :class:`NoBackendError` with its reasons; only "auto" falls back, and it
     warns once (per reason) when it falls back from a fused backend to the O(L^2) reference.
     """
+    return select_forward(p, backend, warn=warn)[0]
+
+
+def select_forward(p: AttentionProblem, backend: str = "auto", *, warn: bool = True):
+    """:func:`select_backend` and the chosen backend's ``forward`` function: (spec, forward).
+
+    The decision is cached per problem signature with the backend module's functions, so a call
+    of a known signature costs two dict reads and the backend's size check."""
     if backend == "auto":
         backend = _env_backend()
     key = p.signature()
     if backend != "auto":
         named = _AUTO_CACHE.get((backend, key))
-        if named is not None and not named[1](p):
-            return named[0]
+        if named is not None and not named[2](p):
+            return named[0], named[1]
         spec = _REGISTRY.get(backend)
         if spec is None:
             raise ValueError(
@@ -455,8 +463,9 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
                 + "; ".join(reasons)
             )
         # it runs this signature: next time only its size check is asked
-        _AUTO_CACHE[(backend, key)] = (spec, sys.modules[spec.module].unsupported_reasons)
-        return spec
+        module = sys.modules[spec.module]
+        _AUTO_CACHE[(backend, key)] = (spec, module.forward, module.unsupported_reasons)
+        return spec, module.forward
     candidates = _AUTO_CACHE.get(key)
     passed: Dict[str, List[str]] = {}
     if candidates is None:
@@ -470,18 +479,19 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
             if reasons:
                 passed[name] = reasons
             else:
-                # the module is imported now (unavailable() did it): keep its size check at hand
-                found.append((name, spec, sys.modules[spec.module].unsupported_reasons))
+                # the module is imported now (unavailable() did it): keep its functions at hand
+                module = sys.modules[spec.module]
+                found.append((name, spec, module.forward, module.unsupported_reasons))
         candidates = tuple(found)
         _AUTO_CACHE[key] = candidates
-    for name, spec, unsupported_reasons in candidates:
-        reasons = list(unsupported_reasons(p))
+    for name, spec, forward, unsupported_reasons in candidates:
+        reasons = unsupported_reasons(p)
         if reasons:
-            passed[name] = reasons
+            passed[name] = list(reasons)
             continue
         if warn and not spec.fused:
             _warn_fallback(p, passed)
-        return spec
+        return spec, forward
     for name in _AUTO_ORDER:
         if name not in passed:
             passed[name] = _REGISTRY[name].reasons(p) or ["not applicable"]

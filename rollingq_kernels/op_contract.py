@@ -204,16 +204,25 @@ def family(name: str = "") -> OpFamily:
     return fam
 
 
-def run_forward(fam: OpFamily, problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
-    """One forward call of ``fam`` for a validated problem: (out, stats or None)."""
+def run_forward(
+    fam: OpFamily, problem, direct: Optional[Callable] = None
+) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+    """One forward call of ``fam`` for a validated problem: (out, stats or None).
+
+    ``direct``: the compiled library's entry that calls ``fam.forward`` below autograd without
+    the boxed torch.ops path (fused_op.direct_entry); it returns NotImplemented for arguments it
+    leaves to torch.ops."""
+    args = problem.op_args()
     if problem.needs_grad() or torch.compiler.is_compiling():
-        out, lse, mass, key_sum, key_count = fam.forward(*problem.op_args())
+        outputs = fam.forward(*args)
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
-        # of the per-call cost of a small problem; the overload is called without the packet's
-        # Python frame
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse, mass, key_sum, key_count = fam.forward.default(*problem.op_args())
+        # of the per-call cost of a small problem
+        outputs = NotImplemented if direct is None else direct(*args)
+        if outputs is NotImplemented:
+            with torch._C._AutoDispatchBelowAutograd():
+                outputs = fam.forward.default(*args)
+    out, lse, mass, key_sum, key_count = outputs
     if not problem.return_stats:
         return out, None
     return out, AttentionStats(mass, key_sum, key_count, lse)
