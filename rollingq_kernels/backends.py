@@ -45,12 +45,13 @@ class AttentionProblem(NamedTuple):
 
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): as the user gave them (any strides).
         Hkv == H, or a divisor of H for grouped-query attention.
-    rotation: None or (H, D, D) in the accumulation dtype (float32; float64 for float64), its last
-        two dims contiguous; its head stride is 0 when one (D, D) matrix serves every head.
-    rotated_queries: None (every row is rotated when rotation is given) or bool (B, Lq), last dim
-        contiguous, batch stride 0 when one row set serves every batch entry.
-    key_modality: None when no stats are asked for, else int32 (B, Lk) with ids in [-1, M), last
-        dim contiguous, batch stride possibly 0.
+    rotation: None, or one contiguous (D, D) matrix for every head, or (H, D, D) with each
+        matrix contiguous; in the accumulation dtype (float32; float64 for float64 inputs).
+    rotated_queries: None (every row is rotated when rotation is given), or bool (Lq,) (the same
+        rows in every batch entry) or (B, Lq); last dim contiguous.
+    key_modality: None when no stats are asked for, else an integer tensor (Lk,) (the same ids in
+        every batch entry) or (B, Lk) of any integer dtype and strides, ids in [-1, M) (checked).
+        The short forms are never expanded in Python: each backend reads them as broadcasts.
     num_modalities: M; 0 exactly when no stats are asked for.
     key_padding_mask: None or bool (B, Lk), last dim contiguous; True = the key takes part.
     attn_mask: None or a (B, H, Lq, Lk) view (stride 0 on broadcast dims, never copied) of a bool

@@ -108,11 +108,17 @@ _LIB = torch.library.Library("rollingq", "FRAGMENT")
 _FAMILIES: Dict[str, OpFamily] = {}
 
 
+def _row_mask(rows):
+    # rows bool (L,) or (B, L) -> broadcastable to (B, H, L, 1)
+    return rows[:, None, :, None] if rows.dim() == 2 else rows[None, None, :, None]
+
+
 def _rotate_rows(q, rotation, rows):
-    # q (B, H, L, D), rotation (H, D, D), rows None or bool (B, L): q_i <- R q_i on the rows
+    # q (B, H, L, D), rotation (D, D) or (H, D, D), rows None or bool (L,) / (B, L):
+    # q_i <- R q_i on the rows
     rotated = torch.matmul(q.to(rotation.dtype), rotation.transpose(-1, -2).unsqueeze(0))
     if rows is not None:
-        rotated = torch.where(rows[:, None, :, None], rotated, q.to(rotation.dtype))
+        rotated = torch.where(_row_mask(rows), rotated, q.to(rotation.dtype))
     return rotated.to(q.dtype)
 
 
@@ -160,14 +166,13 @@ def _register_autograd(fam: OpFamily) -> None:
             acc = rotation.dtype
             g = dq_rot.to(acc)
             if rows is not None:
-                g = torch.where(rows[:, None, :, None], g, torch.zeros_like(g))
-            drot = torch.einsum("bhla,bhlc->hac", g, q.to(acc))
-            back = torch.matmul(g, rotation)
-            dq = (
-                torch.where(rows[:, None, :, None], back, dq_rot.to(acc))
-                if rows is not None
-                else back
+                g = torch.where(_row_mask(rows), g, torch.zeros_like(g))
+            # one (D, D) matrix shared by every head gathers the gradient of all heads
+            drot = torch.einsum(
+                "bhla,bhlc->hac" if rotation.dim() == 3 else "bhla,bhlc->ac", g, q.to(acc)
             )
+            back = torch.matmul(g, rotation)
+            dq = torch.where(_row_mask(rows), back, dq_rot.to(acc)) if rows is not None else back
             dq = dq.to(q.dtype)
         grads = [None] * len(_FWD_ARGS)
         grads[_ARG["q"]], grads[_ARG["k"]], grads[_ARG["v"]] = dq, dk, dv

@@ -71,14 +71,19 @@ def test_id_range_check_reads_every_integer_dtype(dtype):
         api._check_id_range(ids, ids, 2)
 
 
-def test_stats_without_key_modality_use_zero_ids_of_the_right_batch():
+def test_stats_without_key_modality_use_zero_ids_of_any_batch():
+    # one cached (Lk,) zero-id tensor serves every batch size: the counts and masses must be those
+    # of B batch entries with every key in modality 0
     for B, Lk in ((2, 5), (3, 5), (1, 7)):
         q, k, v = (_rand(B, 2, 4, 8, seed=s) for s in (4, 5, 6))
         k, v = k[:, :, :1].expand(B, 2, Lk, 8).contiguous(), v[:, :, :1].expand(B, 2, Lk, 8)
         p = api.make_problem(q, k, v, return_stats=True)
-        assert p.key_modality.shape == (B, Lk) and p.key_modality.dtype == torch.int32
+        assert p.key_modality.shape == (Lk,) and p.key_modality.dtype == torch.int32
         assert int(p.key_modality.abs().max()) == 0
         assert p.num_modalities == 1
+        _, stats = rk.rolling_attention(q, k, v, return_stats=True)
+        torch.testing.assert_close(stats.key_count, torch.full((B, 1), float(Lk)))
+        torch.testing.assert_close(stats.modality_mass, torch.ones(B, 2, 4, 1))
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
@@ -105,19 +110,52 @@ def test_environment_override_is_read_on_every_call(monkeypatch):
         backends.select_backend(p)
 
 
-def test_rotation_is_canonicalised_without_copies_per_head():
+def test_side_inputs_are_canonicalised_without_copies():
     H, D = 3, 8
     q, k, v = (_rand(2, H, 5, D, seed=s) for s in (14, 15, 16))
     R = torch.linalg.qr(_rand(D, D, seed=17)).Q  # column-major: must become contiguous
     p = api.make_problem(q, k, v, rotation=R)
-    assert p.rotation.shape == (H, D, D) and p.rotation.stride() == (0, D, 1)
-    torch.testing.assert_close(p.rotation[1], R)
+    assert p.rotation.shape == (D, D) and p.rotation.is_contiguous()
+    torch.testing.assert_close(p.rotation, R)
     Rc = R.contiguous()
     p = api.make_problem(q, k, v, rotation=Rc)
     assert p.rotation.data_ptr() == Rc.data_ptr()  # float32 and contiguous: read in place
     rows = torch.tensor([True, False, False, True, False])
-    p = api.make_problem(q, k, v, rotation=Rc, rotated_queries=rows)
-    assert p.rotated_queries.shape == (2, 5) and p.rotated_queries.stride() == (0, 1)
+    ids = torch.tensor([0, 1, -1, 1, 0])  # int64: the op narrows it after the range check
+    p = api.make_problem(
+        q, k, v, rotation=Rc, rotated_queries=rows, key_modality=ids, return_stats=True
+    )
+    assert p.rotated_queries is rows and p.key_modality is ids and p.num_modalities == 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_short_and_full_side_inputs_agree(backend):
+    # (D, D) / (Lq,) / (Lk,) forms give what their expansion to (H, D, D) / (B, Lq) / (B, Lk)
+    # gives, values and gradients (the shared matrix gathers the gradient of every head)
+    if backend == "cpu" and not CPU_OP:
+        pytest.skip(str(fused_op.load_error()))
+    B, H, Lq, Lk, D = 2, 3, 6, 7, 8
+    q, k, v = (_rand(B, H, L, D, seed=s) for s, L in ((80, Lq), (81, Lk), (82, Lk)))
+    R = torch.linalg.qr(_rand(D, D, seed=83)).Q.contiguous()
+    rows = torch.tensor([True, False, True, False, False, True])
+    ids = torch.tensor([0, 1, 1, -1, 0, 2, 1], dtype=torch.int16)
+    results = []
+    for short in (True, False):
+        rot = R.clone().requires_grad_()
+        qq = q.clone().requires_grad_()
+        args = (rot, rows, ids) if short else (
+            rot.expand(H, D, D), rows.expand(B, Lq), ids.expand(B, Lk)
+        )  # fmt: skip
+        out, stats = rk.rolling_attention(
+            qq, k, v, rotation=args[0], rotated_queries=args[1], key_modality=args[2],
+            num_modalities=3, return_stats=True, backend=backend,
+        )  # fmt: skip
+        out.square().sum().backward()
+        results.append(
+            (out, stats.modality_mass, stats.key_sum, stats.key_count, qq.grad, rot.grad)
+        )
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---- the library's direct entry to the forward op (csrc/python_module.cpp) ----------------------
@@ -169,8 +207,9 @@ def test_direct_entry_raises_the_ops_errors():
     args = list(_feature_args(41))
     args[5] = args[5].clone()
     args[5][0, 0] = 3  # an id outside [-1, M)
-    with pytest.raises(RuntimeError, match=r"key_modality ids must lie in \[-1, 2\]"):
-        direct(*args)
+    for call in (direct, torch.ops.rollingq.attention_fwd.default):  # a ValueError either way
+        with pytest.raises(ValueError, match=r"key_modality ids must lie in \[-1, 2\]"):
+            call(*args)
     with pytest.raises(TypeError, match="14 arguments"):
         direct(*args[:13])
 
