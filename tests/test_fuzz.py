@@ -846,7 +846,7 @@ OP_BAD = [
     "num_modalities_value",
     "rotation_shape",
     "rotation_int",
-    "rotated_queries_1d",
+    "rotated_queries_length",
     "rotated_queries_no_rotation",
     "key_padding_mask_dtype",
     "attn_mask_dtype",
@@ -1075,8 +1075,8 @@ def _break_op(gen: Gen, a: dict, B, H, Lq, Lk, D, dtype) -> Optional[str]:
     if what == "rotation_int":
         a["rotation"] = torch.eye(D, dtype=torch.int32)
         return "rotation"
-    if what == "rotated_queries_1d":
-        a.update(rotation=torch.eye(D), rotated_queries=torch.ones(Lq, dtype=torch.bool))
+    if what == "rotated_queries_length":  # (Lq,) is the shared form; another length is not
+        a.update(rotation=torch.eye(D), rotated_queries=torch.ones(Lq + 1, dtype=torch.bool))
         return "rotated_queries"
     if what == "rotated_queries_no_rotation":
         a.update(rotation=None, rotated_queries=torch.ones(B, Lq, dtype=torch.bool))
