@@ -12,7 +12,11 @@ alike):
     rolling_attention (cpu)            the same with the backend named
     scaled_dot_product_attention       this package's SDPA drop-in
     make_problem                       validation alone
-    raw op, below autograd             torch.ops.rollingq.attention_fwd on canonical arguments
+    raw op through torch.ops           torch.ops.rollingq.attention_fwd on canonical arguments,
+                                       below autograd (the boxed path)
+    raw op through the direct entry    the same op through rollingq_kernels._C's
+                                       attention_fwd_below_autograd (what calls without
+                                       gradients take)
     ... rotation + stats               the RollingQ call: a contiguous float32 (D, D) rotation of
                                        the first row, int64 key modalities (Lk,), M = 2, stats
 """
@@ -78,8 +82,14 @@ def run(calls: int = 2000, rounds: int = 15, shape=(1, 1, 16, 64)):
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
 
-        rows.insert(5, ("raw op, below autograd", lambda: raw(plain)))
-        rows.append(("raw op, rotation + stats", lambda: raw(rolling)))
+        direct = fused_op.direct_entry()
+        rows.insert(5, ("raw op through torch.ops, below autograd", lambda: raw(plain)))
+        rows.append(("raw op through torch.ops, rotation + stats", lambda: raw(rolling)))
+        if direct is not None:
+            rows.insert(6, ("raw op through the direct entry", lambda: direct(*plain)))
+            rows.append(
+                ("raw op through the direct entry, rotation + stats", lambda: direct(*rolling))
+            )
     for _, fn in rows:  # warm-up
         _per_call_us(fn, max(calls // 10, 10))
     samples = {name: [] for name, _ in rows}

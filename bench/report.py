@@ -145,7 +145,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-row memory probes")
-    ap.add_argument("--shapes", nargs="*", help="B,H,L,D ... (default: the four shapes of docs/performance.md)")
+    ap.add_argument(
+        "--shapes", nargs="*", help="B,H,L,D ... (default: the four shapes of docs/performance.md)"
+    )
     ap.add_argument("--only", choices=["attention", *SUITES], help="run one part only")
     args = ap.parse_args(argv)
 

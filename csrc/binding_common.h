@@ -17,6 +17,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "rollingq_params.h"
 
@@ -114,7 +115,7 @@ inline void canonical_side_inputs(const char* op, Canonical& c,
     TORCH_CHECK(r.is_floating_point(), op, ": rotation must be a floating tensor; got ",
                 r.scalar_type());
     if (r.dim() == 2 && r.size(0) == D && r.size(1) == D) {
-      c.rotation = r.to(acc).contiguous().unsqueeze(0).expand({H, D, D});
+      c.rotation = r.to(acc).contiguous();  // one matrix for every head (head stride 0)
     } else {
       TORCH_CHECK(r.dim() == 3 && r.size(0) == H && r.size(1) == D && r.size(2) == D, op,
                   ": rotation must have shape (", D, ", ", D, ") or (", H, ", ", D, ", ", D,
@@ -126,20 +127,24 @@ inline void canonical_side_inputs(const char* op, Canonical& c,
         c.rotation = c.rotation.contiguous();
     }
   }
-  auto bool_rows = [&](const char* name, const Tensor& m, int64_t L) {
+  // (B, L) or, when one_for_all_batches, also (L,): the same rows for every batch entry
+  auto bool_rows = [&](const char* name, const Tensor& m, int64_t L, bool one_for_all_batches) {
     check_same_device(op, name, m, q);
     TORCH_CHECK(m.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor; got ",
                 m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == L, op, ": ", name,
-                " must have shape (", B, ", ", L, "); got ", shape_str(m));
+    const bool batched = m.dim() == 2 && m.size(0) == B && m.size(1) == L;
+    const bool shared = one_for_all_batches && m.dim() == 1 && m.size(0) == L;
+    TORCH_CHECK(batched || shared, op, ": ", name, " must have shape ",
+                one_for_all_batches ? "(" + std::to_string(L) + ",) or " : std::string(), "(",
+                B, ", ", L, "); got ", shape_str(m));
     return last_dim_contiguous(m);
   };
   if (rotated_queries.has_value() && rotated_queries->defined()) {
     TORCH_CHECK(c.rotation.defined(), op, ": rotated_queries was given without a rotation");
-    c.rotated_rows = bool_rows("rotated_queries", *rotated_queries, Lq);
+    c.rotated_rows = bool_rows("rotated_queries", *rotated_queries, Lq, true);
   }
   if (key_padding_mask.has_value() && key_padding_mask->defined())
-    c.key_padding = bool_rows("key_padding_mask", *key_padding_mask, Lk);
+    c.key_padding = bool_rows("key_padding_mask", *key_padding_mask, Lk, false);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
     check_same_device(op, "attn_mask", m, q);
@@ -184,23 +189,54 @@ inline void canonical_side_inputs(const char* op, Canonical& c,
   }
 }
 
-// key_modality (B, Lk) of any integer dtype -> int32, checked against M *before* narrowing:
-// on the host when check_on_host (CPU tensors: no sync), else clamped on the device to
-// [-2, M] first, so an out-of-range id can only become another out-of-range id, which the
-// kernels ignore (counted nowhere), never a valid one.
+// The smallest and largest id of a non-empty integer CPU tensor of 1 or 2 dims (any strides),
+// read in place: a few nanoseconds per id, no tensor ops.
+inline std::pair<int64_t, int64_t> host_id_range(const Tensor& ids) {
+  const Tensor& t = ids;
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  const int64_t rows = t.dim() == 2 ? t.size(0) : 1, cols = t.size(t.dim() - 1);
+  const int64_t row_stride = t.dim() == 2 ? t.stride(0) : 0, col_stride = t.stride(t.dim() - 1);
+  auto scan = [&](auto* base) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t x = static_cast<int64_t>(base[r * row_stride + j * col_stride]);
+        lo = std::min(lo, x);
+        hi = std::max(hi, x);
+      }
+  };
+  switch (t.scalar_type()) {
+    case at::kByte: scan(t.const_data_ptr<uint8_t>()); break;
+    case at::kChar: scan(t.const_data_ptr<int8_t>()); break;
+    case at::kShort: scan(t.const_data_ptr<int16_t>()); break;
+    case at::kInt: scan(t.const_data_ptr<int32_t>()); break;
+    case at::kLong: scan(t.const_data_ptr<int64_t>()); break;
+    default: {  // the unsigned 16/32/64-bit types: read widened (a uint64 above 2^63 wraps
+                // negative, which is out of range all the same)
+      const Tensor wide = t.to(at::kLong);
+      return host_id_range(wide);
+    }
+  }
+  return {lo, hi};
+}
+
+// key_modality (B, Lk) or (Lk,) (the same ids for every batch entry) of any integer dtype ->
+// int32, checked against M *before* narrowing: on the host when check_on_host (CPU tensors: no
+// sync), else clamped on the device to [-2, M] first, so an out-of-range id can only become
+// another out-of-range id, which the kernels ignore (counted nowhere), never a valid one.
 inline Tensor canonical_ids(const char* op, const Tensor& q, int64_t Lk, const Tensor& km,
                             int64_t M, bool check_on_host) {
   const int64_t B = q.size(0);
   check_same_device(op, "key_modality", km, q);
   TORCH_CHECK(at::isIntegralType(km.scalar_type(), /*includeBool=*/false), op,
               ": key_modality must be an integer tensor; got ", km.scalar_type());
-  TORCH_CHECK(km.dim() == 2 && km.size(0) == B && km.size(1) == Lk, op,
-              ": key_modality must have shape (", B, ", ", Lk, "); got ", shape_str(km));
+  TORCH_CHECK((km.dim() == 2 && km.size(0) == B && km.size(1) == Lk) ||
+                  (km.dim() == 1 && km.size(0) == Lk),
+              op, ": key_modality must have shape (", Lk, ",) or (", B, ", ", Lk, "); got ",
+              shape_str(km));
   if (km.numel() > 0 && check_on_host) {
-    const Tensor wide = km.to(at::kLong);
-    const int64_t lo = wide.min().item<int64_t>(), hi = wide.max().item<int64_t>();
-    TORCH_CHECK(lo >= -1 && hi < M, op, ": key_modality ids must lie in [-1, ", M - 1,
-                "] (num_modalities=", M, "); got values in [", lo, ", ", hi, "]");
+    const auto [lo, hi] = host_id_range(km);
+    TORCH_CHECK_VALUE(lo >= -1 && hi < M, op, ": key_modality ids must lie in [-1, ", M - 1,
+                      "] (num_modalities=", M, "); got values in [", lo, ", ", hi, "]");
   }
   Tensor ids = km;
   if (!check_on_host && km.scalar_type() != at::kInt) ids = km.clamp(-2, M);
@@ -211,6 +247,18 @@ inline void set_bhl(const Tensor& t, int64_t* b, int64_t* h, int64_t* l) {
   *b = t.stride(0);
   *h = t.stride(1);
   *l = t.stride(2);
+}
+
+// The short forms of the side inputs as full views: rotation (H, D, D), rows (B, Lq), ids (B, Lk);
+// for kernels that index them by shape (the CUDA kernels).
+inline void expand_side_inputs(Canonical& c) {
+  const int64_t B = c.q.size(0), H = c.q.size(1);
+  if (c.rotation.defined() && c.rotation.dim() == 2)
+    c.rotation = c.rotation.unsqueeze(0).expand({H, c.rotation.size(0), c.rotation.size(1)});
+  if (c.rotated_rows.defined() && c.rotated_rows.dim() == 1)
+    c.rotated_rows = c.rotated_rows.unsqueeze(0).expand({B, c.rotated_rows.size(0)});
+  if (c.key_modality.defined() && c.key_modality.dim() == 1)
+    c.key_modality = c.key_modality.unsqueeze(0).expand({B, c.key_modality.size(0)});
 }
 
 // Everything of the params struct that the forward and the backward share.
@@ -232,13 +280,14 @@ inline void fill_common(AttentionParams& p, const Canonical& c) {
   set_bhl(k, &p.k_batch_stride, &p.k_head_stride, &p.k_row_stride);
   p.v = v.data_ptr();
   set_bhl(v, &p.v_batch_stride, &p.v_head_stride, &p.v_row_stride);
+  // the short forms ((D, D) rotation, (Lq,) rows, (Lk,) ids) serve every head / batch entry
   if (c.rotation.defined()) {
     p.rotation = c.rotation.data_ptr();
-    p.rotation_head_stride = c.rotation.stride(0);
+    p.rotation_head_stride = c.rotation.dim() == 2 ? 0 : c.rotation.stride(0);
   }
   if (c.rotated_rows.defined()) {
     p.rotated_rows = c.rotated_rows.data_ptr<bool>();
-    p.rotated_rows_batch_stride = c.rotated_rows.stride(0);
+    p.rotated_rows_batch_stride = c.rotated_rows.dim() == 1 ? 0 : c.rotated_rows.stride(0);
   }
   if (c.key_padding.defined()) {
     p.key_padding = c.key_padding.data_ptr<bool>();
@@ -246,7 +295,7 @@ inline void fill_common(AttentionParams& p, const Canonical& c) {
   }
   if (c.key_modality.defined()) {
     p.key_modality = c.key_modality.data_ptr<int32_t>();
-    p.key_modality_batch_stride = c.key_modality.stride(0);
+    p.key_modality_batch_stride = c.key_modality.dim() == 1 ? 0 : c.key_modality.stride(0);
   }
   if (c.attn_mask.defined()) {
     const Tensor& m = c.attn_mask;
@@ -288,7 +337,7 @@ inline ForwardOutputs allocate_forward(const Canonical& c) {
   if (H == 0 && M > 0 && B > 0) {
     // No head attends, so no kernel runs, but key_count (B, M) counts the keys all the same.
     // (Ids outside [0, M), left by the device-side clamp, count nowhere.)
-    const Tensor ids = c.key_modality.to(at::kLong);
+    const Tensor ids = c.key_modality.to(at::kLong).expand({B, c.k.size(2)});
     Tensor counted = ids.ge(0).logical_and(ids.lt(M));
     if (c.key_padding.defined()) counted = counted.logical_and(c.key_padding);
     o.key_count.zero_().scatter_add_(1, ids.clamp(0, M - 1), counted.to(o.key_count.scalar_type()));
@@ -327,7 +376,7 @@ inline Canonical canonicalize_forward(
                         causal_offset, scale, dropout_p, rng_state);
   if (num_modalities > 0) {
     TORCH_CHECK(key_modality.has_value() && key_modality->defined(), op,
-                ": key_modality (B, Lk) is required when num_modalities > 0; got None");
+                ": key_modality (B, Lk) or (Lk,) is required when num_modalities > 0; got None");
     c.key_modality =
         canonical_ids(op, q, k.size(2), *key_modality, num_modalities, check_ids_on_host);
   }
@@ -371,16 +420,39 @@ inline Canonical canonicalize_backward(
 // A gradient buffer laid out like its input (the contract's rule for grad_q / grad_k / grad_v).
 inline Tensor grad_like(const Tensor& t) { return layout_like(t, t.sizes(), t.scalar_type()); }
 
-inline void set_grads(AttentionBwdParams& p, const Tensor& dout, const Tensor& dq,
-                      const Tensor& dk, const Tensor& dv) {
+// The backward's gradients, laid out like their inputs (q, k, v as the op received them).
+struct Gradients {
+  Tensor dq, dk, dv;
+};
+
+// Fill every field of the backward's params from checked arguments (fill_common, grad_out and out
+// as the caller made them readable for its kernels, lse) and allocate the gradients.
+inline Gradients prepare_backward(AttentionBwdParams& p, const Canonical& c, const Tensor& q,
+                                  const Tensor& k, const Tensor& v, const Tensor& dout,
+                                  const Tensor& out, const Tensor& lse) {
+  Gradients g{grad_like(q), grad_like(k), grad_like(v)};
+  fill_common(p, c);
+  p.out = const_cast<void*>(out.data_ptr());
+  set_bhl(out, &p.out_batch_stride, &p.out_head_stride, &p.out_row_stride);
+  p.lse = const_cast<void*>(lse.data_ptr());
   p.dout = dout.data_ptr();
   set_bhl(dout, &p.dout_batch_stride, &p.dout_head_stride, &p.dout_row_stride);
-  p.dq = dq.data_ptr();
-  set_bhl(dq, &p.dq_batch_stride, &p.dq_head_stride, &p.dq_row_stride);
-  p.dk = dk.data_ptr();
-  set_bhl(dk, &p.dk_batch_stride, &p.dk_head_stride, &p.dk_row_stride);
-  p.dv = dv.data_ptr();
-  set_bhl(dv, &p.dv_batch_stride, &p.dv_head_stride, &p.dv_row_stride);
+  p.dq = g.dq.data_ptr();
+  set_bhl(g.dq, &p.dq_batch_stride, &p.dq_head_stride, &p.dq_row_stride);
+  p.dk = g.dk.data_ptr();
+  set_bhl(g.dk, &p.dk_batch_stride, &p.dk_head_stride, &p.dk_row_stride);
+  p.dv = g.dv.data_ptr();
+  set_bhl(g.dv, &p.dv_batch_stride, &p.dv_head_stride, &p.dv_row_stride);
+  return g;
+}
+
+// Fill every field of the forward's params from checked arguments, with the outputs allocated in
+// the contract's layout.
+inline ForwardOutputs prepare_forward(AttentionParams& p, const Canonical& c) {
+  ForwardOutputs o = allocate_forward(c);
+  fill_common(p, c);
+  set_outputs(p, o);
+  return o;
 }
 
 }  // namespace rollingq

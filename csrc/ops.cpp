@@ -75,10 +75,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   c.q = rows_readable(c.q);
   c.k = rows_readable(c.k);
   c.v = rows_readable(c.v);
-  ForwardOutputs o = allocate_forward(c);
   AttentionParams p;
-  fill_common(p, c);
-  set_outputs(p, o);
+  const ForwardOutputs o = prepare_forward(p, c);
   // H = 0: no kernel runs (allocate_forward has counted the keys)
   if (c.q.size(0) * c.q.size(1) > 0) cpu::attention_fwd(p, element_type(c.q));
   return {o.out, o.lse, o.modality_mass, o.key_sum, o.key_count};
@@ -95,20 +93,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
                                       key_padding_mask, attn_mask, is_causal, causal_offset,
                                       scale, dropout_p, rng_state);
   check_cpu(op, c);
-  const Tensor dq = grad_like(q), dk = grad_like(k), dv = grad_like(v);
   c.q = rows_readable(c.q);
   c.k = rows_readable(c.k);
   c.v = rows_readable(c.v);
-  const Tensor dout = grad_out.contiguous(), out_r = rows_readable(out);
-  const Tensor lse_c = lse.contiguous();
+  const Tensor dout = grad_out.contiguous(), out_r = rows_readable(out), lse_c = lse.contiguous();
   AttentionBwdParams p;
-  fill_common(p, c);
-  p.out = const_cast<void*>(out_r.data_ptr());
-  set_bhl(out_r, &p.out_batch_stride, &p.out_head_stride, &p.out_row_stride);
-  p.lse = const_cast<void*>(lse_c.data_ptr());
-  set_grads(p, dout, dq, dk, dv);
+  const Gradients g = prepare_backward(p, c, q, k, v, dout, out_r, lse_c);
   if (c.q.size(0) * c.q.size(1) > 0) cpu::attention_bwd(p, element_type(c.q));
-  return {dq, dk, dv};
+  return {g.dq, g.dk, g.dv};
 }
 
 }  // namespace

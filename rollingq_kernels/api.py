@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from ._stats import AttentionStats, accumulation_dtype
-from .backends import AttentionProblem, select_backend
+from .backends import AttentionProblem, select_forward
 from .dropout import dropout_threshold, new_rng_state
 
 __all__ = [
@@ -182,21 +182,21 @@ def _canonical_mask(attn_mask, q, k, B, H, Lq, Lk, is_causal):
     return attn_mask.reshape(shape).expand(want), False, 0
 
 
-# Zero ids (every key modality 0) for calls with statistics but no key_modality, by (Lk, device):
-# the kernels only read them. CPU only: a GPU tensor filled on one stream and read on another
-# would need a synchronisation.
+# Zero ids (every key modality 0) for calls with statistics but no key_modality, by Lk: the
+# kernels only read them. CPU only: a GPU tensor filled on one stream and read on another would
+# need a synchronisation.
 _ZERO_IDS: dict = {}
 
 
-def _zero_ids(B: int, Lk: int, device: torch.device) -> torch.Tensor:
+def _zero_ids(Lk: int, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
-        return torch.zeros(1, Lk, dtype=torch.int32, device=device).expand(B, Lk)
+        return torch.zeros(Lk, dtype=torch.int32, device=device)
     ids = _ZERO_IDS.get(Lk)
     if ids is None:
         if len(_ZERO_IDS) >= 64:
             _ZERO_IDS.clear()
-        ids = _ZERO_IDS[Lk] = torch.zeros(1, Lk, dtype=torch.int32)
-    return ids.expand(B, Lk)
+        ids = _ZERO_IDS[Lk] = torch.zeros(Lk, dtype=torch.int32)
+    return ids
 
 
 def _check_qkv(q, k, v) -> None:
@@ -351,8 +351,6 @@ def _problem(
             rot = rot.to(acc)
         if not rot.is_contiguous():
             rot = rot.contiguous()
-        if len(rs) == 2:
-            rot = rot.expand(H, D, D)  # head stride 0: one matrix, never copied per head
 
     # --- rotated rows ---------------------------------------------------------------------
     rows = None
@@ -364,9 +362,7 @@ def _problem(
         if rotated_queries.dtype != torch.bool:
             raise TypeError(f"rotated_queries must be a bool tensor; got {rotated_queries.dtype}")
         rqs = rotated_queries.shape
-        if len(rqs) == 1 and rqs[0] == Lq:
-            rows = _last_dim_contiguous(rotated_queries).expand(B, Lq)
-        elif len(rqs) == 2 and rqs[0] == B and rqs[1] == Lq:
+        if (len(rqs) == 1 and rqs[0] == Lq) or (len(rqs) == 2 and rqs[0] == B and rqs[1] == Lq):
             rows = _last_dim_contiguous(rotated_queries)
         else:
             raise ValueError(
@@ -429,15 +425,7 @@ def _problem(
         num_modalities = 1
 
     if return_stats:
-        if key_modality is None:
-            ids = _zero_ids(B, Lk, q.device)
-        else:
-            ids = key_modality
-            if ids.dtype != torch.int32:
-                ids = ids.to(torch.int32)
-            ids = _last_dim_contiguous(ids)
-            if len(ids.shape) == 1:
-                ids = ids.expand(B, Lk)
+        ids = _zero_ids(Lk, q.device) if key_modality is None else key_modality
         M = num_modalities
     else:
         M = 0
@@ -511,8 +499,8 @@ def rolling_attention(
     if not (qs[0] and qs[1] and qs[2] and ks[1] and ks[2]):  # (head dims are checked positive)
         # Empty problems (B, H, Lq or Lk = 0) are answered by the reference on any backend.
         backend = "reference"
-    spec = select_backend(problem, backend)
-    out, stats = spec.load().forward(problem)
+    _, forward = select_forward(problem, backend)
+    out, stats = forward(problem)
     if return_stats:
         return out, stats
     return out
@@ -631,7 +619,7 @@ def scaled_dot_product_attention(
         spec = None
     else:
         try:
-            spec = select_backend(problem, "auto", warn=False)
+            spec, forward = select_forward(problem, "auto", warn=False)
         except _backends.NoBackendError:
             spec = None
     if spec is None or not spec.fused:
@@ -641,7 +629,7 @@ def scaled_dot_product_attention(
         )  # fmt: skip
     if problem.dropout_p > 0.0:
         problem = problem._replace(rng_state=new_rng_state())
-    out, _ = spec.load().forward(problem)
+    out, _ = forward(problem)
     if nd == 3:
         return out.squeeze(1)
     if nd > 4:

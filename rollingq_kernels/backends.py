@@ -45,12 +45,13 @@ class AttentionProblem(NamedTuple):
 
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): as the user gave them (any strides).
         Hkv == H, or a divisor of H for grouped-query attention.
-    rotation: None or (H, D, D) in the accumulation dtype (float32; float64 for float64), its last
-        two dims contiguous; its head stride is 0 when one (D, D) matrix serves every head.
-    rotated_queries: None (every row is rotated when rotation is given) or bool (B, Lq), last dim
-        contiguous, batch stride 0 when one row set serves every batch entry.
-    key_modality: None when no stats are asked for, else int32 (B, Lk) with ids in [-1, M), last
-        dim contiguous, batch stride possibly 0.
+    rotation: None, or one contiguous (D, D) matrix for every head, or (H, D, D) with each
+        matrix contiguous; in the accumulation dtype (float32; float64 for float64 inputs).
+    rotated_queries: None (every row is rotated when rotation is given), or bool (Lq,) (the same
+        rows in every batch entry) or (B, Lq); last dim contiguous.
+    key_modality: None when no stats are asked for, else an integer tensor (Lk,) (the same ids in
+        every batch entry) or (B, Lk) of any integer dtype and strides, ids in [-1, M) (checked).
+        The short forms are never expanded in Python: each backend reads them as broadcasts.
     num_modalities: M; 0 exactly when no stats are asked for.
     key_padding_mask: None or bool (B, Lk), last dim contiguous; True = the key takes part.
     attn_mask: None or a (B, H, Lq, Lk) view (stride 0 on broadcast dims, never copied) of a bool
@@ -436,13 +437,21 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
     cannot run raises :class:`NoBackendError` with its reasons; only "auto" falls back, and it
     warns once (per reason) when it falls back from a fused backend to the O(L^2) reference.
     """
+    return select_forward(p, backend, warn=warn)[0]
+
+
+def select_forward(p: AttentionProblem, backend: str = "auto", *, warn: bool = True):
+    """:func:`select_backend` and the chosen backend's ``forward`` function: (spec, forward).
+
+    The decision is cached per problem signature with the backend module's functions, so a call
+    of a known signature costs two dict reads and the backend's size check."""
     if backend == "auto":
         backend = _env_backend()
     key = p.signature()
     if backend != "auto":
         named = _AUTO_CACHE.get((backend, key))
-        if named is not None and not named[1](p):
-            return named[0]
+        if named is not None and not named[2](p):
+            return named[0], named[1]
         spec = _REGISTRY.get(backend)
         if spec is None:
             raise ValueError(
@@ -455,8 +464,9 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
                 + "; ".join(reasons)
             )
         # it runs this signature: next time only its size check is asked
-        _AUTO_CACHE[(backend, key)] = (spec, sys.modules[spec.module].unsupported_reasons)
-        return spec
+        module = sys.modules[spec.module]
+        _AUTO_CACHE[(backend, key)] = (spec, module.forward, module.unsupported_reasons)
+        return spec, module.forward
     candidates = _AUTO_CACHE.get(key)
     passed: Dict[str, List[str]] = {}
     if candidates is None:
@@ -470,18 +480,19 @@ def select_backend(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
             if reasons:
                 passed[name] = reasons
             else:
-                # the module is imported now (unavailable() did it): keep its size check at hand
-                found.append((name, spec, sys.modules[spec.module].unsupported_reasons))
+                # the module is imported now (unavailable() did it): keep its functions at hand
+                module = sys.modules[spec.module]
+                found.append((name, spec, module.forward, module.unsupported_reasons))
         candidates = tuple(found)
         _AUTO_CACHE[key] = candidates
-    for name, spec, unsupported_reasons in candidates:
-        reasons = list(unsupported_reasons(p))
+    for name, spec, forward, unsupported_reasons in candidates:
+        reasons = unsupported_reasons(p)
         if reasons:
-            passed[name] = reasons
+            passed[name] = list(reasons)
             continue
         if warn and not spec.fused:
             _warn_fallback(p, passed)
-        return spec
+        return spec, forward
     for name in _AUTO_ORDER:
         if name not in passed:
             passed[name] = _REGISTRY[name].reasons(p) or ["not applicable"]

@@ -180,6 +180,6 @@ def forward(p):
     why = load_library()
     if why:
         raise RuntimeError(f"the rollingq CUDA backend is unavailable: {why}")
-    from . import op_contract
+    from . import fused_op, op_contract
 
-    return op_contract.run_forward(op_contract.COMPILED, p)
+    return op_contract.run_forward(op_contract.COMPILED, p, direct=fused_op.direct_entry())

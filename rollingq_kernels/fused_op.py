@@ -10,10 +10,12 @@ another torch, loads it, and runs the op on an :class:`AttentionProblem`.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import sysconfig
-from typing import Optional, Tuple
+import warnings
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -63,8 +65,9 @@ def _rebuild_hint() -> str:
     )
 
 
-def _load_library(name: str = "_C") -> None:
-    """Load a compiled library of this package, after checking which torch it was built for.
+def _load_library(name: str = "_C") -> str:
+    """Load a compiled library of this package, after checking which torch it was built for;
+    return its path.
 
     The version is read from the file, not from the loaded library: a library compiled against
     another torch may fail to load, or worse load and register ops with a mismatched ABI.
@@ -85,11 +88,31 @@ def _load_library(name: str = "_C") -> None:
             f"{_rebuild_hint()}"
         )
     torch.ops.load_library(path)
+    return path
+
+
+def _direct_entry(path: str) -> Optional[Callable]:
+    """``attention_fwd_below_autograd`` of the library's Python module (csrc/python_module.cpp),
+    imported from the file already loaded; None, with a warning, for a library without one."""
+    try:
+        spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.attention_fwd_below_autograd
+    except (ImportError, AttributeError) as exc:
+        warnings.warn(
+            f"{path} has no Python entry ({exc}): calls without gradients go through torch.ops, "
+            f"several microseconds slower per call; {_rebuild_hint()}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 _LOAD_ERROR: Optional[str] = None
+_DIRECT: Optional[Callable] = None
 try:
-    _load_library("_C")
+    _DIRECT = _direct_entry(_load_library("_C"))
 except (ImportError, OSError, RuntimeError) as exc:
     _LOAD_ERROR = f"the compiled library cannot be loaded: {exc}"
 
@@ -103,4 +126,10 @@ def attention_forward(problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Run ``rollingq::attention_fwd`` on a validated :class:`AttentionProblem`: (out, stats)."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
-    return op_contract.run_forward(op_contract.COMPILED, problem)
+    return op_contract.run_forward(op_contract.COMPILED, problem, direct=_DIRECT)
+
+
+def direct_entry() -> Optional[Callable]:
+    """The library's direct entry to ``rollingq::attention_fwd`` below autograd (None when the
+    library is not loaded or has none); the CUDA backend calls the same op through it."""
+    return _DIRECT

@@ -108,11 +108,17 @@ _LIB = torch.library.Library("rollingq", "FRAGMENT")
 _FAMILIES: Dict[str, OpFamily] = {}
 
 
+def _row_mask(rows):
+    # rows bool (L,) or (B, L) -> broadcastable to (B, H, L, 1)
+    return rows[:, None, :, None] if rows.dim() == 2 else rows[None, None, :, None]
+
+
 def _rotate_rows(q, rotation, rows):
-    # q (B, H, L, D), rotation (H, D, D), rows None or bool (B, L): q_i <- R q_i on the rows
+    # q (B, H, L, D), rotation (D, D) or (H, D, D), rows None or bool (L,) / (B, L):
+    # q_i <- R q_i on the rows
     rotated = torch.matmul(q.to(rotation.dtype), rotation.transpose(-1, -2).unsqueeze(0))
     if rows is not None:
-        rotated = torch.where(rows[:, None, :, None], rotated, q.to(rotation.dtype))
+        rotated = torch.where(_row_mask(rows), rotated, q.to(rotation.dtype))
     return rotated.to(q.dtype)
 
 
@@ -160,14 +166,13 @@ def _register_autograd(fam: OpFamily) -> None:
             acc = rotation.dtype
             g = dq_rot.to(acc)
             if rows is not None:
-                g = torch.where(rows[:, None, :, None], g, torch.zeros_like(g))
-            drot = torch.einsum("bhla,bhlc->hac", g, q.to(acc))
-            back = torch.matmul(g, rotation)
-            dq = (
-                torch.where(rows[:, None, :, None], back, dq_rot.to(acc))
-                if rows is not None
-                else back
+                g = torch.where(_row_mask(rows), g, torch.zeros_like(g))
+            # one (D, D) matrix shared by every head gathers the gradient of all heads
+            drot = torch.einsum(
+                "bhla,bhlc->hac" if rotation.dim() == 3 else "bhla,bhlc->ac", g, q.to(acc)
             )
+            back = torch.matmul(g, rotation)
+            dq = torch.where(_row_mask(rows), back, dq_rot.to(acc)) if rows is not None else back
             dq = dq.to(q.dtype)
         grads = [None] * len(_FWD_ARGS)
         grads[_ARG["q"]], grads[_ARG["k"]], grads[_ARG["v"]] = dq, dk, dv
@@ -204,16 +209,25 @@ def family(name: str = "") -> OpFamily:
     return fam
 
 
-def run_forward(fam: OpFamily, problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
-    """One forward call of ``fam`` for a validated problem: (out, stats or None)."""
+def run_forward(
+    fam: OpFamily, problem, direct: Optional[Callable] = None
+) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+    """One forward call of ``fam`` for a validated problem: (out, stats or None).
+
+    ``direct``: the compiled library's entry that calls ``fam.forward`` below autograd without
+    the boxed torch.ops path (fused_op.direct_entry); it returns NotImplemented for arguments it
+    leaves to torch.ops."""
+    args = problem.op_args()
     if problem.needs_grad() or torch.compiler.is_compiling():
-        out, lse, mass, key_sum, key_count = fam.forward(*problem.op_args())
+        outputs = fam.forward(*args)
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
-        # of the per-call cost of a small problem; the overload is called without the packet's
-        # Python frame
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse, mass, key_sum, key_count = fam.forward.default(*problem.op_args())
+        # of the per-call cost of a small problem
+        outputs = NotImplemented if direct is None else direct(*args)
+        if outputs is NotImplemented:
+            with torch._C._AutoDispatchBelowAutograd():
+                outputs = fam.forward.default(*args)
+    out, lse, mass, key_sum, key_count = outputs
     if not problem.return_stats:
         return out, None
     return out, AttentionStats(mass, key_sum, key_count, lse)

@@ -798,12 +798,24 @@ def _key_count(ids, pad, B: int, M: int, device) -> Tensor:
     return counted.sum(dim=1).to(torch.float32)
 
 
-def _side_inputs(rotation, rotated_queries, key_modality, key_padding_mask):
-    # the launchers take contiguous side inputs (the contract allows stride-0 broadcasts)
-    def c(t):
-        return None if t is None else t.contiguous()
+def _side_inputs(q, rotation, rotated_queries, key_modality, key_padding_mask):
+    # the launchers take full-shape contiguous side inputs: rotation (H, D, D), rows (B, Lq), ids
+    # (B, Lk); the contract also allows (D, D), (Lq,) and (Lk,) for one of them shared by all
+    B, H = q.shape[0], q.shape[1]
 
-    return c(rotation), c(rotated_queries), c(key_modality), c(key_padding_mask)
+    def c(t, dims, lead):
+        if t is None:
+            return None
+        if t.dim() == dims - 1:
+            t = t.expand(lead, *t.shape)
+        return t.contiguous()
+
+    return (
+        c(rotation, 3, H),
+        c(rotated_queries, 2, B),
+        c(key_modality, 2, B),
+        c(key_padding_mask, 2, B),
+    )
 
 
 @torch.library.impl("rollingq::triton_attention_fwd", ("CPU", "CUDA"), lib=_contract._LIB)
@@ -811,7 +823,7 @@ def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modal
                      key_padding_mask, attn_mask, is_causal, causal_offset, scale, dropout_p,
                      rng_state):  # fmt: skip
     rotation, rows, ids, pad = _side_inputs(
-        rotation, rotated_queries, key_modality, key_padding_mask
+        q, rotation, rotated_queries, key_modality, key_padding_mask
     )
     if rotation is None:
         rows = None
@@ -830,7 +842,7 @@ def _triton_fwd_impl(q, k, v, rotation, rotated_queries, key_modality, num_modal
 def _triton_bwd_impl(grad_out, q, k, v, out, lse, rotation, rotated_queries, key_padding_mask,
                      attn_mask, is_causal, causal_offset, scale, dropout_p,
                      rng_state):  # fmt: skip
-    rotation, rows, _, pad = _side_inputs(rotation, rotated_queries, None, key_padding_mask)
+    rotation, rows, _, pad = _side_inputs(q, rotation, rotated_queries, None, key_padding_mask)
     if rotation is None:
         rows = None
     dq, dk, dv = rolling_attention_triton_backward(

@@ -30,6 +30,15 @@ CHECK = textwrap.dedent(
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
     err = (out - want).abs().max().item()
     assert err < 1e-5, err
+    # the library is also the Python module with the direct entry to the forward op
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rollingq_kernels._C", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    direct = module.attention_fwd_below_autograd(
+        q, k, v, None, None, None, 0, None, None, True, 0, 0.2, 0.0, None
+    )
+    assert torch.equal(direct[0], out)
     print("ok", err)
     """
 )

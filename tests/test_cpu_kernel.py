@@ -910,7 +910,7 @@ def test_op_rejects_bad_arguments_by_name():
         call(rotation=args[3][:, :4])
     bad_ids = ids.clone()
     bad_ids[0, 0] = 2
-    with pytest.raises(RuntimeError, match=r"key_modality ids must lie in \[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"key_modality ids must lie in \[-1, 1\]"):
         call(key_modality=bad_ids)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be a bool tensor"):
         call(key_padding_mask=args[_FWD_ARG["key_padding_mask"]].int())

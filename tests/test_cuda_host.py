@@ -98,6 +98,19 @@ def lib(tmp_path_factory):
     return so
 
 
+def _binding_side_inputs(p):
+    """rotation, rows, ids, padding as the CUDA binding hands them to the kernels: short forms
+    expanded ((D, D) -> (H, D, D), (Lq,) -> (B, Lq), (Lk,) -> (B, Lk)), ids int32, contiguous."""
+    B, H, Lq, D = p.q.shape
+    Lk = p.k.shape[2]
+    full = ((H, D, D), (B, Lq), (B, Lk), (B, Lk))
+    side = (p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask)
+    out = [None if t is None else t.expand(shape).contiguous() for t, shape in zip(side, full)]
+    if out[2] is not None:
+        out[2] = out[2].to(torch.int32)
+    return out
+
+
 class _Inputs:
     """The canonical tensors the binding would hand to the kernels, kept alive with the args."""
 
@@ -111,12 +124,7 @@ class _Inputs:
             kw["rotation"] = kw["rotation"].to(dtype)
         p = make_problem(c.q, c.k, c.v, **kw)
         self.p = p
-        # side inputs contiguous, as the CUDA binding hands them to the kernels (the contract
-        # allows broadcast strides; the binding copies them)
-        self.side = [
-            None if t is None else t.contiguous()
-            for t in (p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask)
-        ]
+        self.side = _binding_side_inputs(p)
         B, H, Lq, D = p.q.shape
         Dv, M = p.v.shape[3], p.num_modalities
         # unit last stride, as the binding guarantees (it copies only when the last stride != 1)
@@ -513,11 +521,7 @@ class _MmaInputs:
             kw32["rotation"] = kw32["rotation"].float()
         p = make_problem(c32.q, c32.k, c32.v, **kw32)
         self.p = p
-        # side inputs contiguous, as the CUDA binding hands them to the kernels
-        self.side = [
-            None if t is None else t.contiguous()
-            for t in (p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask)
-        ]
+        self.side = _binding_side_inputs(p)
         low = case.to(dtype=dtype)
         self.q, self.k, self.v = (
             t if t.stride(-1) == 1 else t.contiguous() for t in (low.q, low.k, low.v)

@@ -71,14 +71,19 @@ def test_id_range_check_reads_every_integer_dtype(dtype):
         api._check_id_range(ids, ids, 2)
 
 
-def test_stats_without_key_modality_use_zero_ids_of_the_right_batch():
+def test_stats_without_key_modality_use_zero_ids_of_any_batch():
+    # one cached (Lk,) zero-id tensor serves every batch size: the counts and masses must be those
+    # of B batch entries with every key in modality 0
     for B, Lk in ((2, 5), (3, 5), (1, 7)):
         q, k, v = (_rand(B, 2, 4, 8, seed=s) for s in (4, 5, 6))
         k, v = k[:, :, :1].expand(B, 2, Lk, 8).contiguous(), v[:, :, :1].expand(B, 2, Lk, 8)
         p = api.make_problem(q, k, v, return_stats=True)
-        assert p.key_modality.shape == (B, Lk) and p.key_modality.dtype == torch.int32
+        assert p.key_modality.shape == (Lk,) and p.key_modality.dtype == torch.int32
         assert int(p.key_modality.abs().max()) == 0
         assert p.num_modalities == 1
+        _, stats = rk.rolling_attention(q, k, v, return_stats=True)
+        torch.testing.assert_close(stats.key_count, torch.full((B, 1), float(Lk)))
+        torch.testing.assert_close(stats.modality_mass, torch.ones(B, 2, 4, 1))
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
@@ -105,16 +110,174 @@ def test_environment_override_is_read_on_every_call(monkeypatch):
         backends.select_backend(p)
 
 
-def test_rotation_is_canonicalised_without_copies_per_head():
+def test_side_inputs_are_canonicalised_without_copies():
     H, D = 3, 8
     q, k, v = (_rand(2, H, 5, D, seed=s) for s in (14, 15, 16))
     R = torch.linalg.qr(_rand(D, D, seed=17)).Q  # column-major: must become contiguous
     p = api.make_problem(q, k, v, rotation=R)
-    assert p.rotation.shape == (H, D, D) and p.rotation.stride() == (0, D, 1)
-    torch.testing.assert_close(p.rotation[1], R)
+    assert p.rotation.shape == (D, D) and p.rotation.is_contiguous()
+    torch.testing.assert_close(p.rotation, R)
     Rc = R.contiguous()
     p = api.make_problem(q, k, v, rotation=Rc)
     assert p.rotation.data_ptr() == Rc.data_ptr()  # float32 and contiguous: read in place
     rows = torch.tensor([True, False, False, True, False])
-    p = api.make_problem(q, k, v, rotation=Rc, rotated_queries=rows)
-    assert p.rotated_queries.shape == (2, 5) and p.rotated_queries.stride() == (0, 1)
+    ids = torch.tensor([0, 1, -1, 1, 0])  # int64: the op narrows it after the range check
+    p = api.make_problem(
+        q, k, v, rotation=Rc, rotated_queries=rows, key_modality=ids, return_stats=True
+    )
+    assert p.rotated_queries is rows and p.key_modality is ids and p.num_modalities == 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_short_and_full_side_inputs_agree(backend):
+    # (D, D) / (Lq,) / (Lk,) forms give what their expansion to (H, D, D) / (B, Lq) / (B, Lk)
+    # gives, values and gradients (the shared matrix gathers the gradient of every head)
+    if backend == "cpu" and not CPU_OP:
+        pytest.skip(str(fused_op.load_error()))
+    B, H, Lq, Lk, D = 2, 3, 6, 7, 8
+    q, k, v = (_rand(B, H, L, D, seed=s) for s, L in ((80, Lq), (81, Lk), (82, Lk)))
+    R = torch.linalg.qr(_rand(D, D, seed=83)).Q.contiguous()
+    rows = torch.tensor([True, False, True, False, False, True])
+    ids = torch.tensor([0, 1, 1, -1, 0, 2, 1], dtype=torch.int16)
+    results = []
+    for short in (True, False):
+        rot = R.clone().requires_grad_()
+        qq = q.clone().requires_grad_()
+        args = (rot, rows, ids) if short else (
+            rot.expand(H, D, D), rows.expand(B, Lq), ids.expand(B, Lk)
+        )  # fmt: skip
+        out, stats = rk.rolling_attention(
+            qq, k, v, rotation=args[0], rotated_queries=args[1], key_modality=args[2],
+            num_modalities=3, return_stats=True, backend=backend,
+        )  # fmt: skip
+        out.square().sum().backward()
+        results.append(
+            (out, stats.modality_mass, stats.key_sum, stats.key_count, qq.grad, rot.grad)
+        )
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- the library's direct entry to the forward op (csrc/python_module.cpp) ----------------------
+
+
+def _feature_args(seed):
+    """op arguments of a call with every side input: rotated rows, ids, padding, a float mask,
+    causal with an offset, dropout."""
+    B, H, Lq, Lk, D = 2, 3, 7, 9, 8
+    q = _rand(B, H, Lq, D, seed=seed)
+    k = _rand(B, Lk, H, D, seed=seed + 1).transpose(1, 2)  # not contiguous
+    v = _rand(B, H, Lk, D, seed=seed + 2)
+    rows = torch.zeros(Lq, dtype=torch.bool)
+    rows[::3] = True
+    g = torch.Generator().manual_seed(seed + 3)
+    ids = torch.randint(-1, 3, (B, Lk), generator=g)
+    pad = torch.rand(B, Lk, generator=g) > 0.2
+    p = api.make_problem(
+        q, k, v, rotation=torch.linalg.qr(_rand(D, D, seed=seed + 4)).Q, rotated_queries=rows,
+        key_modality=ids, num_modalities=3, key_padding_mask=pad,
+        attn_mask=_rand(Lq, Lk, seed=seed + 5), dropout_p=0.25, return_stats=True,
+        rng_state=torch.tensor([seed, 0]),
+    )  # fmt: skip
+    return p.op_args()
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_direct_entry_gives_what_the_op_gives():
+    direct = fused_op.direct_entry()
+    assert direct is not None
+    for seed in (20, 30):
+        args = _feature_args(seed)
+        got = direct(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            want = torch.ops.rollingq.attention_fwd.default(*args)
+        assert len(got) == 5
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_direct_entry_raises_the_ops_errors():
+    direct = fused_op.direct_entry()
+    args = list(_feature_args(40))
+    args[3] = torch.eye(5)  # a rotation of the wrong size
+    with pytest.raises(RuntimeError, match=r"rotation must have shape \(8, 8\)"):
+        direct(*args)
+    args = list(_feature_args(41))
+    args[5] = args[5].clone()
+    args[5][0, 0] = 3  # an id outside [-1, M)
+    for call in (direct, torch.ops.rollingq.attention_fwd.default):  # a ValueError either way
+        with pytest.raises(ValueError, match=r"key_modality ids must lie in \[-1, 2\]"):
+            call(*args)
+    with pytest.raises(TypeError, match="14 arguments"):
+        direct(*args[:13])
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_direct_entry_leaves_subclasses_and_modes_to_torch_ops():
+    direct = fused_op.direct_entry()
+    args = list(_feature_args(50))
+    for i in (0, 3, 8):  # q, the rotation, the mask
+        sub = list(args)
+        sub[i] = args[i].as_subclass(_Tagged)
+        assert direct(*sub) is NotImplemented
+    bad = list(args)
+    bad[11] = 1  # an int scale: the schema's float, left to torch.ops to convert
+    assert direct(*bad) is NotImplemented
+
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        assert direct(*args) is NotImplemented
+        q, k, v = args[:3]
+        out = rk.rolling_attention(q, k, v, backend="cpu")
+    assert any("rollingq.attention_fwd" in name for name in seen), seen
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_direct_entry_keeps_dispatch_modes():
+    # the entry calls the op through the dispatcher: a dispatch mode still sees it
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (_rand(1, 2, 5, 8, seed=s) for s in (60, 61, 62))
+    with Record():
+        out = rk.rolling_attention(q, k, v, backend="cpu")
+    assert "rollingq.attention_fwd.default" in seen
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_calls_without_gradients_take_the_direct_entry(monkeypatch):
+    calls = []
+    direct = fused_op.direct_entry()
+
+    def counting(*args):
+        calls.append(len(args))
+        return direct(*args)
+
+    monkeypatch.setattr(fused_op, "_DIRECT", counting)
+    q, k, v = (_rand(1, 2, 5, 8, seed=s) for s in (70, 71, 72))
+    rk.rolling_attention(q, k, v, backend="cpu")
+    with torch.no_grad():
+        rk.rolling_attention(q.requires_grad_(), k, v, backend="cpu")
+    assert calls == [14, 14]
+    out = rk.rolling_attention(q, k, v, backend="cpu")  # q requires grad: the autograd op
+    assert calls == [14, 14] and out.requires_grad

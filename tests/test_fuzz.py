@@ -838,7 +838,7 @@ def test_fuzz_sdpa_drop_in_matches_torch(data):
 
 
 OP_BAD = [
-    "key_modality_1d",
+    "key_modality_length",
     "key_modality_range",
     "key_modality_wide",
     "key_modality_float",
@@ -846,7 +846,7 @@ OP_BAD = [
     "num_modalities_value",
     "rotation_shape",
     "rotation_int",
-    "rotated_queries_1d",
+    "rotated_queries_length",
     "rotated_queries_no_rotation",
     "key_padding_mask_dtype",
     "attn_mask_dtype",
@@ -886,13 +886,17 @@ def test_fuzz_raw_ops(data):
         R = torch.linalg.qr(gen.randn(*((D, D) if gen.flag("shared") else (H, D, D))))[0]
         a["rotation"] = R.to(gen.one(torch.float32, torch.float64, label="rotation dtype"))
         if gen.flag("rows"):
-            a["rotated_queries"] = gen.bool_rows("rotated_queries", (B, Lq), 0.5)
+            rows_shape = gen.one((B, Lq), (Lq,), label="rows form")
+            a["rotated_queries"] = gen.bool_rows("rotated_queries", rows_shape, 0.5)
     if gen.flag("stats"):
         M = gen(st.integers(1, 4), "M")
         idt = gen.one(torch.int32, torch.int64, torch.int8, torch.int16, label="ids dtype")
         a["key_modality"] = torch.randint(-1, M, (B, Lk), generator=gen.g).to(idt)
-        if gen.flag("ids broadcast") and B > 1:
+        form = gen.one("full", "broadcast", "shared", label="ids form")
+        if form == "broadcast" and B > 1:
             a["key_modality"] = a["key_modality"][:1].expand(B, Lk)
+        elif form == "shared" and B > 0:
+            a["key_modality"] = a["key_modality"][0]  # (Lk,), possibly strided
         a["num_modalities"] = M
     if gen.flag("padding"):
         a["key_padding_mask"] = gen.bool_rows("key_padding_mask", (B, Lk))
@@ -939,7 +943,8 @@ def test_fuzz_raw_ops(data):
              "is_causal causal_offset scale dropout_p rng_state").split()  # fmt: skip
     call = lambda: op.attention_fwd(q, k, v, *(a[n] for n in names))  # noqa: E731
     if error is not None:
-        with pytest.raises(RuntimeError) as info:
+        # an id out of range is a ValueError (as from rolling_attention); the rest RuntimeError
+        with pytest.raises(ValueError if error == "key_modality ids" else RuntimeError) as info:
             call()
         assert error in str(info.value), f"{info.value!r} does not name {error!r}"
         return
@@ -1034,19 +1039,19 @@ def test_fuzz_raw_ops(data):
 def _break_op(gen: Gen, a: dict, B, H, Lq, Lk, D, dtype) -> Optional[str]:
     """Make one argument of the raw forward invalid; return the word its error must contain."""
     what = gen.one(*OP_BAD, label="bad op argument")
-    if what == "key_modality_1d":
-        a.update(key_modality=torch.zeros(Lk, dtype=torch.int32), num_modalities=2)
+    if what == "key_modality_length":  # (Lk,) is the shared form; another length is not
+        a.update(key_modality=torch.zeros(Lk + 1, dtype=torch.int32), num_modalities=2)
         return "key_modality"
     if what == "key_modality_range" and Lk and B:
-        ids = torch.zeros(B, Lk, dtype=torch.int32)
-        ids[-1, -1] = gen.one(-2, 2, 2**31 - 1)
+        ids = torch.zeros(*gen.one((B, Lk), (Lk,), label="ids form"), dtype=torch.int32)
+        ids.view(-1)[-1] = gen.one(-2, 2, 2**31 - 1)
         a.update(key_modality=ids, num_modalities=2)
-        return "key_modality"
+        return "key_modality ids"
     if what == "key_modality_wide" and Lk and B:
         ids = torch.zeros(B, Lk, dtype=torch.int64)
         ids[0, 0] = gen.one(2**32 + 1, -(2**32) + 1, 2**40)
         a.update(key_modality=ids, num_modalities=2)
-        return "key_modality"
+        return "key_modality ids"
     if what == "key_modality_float":
         a.update(
             key_modality=torch.zeros(
@@ -1070,8 +1075,8 @@ def _break_op(gen: Gen, a: dict, B, H, Lq, Lk, D, dtype) -> Optional[str]:
     if what == "rotation_int":
         a["rotation"] = torch.eye(D, dtype=torch.int32)
         return "rotation"
-    if what == "rotated_queries_1d":
-        a.update(rotation=torch.eye(D), rotated_queries=torch.ones(Lq, dtype=torch.bool))
+    if what == "rotated_queries_length":  # (Lq,) is the shared form; another length is not
+        a.update(rotation=torch.eye(D), rotated_queries=torch.ones(Lq + 1, dtype=torch.bool))
         return "rotated_queries"
     if what == "rotated_queries_no_rotation":
         a.update(rotation=None, rotated_queries=torch.ones(B, Lq, dtype=torch.bool))

@@ -118,7 +118,7 @@ WIDE_IDS = [2**32 + 1, -(2**32) + 1, 2**31, -(2**40)]
 def test_op_checks_ids_in_their_own_width(bad):
     q, k = _randn(1, 1, 2, 4), _randn(1, 1, 4, 4, seed=1)
     ids = torch.tensor([[0, 1, bad, 0]], dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=rf"key_modality ids must lie in \[-1, 1\].*{bad}"):
+    with pytest.raises(ValueError, match=rf"key_modality ids must lie in \[-1, 1\].*{bad}"):
         raw_fwd(q, k, k, key_modality=ids, num_modalities=2)
 
 
@@ -132,12 +132,22 @@ def test_api_checks_ids_in_their_own_width(bad):
 
 @needs_op
 @pytest.mark.parametrize(
-    "dtype,bad", [(torch.uint8, 200), (torch.int8, -100), (torch.int16, 300)], ids=str
+    "dtype,bad",
+    [
+        (torch.uint8, 200),
+        (torch.int8, -100),
+        (torch.int16, 300),
+        (torch.int32, -7),
+        (torch.uint16, 40000),
+        (torch.uint32, 70000),
+        (torch.uint64, 2**40),
+    ],
+    ids=str,
 )
 def test_op_checks_narrow_ids_too(dtype, bad):
     q, k = _randn(1, 1, 2, 4), _randn(1, 1, 3, 4, seed=1)
     ids = torch.tensor([[0, bad, 1]], dtype=dtype)
-    with pytest.raises(RuntimeError, match=rf"key_modality ids must lie in \[-1, 1\].*{bad}"):
+    with pytest.raises(ValueError, match=rf"key_modality ids must lie in \[-1, 1\].*{bad}"):
         raw_fwd(q, k, k, key_modality=ids, num_modalities=2)
 
 

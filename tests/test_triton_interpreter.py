@@ -57,7 +57,7 @@ def _run(case, num_splits=None):
         if num_splits is None:
             return ta.forward(p)
         rot, rows, ids, pad = ta._side_inputs(
-            p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask
+            p.q, p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask
         )
         rows = rows if rot is not None else None
         out, lse, mass, key_sum = ta.rolling_attention_triton_forward(

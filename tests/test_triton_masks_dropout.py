@@ -246,7 +246,7 @@ def test_nan_in_a_float_mask_poisons_exactly_its_row():
 
 def _split_forward(p, splits):
     rot, rows, ids, pad = ta._side_inputs(
-        p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask
+        p.q, p.rotation, p.rotated_queries, p.key_modality, p.key_padding_mask
     )
     with nan_poisoned_outputs():
         return ta.rolling_attention_triton_forward(

@@ -49,6 +49,7 @@ void prepare_for_kernels(const char* op, Canonical& c) {
   c.q = last_dim_contiguous(c.q);
   c.k = last_dim_contiguous(c.k);
   c.v = last_dim_contiguous(c.v);
+  expand_side_inputs(c);  // the kernels index rotation, rows and ids by shape
   for (Tensor* t : {&c.rotation, &c.rotated_rows, &c.key_modality, &c.key_padding})
     if (t->defined()) *t = t->contiguous();
 }
@@ -67,10 +68,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cuda(
   const ScalarKind kind = scalar_kind(op, c.q);
   const c10::cuda::CUDAGuard guard(c.q.device());
   prepare_for_kernels(op, c);
-  ForwardOutputs o = allocate_forward(c);
   AttentionParams p;
-  fill_common(p, c);
-  set_outputs(p, o);
+  const ForwardOutputs o = prepare_forward(p, c);
   // the key codes of the tensor-core path (B x key tiles x 80 or 48 bytes; none without padding
   // and statistics): from the caching allocator, on the op's stream
   const size_t ws_bytes = forward_workspace_bytes(p, kind);
@@ -96,7 +95,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
   const ScalarKind kind = scalar_kind(op, c.q);
   const c10::cuda::CUDAGuard guard(c.q.device());
   prepare_for_kernels(op, c);
-  const Tensor dq = grad_like(q), dk = grad_like(k), dv = grad_like(v);
   const Tensor dout = last_dim_contiguous(grad_out), out_r = last_dim_contiguous(out);
   const Tensor lse_c = lse.contiguous();
   const int64_t B = c.q.size(0), H = c.q.size(1), Lq = c.q.size(2), D = c.q.size(3);
@@ -104,12 +102,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
   Tensor delta = at::empty({B, H, Lq}, f32);
 
   AttentionBwdParams p;
-  fill_common(p, c);
+  const Gradients g = prepare_backward(p, c, q, k, v, dout, out_r, lse_c);
   p.num_modalities = 0;
-  p.out = const_cast<void*>(out_r.data_ptr());
-  set_bhl(out_r, &p.out_batch_stride, &p.out_head_stride, &p.out_row_stride);
-  p.lse = const_cast<void*>(lse_c.data_ptr());
-  set_grads(p, dout, dq, dk, dv);
   p.delta = delta.data_ptr();
   // q_rot workspace: the generic kernels keep every row of R q in float32; the tensor-core path
   // keeps the rotated q in the input dtype, and needs none without a rotation
@@ -121,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
   p.q_rot = q_rot.defined() ? q_rot.data_ptr() : nullptr;
   const char* err = run_attention_bwd(p, kind, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, op, ": ", err);
-  return {dq, dk, dv};
+  return {g.dq, g.dk, g.dv};
 }
 
 }  // namespace

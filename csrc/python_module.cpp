@@ -1,0 +1,150 @@
+// The Python module of rollingq_kernels._C: a direct entry to rollingq::attention_fwd for calls
+// that autograd will not differentiate.
+//
+// Calling an op through torch.ops converts every argument to an IValue against the schema and
+// back again through the generic (boxed) path; for a small problem that costs more than the
+// kernel. `attention_fwd_below_autograd` takes the op's arguments in schema order
+// (op_contract.FWD_SCHEMA), calls the op through the dispatcher's typed handle below the autograd
+// keys (the same as `torch._C._AutoDispatchBelowAutograd` around the op in Python: dispatch
+// modes, fake tensors and the CPU / CUDA registrations all apply as before), with the GIL
+// released, and returns the op's five outputs.
+//
+// It declines, returning NotImplemented, whatever the boxed path would treat differently: a
+// tensor subclass (other than nn.Parameter), an active torch function mode, or an argument of an
+// unexpected Python type. The caller then calls the op through torch.ops.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rollingq {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, int64_t, const OptTensor&, const OptTensor&, bool, int64_t, double, double,
+    const OptTensor&);
+constexpr Py_ssize_t kForwardArgs = 14;
+
+// Each reader returns false for an argument the boxed path should handle.
+bool read_tensor(PyObject* o, Tensor* t) {
+  if (!THPVariable_CheckExact(o)) return false;
+  *t = THPVariable_Unpack(o);
+  return true;
+}
+
+bool read_optional(PyObject* o, OptTensor* t) {
+  if (o == Py_None) return true;
+  if (!THPVariable_CheckExact(o)) return false;
+  *t = THPVariable_Unpack(o);
+  return true;
+}
+
+bool read_int(PyObject* o, int64_t* x) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  *x = PyLong_AsLongLongAndOverflow(o, &overflow);
+  return overflow == 0 && !(*x == -1 && PyErr_Occurred());
+}
+
+bool read_bool(PyObject* o, bool* x) {
+  if (!PyBool_Check(o)) return false;
+  *x = o == Py_True;
+  return true;
+}
+
+bool read_float(PyObject* o, double* x) {
+  if (!PyFloat_CheckExact(o)) return false;
+  *x = PyFloat_AS_DOUBLE(o);
+  return true;
+}
+
+// The GIL is released for the op and taken back on every way out (exceptions included).
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
+};
+
+PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != kForwardArgs) {
+    PyErr_Format(PyExc_TypeError,
+                 "attention_fwd_below_autograd takes the %zd arguments of "
+                 "rollingq::attention_fwd; got %zd",
+                 kForwardArgs, nargs);
+    return nullptr;
+  }
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  Tensor q, k, v;
+  OptTensor rotation, rows, ids, pad, mask, rng;
+  int64_t num_modalities = 0, causal_offset = 0;
+  bool is_causal = false;
+  double scale = 0.0, dropout_p = 0.0;
+  const bool read = read_tensor(args[0], &q) && read_tensor(args[1], &k) &&
+                    read_tensor(args[2], &v) && read_optional(args[3], &rotation) &&
+                    read_optional(args[4], &rows) && read_optional(args[5], &ids) &&
+                    read_int(args[6], &num_modalities) && read_optional(args[7], &pad) &&
+                    read_optional(args[8], &mask) && read_bool(args[9], &is_causal) &&
+                    read_int(args[10], &causal_offset) && read_float(args[11], &scale) &&
+                    read_float(args[12], &dropout_p) && read_optional(args[13], &rng);
+  if (!read) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rollingq::attention_fwd", "")
+                             .typed<ForwardSignature>();
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  {
+    ReleaseGil unlocked;
+    at::AutoDispatchBelowAutograd below_autograd;
+    out = op.call(q, k, v, rotation, rows, ids, num_modalities, pad, mask, is_causal,
+                  causal_offset, scale, dropout_p, rng);
+  }
+  PyObject* result = PyTuple_New(5);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
+  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(std::get<2>(out))));
+  PyTuple_SET_ITEM(result, 3, THPVariable_Wrap(std::move(std::get<3>(out))));
+  PyTuple_SET_ITEM(result, 4, THPVariable_Wrap(std::move(std::get<4>(out))));
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"attention_fwd_below_autograd",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fwd_below_autograd)),
+     METH_FASTCALL,
+     "rollingq::attention_fwd(*args) below autograd, or NotImplemented for arguments the "
+     "torch.ops path must handle (tensor subclasses, torch function modes)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                          "rollingq_kernels._C",
+                          "rollingq CPU kernels (registered as torch.ops.rollingq.* for CPU "
+                          "tensors) and a direct entry to the forward op",
+                          -1,
+                          methods,
+                          nullptr,
+                          nullptr,
+                          nullptr,
+                          nullptr};
+
+}  // namespace
+}  // namespace rollingq
+
+#define ROLLINGQ_CONCAT_IMPL(a, b) a##b
+#define ROLLINGQ_CONCAT(a, b) ROLLINGQ_CONCAT_IMPL(a, b)
+
+PyMODINIT_FUNC ROLLINGQ_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return PyModule_Create(&rollingq::module_def);
+}
