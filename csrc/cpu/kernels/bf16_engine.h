@@ -27,13 +27,17 @@ inline bool bf16_engine_applies(const AttentionParams& p) {
 
 inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
 
+// Queries per tile of the bf16 forward: 128 (twice the float engine's: each tile re-reads the
+// head's packed K and V^T, and the products' per-call overhead is spread over more lanes), 256
+// for wide heads as in the float engine.
 inline int64_t bf16_query_tile(const AttentionParams& p) {
-  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 128;  //qt
+  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 128;
 }
 
 // Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through
-// memory once per step (the tile unit holds 8 tiles), so steps are longer than the float
-// engine's.
+// memory once per step (the tile unit holds 8 tiles) and the tile unit drains between the
+// products and the softmax, so steps are longer than the float engine's (256 measured ahead of
+// 128).
 constexpr int64_t kBf16KeyBlock = 256;
 
 // ---- forward ---------------------------------------------------------------------------------
