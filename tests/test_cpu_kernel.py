@@ -378,6 +378,36 @@ def test_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
 # ---- threads --------------------------------------------------------------------------------
 
 
+# The bf16 forward's own blocking (csrc/cpu/kernels/bf16_engine.h): 128-query tiles, 256-key
+# steps with a partial last one, K and V^T packed per head as the tiles first ask for keys (causal
+# tiles stop inside a key block and the next tile continues it), raw products scaled in the
+# softmax when there is no mask, and a running max that moves only by more than 2^8.
+BF16_BLOCK_CASES = [
+    ("tiles_and_steps", dict(B=1, H=2, Lq=300, Lk=600, D=64, rotation="shared", modalities=2)),
+    ("causal_packing", dict(B=1, H=2, Lq=300, Lk=600, D=64, causal=True, modalities=2)),
+    ("odd_lk_padding", dict(B=2, H=1, Lq=150, Lk=517, D=32, Dv=48, padding=True, modalities=3)),
+]
+
+
+@pytest.mark.parametrize("name,kw", BF16_BLOCK_CASES, ids=[c[0] for c in BF16_BLOCK_CASES])
+def test_bf16_key_steps_and_query_tiles(name, kw, isa):
+    case = make_case(dtype=torch.bfloat16, seed=len(name), **kw)
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"{name}: ")
+
+
+@pytest.mark.parametrize("late_key", [5, 300, 599])
+def test_bf16_running_max_that_moves_after_settling(late_key, isa):
+    # Keys of ordinary scores settle every row's running max in the first step; one key far
+    # above them (in the first, a middle or the last step) must still rescale what was summed.
+    case = make_case(dtype=torch.bfloat16, B=1, H=2, Lq=200, Lk=600, D=64, modalities=2, seed=3)
+    k = case.k.clone()
+    k[:, :, late_key] = (case.q[:, :, :1].float().mean(2) * 12).to(torch.bfloat16)
+    case = type(case)(case.q, k, case.v, case.kwargs)
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"key {late_key}: ")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize(
     "kw",

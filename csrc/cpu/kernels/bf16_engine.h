@@ -27,21 +27,34 @@ inline bool bf16_engine_applies(const AttentionParams& p) {
 
 inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
 
+// Queries per tile of the bf16 forward: 128 (twice the float engine's: each tile re-reads the
+// head's packed K and V^T, and the products' per-call overhead is spread over more lanes), 256
+// for wide heads as in the float engine.
+inline int64_t bf16_query_tile(const AttentionParams& p) {
+  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 128;
+}
+
 // Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through
-// memory once per step (the tile unit holds 8 tiles), so steps are longer than the float
-// engine's.
-constexpr int64_t kBf16KeyBlock = 128;
+// memory once per step (the tile unit holds 8 tiles) and the tile unit drains between the
+// products and the softmax, so steps are longer than the float engine's (256 measured ahead of
+// 128).
+constexpr int64_t kBf16KeyBlock = 256;
 
 // ---- forward ---------------------------------------------------------------------------------
 
 // The softmax's probabilities straight into bf16 pairs of keys (the B operand of O^T += V^T P^T):
 // pv[(j / 2) * 2 lanes + 2 lane + j % 2]; no float copy is stored.
+template <bool Raw>
 struct StorePairs {
   static constexpr bool kStoresF32 = false;
   static constexpr bool kCoarseExp = true;
+  static constexpr bool kRawScores = Raw;
+  static constexpr bool kLazyMax = true;
   bf16* pv;
   int64_t lanes;
+  float scale;
   __m512 prev[kSoftmaxGroup];
+  float raw_scale() const { return scale; }
   template <int G>
   void row(float*, int64_t j, int64_t v0, const vec_t<float> (&e)[G]) {
     if ((j & 1) == 0) {
@@ -71,14 +84,18 @@ struct StorePairs {
   }
 };
 
+inline int64_t bf16_key_blocks(const AttentionParams& p) {
+  return ceil_div(imax<int64_t>(p.seqlen_k, 1), kBf16KeyBlock);
+}
+
 struct Bf16FwdWork {
   float *qT, *tmp, *S, *OT, *orows, *m, *l, *alpha, *mass, *mbuf;
-  bf16 *qv, *pv, *vT;
+  bf16 *qv, *pv, *kp, *vT;
 };
 
 inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
   const int64_t D = p.head_dim, Dv = p.value_dim, KB = kBf16KeyBlock;
-  const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
+  const int64_t Dvp = round_up(Dv, 16), Lkp = bf16_key_blocks(p) * KB;
   Carve c{base};
   Bf16FwdWork w;
   w.qT = c.take<float>(D * QT);
@@ -93,34 +110,50 @@ inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t 
   w.mbuf = c.take<float>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   w.qv = c.take<bf16>(round_up(D, 2) * QT);
   w.pv = c.take<bf16>(round_up(KB, 32) * QT);
-  w.vT = c.take<bf16>(Dv * Lkp);
+  w.kp = c.take<bf16>(p.head_dim * Lkp);
+  w.vT = c.take<bf16>(Dv * bf16_key_blocks(p) * KB);
   if (bytes) *bytes = c.used;
   return w;
 }
 
-// V^T of one kv head, packed lazily for the key range asked so far (columns past Lk are zero).
-struct VTransposed {
+// K and V^T of one kv head, packed lazily for the key range asked so far and reused by every
+// query tile (and every query head of a GQA group):
+//   kp  K rows, contiguous (row stride D): in place, rows lie heads * D apart, a power of two
+//       that maps a key block's rows onto a few L1 sets, and the tile loads missed;
+//   vT  V^T in key blocks of kBf16KeyBlock: block c is Dv rows of kBf16KeyBlock keys (row stride
+//       kBf16KeyBlock), contiguous; one long transposed row per d put all Dv rows of a block at
+//       the same L1 sets for long sequences. Keys past Lk are zero.
+struct HeadPacked {
+  bf16* kp;
   bf16* vT;
   int64_t key = -1, end = 0;
-  void ensure(const AttentionParams& p, const bf16* v, int64_t bk, int64_t j1) {
-    const int64_t Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32), Dv = p.value_dim;
+  void ensure(const AttentionParams& p, const bf16* k, const bf16* v, int64_t bk, int64_t j1) {
+    const int64_t KB = kBf16KeyBlock, Dv = p.value_dim, D = p.head_dim, Lk = p.seqlen_k;
     if (key != bk) {
       key = bk;
       end = 0;
+      const int64_t last = (bf16_key_blocks(p) - 1) * KB;  // first key of the last block
       for (int64_t d = 0; d < Dv; ++d)
-        std::memset(vT + d * Lkp + p.seqlen_k, 0, size_t(Lkp - p.seqlen_k) * sizeof(bf16));
+        std::memset(vT + last * Dv + d * KB + (Lk - last), 0, size_t(last + KB - Lk) * sizeof(bf16));
     }
     if (j1 <= end) return;
-    transpose_bf16(v + end * p.v_row_stride, p.v_row_stride, vT + end, Lkp, j1 - end, Dv);
-    end = j1;
+    for (int64_t j = end; j < j1; ++j)
+      std::memcpy(kp + j * D, k + j * p.k_row_stride, size_t(D) * sizeof(bf16));
+    while (end < j1) {  // block by block
+      const int64_t c0 = end / KB * KB, stop = imin(j1, c0 + KB);
+      transpose_bf16(v + end * p.v_row_stride, p.v_row_stride, vT + c0 * Dv + (end - c0), KB,
+                     stop - end, Dv);
+      end = stop;
+    }
   }
+  const bf16* vblock(const AttentionParams& p, int64_t j0) const { return vT + j0 * p.value_dim; }
 };
 
 template <typename G>
 void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
-                   Bf16FwdWork& w, VTransposed& vt) {
+                   Bf16FwdWork& w, HeadPacked& hp) {
   const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
-  const int64_t Dvp = round_up(Dv, 16), Lkp = round_up(imax<int64_t>(p.seqlen_k, 1), 32);
+  const int64_t Dvp = round_up(Dv, 16);
   const int M = p.num_modalities;
   const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
   if (M > 0 && tile == 0) key_stats<bf16, float>(p, b, h, h == 0);
@@ -140,18 +173,24 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
   const bf16* k = ptr<bf16>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   const bool masked = has_masks(p);
+  // Without masks and dropout the softmax scales the raw dot products itself (one FMA per score
+  // it computes anyway) instead of a pass over the block; masks add to scaled scores.
+  const bool raw = !masked && p.dropout_p == 0.0 && p.scale > 0.0;
   const int64_t k_end = causal_end(p, i0, qn);
   for (int64_t j0 = 0; j0 < k_end; j0 += kBf16KeyBlock) {
     const int64_t kn = imin(kBf16KeyBlock, k_end - j0), knp = round_up(kn, 32);
-    vt.ensure(p, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
-    G::gemm(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, 2 * lanes, w.S, lanes,
-            Acc::kSet, float(p.scale));
+    hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
+    G::gemm(kn, lanes, D, hp.kp + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
+            raw ? 1.0f : float(p.scale));
     // While the softmax computes, bring this block's V^T and the next block's K rows to L1:
     // the tile unit stalls on loads that miss it.
-    for (int64_t d = 0; d < Dv; ++d)
-      for (int64_t j = 0; j < knp; j += 32) _mm_prefetch(w.vT + d * Lkp + j0 + j, _MM_HINT_T0);
-    for (int64_t j = j0 + kBf16KeyBlock; j < imin(k_end, j0 + 2 * kBf16KeyBlock); ++j)
-      for (int64_t d = 0; d < D; d += 32) _mm_prefetch(k + j * p.k_row_stride + d, _MM_HINT_T0);
+    {
+      const bf16* vb = hp.vblock(p, j0);
+      for (int64_t i = 0; i < Dv * kBf16KeyBlock; i += 32) _mm_prefetch(vb + i, _MM_HINT_T0);
+      const int64_t j2 = imin(hp.end, j0 + 2 * kBf16KeyBlock);
+      for (int64_t i = (j0 + kBf16KeyBlock) * D; i < j2 * D; i += 32)
+        _mm_prefetch(hp.kp + i, _MM_HINT_T0);
+    }
     if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     bool moved;
     if (p.dropout_p > 0.0) {
@@ -159,8 +198,10 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
       dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.S, true);
       pack_vnni(w.S, lanes, kn, knp, lanes, w.pv);
     } else {
-      moved = softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
-                                   StorePairs{w.pv, lanes, {}});
+      moved = raw ? softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
+                                         StorePairs<true>{w.pv, lanes, float(p.scale), {}})
+                  : softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
+                                         StorePairs<false>{w.pv, lanes, 1.0f, {}});
       for (int64_t j = round_up(kn, 2); j < knp; j += 2)
         std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
     }
@@ -171,7 +212,8 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
           _mm512_storeu_ps(w.OT + d * lanes + l,
                            _mm512_mul_ps(_mm512_loadu_ps(w.OT + d * lanes + l),
                                          _mm512_loadu_ps(w.alpha + l)));
-    G::gemm(Dv, lanes, knp, w.vT + j0, Lkp, w.pv, 2 * lanes, w.OT, lanes, Acc::kAdd);
+    G::gemm(Dv, lanes, knp, hp.vblock(p, j0), kBf16KeyBlock, w.pv, 2 * lanes, w.OT, lanes,
+            Acc::kAdd);
   }
 
   bf16* out = static_cast<bf16*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
@@ -196,7 +238,7 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
 }
 
 inline void bf16_fwd_plan(const AttentionParams& p, Plan& plan) {
-  const int64_t qt = fp_query_tile(p);
+  const int64_t qt = bf16_query_tile(p);
   const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
   plan.tasks = p.batch * p.heads * tiles;
   plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
@@ -211,9 +253,9 @@ void bf16_fwd_run(const AttentionParams& p, const Plan& plan, int64_t begin, int
                   void* ws) {
   const int64_t qt = plan.param[1];
   Bf16FwdWork w = carve_bf16_fwd(static_cast<char*>(ws), p, qt, nullptr);
-  VTransposed vt{w.vT};
+  HeadPacked hp{w.kp, w.vT};
   G::begin();
-  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, vt);
+  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, hp);
   G::end();
 }
 

@@ -242,11 +242,21 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
   plan.param[1] = qt;
 }
 
+// Headroom of the lazy running max (Out::kLazyMax), in powers of two.
+constexpr float kLazyMaxLog2 = 8.0f;
+
 // Where the softmax puts the probabilities of a block: back into S (float), by default.
 template <typename A>
 struct StoreProbabilities {
   static constexpr bool kStoresF32 = true;
   static constexpr bool kCoarseExp = false;  // exp2v_coarse (bf16 consumers only)
+  // S holds unscaled dot products and raw_scale() > 0 multiplies them inside the softmax (the
+  // scale folds into the exponent's FMA instead of a pass over S); false: S is scaled already.
+  static constexpr bool kRawScores = false;
+  A raw_scale() const { return A(1); }
+  // The running max moves only when a block's max exceeds it by more than kLazyMaxLog2 / log2(e)
+  // (probabilities then stay below 2^kLazyMaxLog2): once it settles, O is no longer rescaled.
+  static constexpr bool kLazyMax = false;
   template <int G>
   void row(A* sp, int64_t, int64_t, const vec_t<A> (&e)[G]) {
 #pragma GCC unroll 4
@@ -278,10 +288,19 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
   for (int64_t j = 0; j < kn; ++j)
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) bm[g] = vmax<A>(bm[g], vload(S0 + j * lanes + g * W));
+  // raw scores: rounding is monotone, so max(fl(scale s)) = fl(scale max(s)) for scale > 0
+  const V vscale = vbcast(out.raw_scale());
+  if constexpr (Out::kRawScores)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) bm[g] = bm[g] * vscale;
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) {
     const V m_old = vload(m + (v0 + g) * W);
-    const V m_new = vmax<A>(m_old, bm[g]);
+    V m_new;
+    if constexpr (Out::kLazyMax)  // m_old = -inf moves to any block max but -inf
+      m_new = bm[g] > m_old + A(kLazyMaxLog2 / kLog2e) ? bm[g] : m_old;
+    else
+      m_new = vmax<A>(m_old, bm[g]);
     // a lane that has seen no key yet keeps max -inf: shift it by 0 so exp(-inf) = 0, not NaN.
     // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow.
     m_safe[g] = m_new == ninf ? V{} : m_new;
@@ -318,7 +337,9 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
     V e[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
-      const V t = (vload(sp + g * W) - m_safe[g]) * log2e<A>();
+      // scale s - m in one FMA on raw scores (exact product, one rounding)
+      const V t = Out::kRawScores ? (vload(sp + g * W) * vscale - m_safe[g]) * log2e<A>()
+                                  : (vload(sp + g * W) - m_safe[g]) * log2e<A>();
       if constexpr (Out::kCoarseExp)
         e[g] = exp2v_coarse(t);
       else
