@@ -23,6 +23,8 @@
 #include <optional>
 #include <tuple>
 
+#include "binding_common.h"
+
 namespace rollingq {
 namespace {
 
@@ -120,12 +122,36 @@ PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssiz
   END_HANDLE_TH_ERRORS
 }
 
+// key_modality_range(ids) -> (min, max): the ids of a non-empty integer CPU tensor of 1 or 2 dims,
+// read in place by the same scan as the op's own check (rolling_attention's id check on CPU tensors,
+// where torch.aminmax and two host reads cost several microseconds).
+PyObject* key_modality_range(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 1 || !THPVariable_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "key_modality_range takes one tensor");
+    return nullptr;
+  }
+  const Tensor& ids = THPVariable_Unpack(args[0]);
+  TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.numel() > 0 && (ids.dim() == 1 || ids.dim() == 2) &&
+                        at::isIntegralType(ids.scalar_type(), /*includeBool=*/false),
+                    "key_modality_range: expected a non-empty integer CPU tensor of 1 or 2 dims; "
+                    "got ",
+                    ids.scalar_type(), " ", shape_str(ids), " on ", ids.device());
+  const auto [lo, hi] = host_id_range(ids);
+  return Py_BuildValue("(LL)", static_cast<long long>(lo), static_cast<long long>(hi));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"attention_fwd_below_autograd",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fwd_below_autograd)),
      METH_FASTCALL,
      "rollingq::attention_fwd(*args) below autograd, or NotImplemented for arguments the "
      "torch.ops path must handle (tensor subclasses, torch function modes)."},
+    {"key_modality_range",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&key_modality_range)),
+     METH_FASTCALL,
+     "(min, max) of a non-empty integer CPU tensor of 1 or 2 dims, read in place."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT,

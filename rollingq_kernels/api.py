@@ -103,6 +103,26 @@ _CHECKED_IDS = _VersionedCache()
 _AMINMAX_DTYPES = frozenset({torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64})
 
 
+def _aminmax_range(ids: torch.Tensor) -> Tuple[int, int]:
+    # aminmax covers the usual id dtypes; the unsigned 16/32/64-bit ones are read widened
+    lo, hi = torch.aminmax(ids if ids.dtype in _AMINMAX_DTYPES else ids.to(torch.int64))
+    return int(lo), int(hi)
+
+
+_ID_RANGE = None  # (min, max) of CPU ids: the compiled library's scan, else _aminmax_range
+
+
+def _cpu_id_range(ids: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of non-empty integer CPU ids of 1 or 2 dims. The compiled library reads them in
+    place (about 0.3 us); without it, torch.aminmax and two host reads (about 2.5 us)."""
+    global _ID_RANGE
+    if _ID_RANGE is None:
+        from . import fused_op  # loads the library (the cpu backend will need it anyway)
+
+        _ID_RANGE = fused_op.id_range_entry() or _aminmax_range
+    return _ID_RANGE(ids)
+
+
 def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalities) -> int:
     """Range-check ids (a view of key_modality) against num_modalities (None = infer); return M."""
     on_gpu = not ids.is_cpu
@@ -111,9 +131,7 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
             return num_modalities
         lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())  # one sync
     else:
-        # aminmax covers the usual id dtypes; the unsigned 16/32/64-bit ones are read widened
-        lo, hi = torch.aminmax(ids if ids.dtype in _AMINMAX_DTYPES else ids.to(torch.int64))
-        lo, hi = int(lo), int(hi)
+        lo, hi = _cpu_id_range(ids)
     if num_modalities is None:
         if hi >= 2**31 - 1:  # M = max id + 1 must fit the kernels' 32-bit modality count
             raise ValueError(

@@ -22,7 +22,7 @@ import torch
 from . import op_contract
 from ._stats import AttentionStats
 
-__all__ = ["attention_forward", "load_error", "library_path"]
+__all__ = ["attention_forward", "direct_entry", "id_range_entry", "load_error", "library_path"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _VERSION_MARK = re.compile(rb"rollingq-torch-version=([0-9]+\.[0-9]+\.[0-9]+);")
@@ -91,14 +91,15 @@ def _load_library(name: str = "_C") -> str:
     return path
 
 
-def _direct_entry(path: str) -> Optional[Callable]:
-    """``attention_fwd_below_autograd`` of the library's Python module (csrc/python_module.cpp),
-    imported from the file already loaded; None, with a warning, for a library without one."""
+def _python_module(path: str):
+    """The library's Python module (csrc/python_module.cpp), imported from the file already
+    loaded; None, with a warning, for a library without one."""
     try:
         spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.attention_fwd_below_autograd
+        module.attention_fwd_below_autograd, module.key_modality_range  # noqa: B018
+        return module
     except (ImportError, AttributeError) as exc:
         warnings.warn(
             f"{path} has no Python entry ({exc}): calls without gradients go through torch.ops, "
@@ -111,8 +112,11 @@ def _direct_entry(path: str) -> Optional[Callable]:
 
 _LOAD_ERROR: Optional[str] = None
 _DIRECT: Optional[Callable] = None
+_ID_RANGE: Optional[Callable] = None
 try:
-    _DIRECT = _direct_entry(_load_library("_C"))
+    _MODULE = _python_module(_load_library("_C"))
+    if _MODULE is not None:
+        _DIRECT, _ID_RANGE = _MODULE.attention_fwd_below_autograd, _MODULE.key_modality_range
 except (ImportError, OSError, RuntimeError) as exc:
     _LOAD_ERROR = f"the compiled library cannot be loaded: {exc}"
 
@@ -127,6 +131,12 @@ def attention_forward(problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
     return op_contract.run_forward(op_contract.COMPILED, problem, direct=_DIRECT)
+
+
+def id_range_entry() -> Optional[Callable]:
+    """The library's ``key_modality_range(ids) -> (min, max)`` for non-empty integer CPU tensors
+    of 1 or 2 dims (None when the library is not loaded or has none)."""
+    return _ID_RANGE
 
 
 def direct_entry() -> Optional[Callable]:

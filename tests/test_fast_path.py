@@ -63,12 +63,41 @@ def test_cpu_ids_are_range_checked_on_every_call():
         rk.rolling_attention(q, k, v, key_modality=ids, num_modalities=2, return_stats=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+              torch.uint32, torch.uint64]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
 def test_id_range_check_reads_every_integer_dtype(dtype):
-    ids = torch.tensor([[0, 2, 1], [1, 1, -1 if dtype != torch.uint8 else 0]], dtype=dtype)
+    signed = dtype in (torch.int8, torch.int16, torch.int32, torch.int64)
+    ids = torch.tensor([[0, 2, 1], [1, 1, -1 if signed else 0]], dtype=dtype)
     assert api._check_id_range(ids, ids, None) == 3
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         api._check_id_range(ids, ids, 2)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("how", ["1d", "2d", "strided", "broadcast"])
+def test_id_range_scan_matches_aminmax(dtype, how):
+    # the compiled scan (used for CPU ids) and the aminmax fallback agree on fresh random ids of
+    # every layout; the scan reads in place, the fallback widens the unsigned types
+    if fused_op.id_range_entry() is None:
+        pytest.skip(str(fused_op.load_error()))
+    g = torch.Generator().manual_seed(hash((str(dtype), how)) % 1000)
+    lo = 0 if dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64) else -50
+    base = torch.randint(lo, 100, (3, 14), generator=g).to(dtype)
+    ids = {
+        "1d": base[1],
+        "2d": base,
+        "strided": base[:, ::3],
+        "broadcast": base[:1].expand(3, 14),
+    }[how]
+    assert fused_op.id_range_entry()(ids) == api._aminmax_range(ids)
+    assert api._cpu_id_range(ids) == api._aminmax_range(ids)
+    with pytest.raises(ValueError, match="non-empty integer CPU tensor"):
+        fused_op.id_range_entry()(ids[..., :0])
+    with pytest.raises(ValueError, match="non-empty integer CPU tensor"):
+        fused_op.id_range_entry()(ids.float())
 
 
 def test_stats_without_key_modality_use_zero_ids_of_any_batch():
