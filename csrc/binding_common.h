@@ -191,8 +191,7 @@ inline void canonical_side_inputs(const char* op, Canonical& c,
 
 // The smallest and largest id of a non-empty integer CPU tensor of 1 or 2 dims (any strides),
 // read in place: a few nanoseconds per id, no tensor ops.
-inline std::pair<int64_t, int64_t> host_id_range(const Tensor& ids) {
-  const Tensor& t = ids;
+inline std::pair<int64_t, int64_t> host_id_range(const Tensor& t) {
   int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
   const int64_t rows = t.dim() == 2 ? t.size(0) : 1, cols = t.size(t.dim() - 1);
   const int64_t row_stride = t.dim() == 2 ? t.stride(0) : 0, col_stride = t.stride(t.dim() - 1);

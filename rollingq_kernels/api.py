@@ -123,11 +123,11 @@ def _cpu_id_range(ids: torch.Tensor) -> Tuple[int, int]:
     return _ID_RANGE(ids)
 
 
-def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalities) -> int:
-    """Range-check ids (a view of key_modality) against num_modalities (None = infer); return M."""
+def _check_id_range(ids: torch.Tensor, num_modalities) -> int:
+    """Range-check the key_modality ids against num_modalities (None = infer); return M."""
     on_gpu = not ids.is_cpu
     if on_gpu:
-        if num_modalities is not None and _CHECKED_IDS.get(key_modality, num_modalities):
+        if num_modalities is not None and _CHECKED_IDS.get(ids, num_modalities):
             return num_modalities
         lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())  # one sync
     else:
@@ -145,7 +145,7 @@ def _check_id_range(key_modality: torch.Tensor, ids: torch.Tensor, num_modalitie
             f"{num_modalities}); got values in [{lo}, {hi}]"
         )
     if on_gpu:
-        _CHECKED_IDS.put(key_modality, num_modalities, True)
+        _CHECKED_IDS.put(ids, num_modalities, True)
     return num_modalities
 
 
@@ -356,15 +356,15 @@ def _problem(
             raise TypeError(f"rotation must be a floating tensor; got {rotation.dtype}")
         acc = accumulation_dtype(dt)
         rs = rotation.shape
-        if len(rs) == 2 and rs[0] == D and rs[1] == D:
-            rot = rotation
-        elif len(rs) == 3 and rs[0] == H and rs[1] == D and rs[2] == D:
-            rot = rotation
-        else:
+        if not (
+            (len(rs) == 2 and rs[0] == D and rs[1] == D)
+            or (len(rs) == 3 and rs[0] == H and rs[1] == D and rs[2] == D)
+        ):
             raise ValueError(
                 f"rotation must have shape ({D}, {D}) or ({H}, {D}, {D}) (an orthogonal matrix per "
                 f"head, D={D}); got {_shape(rotation)}"
             )
+        rot = rotation
         if rot.dtype != acc:
             rot = rot.to(acc)
         if not rot.is_contiguous():
@@ -424,17 +424,15 @@ def _problem(
         if not _is_integer_dtype(key_modality.dtype):
             raise TypeError(f"key_modality must be an integer tensor; got {key_modality.dtype}")
         kms = key_modality.shape
-        if len(kms) == 1 and kms[0] == Lk:
-            pass
-        elif len(kms) == 2 and kms[0] == B and kms[1] == Lk:
-            pass
-        else:
+        if not (
+            (len(kms) == 1 and kms[0] == Lk) or (len(kms) == 2 and kms[0] == B and kms[1] == Lk)
+        ):
             raise ValueError(
                 f"key_modality must have shape ({Lk},) or ({B}, {Lk}); got {_shape(key_modality)}"
             )
         # the ids are checked even when the batch is empty (B = 0 leaves a (Lk,) tensor unread)
         if key_modality.numel() > 0 and not _compiling():
-            num_modalities = _check_id_range(key_modality, key_modality, num_modalities)
+            num_modalities = _check_id_range(key_modality, num_modalities)
         elif num_modalities is None:
             if key_modality.numel() > 0:
                 raise ValueError("num_modalities must be given when rolling_attention is compiled")
