@@ -5,8 +5,9 @@
 Every pair of functions is timed interleaved (one call of each per round, medians after warm-up,
 bench/harness.py), so load from other processes hits both alike; the tables show ratios. Each row
 names the kernel variant that ran (csrc/cpu/dispatch.cpp), the cores, and the roofline: the row's
-GFLOP/s as a fraction of this machine's measured matrix-multiply throughput in the same dtype
-(a 2048^3 torch.mm with the same threads).
+GFLOP/s as a fraction of this machine's matrix-multiply throughput in the same dtype (a 2048^3
+torch.mm with the same threads, timed in the same rounds as the row: the median of the per-round
+fractions, so a change of machine speed between rows does not move it).
 
 Rows (``run()`` returns them as dicts):
   * fwd        forward with a rotated [CLS] row and two-modality statistics vs SDPA forward on the
@@ -29,11 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import (
+    _summary,
     attention_flops,
+    gemm_call,
     gemm_gflops,
+    interleaved_rounds,
     interleaved_times,
     machine_info,
     peak_extra_mib,
+    roofline_in_rounds,
 )
 from bench.harness import make_rollingq_inputs as make_inputs
 
@@ -50,7 +55,8 @@ def _dname(dtype) -> str:
 
 def _pair(name: str, shape, dtype, fused: Callable, sdpa: Callable, *, flops: float, reps: int,
           warmup: int = 1, **extra) -> Dict:  # fmt: skip
-    t = interleaved_times([fused, sdpa], warmup=warmup, reps=reps)
+    rounds = interleaved_rounds([fused, sdpa, gemm_call(dtype)], warmup=warmup, reps=reps)
+    t = [_summary(r) for r in rounds]
     fused_ms, sdpa_ms = t[0]["median_ms"], t[1]["median_ms"]
     gflops = flops / (fused_ms * 1e-3) / 1e9
     return {
@@ -63,7 +69,7 @@ def _pair(name: str, shape, dtype, fused: Callable, sdpa: Callable, *, flops: fl
         "speedup": sdpa_ms / fused_ms,
         "fused_gflops": gflops,
         "sdpa_gflops": flops / (sdpa_ms * 1e-3) / 1e9,
-        "roofline": gflops / gemm_gflops(dtype),
+        **roofline_in_rounds(flops, rounds[0], rounds[2]),
         **extra,
     }
 
@@ -157,13 +163,16 @@ def bench_gqa(B=4, Hq=32, Hkv=8, L=1024, D=64, *, reps: int) -> Dict:
     q = torch.randn(B, L, Hq, D, generator=g).transpose(1, 2)
     k, v = (torch.randn(B, L, Hkv, D, generator=g).transpose(1, 2) for _ in range(2))
     k_rep, v_rep = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
-    t = interleaved_times(
+    rounds = interleaved_rounds(
         [
             lambda: rolling_attention(q, k, v, enable_gqa=True, backend="cpu"),
             lambda: rolling_attention(q, k_rep, v_rep, backend="cpu"),
+            gemm_call(torch.float32),
         ],
+        warmup=1,
         reps=reps,
     )
+    t = [_summary(r) for r in rounds]
     flops = attention_flops(B, Hq, L, L, D)
     gqa_ms, rep_ms = t[0]["median_ms"], t[1]["median_ms"]
     return {
@@ -174,7 +183,7 @@ def bench_gqa(B=4, Hq=32, Hkv=8, L=1024, D=64, *, reps: int) -> Dict:
         "repeated_ms": rep_ms,
         "gqa_over_repeated": gqa_ms / rep_ms,
         "fused_gflops": flops / (gqa_ms * 1e-3) / 1e9,
-        "roofline": flops / (gqa_ms * 1e-3) / 1e9 / gemm_gflops(torch.float32),
+        **roofline_in_rounds(flops, rounds[0], rounds[2]),
     }
 
 
@@ -289,8 +298,8 @@ def _fmt(x, f="{:.2f}"):
 def format_rows(rows: List[Dict]) -> str:
     out = [
         "| mode | dtype | B, H, L, D | fused ms | SDPA ms | fused / SDPA time | speed-up |"
-        " fused GFLOP/s | roofline | ISA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " fused GFLOP/s | roofline | GEMM GFLOP/s | ISA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for r in rows:
@@ -323,7 +332,7 @@ def format_rows(rows: List[Dict]) -> str:
         out.append(
             f"| {r['mode']} | {r['dtype']} | {shape} | {r['fused_ms']:.1f} | {r['sdpa_ms']:.1f} | "
             f"{r['fused_over_sdpa']:.2f} | {r['speedup']:.2f}x | {r['fused_gflops']:.0f} | "
-            f"{_fmt(r.get('roofline'))} | {r['isa']} |"
+            f"{_fmt(r.get('roofline'))} | {_fmt(r.get('gemm_gflops'), '{:.0f}')} | {r['isa']} |"
         )
     return "\n".join(out + [""] + notes)
 
@@ -341,8 +350,9 @@ def main(argv=None) -> None:
         f" load {info.get('load_average', '?')}, {info['date']}"
     )
     print(
-        f"GEMM roofline ({THREADS} threads): float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
-        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
+        f"GEMM at the start ({THREADS} threads): float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
+        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s; each row's roofline divides by the "
+        "GEMM timed in the row's own rounds (its column)"
     )
     rows = run(quick=args.quick, only=args.only)
     print(format_rows(rows))

@@ -59,6 +59,14 @@ def interleaved_times(
 ) -> List[Dict[str, float]]:
     """Median / p20 / p80 milliseconds of each function, called in turn (one call of each per
     round) after ``warmup`` rounds, so that load from other processes hits all of them alike."""
+    return [_summary(t) for t in interleaved_rounds(fns, warmup=warmup, reps=reps)]
+
+
+def interleaved_rounds(
+    fns: Sequence[Callable[[], object]], *, warmup: int = 1, reps: int = 7
+) -> List[List[float]]:
+    """Milliseconds of every call, per function, round by round (times[i][r] is function i in
+    round r): what interleaved_times summarises, kept for ratios taken within a round."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in fns:
@@ -71,7 +79,7 @@ def interleaved_times(
             fn()
             sync()
             times[i].append((time.perf_counter() - t0) * 1e3)
-    return [_summary(t) for t in times]
+    return times
 
 
 def make_rollingq_inputs(B: int, H: int, L: int, D: int, *, dtype=torch.float32, seed: int = 0):
@@ -202,7 +210,35 @@ def cpu_kernel_isa() -> Dict[str, str]:
 _GEMM_CACHE: Dict[tuple, float] = {}
 
 
-def gemm_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+GEMM_N = 2048  # the roofline's matrix multiply: GEMM_N^3 in the row's dtype
+
+
+def gemm_call(dtype=torch.float32, n: int = GEMM_N) -> Callable[[], object]:
+    """One n x n x n torch.mm in ``dtype`` (inputs made once): the roofline's reference call,
+    timed in the same rounds as the rows it is compared with (roofline_in_rounds)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def roofline_in_rounds(
+    flops: float, fn_ms: Sequence[float], gemm_ms: Sequence[float], n: int = GEMM_N
+) -> Dict[str, float]:
+    """A row's GFLOP/s as a fraction of the GEMM's, round by round (both timed in each round,
+    interleaved_rounds): the median of the per-round fractions, and the GEMM's median GFLOP/s.
+    This virtual machine's speed moves by up to 2x between minutes; a GEMM measured once at the
+    start of a run is not the reference of a row measured minutes later."""
+    gemm_flops = 2.0 * n**3
+    fractions = [(flops / f) / (gemm_flops / g) for f, g in zip(fn_ms, gemm_ms)]
+    return {
+        "roofline": statistics.median(fractions),
+        "gemm_gflops": gemm_flops / (statistics.median(gemm_ms) * 1e-3) / 1e9,
+    }
+
+
+def gemm_gflops(dtype=torch.float32, n: int = GEMM_N, reps: int = 5) -> float:
     """This machine's matrix-multiply throughput (GFLOP/s) in ``dtype`` with torch's current
     thread count: the median of ``reps`` n x n x n products after a warm-up. The roofline the
     attention rows are compared with."""

@@ -27,14 +27,17 @@ import torch.nn.functional as F
 
 import rollingq_kernels as rk
 from bench.harness import (
+    _summary,
     attention_flops,
     cpu_kernel_isa,
     format_table,
+    gemm_call,
     gemm_gflops,
-    interleaved_times,
+    interleaved_rounds,
     machine_info,
     make_rollingq_inputs,
     peak_extra_mib,
+    roofline_in_rounds,
     save_rows,
 )
 from rollingq_kernels.api import make_problem
@@ -75,13 +78,15 @@ def bench_shape(
         backend = f"{name} (rot+stats)" + (f" [{ISA}]" if name == "cpu" else "")
         rows.append({"shape": shape, "dtype": dname, "backend": backend})
     # Heavy rows (the O(L^2) reference) get fewer rounds only through `reps`; all rows the same.
-    times = interleaved_times(fns, warmup=1, reps=reps)
+    # the roofline's GEMM runs in the same rounds (bench/harness.py roofline_in_rounds)
+    rounds = interleaved_rounds([*fns, gemm_call(dtype)], warmup=1, reps=reps)
+    times = [_summary(r) for r in rounds]
     flops = attention_flops(B, H, L, L, D)
-    for name, fn, row, t in zip(names, fns, rows, times):
+    for i, (name, fn, row, t) in enumerate(zip(names, fns, rows, times)):
         out = fn()
         row.update(t)
         row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
-        row["roofline"] = row["gflops"] / gemm_gflops(dtype)
+        row.update(roofline_in_rounds(flops, rounds[i], rounds[-1]))
         row["vs_sdpa"] = t["median_ms"] / times[0]["median_ms"]
         row["max_err"] = (out.double() - ref).abs().max().item()
         if memory:
@@ -110,6 +115,7 @@ ATTN_COLUMNS = [
     ("x SDPA time", "vs_sdpa", "{:.2f}"),
     ("GFLOP/s", "gflops", "{:.1f}"),
     ("roofline", "roofline", "{:.2f}"),
+    ("GEMM GFLOP/s", "gemm_gflops", "{:.0f}"),
     ("peak MiB above in/out", "peak_mib", "{:.1f}"),
     ("max err vs fp64", "max_err", "{:.1e}"),
     ("note", "note", None),
@@ -160,9 +166,10 @@ def main(argv=None) -> int:
         f"{info.get('load_average', '?')}"
     )
     print(
-        f"GEMM roofline ({info['torch_threads']} threads, 2048^3 torch.mm): "
+        f"GEMM at the start ({info['torch_threads']} threads, 2048^3 torch.mm): "
         f"float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
-        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
+        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s; each row's roofline divides by "
+        "the same GEMM timed in the row's own rounds (column 'GEMM GFLOP/s')"
     )
     print(
         f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date']}"

@@ -1,0 +1,46 @@
+"""The benchmark harness's arithmetic (bench/harness.py): ratios taken within a round."""
+
+import pytest
+import torch
+
+from bench.harness import GEMM_N, gemm_call, interleaved_rounds, roofline_in_rounds
+
+
+def test_roofline_follows_the_machine_speed_round_by_round():
+    # The machine runs at full speed for three rounds, then at half speed for four: the row and
+    # the GEMM both take twice as long. The row reaches 40 % of the GEMM in every round.
+    gemm_flops = 2.0 * GEMM_N**3
+    flops = 1e9
+    gemm_ms = [10.0] * 3 + [20.0] * 4
+    row_ms = [flops / (0.4 * gemm_flops / g) for g in gemm_ms]
+    r = roofline_in_rounds(flops, row_ms, gemm_ms)
+    assert r["roofline"] == pytest.approx(0.4)
+    assert r["gemm_gflops"] == pytest.approx(gemm_flops / 20e-3 / 1e9)
+    # a GEMM timed once, in a fast round, would have put the row at 20 %
+    assert flops / (sorted(row_ms)[3] * 1e-3) / (gemm_flops / 10e-3) == pytest.approx(0.2)
+
+
+def test_roofline_is_the_median_of_the_per_round_fractions():
+    gemm_flops = 2.0 * GEMM_N**3
+    fractions = [0.5, 0.1, 0.3, 0.9, 0.2]
+    gemm_ms = [10.0, 12.0, 9.0, 30.0, 11.0]
+    row_ms = [1e9 / (f * gemm_flops / g) for f, g in zip(fractions, gemm_ms)]
+    assert roofline_in_rounds(1e9, row_ms, gemm_ms)["roofline"] == pytest.approx(0.3)
+
+
+def test_interleaved_rounds_calls_each_function_once_per_round_in_turn():
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    times = interleaved_rounds(fns, warmup=2, reps=4)
+    assert calls == [0, 1, 2] * 6
+    assert [len(t) for t in times] == [4, 4, 4]
+    assert all(x >= 0.0 for t in times for x in t)
+
+
+def test_gemm_call_multiplies():
+    mm = gemm_call(torch.float32, n=64)
+    out = mm()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, generator=g)
+    b = torch.randn(64, 64, generator=g)
+    torch.testing.assert_close(out, a @ b)
