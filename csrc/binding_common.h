@@ -114,18 +114,14 @@ inline void canonical_side_inputs(const char* op, Canonical& c,
     check_same_device(op, "rotation", r, q);
     TORCH_CHECK(r.is_floating_point(), op, ": rotation must be a floating tensor; got ",
                 r.scalar_type());
-    if (r.dim() == 2 && r.size(0) == D && r.size(1) == D) {
-      c.rotation = r.to(acc).contiguous();  // one matrix for every head (head stride 0)
-    } else {
-      TORCH_CHECK(r.dim() == 3 && r.size(0) == H && r.size(1) == D && r.size(2) == D, op,
-                  ": rotation must have shape (", D, ", ", D, ") or (", H, ", ", D, ", ", D,
-                  "); got ", shape_str(r));
-      c.rotation = r.to(acc);
-      // each matrix contiguous; a broadcast head dim (stride 0) stays a broadcast
-      if (!(c.rotation.stride(2) == 1 && c.rotation.stride(1) == D &&
-            (c.rotation.stride(0) == 0 || c.rotation.stride(0) >= D * D)))
-        c.rotation = c.rotation.contiguous();
-    }
+    // (D, D): one matrix for every head (head stride 0). Any strides: the CPU kernels read the
+    // matrix through them (a transposed or column-major R, as a QR factor comes, costs no copy
+    // per call); the CUDA binding makes it contiguous.
+    TORCH_CHECK((r.dim() == 2 && r.size(0) == D && r.size(1) == D) ||
+                    (r.dim() == 3 && r.size(0) == H && r.size(1) == D && r.size(2) == D),
+                op, ": rotation must have shape (", D, ", ", D, ") or (", H, ", ", D, ", ", D,
+                "); got ", shape_str(r));
+    c.rotation = r.to(acc);
   }
   // (B, L) or, when one_for_all_batches, also (L,): the same rows for every batch entry
   auto bool_rows = [&](const char* name, const Tensor& m, int64_t L, bool one_for_all_batches) {
@@ -283,6 +279,8 @@ inline void fill_common(AttentionParams& p, const Canonical& c) {
   if (c.rotation.defined()) {
     p.rotation = c.rotation.data_ptr();
     p.rotation_head_stride = c.rotation.dim() == 2 ? 0 : c.rotation.stride(0);
+    p.rotation_row_stride = c.rotation.stride(-2);
+    p.rotation_col_stride = c.rotation.stride(-1);
   }
   if (c.rotated_rows.defined()) {
     p.rotated_rows = c.rotated_rows.data_ptr<bool>();

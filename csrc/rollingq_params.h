@@ -36,11 +36,13 @@ struct AttentionParams {
   const void* v = nullptr;
   int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
 
-  // Rotation: nullptr, or (H, D, D) in the accumulation type (float; double for double inputs),
-  // each matrix contiguous; rotation_head_stride is 0 when one matrix serves every head. A rotated
-  // row becomes q_i <- R_h q_i, i.e. q'_i[a] = sum_b R_h[a][b] q_i[b].
+  // Rotation: nullptr, or (H, D, D) in the accumulation type (float; double for double inputs):
+  // R_h[a][b] at rotation + h * rotation_head_stride + a * rotation_row_stride + b *
+  // rotation_col_stride (the CPU kernels read any strides; the CUDA binding makes each matrix
+  // contiguous); rotation_head_stride is 0 when one matrix serves every head. A rotated row
+  // becomes q_i <- R_h q_i, i.e. q'_i[a] = sum_b R_h[a][b] q_i[b].
   const void* rotation = nullptr;
-  int64_t rotation_head_stride = 0;
+  int64_t rotation_head_stride = 0, rotation_row_stride = 0, rotation_col_stride = 1;
   // Rows the rotation applies to: nullptr = every row (when rotation is set), else (B, Lq) bool
   // (one byte per row), rows contiguous, batch stride 0 when shared by the batch.
   const bool* rotated_rows = nullptr;

@@ -364,11 +364,8 @@ def _problem(
                 f"rotation must have shape ({D}, {D}) or ({H}, {D}, {D}) (an orthogonal matrix per "
                 f"head, D={D}); got {_shape(rotation)}"
             )
-        rot = rotation
-        if rot.dtype != acc:
-            rot = rot.to(acc)
-        if not rot.is_contiguous():
-            rot = rot.contiguous()
+        # any strides: the kernels read R through them (a QR factor is column-major)
+        rot = rotation if rotation.dtype == acc else rotation.to(acc)
 
     # --- rotated rows ---------------------------------------------------------------------
     rows = None

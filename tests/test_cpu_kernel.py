@@ -977,3 +977,70 @@ def test_rotation_is_orthogonal_input_not_renormalised():
     case.kwargs["rotation"] = 1.5 * random_orthogonal(16)
     out, stats = _run(case)
     check_against_reference(case, out, stats, dtype=torch.float64)
+
+
+# ---- rotation layouts ------------------------------------------------------------------------
+# The kernels read the rotation through its strides (no copy per call): by rows (a module's
+# buffer), by columns (a QR factor, R.T of a buffer), or any strides (a slice). Few rotated rows
+# by rows take dot products, by columns a product with the rows as broadcast operand, the rest
+# the general product; the backward reads R's rows in place when they are whole vectors.
+
+
+def _rotation_layout(R: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "rows":
+        return R.contiguous()
+    if layout == "columns":
+        return R.transpose(-1, -2).contiguous().transpose(-1, -2)
+    # a view into a larger buffer: row stride 3 D + 1, column stride 2, an odd offset
+    D = R.shape[-1]
+    lead = R.shape[:-2]
+    big = torch.full((*lead, 2 * D + 1, 6 * D + 5), float("nan"), dtype=R.dtype)
+    view = big[..., 1::2, 3::2][..., :D, :D]
+    view.copy_(R)
+    return view
+
+
+ROTATION_LAYOUTS = ["rows", "columns", "strided"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ROTATION_LAYOUTS)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(B=2, H=3, Lq=77, Lk=50, D=48, rotation="shared", rows="subset"),
+        dict(B=1, H=2, Lq=70, Lk=33, D=40, rotation="per_head", rows="batch"),
+        dict(B=2, H=1, Lq=300, Lk=20, D=32, rotation="shared"),  # every row: many per tile
+        dict(B=1, H=1, Lq=5, Lk=9, D=768, rotation="shared", rows="subset"),
+    ],
+    ids=["few_rows", "per_head_odd_d", "all_rows", "d768"],
+)
+def test_rotation_in_any_layout_matches_reference(kw, layout, dtype, isa):
+    case = make_case(dtype=dtype, seed=23, modalities=2, **kw)
+    case.kwargs["rotation"] = _rotation_layout(case.kwargs["rotation"], layout)
+    if layout != "rows":
+        assert not case.kwargs["rotation"].is_contiguous()
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=dtype, what=f"{layout}: ")
+
+
+@pytest.mark.parametrize("layout", ROTATION_LAYOUTS)
+@pytest.mark.parametrize("D", [48, 40])
+def test_rotation_layout_gradients_match_reference(D, layout, isa):
+    case = make_case(
+        dtype=torch.float32, B=2, H=2, Lq=67, Lk=45, D=D, seed=29, modalities=2,
+        rotation="per_head", rows="batch",
+    )  # fmt: skip
+    R = case.kwargs["rotation"]
+    case.kwargs["rotation"] = _rotation_layout(R, layout)
+    g = torch.randn(case.q.shape, dtype=torch.float64)
+    inputs = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    with nan_poisoned_outputs():
+        out, _ = rolling_attention(*inputs, backend="cpu", **case.kwargs)
+        got = torch.autograd.grad(out, inputs, g.float())
+    kw64 = {**case.kwargs, "rotation": R.double()}
+    ref_in = [t.detach().double().requires_grad_() for t in (case.q, case.k, case.v)]
+    ref_out, _ = rolling_attention(*ref_in, backend="reference", **kw64)
+    want = torch.autograd.grad(ref_out, ref_in, g)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, rel=2e-5, name=f"{layout} d{name}")

@@ -142,9 +142,12 @@ def test_environment_override_is_read_on_every_call(monkeypatch):
 def test_side_inputs_are_canonicalised_without_copies():
     H, D = 3, 8
     q, k, v = (_rand(2, H, 5, D, seed=s) for s in (14, 15, 16))
-    R = torch.linalg.qr(_rand(D, D, seed=17)).Q  # column-major: must become contiguous
+    R = torch.linalg.qr(_rand(D, D, seed=17)).Q  # column-major: the kernels take its strides
+    assert not R.is_contiguous()
     p = api.make_problem(q, k, v, rotation=R)
-    assert p.rotation.shape == (D, D) and p.rotation.is_contiguous()
+    assert p.rotation is R
+    p = api.make_problem(q, k, v, rotation=R.double())  # converted to the accumulation dtype
+    assert p.rotation.dtype == torch.float32
     torch.testing.assert_close(p.rotation, R)
     Rc = R.contiguous()
     p = api.make_problem(q, k, v, rotation=Rc)

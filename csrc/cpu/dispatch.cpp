@@ -234,9 +234,15 @@ struct SharedBuffer {
 
 }  // namespace
 
+// The threads run_tasks spreads tasks over.
+int64_t task_threads() {
+  return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
 void attention_fwd(const AttentionParams& p, ElementType type) {
   const KernelTable& t = table();
   Plan plan;
+  plan.threads = task_threads();
   t.fwd_plan(p, type, plan);
   run_tasks(plan.tasks, plan.flops_per_task, plan.workspace_bytes,
             [&](int64_t b, int64_t e, void* ws) { t.fwd_run(p, type, plan, b, e, ws); });
@@ -245,6 +251,7 @@ void attention_fwd(const AttentionParams& p, ElementType type) {
 void attention_bwd(const AttentionBwdParams& p, ElementType type) {
   const KernelTable& t = table();
   Plan plan;
+  plan.threads = task_threads();
   t.bwd_plan(p, type, plan);
   SharedBuffer shared(plan.shared_bytes);
   run_tasks(plan.tasks, plan.flops_per_task, plan.workspace_bytes, [&](int64_t b, int64_t e, void* ws) {

@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < rows.n; ++i) rows.get()[i] = R(0, 3) == 0;
     for (size_t i = 0; i < pad.n; ++i) pad.get()[i] = R(0, 4) != 0;
     for (size_t i = 0; i < ids.n; ++i) ids.get()[i] = M > 0 ? R(-1, M - 1) : 0;
-    if (R(0, 1)) { p.rotation = rot.get(); p.rotation_head_stride = 0; if (R(0, 1)) { p.rotated_rows = rows.get(); p.rotated_rows_batch_stride = Lq; } }
+    if (R(0, 1)) { p.rotation = rot.get(); p.rotation_head_stride = 0; p.rotation_row_stride = R(0, 1) ? D : 1; p.rotation_col_stride = p.rotation_row_stride == D ? 1 : D; if (R(0, 1)) { p.rotated_rows = rows.get(); p.rotated_rows_batch_stride = Lq; } }
     if (R(0, 1)) { p.key_padding = pad.get(); p.key_padding_batch_stride = Lk; }
     p.key_modality = ids.get(); p.key_modality_batch_stride = Lk;
     p.is_causal = R(0, 1); p.causal_offset = p.is_causal ? R(-20, 20) : 0;

@@ -238,7 +238,7 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
 }
 
 inline void bf16_fwd_plan(const AttentionParams& p, Plan& plan) {
-  const int64_t qt = bf16_query_tile(p);
+  const int64_t qt = balanced_query_tile(p, bf16_query_tile(p), 32, plan.threads);
   const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
   plan.tasks = p.batch * p.heads * tiles;
   plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *

@@ -50,6 +50,22 @@ constexpr int64_t kMaxQueryTile = kWideQueryTile;
 inline int64_t fp_query_tile(const AttentionParams& p) {
   return p.head_dim + p.value_dim > 256 ? kWideQueryTile : kQueryTile;
 }
+// The query tile of a forward: `base` queries, unless the (batch, head) pairs times the tiles
+// of `base` are too few to keep every thread busy to the end: then the heads are cut into the
+// smallest number of tiles (at least ceil(Lq / base)) that the threads share evenly, each
+// rounded up to `align` lanes. A row's result does not depend on its tile (each lane's online
+// softmax is its own and every product element sums in a fixed order), so neither does the
+// output on the thread count.
+inline int64_t balanced_query_tile(const AttentionParams& p, int64_t base, int64_t align,
+                                   int64_t threads) {
+  const int64_t Lq = imax<int64_t>(p.seqlen_q, 1), bh = imax<int64_t>(p.batch * p.heads, 1);
+  const int64_t n = ceil_div(Lq, base);
+  if (threads <= 1 || bh * n >= 4 * threads) return base;
+  int64_t m = n;
+  while ((bh * m) % threads != 0) ++m;  // at most threads - 1 steps
+  return imin(base, imax(align, round_up(ceil_div(Lq, m), align)));
+}
+
 constexpr int64_t kKeyBlock = 128;  // keys per online-softmax step: S^T block of 32 KiB (fp32)
 // Backward: heads are split into key chunks until there are this many tasks, chunks of at
 // least kMinChunk keys.
@@ -129,19 +145,39 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   for (int64_t l = 0; l < qn; ++l)
     if (sel == nullptr || sel[l]) idx[cnt++] = l;
   if (cnt == 0) return;
+  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
+  const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
   const int64_t cw = round_up(cnt, W);
-  A* g = tmp;            // [D][cw] the selected columns of Q^T
-  A* r = tmp + D * cw;   // [D][cw] R times them
+  A* g = tmp;            // the selected rows: [cnt][D], or [D][cw] as columns of Q^T
+  A* r = tmp + D * cw;   // R times them, in the same layout
+  // r(c, a) = q'_c[a] at r[c * rc + a * ra]
+  auto put_back = [&](int64_t rc, int64_t ra) {
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t c = 0; c < cnt; ++c) qT[d * lanes + idx[c]] = r[c * rc + d * ra];
+    if (qrows != nullptr)
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[c * rc + d * ra];
+  };
+  if ((rs == 1 && D % W == 0) || (cs == 1 && cnt * 4 <= W)) {
+    for (int64_t c = 0; c < cnt; ++c)
+      for (int64_t d = 0; d < D; ++d) g[c * D + d] = qT[d * lanes + idx[c]];
+    if (rs == 1) {
+      // R by columns (a QR factor, a transposed view): q'_c = q_c R^T with R^T's rows
+      // contiguous, the rows as broadcast operand (no padding of the few rows to W lanes)
+      gemm<A>(cnt, D / W, D, g, D, 1, R, cs, r, D, Acc::kSet);
+    } else {
+      // R by rows, few rows (RollingQ's [CLS] row): a dot product per row of R
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t a = 0; a < D; ++a) r[c * D + a] = dot(R + a * rs, g + c * D, D);
+    }
+    put_back(D, 1);
+    return;
+  }
+  // any strides, many rows: (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c], R as broadcast operand
   for (int64_t d = 0; d < D; ++d)
     for (int64_t c = 0; c < cw; ++c) g[d * cw + c] = c < cnt ? qT[d * lanes + idx[c]] : A(0);
-  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
-  // (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c]
-  gemm<A>(D, cw / W, D, R, D, 1, g, cw, r, cw, Acc::kSet);
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t c = 0; c < cnt; ++c) qT[d * lanes + idx[c]] = r[d * cw + c];
-  if (qrows != nullptr)
-    for (int64_t c = 0; c < cnt; ++c)
-      for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[d * cw + c];
+  gemm<A>(D, cw / W, D, R, rs, cs, g, cw, r, cw, Acc::kSet);
+  put_back(1, cw);
 }
 
 // Rows of K and V of one head prepared for the products, packed once per head (forward) or per
@@ -232,7 +268,7 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
 
 template <typename T, typename A>
 void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
-  const int64_t qt = fp_query_tile(p);
+  const int64_t qt = balanced_query_tile(p, fp_query_tile(p), 16, plan.threads);
   const int64_t tiles = imax<int64_t>(1, ceil_div(p.seqlen_q, qt));
   plan.tasks = p.batch * p.heads * tiles;
   plan.flops_per_task = 2 * imin(qt, imax<int64_t>(p.seqlen_q, 1)) *
@@ -546,16 +582,25 @@ void finish_dq(const AttentionBwdParams& p, const BwdShape& s, int64_t b, int64_
       if (sel == nullptr || sel[l]) idx[cnt++] = l;
     if (cnt > 0) {
       const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
-      for (int64_t a = 0; a < D; ++a) {
-        for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * D + c];
-        fill(rpad + a * Dp + D, Dp - D, A(0));
+      const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
+      // R's rows are the vector operand: read in place when they are whole contiguous vectors,
+      // else copied (padded to Dp)
+      const A* Rb = R;
+      int64_t ldr = rs;
+      if (!(cs == 1 && D == Dp)) {
+        for (int64_t a = 0; a < D; ++a) {
+          for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * rs + c * cs];
+          fill(rpad + a * Dp + D, Dp - D, A(0));
+        }
+        Rb = rpad;
+        ldr = Dp;
       }
       A* g = tmp;              // [cnt][Dp] the selected rows of dQ'
       A* r = tmp + cnt * Dp;   // [cnt][Dp] times R
       for (int64_t c = 0; c < cnt; ++c)
         for (int64_t d = 0; d < Dp; ++d) g[c * Dp + d] = dQ[idx[c] * Dp + d];
       // (dQ' R)[l][c] = sum_a dQ'[l][a] R[a][c]
-      gemm<A>(cnt, Dp / W, D, g, Dp, 1, rpad, Dp, r, Dp, Acc::kSet);
+      gemm<A>(cnt, Dp / W, D, g, Dp, 1, Rb, ldr, r, Dp, Acc::kSet);
       for (int64_t c = 0; c < cnt; ++c)
         for (int64_t d = 0; d < D; ++d) dQ[idx[c] * Dp + d] = r[c * Dp + d];
     }

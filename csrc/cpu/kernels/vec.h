@@ -97,6 +97,22 @@ inline A hsum(vec_t<A> x) {
   return s;
 }
 
+// sum_i x[i] y[i], i < n: two vector chains, then the tail
+template <typename A>
+inline A dot(const A* x, const A* y, int64_t n) {
+  constexpr int W = VT<A>::W;
+  vec_t<A> s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 += vload(x + i) * vload(y + i);
+    s1 += vload(x + i + W) * vload(y + i + W);
+  }
+  for (; i + W <= n; i += W) s0 += vload(x + i) * vload(y + i);
+  A s = hsum<A>(s0 + s1);
+  for (; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^t for t <= 0, -inf and NaN, relative error 3e-7: range reduction t = n + r, |r| <= 1/2, a
