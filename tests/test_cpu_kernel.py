@@ -1024,13 +1024,19 @@ def test_rotation_in_any_layout_matches_reference(kw, layout, dtype, isa):
     check_against_reference(case, out, stats, dtype=dtype, what=f"{layout}: ")
 
 
+@pytest.mark.parametrize("rows", ["half", "cls"])
 @pytest.mark.parametrize("layout", ROTATION_LAYOUTS)
 @pytest.mark.parametrize("D", [48, 40])
-def test_rotation_layout_gradients_match_reference(D, layout, isa):
+def test_rotation_layout_gradients_match_reference(D, layout, rows, isa):
     case = make_case(
         dtype=torch.float32, B=2, H=2, Lq=67, Lk=45, D=D, seed=29, modalities=2,
         rotation="per_head", rows="batch",
     )  # fmt: skip
+    if rows == "cls":  # a [CLS] row per sample (and one more): the few-row products
+        sel = torch.zeros(2, 67, dtype=torch.bool)
+        sel[:, 0] = True
+        sel[1, 66] = True
+        case.kwargs["rotated_queries"] = sel
     R = case.kwargs["rotation"]
     case.kwargs["rotation"] = _rotation_layout(R, layout)
     g = torch.randn(case.q.shape, dtype=torch.float64)

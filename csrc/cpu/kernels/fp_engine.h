@@ -67,10 +67,13 @@ inline int64_t balanced_query_tile(const AttentionParams& p, int64_t base, int64
 }
 
 constexpr int64_t kKeyBlock = 128;  // keys per online-softmax step: S^T block of 32 KiB (fp32)
-// Backward: heads are split into key chunks until there are this many tasks, chunks of at
-// least kMinChunk keys.
+// Backward: heads are split into key chunks until there are kBwdTargetTasks tasks, chunks of at
+// least kMinChunk keys; short sequences still make kBwdMinTasks tasks where key blocks allow
+// (one (batch, head) of 197 keys was one task: one thread of the pool worked). The chunking
+// depends on the shape only, never on the thread count (the chunks' dq sum in a fixed order).
 constexpr int64_t kBwdTargetTasks = 16;
 constexpr int64_t kMinChunk = 256;
+constexpr int64_t kBwdMinTasks = 4;
 
 template <typename T>
 inline const T* ptr(const void* p) {
@@ -515,6 +518,7 @@ BwdShape bwd_shape(const AttentionBwdParams& p, int64_t qt) {
   const int64_t bh = p.batch * p.heads_kv, Lk = p.seqlen_k;
   int64_t nc = 1;
   if (bh < kBwdTargetTasks) nc = imin(ceil_div(kBwdTargetTasks, bh), ceil_div(Lk, kMinChunk));
+  if (bh * nc < kBwdMinTasks) nc = imax(nc, imin(ceil_div(kBwdMinTasks, bh), ceil_div(Lk, kKeyBlock)));
   nc = imax<int64_t>(nc, 1);
   s.chunk = round_up(imax<int64_t>(ceil_div(Lk, nc), 1), kKeyBlock);
   s.nc = imax<int64_t>(1, ceil_div(Lk, s.chunk));
@@ -583,24 +587,30 @@ void finish_dq(const AttentionBwdParams& p, const BwdShape& s, int64_t b, int64_
     if (cnt > 0) {
       const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
       const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
-      // R's rows are the vector operand: read in place when they are whole contiguous vectors,
-      // else copied (padded to Dp)
-      const A* Rb = R;
-      int64_t ldr = rs;
-      if (!(cs == 1 && D == Dp)) {
-        for (int64_t a = 0; a < D; ++a) {
-          for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * rs + c * cs];
-          fill(rpad + a * Dp + D, Dp - D, A(0));
-        }
-        Rb = rpad;
-        ldr = Dp;
-      }
       A* g = tmp;              // [cnt][Dp] the selected rows of dQ'
       A* r = tmp + cnt * Dp;   // [cnt][Dp] times R
       for (int64_t c = 0; c < cnt; ++c)
         for (int64_t d = 0; d < Dp; ++d) g[c * Dp + d] = dQ[idx[c] * Dp + d];
-      // (dQ' R)[l][c] = sum_a dQ'[l][a] R[a][c]
-      gemm<A>(cnt, Dp / W, D, g, Dp, 1, Rb, ldr, r, Dp, Acc::kSet);
+      const bool rows_in_place = cs == 1 && D == Dp;
+      if (rs == 1 && !rows_in_place && cnt * 4 <= W) {
+        // R by columns, few rows: (dQ' R)[l][c] = dot(dQ'[l], R[:, c]), each column contiguous
+        for (int64_t c = 0; c < cnt; ++c)
+          for (int64_t d = 0; d < D; ++d) r[c * Dp + d] = dot(R + d * cs, g + c * Dp, D);
+      } else {
+        // (dQ' R)[l][c] = sum_a dQ'[l][a] R[a][c]: R's rows are the vector operand, read in
+        // place when they are whole contiguous vectors, else copied (padded to Dp)
+        const A* Rb = R;
+        int64_t ldr = rs;
+        if (!rows_in_place) {
+          for (int64_t a = 0; a < D; ++a) {
+            for (int64_t c = 0; c < D; ++c) rpad[a * Dp + c] = R[a * rs + c * cs];
+            fill(rpad + a * Dp + D, Dp - D, A(0));
+          }
+          Rb = rpad;
+          ldr = Dp;
+        }
+        gemm<A>(cnt, Dp / W, D, g, Dp, 1, Rb, ldr, r, Dp, Acc::kSet);
+      }
       for (int64_t c = 0; c < cnt; ++c)
         for (int64_t d = 0; d < D; ++d) dQ[idx[c] * Dp + d] = r[c * Dp + d];
     }
