@@ -44,3 +44,19 @@ def test_gemm_call_multiplies():
     a = torch.randn(64, 64, generator=g)
     b = torch.randn(64, 64, generator=g)
     torch.testing.assert_close(out, a @ b)
+
+
+def test_tile_probe_builds_and_measures(tmp_path):
+    from bench import tile_probe
+
+    exe = tile_probe.build(tmp_path / "tile_probe")
+    assert exe.exists()
+    if not tile_probe.cpu_has_amx():
+        pytest.skip("this CPU has no AMX-BF16: the probe is built, not run")
+    r = tile_probe.run(exe)
+    for key in ("dp_ns", "softmax_vector_ns", "dp_with_softmax_ns", "qk_ns_per_256_scores"):
+        assert 0.0 < r[key] < 1e6, key
+    # a product with loads and stores cannot beat the tile unit on tiles already in registers
+    assert 0.0 < r["qk_fraction_of_peak"] <= 1.2 and 0.0 < r["pv_fraction_of_peak"] <= 1.2
+    assert 0.5 < r["overlap"] < 2.5
+    assert "tile unit's peak" in tile_probe.report(r)

@@ -1,0 +1,194 @@
+// What the AMX tile unit of this CPU does for attention-shaped work, one thread, no torch:
+//
+//   dp        TDPBF16PS on tiles already in registers (4 independent accumulators): the unit's
+//             peak, 16 x 16 x 32 multiply-adds per instruction
+//   softmax   the bf16 forward's per-score vector work (scale, exp2 as VREDUCEPS + degree-3
+//             polynomial + VSCALEFPS, row sum, pack pairs to bf16) on 16 scores, from L1
+//   both      the two in one loop, one dp per `ratio` softmax vectors (the forward's mix: 4 dps
+//             per 16 score vectors): "overlap" = (dp + softmax) / both; 1 means they take turns,
+//             2 means the vector work hides completely behind the tile unit
+//   qk        the forward's S^T = K Q^T block as the kernel computes it (256 keys x 128 queries,
+//             head dim 64, 2 x 2 tiles of 16 x 16, scores stored to memory), per 256 scores
+//   pv        the forward's O^T += V^T P^T block (64 value dims x 128 queries, 256 keys)
+//
+// Built and run by bench/tile_probe.py (times are the best of several rounds, in ns).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+using bf16 = uint16_t;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <typename F>
+double best_ns(F&& f, int iters) {
+  double best = 1e30;
+  for (int round = 0; round < 9; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) f(i);
+    const double ns =
+        std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+    best = std::min(best, ns / iters);
+  }
+  return best;
+}
+
+alignas(64) float g_scores[32 * 16];
+alignas(64) bf16 g_pairs[32 * 16];
+__m512 g_sum;
+
+// The forward's work on one 16-score vector (csrc/cpu/kernels/fp_engine.h softmax_cols with
+// bf16_engine.h StorePairs): t = (s * scale - m) * log2(e), p = 2^t, sum += p, pack.
+inline __m512 softmax_vector(int i, __m512 sum) {
+  const __m512 s = _mm512_load_ps(g_scores + (i & 31) * 16);
+  const __m512 t = _mm512_mul_ps(_mm512_fmsub_ps(s, _mm512_set1_ps(0.125f), _mm512_set1_ps(2.0f)),
+                                 _mm512_set1_ps(1.4426950408889634f));
+  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.8024e-2f), r, _mm512_set1_ps(2.2607e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9583e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9993e-1f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  p = _mm512_maskz_scalef_ps(keep, p, t);
+  const __m512bh both = _mm512_cvtne2ps_pbh(p, p);
+  _mm512_store_si512(g_pairs + (i & 15) * 32, (__m512i)both);
+  return _mm512_add_ps(sum, p);
+}
+
+}  // namespace
+
+int main() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    std::printf("error: the OS does not grant the AMX tile state\n");
+    return 1;
+  }
+#endif
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  for (int i = 0; i < 32 * 16; ++i) g_scores[i] = float(i % 7) - 3.0f;
+  std::vector<bf16> ones(256 * 256, 0x3f80);  // bf16 1.0
+  _tile_loadd(4, ones.data(), 64);
+  _tile_loadd(5, ones.data(), 64);
+  _tile_loadd(6, ones.data(), 64);
+  _tile_loadd(7, ones.data(), 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+
+  const double dp = best_ns(
+      [](int) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      },
+      20000) / 4;
+  __m512 sum = _mm512_setzero_ps();
+  constexpr int kRatio = 4;  // softmax vectors per dp in the forward (4 dps per 16 vectors)
+  const double vec = best_ns(
+      [&](int i) {
+        for (int j = 0; j < kRatio * 4; ++j) sum = softmax_vector(i * 16 + j, sum);
+      },
+      20000) / (kRatio * 4);
+  const double both = best_ns(
+      [&](int i) {
+        _tile_dpbf16ps(0, 4, 6);
+        for (int j = 0; j < kRatio; ++j) sum = softmax_vector(i * 16 + j, sum);
+        _tile_dpbf16ps(1, 4, 7);
+        for (int j = kRatio; j < 2 * kRatio; ++j) sum = softmax_vector(i * 16 + j, sum);
+        _tile_dpbf16ps(2, 5, 6);
+        for (int j = 2 * kRatio; j < 3 * kRatio; ++j) sum = softmax_vector(i * 16 + j, sum);
+        _tile_dpbf16ps(3, 5, 7);
+        for (int j = 3 * kRatio; j < 4 * kRatio; ++j) sum = softmax_vector(i * 16 + j, sum);
+      },
+      20000) / 4;
+  g_sum = sum;
+
+  // S^T (256 x 128 floats) = K (256 x 64) Q^T (64 x 128 in pairs), 2 x 2 tiles
+  constexpr int M = 256, N = 128, D = 64;
+  std::vector<float> S(M * N), O(64 * N);
+  const bf16 *K = ones.data(), *Qp = ones.data();
+  const double qk = best_ns(
+      [&](int) {
+        for (int m = 0; m < M; m += 32)
+          for (int n = 0; n < N; n += 32) {
+            float* c = S.data() + m * N + n;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int k = 0; k < D; k += 32) {
+              _tile_loadd(4, K + m * D + k, D * 2);
+              _tile_loadd(5, K + (m + 16) * D + k, D * 2);
+              _tile_loadd(6, Qp + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
+              _tile_loadd(7, Qp + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c, N * 4);
+            _tile_stored(1, c + 16, N * 4);
+            _tile_stored(2, c + 16 * N, N * 4);
+            _tile_stored(3, c + 16 * N + 16, N * 4);
+          }
+      },
+      200) / (M * N / 256);
+  // O^T (64 x 128) += V^T (64 x 256 keys) P^T (256 keys in pairs x 128)
+  const bf16 *Vt = ones.data(), *Pp = ones.data();
+  const double pv = best_ns(
+      [&](int) {
+        for (int m = 0; m < 64; m += 32)
+          for (int n = 0; n < N; n += 32) {
+            float* c = O.data() + m * N + n;
+            _tile_loadd(0, c, N * 4);
+            _tile_loadd(1, c + 16, N * 4);
+            _tile_loadd(2, c + 16 * N, N * 4);
+            _tile_loadd(3, c + 16 * N + 16, N * 4);
+            for (int k = 0; k < M; k += 32) {
+              _tile_loadd(4, Vt + m * M + k, M * 2);
+              _tile_loadd(5, Vt + (m + 16) * M + k, M * 2);
+              _tile_loadd(6, Pp + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
+              _tile_loadd(7, Pp + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c, N * 4);
+            _tile_stored(1, c + 16, N * 4);
+            _tile_stored(2, c + 16 * N, N * 4);
+            _tile_stored(3, c + 16 * N + 16, N * 4);
+          }
+      },
+      200) / (M * N / 256);
+  _tile_release();
+
+  std::printf("dp_ns %.3f\n", dp);
+  std::printf("softmax_vector_ns %.3f\n", vec);
+  std::printf("dp_with_softmax_ns %.3f\n", both);  // one dp + kRatio vectors
+  std::printf("softmax_vectors_per_dp %d\n", kRatio);
+  std::printf("qk_ns_per_256_scores %.3f\n", qk);
+  std::printf("pv_ns_per_256_scores %.3f\n", pv);
+  return 0;
+}
