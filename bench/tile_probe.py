@@ -3,11 +3,12 @@ with the system C++ compiler (no torch), run on one thread.
 
     python -m bench.tile_probe
 
-Prints the tile unit's peak (TDPBF16PS on tiles in registers), the bf16 forward's softmax work
-per 16 scores, whether the two overlap when interleaved, and the kernel's two product shapes
-(S^T = K Q^T at head dim 64, O^T += V^T P^T over 256 keys) as a fraction of that peak. These are
-the numbers that bound the bf16 forward on this machine (docs/performance.md). CPUs without
-AMX-BF16 print that there is nothing to probe.
+Prints the vector unit's bf16 dot-product and float32 FMA rates (which one multiplies faster
+decides the bf16 path of the avx512 variants), and on CPUs with AMX-BF16 the tile unit's peak
+(TDPBF16PS on tiles in registers), the bf16 forward's softmax work per 16 scores, whether the two
+overlap when interleaved, and the kernel's two product shapes (S^T = K Q^T at head dim 64,
+O^T += V^T P^T over 256 keys) as a fraction of that peak: the numbers that bound the bf16 forward
+on such a machine (docs/performance.md). CPUs without AVX512_BF16 have nothing to probe.
 """
 
 from __future__ import annotations
@@ -28,13 +29,20 @@ FLAGS = [
 TILE_MACS = 16 * 16 * 32  # multiply-adds of one TDPBF16PS
 
 
-def cpu_has_amx() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "amx_bf16" in flags and "amx_tile" in flags and "avx512_bf16" in flags
+        return set()
+
+
+def cpu_has_bf16_dot() -> bool:
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= _cpu_flags()
+
+
+def cpu_has_amx() -> bool:
+    return cpu_has_bf16_dot() and {"amx_bf16", "amx_tile"} <= _cpu_flags()
 
 
 def build(out: Optional[Path] = None) -> Path:
@@ -50,11 +58,16 @@ def build(out: Optional[Path] = None) -> Path:
     return out
 
 
-def run(exe: Optional[Path] = None) -> Dict[str, float]:
-    """Run the probe; its measurements (ns) plus the derived rates."""
+def run(exe: Optional[Path] = None, *, tiles: bool = True) -> Dict[str, float]:
+    """Run the probe (the AMX part only with ``tiles``); its measurements (ns) plus the derived
+    rates."""
     exe = exe or build()
-    text = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    args = [str(exe)] + ([] if tiles else ["vector"])
+    text = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     r = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
+    r["dot_over_fma_macs"] = (32 / r["vdpbf16ps_ns"]) / (16 / r["vfmadd231ps_ns"])
+    if not tiles:
+        return r
     dp, vec, k = r["dp_ns"], r["softmax_vector_ns"], r["softmax_vectors_per_dp"]
     r["peak_gflops"] = 2 * TILE_MACS / dp
     r["overlap"] = (dp + k * vec) / r["dp_with_softmax_ns"]
@@ -64,11 +77,20 @@ def run(exe: Optional[Path] = None) -> Dict[str, float]:
 
 
 def report(r: Dict[str, float]) -> str:
+    rows = [
+        "| measure (one thread) | value |",
+        "|---|---|",
+        f"| VDPBF16PS (32 bf16 multiply-adds) | {r['vdpbf16ps_ns']:.3f} ns |",
+        f"| VFMADD231PS (16 float32 multiply-adds) | {r['vfmadd231ps_ns']:.3f} ns |",
+        f"| bf16 dot products / float32 FMAs, multiply-adds per second | "
+        f"{r['dot_over_fma_macs']:.2f} (below 1: bf16 converted to float32 multiplies faster) |",
+    ]
+    if "dp_ns" not in r:
+        return "\n".join(rows)
     per_tile = r["qk_ns_per_256_scores"] + r["pv_ns_per_256_scores"] + 16 * r["softmax_vector_ns"]
     return "\n".join(
-        [
-            "| measure (one thread) | value |",
-            "|---|---|",
+        rows
+        + [
             f"| TDPBF16PS, tiles in registers | {r['dp_ns']:.1f} ns = "
             f"{r['peak_gflops']:.0f} GFLOP/s (the tile unit's peak) |",
             f"| softmax work per 16 scores (vector unit) | {r['softmax_vector_ns']:.2f} ns |",
@@ -86,10 +108,10 @@ def report(r: Dict[str, float]) -> str:
 
 
 def main() -> int:
-    if not cpu_has_amx():
-        print("this CPU reports no AMX-BF16: nothing to probe")
+    if not cpu_has_bf16_dot():
+        print("this CPU reports no AVX512_BF16: nothing to probe")
         return 0
-    print(report(run()))
+    print(report(run(tiles=cpu_has_amx())))
     return 0
 
 

@@ -51,8 +51,13 @@ def test_tile_probe_builds_and_measures(tmp_path):
 
     exe = tile_probe.build(tmp_path / "tile_probe")
     assert exe.exists()
+    if not tile_probe.cpu_has_bf16_dot():
+        pytest.skip("this CPU has no AVX512_BF16: the probe is built, not run")
+    r = tile_probe.run(exe, tiles=False)
+    assert 0.0 < r["vdpbf16ps_ns"] < 100 and 0.0 < r["vfmadd231ps_ns"] < 100
+    assert "float32 FMAs" in tile_probe.report(r)
     if not tile_probe.cpu_has_amx():
-        pytest.skip("this CPU has no AMX-BF16: the probe is built, not run")
+        pytest.skip("this CPU has no AMX-BF16: the tile part is not run")
     r = tile_probe.run(exe)
     for key in ("dp_ns", "softmax_vector_ns", "dp_with_softmax_ns", "qk_ns_per_256_scores"):
         assert 0.0 < r[key] < 1e6, key

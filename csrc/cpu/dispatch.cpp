@@ -4,7 +4,7 @@
 // Compiled with the baseline flags: nothing here may execute an instruction the oldest
 // supported CPU lacks.
 //
-// ROLLINGQ_CPU_ISA=amx|avx512|avx2|generic overrides the choice (read at the first kernel call);
+// ROLLINGQ_CPU_ISA=amx|avx512|avx512_dot|avx2|generic overrides the choice (read at the first kernel call);
 // a name this library does not know or this CPU cannot run is an error, never a silent
 // downgrade. The C functions at the end let tests and benchmarks read and switch the variant of
 // the loaded library (through ctypes).
@@ -34,9 +34,12 @@ namespace rollingq {
 namespace cpu {
 namespace {
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
-constexpr int kIsaCount = 4;
-constexpr const char* kIsaNames[kIsaCount] = {"generic", "avx2", "avx512", "amx"};
+// In order of preference: the best runnable one is chosen. avx512_dot (bf16 products by
+// VDPBF16PS) ranks below avx512 (bf16 converted to float32): measured slower on an AMX Xeon,
+// where VDPBF16PS multiplies at half the rate of float32 FMAs (docs/build.md).
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512Dot = 2, kAvx512 = 3, kAmx = 4 };
+constexpr int kIsaCount = 5;
+constexpr const char* kIsaNames[kIsaCount] = {"generic", "avx2", "avx512_dot", "avx512", "amx"};
 
 const KernelTable* compiled_table(Isa isa) {
   switch (isa) {
@@ -49,6 +52,8 @@ const KernelTable* compiled_table(Isa isa) {
 #ifdef ROLLINGQ_ISA_AVX512
     case Isa::kAvx512:
       return &isa_avx512::table;
+    case Isa::kAvx512Dot:
+      return &isa_avx512::table_dot;
     case Isa::kAmx:
       return &isa_avx512::table_amx;
 #endif
@@ -76,7 +81,7 @@ bool request_amx_state() {
 #endif
 
 struct CpuSupport {
-  bool isa[kIsaCount] = {true, false, false, false};
+  bool isa[kIsaCount] = {true, false, false, false, false};
 };
 
 CpuSupport detect() {
@@ -106,6 +111,7 @@ CpuSupport detect() {
   const bool v4 = v3 && os_avx512 && avx512f && avx512dq && avx512cd && avx512bw && avx512vl;
   s.isa[int(Isa::kAvx2)] = v3;
   s.isa[int(Isa::kAvx512)] = v4 && avx512bf16;
+  s.isa[int(Isa::kAvx512Dot)] = s.isa[int(Isa::kAvx512)];
   s.isa[int(Isa::kAmx)] = s.isa[int(Isa::kAvx512)] && amx_tile && amx_bf16 && request_amx_state();
 #endif
   return s;
@@ -141,7 +147,7 @@ void init() {
     const int i = parse_isa(env);
     if (i < 0) {
       g_init_error = std::string("ROLLINGQ_CPU_ISA=") + env +
-                     " is not a kernel variant; known: amx, avx512, avx2, generic";
+                     " is not a kernel variant; known: amx, avx512, avx512_dot, avx2, generic";
       return;
     }
     if (!runnable(Isa(i))) {

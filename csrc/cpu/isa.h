@@ -41,8 +41,8 @@ struct KernelTable {
                      int64_t begin, int64_t end, void* workspace, void* shared);
 };
 
-// One table per compiled variant (defined in csrc/cpu/isa/<name>.cpp). The AMX table lives in
-// the avx512 file: it shares that file's code and differs in the bf16 matrix products.
+// One table per compiled variant (defined in csrc/cpu/isa/<name>.cpp). The AMX and bf16-dot
+// tables live in the avx512 file: they share that file's code and differ in the bf16 products.
 namespace isa_generic {
 extern const KernelTable table;
 }
@@ -51,6 +51,7 @@ extern const KernelTable table;
 }
 namespace isa_avx512 {
 extern const KernelTable table;
+extern const KernelTable table_dot;
 extern const KernelTable table_amx;
 }
 

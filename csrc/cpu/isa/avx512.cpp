@@ -1,6 +1,10 @@
-// The AVX-512 kernel variants (x86-64-v4 plus AVX512_BF16), 64-byte vectors: "avx512" multiplies
-// bfloat16 with the bf16 dot-product instructions, "amx" with the AMX tile unit where the CPU
-// and the operating system provide it. float32 / float64 run the same code in both.
+// The AVX-512 kernel variants (x86-64-v4 plus AVX512_BF16), 64-byte vectors. They differ in
+// how bfloat16 is multiplied: "amx" on the AMX tile unit (where the CPU and the operating system
+// provide it), "avx512" converted to float32 (the float engine: FMAs), "avx512_dot" with the
+// bf16 dot-product instruction VDPBF16PS. On the AMX Xeon it was measured on, VDPBF16PS
+// multiplies at half the rate of float32 FMAs (bench/tile_probe), so "avx512" is preferred;
+// "avx512_dot" serves CPUs whose VDPBF16PS is the faster (ROLLINGQ_CPU_ISA=avx512_dot).
+// float32 / float64 run the same code in all three.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
     !defined(__AVX512DQ__) || !defined(__AVX512BF16__) || !defined(__AMX_TILE__) ||   \
     !defined(__AMX_BF16__)
@@ -16,7 +20,8 @@
 namespace rollingq {
 namespace cpu {
 namespace isa_avx512 {
-const KernelTable table = Kernels<Bf16Dot>::table("avx512");
+const KernelTable table = Kernels<NoBf16>::table("avx512");
+const KernelTable table_dot = Kernels<Bf16Dot>::table("avx512_dot");
 const KernelTable table_amx = Kernels<Amx>::table("amx");
 }
 }  // namespace cpu
