@@ -18,7 +18,8 @@ Rows (``run()`` returns them as dicts):
                materialises the L x L probabilities), plus the memory both add;
   * gqa        32 query heads over 8 kv heads vs the same call with K / V repeated to 32 heads;
   * tiny       per-call time of a (1, 1, 16, 64) call through the public function vs SDPA;
-  * memory     peak memory the fused forward with statistics adds at (1, 8, 16384, 64).
+  * memory     peak memory the fused forward with statistics adds at (1, 8, 16384, 64);
+  * variants   the bf16 call under every kernel variant this CPU runs (and float32), one process.
 """
 
 from __future__ import annotations
@@ -220,7 +221,57 @@ def bench_tiny(shape=(1, 1, 16, 64), calls: int = 500, *, reps: int) -> Dict:
     }
 
 
-ALL = ("fwd", "fwd_bwd", "bias", "dropout", "gqa", "tiny", "memory")
+def bench_variants(shape=(4, 8, 1024, 64), *, reps: int, backward: bool = False) -> Dict:
+    """The same bf16 call (rotation + statistics) under every kernel variant this CPU runs but
+    the generic one, and the float32 call under the default variant, interleaved in one process
+    (the variant is switched through the library's C function before each call): what each way
+    of multiplying bf16 gives here (amx: tiles; avx512: converted to float32; avx512_dot:
+    VDPBF16PS; avx2: converted)."""
+    import ctypes
+
+    from rollingq_kernels import fused_op, rolling_attention
+
+    lib = ctypes.CDLL(fused_op.library_path())
+    lib.rollingq_cpu_isa.restype = ctypes.c_char_p
+    lib.rollingq_cpu_isas.restype = ctypes.c_char_p
+    lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    default = lib.rollingq_cpu_isa()
+    variants = [v for v in lib.rollingq_cpu_isas().decode().split(",") if v != "generic"]
+    qb, kb, vb, kw = make_inputs(*shape, dtype=torch.bfloat16)
+    qf, kf, vf = (t.float() for t in (qb, kb, vb))
+    tensors = []
+    for q, k, v in ((qb, kb, vb), (qf, kf, vf)):
+        q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+        tensors.append((q, k, v, torch.randn(q.shape).to(q.dtype)))
+
+    def call(isa: bytes, q, k, v, g):
+        def run():
+            assert lib.rollingq_cpu_set_isa(isa) == 0
+            out, _ = rolling_attention(q, k, v, backend="cpu", **kw)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), g)
+
+        return run
+
+    fns = [call(v.encode(), *tensors[0]) for v in variants] + [call(default, *tensors[1])]
+    try:
+        t = interleaved_times(fns, warmup=1, reps=reps)
+    finally:
+        lib.rollingq_cpu_set_isa(default)
+    flops = attention_flops(*shape[:3], shape[2], shape[3], mode="fwd_bwd" if backward else "fwd")
+    ms = {v: x["median_ms"] for v, x in zip(variants, t)}
+    return {
+        "mode": "variants fwd+bwd" if backward else "variants fwd",
+        "dtype": "bfloat16",
+        "shape": tuple(shape),
+        "variant_ms": ms,
+        "variant_gflops": {v: flops / (m * 1e-3) / 1e9 for v, m in ms.items()},
+        "float32_ms": t[-1]["median_ms"],
+        "float32_variant": default.decode(),
+    }
+
+
+ALL = ("fwd", "fwd_bwd", "bias", "dropout", "gqa", "tiny", "memory", "variants")
 
 
 def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = None) -> List[Dict]:
@@ -253,6 +304,10 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
                 rows.append(bench_bias(kind, mask_shape, reps=r_fast))
         if "dropout" in want:
             rows.append(bench_dropout(mask_shape, reps=3 if quick else 5, memory=not quick))
+        if "variants" in want:
+            shape = (2, 4, 257, 64) if quick else MASK_SHAPE
+            rows.append(bench_variants(shape, reps=3 if quick else 5))
+            rows.append(bench_variants(shape, reps=3, backward=True))
         if "gqa" in want:
             rows.append(bench_gqa(L=257 if quick else 1024, reps=r_fast))
         if "tiny" in want:
@@ -316,6 +371,17 @@ def format_rows(rows: List[Dict]) -> str:
             notes.append(
                 f"tiny call ({shape}): fused {r['fused_us']:.1f} us, SDPA {r['sdpa_us']:.1f} us, "
                 f"{r['fused_over_sdpa']:.2f}x SDPA's time"
+            )
+            continue
+        if r["mode"].startswith("variants"):
+            per = ", ".join(
+                f"{v} {m:.1f} ms ({r['variant_gflops'][v]:.0f} GFLOP/s)"
+                for v, m in r["variant_ms"].items()
+            )
+            what = "forward + backward" if "bwd" in r["mode"] else "forward"
+            notes.append(
+                f"bf16 {what} ({shape}) per kernel variant, one process: {per}; the same call in "
+                f"float32 under {r['float32_variant']}: {r['float32_ms']:.1f} ms"
             )
             continue
         if r["mode"].startswith("gqa"):
