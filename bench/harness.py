@@ -63,18 +63,31 @@ def interleaved_times(
 
 
 def interleaved_rounds(
-    fns: Sequence[Callable[[], object]], *, warmup: int = 1, reps: int = 7
+    fns: Sequence[Callable[[], object]],
+    *,
+    warmup: int = 1,
+    reps: int = 7,
+    lead: Sequence[Callable[[], object]] = (),
 ) -> List[List[float]]:
     """Milliseconds of every call, per function, round by round (times[i][r] is function i in
-    round r): what interleaved_times summarises, kept for ratios taken within a round."""
+    round r): what interleaved_times summarises, kept for ratios taken within a round.
+
+    ``lead``: functions that sweep the caches (a 2048^3 GEMM, the O(L^2) reference), called first
+    in every round; their times follow those of ``fns`` in the result. ``fns`` are called after
+    them in an order rotated by one each round, so that each of them follows the sweep equally
+    often (a function always called right after the reference found its inputs evicted while the
+    next one found them warm: 1.2x instead of 1.0x at (16, 1, 1101, 768))."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
-        for fn in fns:
+        for fn in (*lead, *fns):
             fn()
     sync()
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
+    n = len(fns)
+    times: List[List[float]] = [[] for _ in range(n + len(lead))]
+    for r in range(reps):
+        order = [n + j for j in range(len(lead))] + [(r + i) % n for i in range(n)]
+        for i in order:
+            fn = fns[i] if i < n else lead[i - n]
             t0 = time.perf_counter()
             fn()
             sync()

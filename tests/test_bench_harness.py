@@ -32,9 +32,18 @@ def test_interleaved_rounds_calls_each_function_once_per_round_in_turn():
     calls = []
     fns = [lambda i=i: calls.append(i) for i in range(3)]
     times = interleaved_rounds(fns, warmup=2, reps=4)
-    assert calls == [0, 1, 2] * 6
+    # warm-up in order, then an order rotated by one each round
+    assert calls == [0, 1, 2] * 2 + [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
     assert [len(t) for t in times] == [4, 4, 4]
     assert all(x >= 0.0 for t in times for x in t)
+
+
+def test_interleaved_rounds_lead_sweeps_first_and_each_function_follows_it_equally_often():
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(2)]
+    times = interleaved_rounds(fns, warmup=0, reps=4, lead=[lambda: calls.append("gemm")])
+    assert calls == ["gemm", 0, 1, "gemm", 1, 0, "gemm", 0, 1, "gemm", 1, 0]
+    assert [len(t) for t in times] == [4, 4, 4]  # fns, then the lead
 
 
 def test_gemm_call_multiplies():
