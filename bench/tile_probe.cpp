@@ -78,31 +78,36 @@ inline __m512 softmax_vector(int i, __m512 sum) {
 #define ROLLINGQ_INIT(i) __m512 c##i = _mm512_set1_ps(float(i));
 #define ROLLINGQ_SUM(i) s += _mm512_reduce_add_ps(c##i);
 
-__attribute__((noinline)) float dot_chains(int n) {
-  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80);
+// 12 independent accumulator chains, `step` applied to each n times: the instruction's
+// throughput, not its latency. The operands pass through an empty asm once per round so the
+// compiler cannot fold the steps.
+template <typename Step>
+__attribute__((always_inline)) inline float chains(int n, Step step) {
   ROLLINGQ_X12(ROLLINGQ_INIT)
   for (int k = 0; k < n; ++k) {
-#define ROLLINGQ_DOT(i) c##i = _mm512_dpbf16_ps(c##i, a, a);
-    ROLLINGQ_X12(ROLLINGQ_DOT)
-    __asm__ volatile("" : "+v"(a));
+#define ROLLINGQ_STEP(i) c##i = step(c##i);
+    ROLLINGQ_X12(ROLLINGQ_STEP)
+    step.opaque();
   }
   float s = 0;
   ROLLINGQ_X12(ROLLINGQ_SUM)
   return s;
 }
 
-__attribute__((noinline)) float fma_chains(int n) {
+struct DotStep {
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80);  // bf16 pairs (1, 1)
+  __m512 operator()(__m512 c) const { return _mm512_dpbf16_ps(c, a, a); }
+  void opaque() { __asm__ volatile("" : "+v"(a)); }
+};
+
+struct FmaStep {
   __m512 x = _mm512_set1_ps(1.0001f), y = _mm512_set1_ps(0.9999f);
-  ROLLINGQ_X12(ROLLINGQ_INIT)
-  for (int k = 0; k < n; ++k) {
-#define ROLLINGQ_FMA(i) c##i = _mm512_fmadd_ps(c##i, x, y);
-    ROLLINGQ_X12(ROLLINGQ_FMA)
-    __asm__ volatile("" : "+v"(x));
-  }
-  float s = 0;
-  ROLLINGQ_X12(ROLLINGQ_SUM)
-  return s;
-}
+  __m512 operator()(__m512 c) const { return _mm512_fmadd_ps(c, x, y); }
+  void opaque() { __asm__ volatile("" : "+v"(x)); }
+};
+
+__attribute__((noinline)) float dot_chains(int n) { return chains(n, DotStep{}); }
+__attribute__((noinline)) float fma_chains(int n) { return chains(n, FmaStep{}); }
 
 volatile float g_sink;
 
@@ -177,61 +182,48 @@ int main(int argc, char** argv) {
   // S^T (256 x 128 floats) = K (256 x 64) Q^T (64 x 128 in pairs), 2 x 2 tiles
   constexpr int M = 256, N = 128, D = 64;
   std::vector<float> S(M * N), O(64 * N);
-  const bf16 *K = ones.data(), *Qp = ones.data();
-  auto m_qk = [&] { return best_ns(
-      [&](int) {
-        for (int m = 0; m < M; m += 32)
-          for (int n = 0; n < N; n += 32) {
-            float* c = S.data() + m * N + n;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int k = 0; k < D; k += 32) {
-              _tile_loadd(4, K + m * D + k, D * 2);
-              _tile_loadd(5, K + (m + 16) * D + k, D * 2);
-              _tile_loadd(6, Qp + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
-              _tile_loadd(7, Qp + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
-            }
-            _tile_stored(0, c, N * 4);
-            _tile_stored(1, c + 16, N * 4);
-            _tile_stored(2, c + 16 * N, N * 4);
-            _tile_stored(3, c + 16 * N + 16, N * 4);
-          }
-      },
-      200) / (M * N / 256); };
-  // O^T (64 x 128) += V^T (64 x 256 keys) P^T (256 keys in pairs x 128)
-  const bf16 *Vt = ones.data(), *Pp = ones.data();
-  auto m_pv = [&] { return best_ns(
-      [&](int) {
-        for (int m = 0; m < 64; m += 32)
-          for (int n = 0; n < N; n += 32) {
-            float* c = O.data() + m * N + n;
-            _tile_loadd(0, c, N * 4);
-            _tile_loadd(1, c + 16, N * 4);
-            _tile_loadd(2, c + 16 * N, N * 4);
-            _tile_loadd(3, c + 16 * N + 16, N * 4);
-            for (int k = 0; k < M; k += 32) {
-              _tile_loadd(4, Vt + m * M + k, M * 2);
-              _tile_loadd(5, Vt + (m + 16) * M + k, M * 2);
-              _tile_loadd(6, Pp + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
-              _tile_loadd(7, Pp + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
-            }
-            _tile_stored(0, c, N * 4);
-            _tile_stored(1, c + 16, N * 4);
-            _tile_stored(2, c + 16 * N, N * 4);
-            _tile_stored(3, c + 16 * N + 16, N * 4);
-          }
-      },
-      200) / (M * N / 256); };
+  // C (rows x N floats) op= A (rows x kd, bf16 by rows) B (kd in pairs x N), 2 x 2 tiles of
+  // 16 x 16 per step, as csrc/cpu/kernels/bf16_gemm.h's amx_block
+  auto product = [&](const bf16* a, int rows, int kd, const bf16* b, float* c, bool load_c) {
+    for (int m = 0; m < rows; m += 32)
+      for (int n = 0; n < N; n += 32) {
+        float* cm = c + m * N + n;
+        if (load_c) {
+          _tile_loadd(0, cm, N * 4);
+          _tile_loadd(1, cm + 16, N * 4);
+          _tile_loadd(2, cm + 16 * N, N * 4);
+          _tile_loadd(3, cm + 16 * N + 16, N * 4);
+        } else {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        }
+        for (int k = 0; k < kd; k += 32) {
+          _tile_loadd(4, a + m * kd + k, kd * 2);
+          _tile_loadd(5, a + (m + 16) * kd + k, kd * 2);
+          _tile_loadd(6, b + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
+          _tile_loadd(7, b + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, cm, N * 4);
+        _tile_stored(1, cm + 16, N * 4);
+        _tile_stored(2, cm + 16 * N, N * 4);
+        _tile_stored(3, cm + 16 * N + 16, N * 4);
+      }
+  };
+  // S^T = K Q^T (scores stored) and O^T += V^T P^T (64 value dims x 256 keys): per 256 scores
+  auto m_qk = [&] {
+    return best_ns([&](int) { product(ones.data(), M, D, ones.data(), S.data(), false); }, 200) /
+           (M * N / 256);
+  };
+  auto m_pv = [&] {
+    return best_ns([&](int) { product(ones.data(), 64, M, ones.data(), O.data(), true); }, 200) /
+           (M * N / 256);
+  };
   // every measure once per repeat, the best of each: a phase of the machine (this tile unit was
   // seen to run 3x slower for seconds on a shared host) hits all of them alike
   double dp = 1e30, vec = 1e30, both = 1e30, qk = 1e30, pv = 1e30;
