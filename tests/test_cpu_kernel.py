@@ -1052,3 +1052,18 @@ def test_rotation_layout_gradients_match_reference(D, layout, rows, isa):
     want = torch.autograd.grad(ref_out, ref_in, g)
     for name, a, b in zip("qkv", got, want):
         assert_close(a, b, rel=2e-5, name=f"{layout} d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rotation_of_head_dim_one_with_a_few_rows(dtype, isa):
+    # A (1, 1) rotation has row and column stride 1: it must take the dot-product path, not the
+    # by-columns product (which needs whole vectors of D and would leave the rotated row unwritten)
+    case = make_case(dtype=dtype, B=2, H=2, Lq=9, Lk=11, D=1, seed=31, modalities=2,
+                     rotation="shared")  # fmt: skip
+    case.kwargs["rotation"] = torch.tensor([[-1.0]])
+    assert case.kwargs["rotation"].stride() == (1, 1)
+    sel = torch.zeros(9, dtype=torch.bool)
+    sel[4] = True
+    case.kwargs["rotated_queries"] = sel
+    out, stats = _run(case)
+    check_against_reference(case, out, stats, dtype=dtype, what="D = 1: ")

@@ -161,10 +161,11 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
       for (int64_t c = 0; c < cnt; ++c)
         for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[c * rc + d * ra];
   };
-  if ((rs == 1 && D % W == 0) || (cs == 1 && cnt * 4 <= W)) {
+  const bool by_columns = rs == 1 && D % W == 0;  // R's columns are whole vectors
+  if (by_columns || (cs == 1 && cnt * 4 <= W)) {
     for (int64_t c = 0; c < cnt; ++c)
       for (int64_t d = 0; d < D; ++d) g[c * D + d] = qT[d * lanes + idx[c]];
-    if (rs == 1) {
+    if (by_columns) {
       // R by columns (a QR factor, a transposed view): q'_c = q_c R^T with R^T's rows
       // contiguous, the rows as broadcast operand (no padding of the few rows to W lanes)
       gemm<A>(cnt, D / W, D, g, D, 1, R, cs, r, D, Acc::kSet);
