@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from bench.harness import (
     _summary,
     attention_flops,
+    cpu_library,
     gemm_call,
     gemm_gflops,
     interleaved_rounds,
@@ -227,14 +228,9 @@ def bench_variants(shape=(4, 8, 1024, 64), *, reps: int, backward: bool = False)
     (the variant is switched through the library's C function before each call): what each way
     of multiplying bf16 gives here (amx: tiles; avx512: converted to float32; avx512_dot:
     VDPBF16PS; avx2: converted)."""
-    import ctypes
+    from rollingq_kernels import rolling_attention
 
-    from rollingq_kernels import fused_op, rolling_attention
-
-    lib = ctypes.CDLL(fused_op.library_path())
-    lib.rollingq_cpu_isa.restype = ctypes.c_char_p
-    lib.rollingq_cpu_isas.restype = ctypes.c_char_p
-    lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    lib = cpu_library()
     default = lib.rollingq_cpu_isa()
     variants = [v for v in lib.rollingq_cpu_isas().decode().split(",") if v != "generic"]
     qb, kb, vb, kw = make_inputs(*shape, dtype=torch.bfloat16)

@@ -205,18 +205,29 @@ def peak_extra_mib(
     return {"extra_mib": extra / 2**20, "outputs_mib": out_bytes / 2**20}
 
 
-def cpu_kernel_isa() -> Dict[str, str]:
-    """The CPU kernel variant in use and the ones this machine can run (csrc/cpu/dispatch.cpp),
-    read from the loaded library; empty strings when the library is not built."""
+def cpu_library():
+    """The loaded CPU library's variant functions through ctypes (csrc/cpu/dispatch.cpp):
+    ``rollingq_cpu_isa()``, ``rollingq_cpu_isas()`` (bytes) and ``rollingq_cpu_set_isa(name)``;
+    None when the library is not built."""
     import ctypes
 
     from rollingq_kernels import fused_op
 
     if fused_op.load_error() is not None:
-        return {"isa": "", "isas": ""}
+        return None
     lib = ctypes.CDLL(fused_op.library_path())
     lib.rollingq_cpu_isa.restype = ctypes.c_char_p
     lib.rollingq_cpu_isas.restype = ctypes.c_char_p
+    lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+def cpu_kernel_isa() -> Dict[str, str]:
+    """The CPU kernel variant in use and the ones this machine can run (csrc/cpu/dispatch.cpp),
+    read from the loaded library; empty strings when the library is not built."""
+    lib = cpu_library()
+    if lib is None:
+        return {"isa": "", "isas": ""}
     return {"isa": lib.rollingq_cpu_isa().decode(), "isas": lib.rollingq_cpu_isas().decode()}
 
 

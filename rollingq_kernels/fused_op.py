@@ -91,15 +91,15 @@ def _load_library(name: str = "_C") -> str:
     return path
 
 
-def _python_module(path: str):
-    """The library's Python module (csrc/python_module.cpp), imported from the file already
-    loaded; None, with a warning, for a library without one."""
+def _python_entries(path: str) -> Tuple[Optional[Callable], Optional[Callable]]:
+    """``attention_fwd_below_autograd`` and ``key_modality_range`` of the library's Python module
+    (csrc/python_module.cpp), imported from the file already loaded; (None, None), with a
+    warning, for a library without them."""
     try:
         spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.attention_fwd_below_autograd, module.key_modality_range  # noqa: B018
-        return module
+        return module.attention_fwd_below_autograd, module.key_modality_range
     except (ImportError, AttributeError) as exc:
         warnings.warn(
             f"{path} has no Python entry ({exc}): calls without gradients go through torch.ops, "
@@ -107,16 +107,14 @@ def _python_module(path: str):
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
+        return None, None
 
 
 _LOAD_ERROR: Optional[str] = None
 _DIRECT: Optional[Callable] = None
 _ID_RANGE: Optional[Callable] = None
 try:
-    _MODULE = _python_module(_load_library("_C"))
-    if _MODULE is not None:
-        _DIRECT, _ID_RANGE = _MODULE.attention_fwd_below_autograd, _MODULE.key_modality_range
+    _DIRECT, _ID_RANGE = _python_entries(_load_library("_C"))
 except (ImportError, OSError, RuntimeError) as exc:
     _LOAD_ERROR = f"the compiled library cannot be loaded: {exc}"
 
