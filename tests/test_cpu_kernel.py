@@ -398,13 +398,17 @@ def test_bf16_key_steps_and_query_tiles(name, kw, isa):
     check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"{name}: ")
 
 
+@pytest.mark.parametrize("gain", [12, 60])
 @pytest.mark.parametrize("late_key", [5, 300, 599])
-def test_bf16_running_max_that_moves_after_settling(late_key, isa):
+def test_bf16_running_max_that_moves_after_settling(late_key, gain, isa):
     # Keys of ordinary scores settle every row's running max in the first step; one key far
     # above them (in the first, a middle or the last step) must still rescale what was summed.
+    # The forward first tries a step against the settled max and redoes it when the max moves:
+    # with gain 60, row 0's scaled score jumps by about 360, whose exp overflows float32 unless
+    # the step is redone (gain 12: by about 70, which the sums survive without rescaling).
     case = make_case(dtype=torch.bfloat16, B=1, H=2, Lq=200, Lk=600, D=64, modalities=2, seed=3)
     k = case.k.clone()
-    k[:, :, late_key] = (case.q[:, :, :1].float().mean(2) * 12).to(torch.bfloat16)
+    k[:, :, late_key] = (case.q[:, :, :1].float().mean(2) * gain).to(torch.bfloat16)
     case = type(case)(case.q, k, case.v, case.kwargs)
     out, stats = _run(case)
     check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"key {late_key}: ")

@@ -51,6 +51,7 @@ struct StorePairs {
   static constexpr bool kRawScores = Raw;
   static constexpr bool kLazyMax = true;
   bf16* pv;
+  float* save;  // (1 + modalities) x kSoftmaxGroup vectors: softmax_cols' undo buffer
   int64_t lanes;
   float scale;
   __m512 prev[kSoftmaxGroup];
@@ -89,7 +90,7 @@ inline int64_t bf16_key_blocks(const AttentionParams& p) {
 }
 
 struct Bf16FwdWork {
-  float *qT, *tmp, *S, *OT, *orows, *m, *l, *alpha, *mass, *mbuf;
+  float *qT, *tmp, *S, *OT, *orows, *m, *l, *alpha, *mass, *mbuf, *save;
   bf16 *qv, *pv, *kp, *vT;
 };
 
@@ -107,6 +108,7 @@ inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t 
   w.l = c.take<float>(QT);
   w.alpha = c.take<float>(QT);
   w.mass = c.take<float>(imax(p.num_modalities, 1) * QT);
+  w.save = c.take<float>((1 + p.num_modalities) * kSoftmaxGroup * 16);
   w.mbuf = c.take<float>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   w.qv = c.take<bf16>(round_up(D, 2) * QT);
   w.pv = c.take<bf16>(round_up(KB, 32) * QT);
@@ -199,9 +201,9 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
       pack_vnni(w.S, lanes, kn, knp, lanes, w.pv);
     } else {
       moved = raw ? softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
-                                         StorePairs<true>{w.pv, lanes, float(p.scale), {}})
+                                         StorePairs<true>{w.pv, w.save, lanes, float(p.scale), {}})
                   : softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
-                                         StorePairs<false>{w.pv, lanes, 1.0f, {}});
+                                         StorePairs<false>{w.pv, w.save, lanes, 1.0f, {}});
       for (int64_t j = round_up(kn, 2); j < knp; j += 2)
         std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
     }

@@ -17,6 +17,9 @@
 // the same for any number of threads.
 #pragma once
 
+#include <cmath>
+#include <type_traits>
+
 #include "cpu/isa.h"
 #include "cpu/kernels/namespace.h"
 #include "cpu/kernels/gemm.h"
@@ -318,6 +321,11 @@ struct StoreProbabilities {
 // entry (hidden ones -inf); the probabilities (relative to the new running max) go to `out`. G
 // columns at once keep G independent dependency chains in flight. Returns whether the running
 // max of any lane moved (else alpha is 1 everywhere).
+//
+// With a lazy running max (Out::kLazyMax) a block usually leaves the max where it is: once every
+// lane has a finite one, the block is first tried in a single pass against the old max, its own
+// max taken on the way; only if that max would move it (rare once the max settles) are the row
+// sums put back and the block done again in two passes. Both give the same bits.
 template <typename A, int G, typename Out>
 inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
                          int64_t lanes, int64_t v0, A* S, A* m, A* l, A* alpha, A* mass,
@@ -328,74 +336,153 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
   const int32_t* ids = M > 0 ? p.key_modality + b * p.key_modality_batch_stride + j0 : nullptr;
   const V ninf = vbcast(-std::numeric_limits<A>::infinity());
   A* S0 = S + v0 * W;
-  V bm[G], m_safe[G], run[G], a[G];
-  bool moved = false;
+  // raw scores: rounding is monotone, so max(fl(scale s)) = fl(scale max(s)) for scale > 0
+  const V vscale = vbcast(out.raw_scale());
+  V bm[G], m_safe[G], run[G];
+
+  // Keys come in runs of one modality id: the sum of a run goes to the row sum and to its
+  // modality's mass (ids -1 to the row sum only). Hidden keys have probability 0. With Track,
+  // the block's max is taken as well (bm). With Fold, the exponent is one FMA,
+  // s * (scale log2(e)) - m log2(e) (fold_exponent says where).
+  V c_mul, c_sub[G];
+  auto exp_pass = [&](auto track, auto folded) {
+    constexpr bool Track = decltype(track)::value, Fold = decltype(folded)::value;
+    int32_t cur = -1;
+    auto flush = [&]() {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        A* lp = l + (v0 + g) * W;
+        vstore(lp, vload(lp) + run[g]);
+        if (cur >= 0) {
+          A* mp = mass + cur * lanes + (v0 + g) * W;
+          vstore(mp, vload(mp) + run[g]);
+        }
+        run[g] = V{};
+      }
+    };
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) run[g] = V{};
+    for (int64_t j = 0; j < kn; ++j) {
+      if (M > 0 && ids[j] != cur) {
+        flush();
+        cur = ids[j];
+      }
+      A* sp = S0 + j * lanes;
+      V e[G];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const V s = vload(sp + g * W);
+        if constexpr (Track) bm[g] = vmax<A>(bm[g], s);
+        V t;
+        if constexpr (Fold)
+          t = s * c_mul - c_sub[g];
+        else if constexpr (Out::kRawScores)  // scale s - m in one FMA (exact product, one rounding)
+          t = (s * vscale - m_safe[g]) * log2e<A>();
+        else
+          t = (s - m_safe[g]) * log2e<A>();
+        if constexpr (Out::kCoarseExp)
+          e[g] = exp2v_coarse(t);
+        else
+          e[g] = exp2v(t);
+        run[g] += e[g];
+      }
+      out.template row<G>(sp, j, v0, e);
+    }
+    flush();
+  };
+  // Where the probabilities are rounded to bf16 next (kCoarseExp), the exponent is folded into
+  // one FMA when m log2(e) is finite: the roundings of the two constants move it by a few
+  // float32 ulps, far below the bf16 step. Elsewhere (x - m) * log2(e) as in move_max.
+  auto run_exp_pass = [&](auto track) {
+    if constexpr (Out::kCoarseExp) {
+      c_mul = vbcast(Out::kRawScores ? out.raw_scale() * log2e<A>() : log2e<A>());
+      bool fold = std::isfinite(c_mul[0]) && c_mul[0] != A(0);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        c_sub[g] = m_safe[g] * log2e<A>();
+        for (int l2 = 0; l2 < W; ++l2) fold &= std::isfinite(c_sub[g][l2]);
+      }
+      if (fold) return exp_pass(track, std::true_type{});
+    }
+    exp_pass(track, std::false_type{});
+  };
+  // Column g's running max m_old -> m_new, the row sum and masses rescaled by alpha. A lane that
+  // has seen no key yet keeps max -inf: shift it by 0 so exp(-inf) = 0, not NaN. The exponent is
+  // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow.
+  auto move_max = [&](int g, V m_old, V m_new) {
+    m_safe[g] = m_new == ninf ? V{} : m_new;
+    const V a = exp2v((m_old - m_safe[g]) * log2e<A>());
+    bool moved = false;
+    for (int l2 = 0; l2 < W; ++l2) moved |= a[l2] != A(1);
+    vstore(m + (v0 + g) * W, m_new);
+    vstore(alpha + (v0 + g) * W, a);
+    vstore(l + (v0 + g) * W, vload(l + (v0 + g) * W) * a);
+    for (int mm = 0; mm < M; ++mm)
+      vstore(mass + mm * lanes + (v0 + g) * W, vload(mass + mm * lanes + (v0 + g) * W) * a);
+    return moved;
+  };
+  const A lazy = A(kLazyMaxLog2 / kLog2e);
+
+  if constexpr (Out::kLazyMax) {
+    bool settled = true;
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const V m_old = vload(m + (v0 + g) * W);
+      // finite: a max of +inf (an overflowed score) rescales by inf - inf = NaN every step
+      for (int l2 = 0; l2 < W; ++l2) settled &= std::isfinite(m_old[l2]);
+      m_safe[g] = m_old;
+      bm[g] = ninf;
+    }
+    if (settled) {
+      A* save = out.save;  // the row sums and masses this pass adds to, in case it is undone
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        vstore(save + g * W, vload(l + (v0 + g) * W));
+        for (int mm = 0; mm < M; ++mm)
+          vstore(save + ((1 + mm) * G + g) * W, vload(mass + mm * lanes + (v0 + g) * W));
+      }
+      run_exp_pass(std::true_type{});
+      bool stays = true;
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        if constexpr (Out::kRawScores) bm[g] = bm[g] * vscale;
+        for (int l2 = 0; l2 < W; ++l2) stays &= !(bm[g][l2] > m_safe[g][l2] + lazy);
+      }
+      if (stays) {
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) vstore(alpha + (v0 + g) * W, vbcast(A(1)));
+        out.template finish<G>(kn, v0);
+        return false;
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        vstore(l + (v0 + g) * W, vload(save + g * W));
+        for (int mm = 0; mm < M; ++mm)
+          vstore(mass + mm * lanes + (v0 + g) * W, vload(save + ((1 + mm) * G + g) * W));
+      }
+    }
+  }
+
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) bm[g] = ninf;
   for (int64_t j = 0; j < kn; ++j)
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) bm[g] = vmax<A>(bm[g], vload(S0 + j * lanes + g * W));
-  // raw scores: rounding is monotone, so max(fl(scale s)) = fl(scale max(s)) for scale > 0
-  const V vscale = vbcast(out.raw_scale());
   if constexpr (Out::kRawScores)
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) bm[g] = bm[g] * vscale;
+  bool moved = false;
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) {
     const V m_old = vload(m + (v0 + g) * W);
     V m_new;
     if constexpr (Out::kLazyMax)  // m_old = -inf moves to any block max but -inf
-      m_new = bm[g] > m_old + A(kLazyMaxLog2 / kLog2e) ? bm[g] : m_old;
+      m_new = bm[g] > m_old + lazy ? bm[g] : m_old;
     else
       m_new = vmax<A>(m_old, bm[g]);
-    // a lane that has seen no key yet keeps max -inf: shift it by 0 so exp(-inf) = 0, not NaN.
-    // (x - m) * log2(e), not x * log2(e) - m * log2(e): a huge finite max must not overflow.
-    m_safe[g] = m_new == ninf ? V{} : m_new;
-    a[g] = exp2v((m_old - m_safe[g]) * log2e<A>());
-    for (int l2 = 0; l2 < W; ++l2) moved |= a[g][l2] != A(1);
-    vstore(m + (v0 + g) * W, m_new);
-    vstore(alpha + (v0 + g) * W, a[g]);
-    vstore(l + (v0 + g) * W, vload(l + (v0 + g) * W) * a[g]);
-    for (int mm = 0; mm < M; ++mm)
-      vstore(mass + mm * lanes + (v0 + g) * W, vload(mass + mm * lanes + (v0 + g) * W) * a[g]);
-    run[g] = V{};
+    moved |= move_max(g, m_old, m_new);
   }
-  // Keys come in runs of one modality id: the sum of a run goes to the row sum and to its
-  // modality's mass (ids -1 to the row sum only). Hidden keys have probability 0.
-  int32_t cur = -1;
-  auto flush = [&]() {
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      A* lp = l + (v0 + g) * W;
-      vstore(lp, vload(lp) + run[g]);
-      if (cur >= 0) {
-        A* mp = mass + cur * lanes + (v0 + g) * W;
-        vstore(mp, vload(mp) + run[g]);
-      }
-      run[g] = V{};
-    }
-  };
-  for (int64_t j = 0; j < kn; ++j) {
-    if (M > 0 && ids[j] != cur) {
-      flush();
-      cur = ids[j];
-    }
-    A* sp = S0 + j * lanes;
-    V e[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      // scale s - m in one FMA on raw scores (exact product, one rounding)
-      const V t = Out::kRawScores ? (vload(sp + g * W) * vscale - m_safe[g]) * log2e<A>()
-                                  : (vload(sp + g * W) - m_safe[g]) * log2e<A>();
-      if constexpr (Out::kCoarseExp)
-        e[g] = exp2v_coarse(t);
-      else
-        e[g] = exp2v(t);
-      run[g] += e[g];
-    }
-    out.template row<G>(sp, j, v0, e);
-  }
-  flush();
+  run_exp_pass(std::false_type{});
   out.template finish<G>(kn, v0);
   return moved;
 }
