@@ -398,6 +398,30 @@ def test_bf16_key_steps_and_query_tiles(name, kw, isa):
     check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"{name}: ")
 
 
+@pytest.mark.parametrize(
+    "offset,width", [(1, 42), (0, 41), (2, 44)], ids=["odd_offset", "odd_row_stride", "aligned"]
+)
+def test_bf16_queries_at_any_address_give_the_same_bits(offset, width, isa):
+    # The bf16 forward packs Q^T as the transpose of each query row's 32-bit words (pairs of
+    # bf16); rows that are not 4-byte aligned (an odd element offset, an odd row stride) are
+    # packed through float instead. Both must give the reference's answer, and the same bits.
+    case = make_case(
+        dtype=torch.bfloat16, B=2, H=3, Lq=77, Lk=150, D=40, rotation="shared", rows="subset",
+        modalities=2, seed=13,
+    )  # fmt: skip
+    out, stats = _run(case)
+    B, H, L, D = case.q.shape
+    big = torch.randn(B, H, L, width, dtype=torch.bfloat16)
+    big[..., offset : offset + D] = case.q
+    q = big[..., offset : offset + D]
+    aligned = q.data_ptr() % 4 == 0 and q.stride(2) % 2 == 0
+    assert aligned == (offset == 2)
+    moved = type(case)(q, case.k, case.v, case.kwargs)
+    out2, stats2 = _run(moved)
+    check_against_reference(moved, out2, stats2, dtype=torch.bfloat16)
+    assert torch.equal(out, out2) and torch.equal(stats.lse, stats2.lse)
+
+
 @pytest.mark.parametrize("gain", [12, 60])
 @pytest.mark.parametrize("late_key", [5, 300, 599])
 def test_bf16_running_max_that_moves_after_settling(late_key, gain, isa):

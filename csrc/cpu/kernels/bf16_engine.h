@@ -85,6 +85,43 @@ struct StorePairs {
   }
 };
 
+// Q^T of the query tile i0 .. i0 + qn in bf16 pairs of d, the B operand of S^T = K Q^T:
+// qv[(d / 2) * 2 lanes + 2 l + d % 2] = q_l[d], lanes >= qn zero. Two adjacent bf16 of a query
+// row are one 32-bit word, so this is the transpose of the rows' words, with no conversion to
+// float; rotated rows are rotated in float (rotate_selected) and rounded to bf16 as pack_vnni
+// rounds. Rows that are not 4-byte aligned return false (the caller packs through float).
+inline bool pack_query_pairs(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                             int64_t qn, int64_t lanes, bf16* qv, float* tmp) {
+  const int64_t D = p.head_dim, Dw = D / 2;
+  const bf16* q = ptr<bf16>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
+  if ((reinterpret_cast<uintptr_t>(q) & 3) != 0 || (p.q_row_stride & 1) != 0) return false;
+  word32* qw = reinterpret_cast<word32*>(qv);
+  transpose_words(reinterpret_cast<const word32*>(q), p.q_row_stride / 2, qw, lanes, qn, Dw);
+  for (int64_t c = 0; c < Dw; ++c)
+    for (int64_t l = qn; l < lanes; ++l) qw[c * lanes + l] = 0;
+  int64_t idx[kMaxQueryTile];
+  float* r = nullptr;
+  const RotatedRows rr = rotate_selected<float>(
+      p, b, h, i0, qn,
+      [&](int64_t l, float* dst, int64_t st) {
+        const bf16* row = q + l * p.q_row_stride;
+        for (int64_t d = 0; d < D; ++d) dst[d * st] = bf16_to_float(row[d]);
+      },
+      tmp, idx, &r);
+  alignas(64) float f[16];
+  alignas(32) bf16 h16[16];
+  for (int64_t c = 0; c < rr.cnt; ++c)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t n = imin<int64_t>(16, D - d0);
+      for (int64_t d = 0; d < 16; ++d) f[d] = d < n ? r[c * rr.rc + (d0 + d) * rr.ra] : 0.0f;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(h16),
+                         (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(f)));
+      for (int64_t d = 0; d < n; ++d)
+        qv[((d0 + d) / 2) * 2 * lanes + 2 * idx[c] + (d0 + d) % 2] = h16[d];
+    }
+  return true;
+}
+
 inline int64_t bf16_key_blocks(const AttentionParams& p) {
   return ceil_div(imax<int64_t>(p.seqlen_k, 1), kBf16KeyBlock);
 }
@@ -92,6 +129,7 @@ inline int64_t bf16_key_blocks(const AttentionParams& p) {
 struct Bf16FwdWork {
   float *qT, *tmp, *S, *OT, *orows, *m, *l, *alpha, *mass, *mbuf, *save;
   bf16 *qv, *pv, *kp, *vT;
+  word32* pairs;
 };
 
 inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
@@ -114,37 +152,72 @@ inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t 
   w.pv = c.take<bf16>(round_up(KB, 32) * QT);
   w.kp = c.take<bf16>(p.head_dim * Lkp);
   w.vT = c.take<bf16>(Dv * bf16_key_blocks(p) * KB);
+  w.pairs = c.take<word32>(16 * round_up(Dv, 32));
   if (bytes) *bytes = c.used;
   return w;
 }
 
-// K and V^T of one kv head, packed lazily for the key range asked so far and reused by every
+// dst[d] = the 32-bit word (a[d], b[d]) for d < n, two rows of bf16 interleaved (b null: zeros).
+// Writes whole vectors: dst holds round_up(n, 32) words.
+inline void interleave_rows(const bf16* a, const bf16* b, word32* dst, int64_t n) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38,
+                                                   7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44,
+                                                   13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t d = 0; d < n; d += 32) {
+    const __mmask32 m = n - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - d)) - 1;
+    const __m512i va = _mm512_maskz_loadu_epi16(m, a + d);
+    const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(m, b + d) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(va, lo, vb));
+    _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(va, hi, vb));
+  }
+}
+
+// K and V^T of one kv head, made ready lazily for the key range asked so far and reused by every
 // query tile (and every query head of a GQA group):
-//   kp  K rows, contiguous (row stride D): in place, rows lie heads * D apart, a power of two
-//       that maps a key block's rows onto a few L1 sets, and the tile loads missed;
+//   K   rows with row stride D: read in place when the tensor has them so, else copied into kp
+//       (in a (B, L, H, D) layout rows lie heads * D apart, a power of two that maps a key
+//       block's rows onto a few L1 sets, and the tile loads missed);
 //   vT  V^T in key blocks of kBf16KeyBlock: block c is Dv rows of kBf16KeyBlock keys (row stride
 //       kBf16KeyBlock), contiguous; one long transposed row per d put all Dv rows of a block at
-//       the same L1 sets for long sequences. Keys past Lk are zero.
+//       the same L1 sets for long sequences. Keys past Lk are zero. A pair of keys of one d is a
+//       32-bit word of it: two rows of V interleaved give a row of such words, and V^T is their
+//       transpose (16 pairs at a time through `pairs`, 16 x round_up(Dv, 32) words).
 struct HeadPacked {
   bf16* kp;
   bf16* vT;
+  word32* pairs;
+  const bf16* krows = nullptr;  // K's rows for the products, row stride D
   int64_t key = -1, end = 0;
   void ensure(const AttentionParams& p, const bf16* k, const bf16* v, int64_t bk, int64_t j1) {
     const int64_t KB = kBf16KeyBlock, Dv = p.value_dim, D = p.head_dim, Lk = p.seqlen_k;
+    const int64_t vs = p.v_row_stride, Dvw = round_up(Dv, 32);
+    const bool k_in_place = p.k_row_stride == D;
     if (key != bk) {
       key = bk;
       end = 0;
+      krows = k_in_place ? k : kp;
       const int64_t last = (bf16_key_blocks(p) - 1) * KB;  // first key of the last block
       for (int64_t d = 0; d < Dv; ++d)
         std::memset(vT + last * Dv + d * KB + (Lk - last), 0, size_t(last + KB - Lk) * sizeof(bf16));
     }
     if (j1 <= end) return;
-    for (int64_t j = end; j < j1; ++j)
-      std::memcpy(kp + j * D, k + j * p.k_row_stride, size_t(D) * sizeof(bf16));
-    while (end < j1) {  // block by block
+    if (!k_in_place)
+      for (int64_t j = end; j < j1; ++j)
+        std::memcpy(kp + j * D, k + j * p.k_row_stride, size_t(D) * sizeof(bf16));
+    while (end < j1) {  // block by block; `end` is even unless it is Lk
       const int64_t c0 = end / KB * KB, stop = imin(j1, c0 + KB);
-      transpose_bf16(v + end * p.v_row_stride, p.v_row_stride, vT + c0 * Dv + (end - c0), KB,
-                     stop - end, Dv);
+      word32* block = reinterpret_cast<word32*>(vT + c0 * Dv);
+      for (int64_t j = end; j < stop; j += 32) {
+        const int64_t np = imin<int64_t>(16, (stop - j + 1) / 2);
+        for (int64_t r = 0; r < np; ++r) {
+          const int64_t ja = j + 2 * r;
+          interleave_rows(v + ja * vs, ja + 1 < Lk ? v + (ja + 1) * vs : nullptr, pairs + r * Dvw,
+                          Dv);
+        }
+        transpose_words(pairs, Dvw, block + (j - c0) / 2, KB / 2, np, Dv);
+      }
       end = stop;
     }
   }
@@ -164,8 +237,10 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
   const int64_t lanes = bf16_lanes(qn);
   const float inf = std::numeric_limits<float>::infinity();
 
-  pack_queries<bf16, float>(p, b, h, i0, qn, lanes, 0, w.qT, nullptr, w.tmp);
-  pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
+  if (!pack_query_pairs(p, b, h, i0, qn, lanes, w.qv, w.tmp)) {
+    pack_queries<bf16, float>(p, b, h, i0, qn, lanes, 0, w.qT, nullptr, w.tmp);
+    pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
+  }
   fill(w.OT, Dv * lanes, 0.0f);
   fill(w.m, lanes, -inf);
   fill(w.l, lanes, 0.0f);
@@ -182,7 +257,7 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
   for (int64_t j0 = 0; j0 < k_end; j0 += kBf16KeyBlock) {
     const int64_t kn = imin(kBf16KeyBlock, k_end - j0), knp = round_up(kn, 32);
     hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
-    G::gemm(kn, lanes, D, hp.kp + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
+    G::gemm(kn, lanes, D, hp.krows + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
             raw ? 1.0f : float(p.scale));
     // While the softmax computes, bring this block's V^T and the next block's K rows to L1:
     // the tile unit stalls on loads that miss it.
@@ -191,7 +266,7 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
       for (int64_t i = 0; i < Dv * kBf16KeyBlock; i += 32) _mm_prefetch(vb + i, _MM_HINT_T0);
       const int64_t j2 = imin(hp.end, j0 + 2 * kBf16KeyBlock);
       for (int64_t i = (j0 + kBf16KeyBlock) * D; i < j2 * D; i += 32)
-        _mm_prefetch(hp.kp + i, _MM_HINT_T0);
+        _mm_prefetch(hp.krows + i, _MM_HINT_T0);
     }
     if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     bool moved;
@@ -255,7 +330,7 @@ void bf16_fwd_run(const AttentionParams& p, const Plan& plan, int64_t begin, int
                   void* ws) {
   const int64_t qt = plan.param[1];
   Bf16FwdWork w = carve_bf16_fwd(static_cast<char*>(ws), p, qt, nullptr);
-  HeadPacked hp{w.kp, w.vT};
+  HeadPacked hp{w.kp, w.vT, w.pairs};
   G::begin();
   for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, hp);
   G::end();

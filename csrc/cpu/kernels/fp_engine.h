@@ -114,6 +114,63 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   }
 }
 
+// The rows of the query tile i0 .. i0 + qn of one (batch, head) that the rotation selects, rotated:
+// q'_c = R q_c for the lanes idx[0 .. cnt) (returned: cnt). gather(l, dst, st) writes lane l's
+// query, dst[d * st] for d < D. The result, element a of row c, is at r[c * rc + a * ra], in tmp
+// (2 * D * lanes). Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone;
+// at D = 768 a whole tile would cost a fraction of the attention itself).
+struct RotatedRows {
+  int64_t cnt = 0, rc = 0, ra = 0;
+};
+template <typename A, typename Gather>
+RotatedRows rotate_selected(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                            int64_t qn, Gather gather, A* tmp, int64_t* idx, A** r_out) {
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim;
+  RotatedRows rr;
+  if (p.rotation == nullptr) return rr;
+  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
+  int64_t cnt = 0;
+  for (int64_t l = 0; l < qn; ++l)
+    if (sel == nullptr || sel[l]) idx[cnt++] = l;
+  rr.cnt = cnt;
+  if (cnt == 0) return rr;
+  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
+  const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
+  const int64_t cw = round_up(cnt, W);
+  A* g = tmp;            // the selected rows: [cnt][D], or [D][cw] as columns of Q^T
+  A* r = tmp + D * cw;   // R times them, in the same layout
+  *r_out = r;
+  const bool by_columns = rs == 1 && D % W == 0;  // R's columns are whole vectors
+  if (by_columns || (cs == 1 && cnt * 4 <= W)) {
+    for (int64_t c = 0; c < cnt; ++c) gather(idx[c], g + c * D, 1);
+    if (by_columns) {
+      // R by columns (a QR factor, a transposed view): q'_c = q_c R^T with R^T's rows
+      // contiguous, the rows as broadcast operand (no padding of the few rows to W lanes)
+      gemm<A>(cnt, D / W, D, g, D, 1, R, cs, r, D, Acc::kSet);
+    } else {
+      // R by rows, few rows (RollingQ's [CLS] row): a dot product per row of R
+      for (int64_t c = 0; c < cnt; ++c)
+        for (int64_t a = 0; a < D; ++a) r[c * D + a] = dot(R + a * rs, g + c * D, D);
+    }
+    rr.rc = D;
+    rr.ra = 1;
+    return rr;
+  }
+  // any strides, many rows: (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c], R as broadcast operand
+  for (int64_t c = 0; c < cw; ++c) {
+    if (c < cnt) {
+      gather(idx[c], g + c, cw);
+    } else {
+      for (int64_t d = 0; d < D; ++d) g[d * cw + c] = A(0);
+    }
+  }
+  gemm<A>(D, cw / W, D, R, rs, cs, g, cw, r, cw, Acc::kSet);
+  rr.rc = 1;
+  rr.ra = cw;
+  return rr;
+}
+
 // The query tile i0 .. i0 + qn of one (batch, head), rotated rows R q_i:
 //   qT    [D][lanes]  transposed (lanes >= qn are 0)
 //   qrows [lanes][Dp] by rows, when qrows is not null
@@ -121,7 +178,6 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
 template <typename T, typename A>
 void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
                   int64_t lanes, int64_t Dp, A* qT, A* qrows, A* tmp) {
-  constexpr int W = VT<A>::W;
   const int64_t D = p.head_dim;
   const T* q = ptr<T>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
   const A* src;
@@ -142,49 +198,20 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   }
   transpose(src, ss, qT, lanes, qn, D);
   for (int64_t d = 0; d < D; ++d) fill(qT + d * lanes + qn, lanes - qn, A(0));
-  if (p.rotation == nullptr) return;
-  // Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone; at D = 768 a
-  // whole tile would cost a fraction of the attention itself): gathered, rotated, put back.
-  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
   int64_t idx[kMaxQueryTile];
-  int64_t cnt = 0;
-  for (int64_t l = 0; l < qn; ++l)
-    if (sel == nullptr || sel[l]) idx[cnt++] = l;
-  if (cnt == 0) return;
-  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
-  const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
-  const int64_t cw = round_up(cnt, W);
-  A* g = tmp;            // the selected rows: [cnt][D], or [D][cw] as columns of Q^T
-  A* r = tmp + D * cw;   // R times them, in the same layout
-  // r(c, a) = q'_c[a] at r[c * rc + a * ra]
-  auto put_back = [&](int64_t rc, int64_t ra) {
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t c = 0; c < cnt; ++c) qT[d * lanes + idx[c]] = r[c * rc + d * ra];
-    if (qrows != nullptr)
-      for (int64_t c = 0; c < cnt; ++c)
-        for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[c * rc + d * ra];
-  };
-  const bool by_columns = rs == 1 && D % W == 0;  // R's columns are whole vectors
-  if (by_columns || (cs == 1 && cnt * 4 <= W)) {
-    for (int64_t c = 0; c < cnt; ++c)
-      for (int64_t d = 0; d < D; ++d) g[c * D + d] = qT[d * lanes + idx[c]];
-    if (by_columns) {
-      // R by columns (a QR factor, a transposed view): q'_c = q_c R^T with R^T's rows
-      // contiguous, the rows as broadcast operand (no padding of the few rows to W lanes)
-      gemm<A>(cnt, D / W, D, g, D, 1, R, cs, r, D, Acc::kSet);
-    } else {
-      // R by rows, few rows (RollingQ's [CLS] row): a dot product per row of R
-      for (int64_t c = 0; c < cnt; ++c)
-        for (int64_t a = 0; a < D; ++a) r[c * D + a] = dot(R + a * rs, g + c * D, D);
-    }
-    put_back(D, 1);
-    return;
-  }
-  // any strides, many rows: (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c], R as broadcast operand
+  A* r = nullptr;
+  const RotatedRows rr = rotate_selected<A>(
+      p, b, h, i0, qn,
+      [&](int64_t l, A* dst, int64_t st) {
+        for (int64_t d = 0; d < D; ++d) dst[d * st] = qT[d * lanes + l];
+      },
+      tmp, idx, &r);
+  // put back: lanes of Q^T and rows
   for (int64_t d = 0; d < D; ++d)
-    for (int64_t c = 0; c < cw; ++c) g[d * cw + c] = c < cnt ? qT[d * lanes + idx[c]] : A(0);
-  gemm<A>(D, cw / W, D, R, rs, cs, g, cw, r, cw, Acc::kSet);
-  put_back(1, cw);
+    for (int64_t c = 0; c < rr.cnt; ++c) qT[d * lanes + idx[c]] = r[c * rr.rc + d * rr.ra];
+  if (qrows != nullptr)
+    for (int64_t c = 0; c < rr.cnt; ++c)
+      for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[c * rr.rc + d * rr.ra];
 }
 
 // Rows of K and V of one head prepared for the products, packed once per head (forward) or per
