@@ -427,7 +427,7 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
         c_sub[g] = m_safe[g] * log2e<A>();
-        for (int l2 = 0; l2 < W; ++l2) fold &= std::isfinite(c_sub[g][l2]);
+        fold &= !any_lane(not_finite<A>(c_sub[g]));
       }
       if (fold) return exp_pass(track, std::true_type{});
     }
@@ -439,8 +439,7 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
   auto move_max = [&](int g, V m_old, V m_new) {
     m_safe[g] = m_new == ninf ? V{} : m_new;
     const V a = exp2v((m_old - m_safe[g]) * log2e<A>());
-    bool moved = false;
-    for (int l2 = 0; l2 < W; ++l2) moved |= a[l2] != A(1);
+    const bool moved = any_lane(a != vbcast(A(1)));
     vstore(m + (v0 + g) * W, m_new);
     vstore(alpha + (v0 + g) * W, a);
     vstore(l + (v0 + g) * W, vload(l + (v0 + g) * W) * a);
@@ -456,7 +455,7 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
     for (int g = 0; g < G; ++g) {
       const V m_old = vload(m + (v0 + g) * W);
       // finite: a max of +inf (an overflowed score) rescales by inf - inf = NaN every step
-      for (int l2 = 0; l2 < W; ++l2) settled &= std::isfinite(m_old[l2]);
+      settled &= !any_lane(not_finite<A>(m_old));
       m_safe[g] = m_old;
       bm[g] = ninf;
     }
@@ -473,7 +472,7 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
         if constexpr (Out::kRawScores) bm[g] = bm[g] * vscale;
-        for (int l2 = 0; l2 < W; ++l2) stays &= !(bm[g][l2] > m_safe[g][l2] + lazy);
+        stays &= !any_lane(bm[g] > m_safe[g] + lazy);
       }
       if (stays) {
 #pragma GCC unroll 4

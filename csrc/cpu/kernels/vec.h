@@ -17,7 +17,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -84,6 +84,26 @@ template <typename A>
 inline vec_t<A> vmax(vec_t<A> a, vec_t<A> b) {
   return a > b ? a : b;
 }
+// Whether any lane of a comparison's result (a lane is all ones where true) is true: one test
+// instruction instead of a loop over the lanes.
+template <typename I>
+inline bool any_lane(I c) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(I) == 64) return _mm512_test_epi32_mask((__m512i)c, (__m512i)c) != 0;
+#elif defined(__AVX2__)
+  if constexpr (sizeof(I) == 32) return !_mm256_testz_si256((__m256i)c, (__m256i)c);
+#endif
+  bool r = false;
+  for (int l = 0; l < int(sizeof(I) / sizeof(c[0])); ++l) r |= c[l] != 0;
+  return r;
+}
+// Lanes that are not finite (inf - inf and NaN - NaN are NaN)
+template <typename A>
+inline auto not_finite(vec_t<A> x) {
+  const vec_t<A> d = x - x;
+  return d != d;
+}
+
 template <typename A>
 inline vec_t<A> viota() {
   vec_t<A> r;
