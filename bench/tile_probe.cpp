@@ -10,6 +10,10 @@
 //   qk        the forward's S^T = K Q^T block as the kernel computes it (256 keys x 128 queries,
 //             head dim 64, 2 x 2 tiles of 16 x 16, scores stored to memory), per 256 scores
 //   pv        the forward's O^T += V^T P^T block (64 value dims x 128 queries, 256 keys)
+//   qk_nostore  qk without storing the scores: the products alone (the difference is what the
+//             kernel pays to store 128 KiB of scores, which go to L2)
+//   pv_blocked  pv with both operands in a tile-blocked layout (each 16-row tile contiguous, 1
+//             KiB) instead of rows 512 bytes apart
 // and, on any CPU with AVX512_BF16 (`tile_probe vector` runs these alone):
 //   vdpbf16ps / vfmadd231ps   the vector unit's bf16 dot product (32 multiply-adds) and float32
 //             FMA (16) at full throughput (12 independent chains): which of the two multiplies
@@ -22,6 +26,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -51,6 +56,25 @@ double best_ns(F&& f, int iters) {
     best = std::min(best, ns / iters);
   }
   return best;
+}
+
+// std::vector whose data is 64-byte aligned
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const Aligned64&) const { return true; }
+  bool operator!=(const Aligned64&) const { return false; }
+};
+template <typename T>
+using aligned_vector = std::vector<T, Aligned64<T>>;
+template <typename T>
+aligned_vector<T> aligned_buffer(size_t n, T value) {
+  return aligned_vector<T>(n, value);
 }
 
 alignas(64) float g_scores[32 * 16];
@@ -137,7 +161,9 @@ int main(int argc, char** argv) {
   }
   _tile_loadconfig(&cfg);
   for (int i = 0; i < 32 * 16; ++i) g_scores[i] = float(i % 7) - 3.0f;
-  std::vector<bf16> ones(256 * 256, 0x3f80);  // bf16 1.0
+  // 64-byte aligned, as the kernel's workspace and torch's tensors are (a tile row that straddles
+  // two cache lines made every product here 1.5-2.5x slower)
+  aligned_vector<bf16> ones = aligned_buffer<bf16>(256 * 256, 0x3f80);  // bf16 1.0
   _tile_loadd(4, ones.data(), 64);
   _tile_loadd(5, ones.data(), 64);
   _tile_loadd(6, ones.data(), 64);
@@ -181,10 +207,14 @@ int main(int argc, char** argv) {
 
   // S^T (256 x 128 floats) = K (256 x 64) Q^T (64 x 128 in pairs), 2 x 2 tiles
   constexpr int M = 256, N = 128, D = 64;
-  std::vector<float> S(M * N), O(64 * N);
+  aligned_vector<float> S = aligned_buffer<float>(M * N, 0.0f), O = aligned_buffer<float>(64 * N, 0.0f);
   // C (rows x N floats) op= A (rows x kd, bf16 by rows) B (kd in pairs x N), 2 x 2 tiles of
   // 16 x 16 per step, as csrc/cpu/kernels/bf16_gemm.h's amx_block
-  auto product = [&](const bf16* a, int rows, int kd, const bf16* b, float* c, bool load_c) {
+  auto product = [&](const bf16* a, int rows, int kd, const bf16* b, float* c, bool load_c,
+                     bool store = true, bool blocked = false) {
+    // blocked: tile (m16, k32) of A at ((m / 16) * kt + k / 32) * 512, tile (k32, n16) of B at
+    // ((n / 16) * kt + k / 32) * 512, rows 64 bytes apart
+    const int kt = kd / 32;
     for (int m = 0; m < rows; m += 32)
       for (int n = 0; n < N; n += 32) {
         float* cm = c + m * N + n;
@@ -200,15 +230,23 @@ int main(int argc, char** argv) {
           _tile_zero(3);
         }
         for (int k = 0; k < kd; k += 32) {
-          _tile_loadd(4, a + m * kd + k, kd * 2);
-          _tile_loadd(5, a + (m + 16) * kd + k, kd * 2);
-          _tile_loadd(6, b + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
-          _tile_loadd(7, b + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
+          if (blocked) {
+            _tile_loadd(4, a + ((m / 16) * kt + k / 32) * 512, 64);
+            _tile_loadd(5, a + ((m / 16 + 1) * kt + k / 32) * 512, 64);
+            _tile_loadd(6, b + ((n / 16) * kt + k / 32) * 512, 64);
+            _tile_loadd(7, b + ((n / 16 + 1) * kt + k / 32) * 512, 64);
+          } else {
+            _tile_loadd(4, a + m * kd + k, kd * 2);
+            _tile_loadd(5, a + (m + 16) * kd + k, kd * 2);
+            _tile_loadd(6, b + (k / 2) * 2 * N + 2 * n, 2 * N * 2);
+            _tile_loadd(7, b + (k / 2) * 2 * N + 2 * n + 32, 2 * N * 2);
+          }
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
+        if (!store) continue;
         _tile_stored(0, cm, N * 4);
         _tile_stored(1, cm + 16, N * 4);
         _tile_stored(2, cm + 16 * N, N * 4);
@@ -224,15 +262,28 @@ int main(int argc, char** argv) {
     return best_ns([&](int) { product(ones.data(), 64, M, ones.data(), O.data(), true); }, 200) /
            (M * N / 256);
   };
+  auto m_qk_nostore = [&] {
+    return best_ns([&](int) { product(ones.data(), M, D, ones.data(), S.data(), false, false); },
+                   200) /
+           (M * N / 256);
+  };
+  auto m_pv_blocked = [&] {
+    return best_ns(
+               [&](int) { product(ones.data(), 64, M, ones.data(), O.data(), true, true, true); },
+               200) /
+           (M * N / 256);
+  };
   // every measure once per repeat, the best of each: a phase of the machine (this tile unit was
   // seen to run 3x slower for seconds on a shared host) hits all of them alike
-  double dp = 1e30, vec = 1e30, both = 1e30, qk = 1e30, pv = 1e30;
+  double dp = 1e30, vec = 1e30, both = 1e30, qk = 1e30, pv = 1e30, qk_ns = 1e30, pv_bl = 1e30;
   for (int repeat = 0; repeat < 5; ++repeat) {
     dp = std::min(dp, m_dp());
     vec = std::min(vec, m_vec());
     both = std::min(both, m_both());
     qk = std::min(qk, m_qk());
     pv = std::min(pv, m_pv());
+    qk_ns = std::min(qk_ns, m_qk_nostore());
+    pv_bl = std::min(pv_bl, m_pv_blocked());
   }
   g_sum = sum;
   _tile_release();
@@ -243,5 +294,7 @@ int main(int argc, char** argv) {
   std::printf("softmax_vectors_per_dp %d\n", kRatio);
   std::printf("qk_ns_per_256_scores %.3f\n", qk);
   std::printf("pv_ns_per_256_scores %.3f\n", pv);
+  std::printf("qk_nostore_ns_per_256_scores %.3f\n", qk_ns);
+  std::printf("pv_blocked_ns_per_256_scores %.3f\n", pv_bl);
   return 0;
 }

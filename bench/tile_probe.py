@@ -8,7 +8,8 @@ decides the bf16 path of the avx512 variants), and on CPUs with AMX-BF16 the til
 (TDPBF16PS on tiles in registers), the bf16 forward's softmax work per 16 scores, whether the two
 overlap when interleaved, and the kernel's two product shapes (S^T = K Q^T at head dim 64,
 O^T += V^T P^T over 256 keys) as a fraction of that peak: the numbers that bound the bf16 forward
-on such a machine (docs/performance.md). CPUs without AVX512_BF16 have nothing to probe.
+on such a machine (docs/performance.md). Two variants of them say where the products lose time:
+S^T without storing the scores, O^T with its operands in a tile-blocked layout. CPUs without AVX512_BF16 have nothing to probe.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def run(exe: Optional[Path] = None, *, tiles: bool = True) -> Dict[str, float]:
     r["overlap"] = (dp + k * vec) / r["dp_with_softmax_ns"]
     r["qk_fraction_of_peak"] = 2 * dp / r["qk_ns_per_256_scores"]  # 2 dps per 256 scores
     r["pv_fraction_of_peak"] = 2 * dp / r["pv_ns_per_256_scores"]
+    r["qk_nostore_fraction_of_peak"] = 2 * dp / r["qk_nostore_ns_per_256_scores"]
+    r["pv_blocked_fraction_of_peak"] = 2 * dp / r["pv_blocked_ns_per_256_scores"]
     return r
 
 
@@ -101,6 +104,13 @@ def report(r: Dict[str, float]) -> str:
             f"scores = {r['qk_fraction_of_peak']:.0%} of peak |",
             f"| O^T += V^T P^T block, 256 keys | {r['pv_ns_per_256_scores']:.1f} ns per 256 "
             f"scores = {r['pv_fraction_of_peak']:.0%} of peak |",
+            f"| the S^T block without storing the scores | "
+            f"{r['qk_nostore_ns_per_256_scores']:.1f} ns = "
+            f"{r['qk_nostore_fraction_of_peak']:.0%} of peak (the rest of the above is the "
+            "stores of 128 KiB of scores) |",
+            f"| the O^T block with tile-blocked operands (1 KiB per tile) | "
+            f"{r['pv_blocked_ns_per_256_scores']:.1f} ns = "
+            f"{r['pv_blocked_fraction_of_peak']:.0%} of peak |",
             f"| sum per 256 scores (products + softmax, taking turns) | {per_tile:.0f} ns = "
             f"{2 * 256 * 128 / per_tile:.0f} GFLOP/s per core at head dim 64 |",
         ]
