@@ -225,22 +225,35 @@ struct HeadRows {
   A* kbuf;  // rows x Dp: K converted (T != A) or packed as vector operand
   A* vbuf;  // rows x Dvp: V converted / packed
   int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
+  // Row `first` of K and V for the products and their row strides: the packed buffers, or the
+  // tensors themselves where their rows are already contiguous, padded and of type A.
+  const A* k0 = nullptr;
+  const A* v0 = nullptr;
+  int64_t kld = 0, vld = 0;
+  bool k_packed = true, v_packed = true;
 
   // Make rows [j0, j1) available, packing what is missing (rows must be asked in order).
   void ensure(const AttentionParams& p, const T* k, const T* v, int64_t bh, int64_t j0,
               int64_t j1, int64_t Dp, int64_t Dvp, bool want_v) {
+    const int64_t D = p.head_dim, Dv = p.value_dim;
     if (key != bh) {
       key = bh;
       first = end = j0;
+      constexpr bool same = same_type<T, A>::value;
+      k_packed = !(same && D == Dp && p.k_row_stride == D);
+      v_packed = !(same && Dv == Dvp && p.v_row_stride == Dv);
+      k0 = k_packed ? kbuf : reinterpret_cast<const A*>(k) + j0 * D;
+      kld = k_packed ? Dp : D;
+      v0 = v_packed ? vbuf : reinterpret_cast<const A*>(v) + j0 * Dv;
+      vld = v_packed ? Dvp : Dv;
     }
-    const int64_t D = p.head_dim, Dv = p.value_dim;
     for (int64_t j = end; j < j1; ++j) {
-      {
+      if (k_packed) {
         A* dst = kbuf + (j - first) * Dp;
         load_row(dst, k + j * p.k_row_stride, D);
         fill(dst + D, Dp - D, A(0));
       }
-      if (want_v || !same_type<T, A>::value) {
+      if ((want_v || !same_type<T, A>::value) && v_packed) {
         A* dst = vbuf + (j - first) * Dvp;
         load_row(dst, v + j * p.v_row_stride, Dv);
         fill(dst + Dv, Dvp - Dv, A(0));
@@ -249,9 +262,9 @@ struct HeadRows {
     end = imax(end, j1);
   }
   // K of row j as broadcast operand and its row stride
-  const A* kA(int64_t j, int64_t Dp, int64_t* ld) const {
-    *ld = Dp;
-    return kbuf + (j - first) * Dp;
+  const A* kA(int64_t j, int64_t* ld) const {
+    *ld = kld;
+    return k0 + (j - first) * kld;
   }
   const A* vA(const AttentionParams& p, const T* v, int64_t j, int64_t Dvp, int64_t* ld) const {
     if constexpr (same_type<T, A>::value) {
@@ -262,8 +275,12 @@ struct HeadRows {
       return vbuf + (j - first) * Dvp;
     }
   }
-  const A* kB(int64_t j, int64_t Dp) const { return kbuf + (j - first) * Dp; }
-  const A* vB(int64_t j, int64_t Dvp) const { return vbuf + (j - first) * Dvp; }
+  // K and V of row j as vector operands and their row strides
+  const A* kB(int64_t j, int64_t* ld) const { return kA(j, ld); }
+  const A* vB(int64_t j, int64_t* ld) const {
+    *ld = vld;
+    return v0 + (j - first) * vld;
+  }
 };
 
 // Products over a key block (O += P V, dQ' += dS K) in slices of kSliceKeys keys, so that the
@@ -570,7 +587,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     const int64_t kn = imin(kKeyBlock, k_end - j0);
     rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
     int64_t ldk;
-    const A* kA = rows.kA(j0, Dp, &ldk);
+    const A* kA = rows.kA(j0, &ldk);
     gemm<A>(kn, nv, D, kA, ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
     if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     softmax_block<A>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
@@ -578,10 +595,12 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     if (p.dropout_p > 0.0) dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.S, true);
     // O = O * alpha + P V  (P[i][j] = S[j][i])
     const int64_t SK = slice_keys(p);
-    for (int64_t s0 = 0; s0 < kn; s0 += SK)
-      gemm<A>(qn, Dvp / W, imin(SK, kn - s0), w.S + s0 * lanes, 1, lanes,
-              rows.vB(j0 + s0, Dvp), Dvp, w.O, Dvp, s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd,
-              s0 == 0 ? w.alpha : nullptr);
+    for (int64_t s0 = 0; s0 < kn; s0 += SK) {
+      int64_t ldv;
+      const A* vB = rows.vB(j0 + s0, &ldv);
+      gemm<A>(qn, Dvp / W, imin(SK, kn - s0), w.S + s0 * lanes, 1, lanes, vB, ldv, w.O, Dvp,
+              s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd, s0 == 0 ? w.alpha : nullptr);
+    }
   }
 
   // epilogue: normalise, write out, lse, mass. A row that saw no key has l = 0: zeros, lse =
@@ -803,7 +822,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
         for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
           const int64_t kn = imin(kKeyBlock, k_hi - j0);
           int64_t ldkA, ldvA;
-          const A* kA = rows.kA(j0, Dp, &ldkA);
+          const A* kA = rows.kA(j0, &ldkA);
           const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
           gemm<A>(kn, nv, D, kA, ldkA, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
           if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
@@ -838,9 +857,12 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, Dp, w.dK + (j0 - c0) * Dp, Dp,
                   Acc::kAdd);
           const int64_t SK = slice_keys(p);
-          for (int64_t s0 = 0; s0 < kn; s0 += SK)
-            gemm<A>(qn, Dp / W, imin(SK, kn - s0), w.dP + s0 * lanes, 1, lanes,
-                    rows.kB(j0 + s0, Dp), Dp, dQ, Dp, Acc::kAdd);
+          for (int64_t s0 = 0; s0 < kn; s0 += SK) {
+            int64_t ldk;
+            const A* kB = rows.kB(j0 + s0, &ldk);
+            gemm<A>(qn, Dp / W, imin(SK, kn - s0), w.dP + s0 * lanes, 1, lanes, kB, ldk, dQ, Dp,
+                    Acc::kAdd);
+          }
         }
       }
       if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
