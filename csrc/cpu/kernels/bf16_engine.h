@@ -96,24 +96,23 @@ inline bool pack_query_pairs(const AttentionParams& p, int64_t b, int64_t h, int
   const bf16* q = ptr<bf16>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
   if ((reinterpret_cast<uintptr_t>(q) & 3) != 0 || (p.q_row_stride & 1) != 0) return false;
   word32* qw = reinterpret_cast<word32*>(qv);
-  transpose_words(reinterpret_cast<const word32*>(q), p.q_row_stride / 2, qw, lanes, qn, Dw);
+  transpose(reinterpret_cast<const word32*>(q), p.q_row_stride / 2, qw, lanes, qn, Dw);
   for (int64_t c = 0; c < Dw; ++c)
     for (int64_t l = qn; l < lanes; ++l) qw[c * lanes + l] = 0;
   int64_t idx[kMaxQueryTile];
-  float* r = nullptr;
-  const RotatedRows rr = rotate_selected<float>(
+  const RotatedRows<float> rr = rotate_selected<float>(
       p, b, h, i0, qn,
       [&](int64_t l, float* dst, int64_t st) {
         const bf16* row = q + l * p.q_row_stride;
         for (int64_t d = 0; d < D; ++d) dst[d * st] = bf16_to_float(row[d]);
       },
-      tmp, idx, &r);
+      tmp, idx);
   alignas(64) float f[16];
   alignas(32) bf16 h16[16];
   for (int64_t c = 0; c < rr.cnt; ++c)
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       const int64_t n = imin<int64_t>(16, D - d0);
-      for (int64_t d = 0; d < 16; ++d) f[d] = d < n ? r[c * rr.rc + (d0 + d) * rr.ra] : 0.0f;
+      for (int64_t d = 0; d < 16; ++d) f[d] = d < n ? rr.at(c, d0 + d) : 0.0f;
       _mm256_store_si256(reinterpret_cast<__m256i*>(h16),
                          (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(f)));
       for (int64_t d = 0; d < n; ++d)
@@ -157,23 +156,6 @@ inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t 
   return w;
 }
 
-// dst[d] = the 32-bit word (a[d], b[d]) for d < n, two rows of bf16 interleaved (b null: zeros).
-// Writes whole vectors: dst holds round_up(n, 32) words.
-inline void interleave_rows(const bf16* a, const bf16* b, word32* dst, int64_t n) {
-  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38,
-                                                   7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44,
-                                                   13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int64_t d = 0; d < n; d += 32) {
-    const __mmask32 m = n - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - d)) - 1;
-    const __m512i va = _mm512_maskz_loadu_epi16(m, a + d);
-    const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(m, b + d) : _mm512_setzero_si512();
-    _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(va, lo, vb));
-    _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(va, hi, vb));
-  }
-}
-
 // K and V^T of one kv head, made ready lazily for the key range asked so far and reused by every
 // query tile (and every query head of a GQA group):
 //   K   rows with row stride D: read in place when the tensor has them so, else copied into kp
@@ -181,9 +163,8 @@ inline void interleave_rows(const bf16* a, const bf16* b, word32* dst, int64_t n
 //       block's rows onto a few L1 sets, and the tile loads missed);
 //   vT  V^T in key blocks of kBf16KeyBlock: block c is Dv rows of kBf16KeyBlock keys (row stride
 //       kBf16KeyBlock), contiguous; one long transposed row per d put all Dv rows of a block at
-//       the same L1 sets for long sequences. Keys past Lk are zero. A pair of keys of one d is a
-//       32-bit word of it: two rows of V interleaved give a row of such words, and V^T is their
-//       transpose (16 pairs at a time through `pairs`, 16 x round_up(Dv, 32) words).
+//       the same L1 sets for long sequences. Keys past Lk are zero. Built by transpose_pairs
+//       (through `pairs`, 16 x round_up(Dv, 32) words), no conversion to float.
 struct HeadPacked {
   bf16* kp;
   bf16* vT;
@@ -192,7 +173,7 @@ struct HeadPacked {
   int64_t key = -1, end = 0;
   void ensure(const AttentionParams& p, const bf16* k, const bf16* v, int64_t bk, int64_t j1) {
     const int64_t KB = kBf16KeyBlock, Dv = p.value_dim, D = p.head_dim, Lk = p.seqlen_k;
-    const int64_t vs = p.v_row_stride, Dvw = round_up(Dv, 32);
+    const int64_t vs = p.v_row_stride;
     const bool k_in_place = p.k_row_stride == D;
     if (key != bk) {
       key = bk;
@@ -208,16 +189,9 @@ struct HeadPacked {
         std::memcpy(kp + j * D, k + j * p.k_row_stride, size_t(D) * sizeof(bf16));
     while (end < j1) {  // block by block; `end` is even unless it is Lk
       const int64_t c0 = end / KB * KB, stop = imin(j1, c0 + KB);
+      // stop is even unless it is Lk: only the last key of all lacks a partner
       word32* block = reinterpret_cast<word32*>(vT + c0 * Dv);
-      for (int64_t j = end; j < stop; j += 32) {
-        const int64_t np = imin<int64_t>(16, (stop - j + 1) / 2);
-        for (int64_t r = 0; r < np; ++r) {
-          const int64_t ja = j + 2 * r;
-          interleave_rows(v + ja * vs, ja + 1 < Lk ? v + (ja + 1) * vs : nullptr, pairs + r * Dvw,
-                          Dv);
-        }
-        transpose_words(pairs, Dvw, block + (j - c0) / 2, KB / 2, np, Dv);
-      }
+      transpose_pairs(v + end * vs, vs, stop - end, Dv, block + (end - c0) / 2, KB / 2, pairs);
       end = stop;
     }
   }
@@ -342,6 +316,7 @@ struct Bf16BwdWork {
   float *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQT, *dK, *dV, *rpad,
       *mbuf;
   bf16 *kT, *qv, *qrv, *dov, *doTv, *pb, *dsb, *dsv;
+  word32* pairs;
 };
 
 inline Bf16BwdWork carve_bf16_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
@@ -375,6 +350,7 @@ inline Bf16BwdWork carve_bf16_bwd(char* base, const AttentionBwdParams& p, const
   w.pb = c.take<bf16>(KB * QT);
   w.dsb = c.take<bf16>(KB * QT);
   w.dsv = c.take<bf16>(round_up(KB, 32) * QT);
+  w.pairs = c.take<word32>(16 * round_up(D, 32));
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -404,7 +380,8 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
   fill(w.dK, ck * Dp, 0.0f);
   fill(w.dV, ck * Dvp, 0.0f);
   // K^T of the chunk, once for every query head and tile (zero columns past the chunk)
-  transpose_bf16(k + c0 * p.k_row_stride, p.k_row_stride, w.kT, ckp, ck, D);
+  transpose_pairs(k + c0 * p.k_row_stride, p.k_row_stride, ck, D, reinterpret_cast<word32*>(w.kT),
+                  ckp / 2, w.pairs);
   for (int64_t d = 0; d < D; ++d)
     std::memset(w.kT + d * ckp + ck, 0, size_t(ckp - ck) * sizeof(bf16));
 

@@ -243,29 +243,40 @@ inline void pack_row_bf16(const float* src, bf16* dst, int64_t n) {
                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + l)));
 }
 
-// dst[c * ds + r] = src[r * ss + c] for bf16 (r < R, c < C): 16 x 16 blocks through float
-// registers (exact), scalar at the edges.
-inline void transpose_bf16(const bf16* src, int64_t ss, bf16* dst, int64_t ds, int64_t R,
-                           int64_t C) {
-  alignas(64) float in[16 * 16], out[16 * 16];
-  int64_t r0 = 0;
-  for (; r0 + 16 <= R; r0 += 16) {
-    int64_t c0 = 0;
-    for (; c0 + 16 <= C; c0 += 16) {
-      for (int i = 0; i < 16; ++i) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (r0 + i) * ss + c0));
-        _mm512_store_ps(in + 16 * i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-      }
-      transpose_block16(in, 16, out, 16);
-      for (int i = 0; i < 16; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + i) * ds + r0),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_load_ps(out + 16 * i)), 16)));
-    }
-    for (int64_t c = c0; c < C; ++c)
-      for (int64_t r = r0; r < r0 + 16; ++r) dst[c * ds + r] = src[r * ss + c];
+// dst[d] = the 32-bit word (a[d], b[d]) for d < n, two rows of bf16 interleaved (b null: zeros).
+// Writes whole vectors: dst holds round_up(n, 32) words.
+inline void interleave_rows(const bf16* a, const bf16* b, word32* dst, int64_t n) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38,
+                                                   7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44,
+                                                   13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t d = 0; d < n; d += 32) {
+    const __mmask32 m = n - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - d)) - 1;
+    const __m512i va = _mm512_maskz_loadu_epi16(m, a + d);
+    const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(m, b + d) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(va, lo, vb));
+    _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(va, hi, vb));
   }
-  for (int64_t r = r0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * ds + r] = src[r * ss + c];
+}
+
+// The transpose of bf16 rows in pairs of rows, the A operand layout of a product over them:
+// dst[c * ds + r / 2] = the word (src[r][c], src[r + 1][c]) for even r < R and c < C, with
+// src[R][c] = 0 when R is odd (ds in words). Two rows of a pair are one row of words
+// (interleave_rows), and 16 such rows at a time are transposed as words through `scratch`
+// (16 x round_up(C, 32) words).
+inline void transpose_pairs(const bf16* src, int64_t ss, int64_t R, int64_t C, word32* dst,
+                            int64_t ds, word32* scratch) {
+  const int64_t Cw = round_up(C, 32);
+  for (int64_t r0 = 0; r0 < R; r0 += 32) {
+    const int64_t np = imin<int64_t>(16, (R - r0 + 1) / 2);
+    for (int64_t i = 0; i < np; ++i) {
+      const int64_t ra = r0 + 2 * i;
+      interleave_rows(src + ra * ss, ra + 1 < R ? src + (ra + 1) * ss : nullptr, scratch + i * Cw,
+                      C);
+    }
+    transpose(scratch, Cw, dst + r0 / 2, ds, np, C);
+  }
 }
 
 ROLLINGQ_KERNELS_END

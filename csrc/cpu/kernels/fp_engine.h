@@ -115,19 +115,21 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
 }
 
 // The rows of the query tile i0 .. i0 + qn of one (batch, head) that the rotation selects, rotated:
-// q'_c = R q_c for the lanes idx[0 .. cnt) (returned: cnt). gather(l, dst, st) writes lane l's
-// query, dst[d * st] for d < D. The result, element a of row c, is at r[c * rc + a * ra], in tmp
-// (2 * D * lanes). Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone;
+// q'_c = R q_c for the lanes idx[0 .. cnt). gather(l, dst, st) writes lane l's query, dst[d * st]
+// for d < D. Element a of rotated row c is at r[c * rc + a * ra], in tmp (2 * D * lanes). Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone;
 // at D = 768 a whole tile would cost a fraction of the attention itself).
+template <typename A>
 struct RotatedRows {
   int64_t cnt = 0, rc = 0, ra = 0;
+  const A* r = nullptr;
+  A at(int64_t c, int64_t a) const { return r[c * rc + a * ra]; }
 };
 template <typename A, typename Gather>
-RotatedRows rotate_selected(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
-                            int64_t qn, Gather gather, A* tmp, int64_t* idx, A** r_out) {
+RotatedRows<A> rotate_selected(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                               int64_t qn, Gather gather, A* tmp, int64_t* idx) {
   constexpr int W = VT<A>::W;
   const int64_t D = p.head_dim;
-  RotatedRows rr;
+  RotatedRows<A> rr;
   if (p.rotation == nullptr) return rr;
   const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
   int64_t cnt = 0;
@@ -140,7 +142,7 @@ RotatedRows rotate_selected(const AttentionParams& p, int64_t b, int64_t h, int6
   const int64_t cw = round_up(cnt, W);
   A* g = tmp;            // the selected rows: [cnt][D], or [D][cw] as columns of Q^T
   A* r = tmp + D * cw;   // R times them, in the same layout
-  *r_out = r;
+  rr.r = r;
   const bool by_columns = rs == 1 && D % W == 0;  // R's columns are whole vectors
   if (by_columns || (cs == 1 && cnt * 4 <= W)) {
     for (int64_t c = 0; c < cnt; ++c) gather(idx[c], g + c * D, 1);
@@ -199,19 +201,18 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   transpose(src, ss, qT, lanes, qn, D);
   for (int64_t d = 0; d < D; ++d) fill(qT + d * lanes + qn, lanes - qn, A(0));
   int64_t idx[kMaxQueryTile];
-  A* r = nullptr;
-  const RotatedRows rr = rotate_selected<A>(
+  const RotatedRows<A> rr = rotate_selected<A>(
       p, b, h, i0, qn,
       [&](int64_t l, A* dst, int64_t st) {
         for (int64_t d = 0; d < D; ++d) dst[d * st] = qT[d * lanes + l];
       },
-      tmp, idx, &r);
+      tmp, idx);
   // put back: lanes of Q^T and rows
   for (int64_t d = 0; d < D; ++d)
-    for (int64_t c = 0; c < rr.cnt; ++c) qT[d * lanes + idx[c]] = r[c * rr.rc + d * rr.ra];
+    for (int64_t c = 0; c < rr.cnt; ++c) qT[d * lanes + idx[c]] = rr.at(c, d);
   if (qrows != nullptr)
     for (int64_t c = 0; c < rr.cnt; ++c)
-      for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = r[c * rr.rc + d * rr.ra];
+      for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = rr.at(c, d);
 }
 
 // Rows of K and V of one head prepared for the products, packed once per head (forward) or per
@@ -387,7 +388,7 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
   // Keys come in runs of one modality id: the sum of a run goes to the row sum and to its
   // modality's mass (ids -1 to the row sum only). Hidden keys have probability 0. With Track,
   // the block's max is taken as well (bm). With Fold, the exponent is one FMA,
-  // s * (scale log2(e)) - m log2(e) (fold_exponent says where).
+  // s * (scale log2(e)) - m log2(e) (run_exp_pass says where).
   V c_mul, c_sub[G];
   auto exp_pass = [&](auto track, auto folded) {
     constexpr bool Track = decltype(track)::value, Fold = decltype(folded)::value;

@@ -70,20 +70,26 @@ constexpr int kTransposeBlock = 8;
 constexpr int kTransposeBlock = 0;
 #endif
 
-// dst[c * ds + r] = src[r * ss + c] for r < R, c < C
+// 32-bit words (a pair of bf16, say), moved as they are: the float blocks only shuffle bits.
+typedef uint32_t word32 __attribute__((may_alias));
+
+// dst[c * ds + r] = src[r * ss + c] for r < R, c < C. Elements of 4 bytes (float, word32) go
+// through the float blocks.
 template <typename A>
 void transpose(const A* src, int64_t ss, A* dst, int64_t ds, int64_t R, int64_t C) {
-  int64_t r0 = 0, c0 = 0;
+  int64_t r0 = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if constexpr (same_type<A, float>::value) {
+  if constexpr (sizeof(A) == 4) {
     constexpr int Bk = kTransposeBlock;
     for (; r0 + Bk <= R; r0 += Bk) {
       int64_t c = 0;
       for (; c + Bk <= C; c += Bk) {
+        const float* s = reinterpret_cast<const float*>(src + r0 * ss + c);
+        float* d = reinterpret_cast<float*>(dst + c * ds + r0);
 #if defined(__AVX512F__)
-        transpose_block16(src + r0 * ss + c, ss, dst + c * ds + r0, ds);
+        transpose_block16(s, ss, d, ds);
 #else
-        transpose_block8(src + r0 * ss + c, ss, dst + c * ds + r0, ds);
+        transpose_block8(s, ss, d, ds);
 #endif
       }
       for (int64_t cc = c; cc < C; ++cc)
@@ -91,40 +97,11 @@ void transpose(const A* src, int64_t ss, A* dst, int64_t ds, int64_t R, int64_t 
     }
   }
 #endif
-  (void)c0;
   // remaining rows (all of them without a SIMD block), 8 x 8 blocks for locality
   for (int64_t rb = r0; rb < R; rb += 8)
     for (int64_t cb = 0; cb < C; cb += 8)
       for (int64_t c = cb; c < imin<int64_t>(cb + 8, C); ++c)
         for (int64_t r = rb; r < imin<int64_t>(rb + 8, R); ++r) dst[c * ds + r] = src[r * ss + c];
-}
-
-// 32-bit words (a pair of bf16, say) moved as they are: the float blocks only shuffle bits.
-typedef uint32_t word32 __attribute__((may_alias));
-
-// dst[c * ds + r] = src[r * ss + c] for r < R, c < C, words
-inline void transpose_words(const word32* src, int64_t ss, word32* dst, int64_t ds, int64_t R,
-                            int64_t C) {
-  int64_t r0 = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
-  constexpr int Bk = kTransposeBlock;
-  for (; r0 + Bk <= R; r0 += Bk) {
-    int64_t c = 0;
-    for (; c + Bk <= C; c += Bk) {
-      const float* s = reinterpret_cast<const float*>(src + r0 * ss + c);
-      float* d = reinterpret_cast<float*>(dst + c * ds + r0);
-#if defined(__AVX512F__)
-      transpose_block16(s, ss, d, ds);
-#else
-      transpose_block8(s, ss, d, ds);
-#endif
-    }
-    for (; c < C; ++c)
-      for (int64_t r = r0; r < r0 + Bk; ++r) dst[c * ds + r] = src[r * ss + c];
-  }
-#endif
-  for (int64_t r = r0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * ds + r] = src[r * ss + c];
 }
 
 ROLLINGQ_KERNELS_END
