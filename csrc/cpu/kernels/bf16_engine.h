@@ -149,7 +149,7 @@ inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t 
   w.mbuf = c.take<float>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   w.qv = c.take<bf16>(round_up(D, 2) * QT);
   w.pv = c.take<bf16>(round_up(KB, 32) * QT);
-  w.kp = c.take<bf16>(p.head_dim * Lkp);
+  w.kp = c.take<bf16>(p.k_row_stride == p.head_dim ? 1 : p.head_dim * Lkp);  // see HeadPacked
   w.vT = c.take<bf16>(Dv * bf16_key_blocks(p) * KB);
   w.pairs = c.take<word32>(16 * round_up(Dv, 32));
   if (bytes) *bytes = c.used;
