@@ -125,6 +125,9 @@ inline int64_t bf16_key_blocks(const AttentionParams& p) {
   return ceil_div(imax<int64_t>(p.seqlen_k, 1), kBf16KeyBlock);
 }
 
+// Whether the forward multiplies K's rows where they lie (row stride D) instead of a copy (kp).
+inline bool bf16_k_in_place(const AttentionParams& p) { return p.k_row_stride == p.head_dim; }
+
 struct Bf16FwdWork {
   float *qT, *tmp, *S, *OT, *orows, *m, *l, *alpha, *mass, *mbuf, *save;
   bf16 *qv, *pv, *kp, *vT;
@@ -149,7 +152,7 @@ inline Bf16FwdWork carve_bf16_fwd(char* base, const AttentionParams& p, int64_t 
   w.mbuf = c.take<float>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   w.qv = c.take<bf16>(round_up(D, 2) * QT);
   w.pv = c.take<bf16>(round_up(KB, 32) * QT);
-  w.kp = c.take<bf16>(p.k_row_stride == p.head_dim ? 1 : p.head_dim * Lkp);  // see HeadPacked
+  w.kp = c.take<bf16>(bf16_k_in_place(p) ? 1 : p.head_dim * Lkp);
   w.vT = c.take<bf16>(Dv * bf16_key_blocks(p) * KB);
   w.pairs = c.take<word32>(16 * round_up(Dv, 32));
   if (bytes) *bytes = c.used;
@@ -174,7 +177,7 @@ struct HeadPacked {
   void ensure(const AttentionParams& p, const bf16* k, const bf16* v, int64_t bk, int64_t j1) {
     const int64_t KB = kBf16KeyBlock, Dv = p.value_dim, D = p.head_dim, Lk = p.seqlen_k;
     const int64_t vs = p.v_row_stride;
-    const bool k_in_place = p.k_row_stride == D;
+    const bool k_in_place = bf16_k_in_place(p);
     if (key != bk) {
       key = bk;
       end = 0;
