@@ -113,6 +113,7 @@ def _cuda_extension():
         sources=[os.path.relpath(s, ROOT) for s in CONFIG.extension_sources()],
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": CONFIG.CXX_FLAGS, "nvcc": CONFIG.nvcc_flags()},
+        extra_link_args=CONFIG.link_flags(),
     )
 
 
@@ -182,7 +183,7 @@ def _cpu_extension():
         sources=cpu_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx + native},
-        extra_link_args=flags["link"],
+        extra_link_args=flags["link"] + CONFIG.link_flags(),
     )
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     # compiled apart, each with its own instruction-set flags (see _build_ext_class)

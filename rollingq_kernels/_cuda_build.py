@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 from typing import Dict, List, Optional
 
 PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))  # through links (make sanitize)
@@ -61,6 +62,11 @@ CHECK_ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90
 TORCH_STYLE_DEFINES = _FLAGS["cuda.defines"]
 NVCC_FLAGS = _FLAGS["cuda.nvcc"]
 CXX_FLAGS = _FLAGS["cuda.cxx"]
+
+
+def link_flags() -> List[str]:
+    """Linker flags of either library on this platform (``link.elf`` on Linux)."""
+    return list(_FLAGS["link.elf"]) if sys.platform.startswith("linux") else []
 
 
 def kernel_sources() -> List[str]:

@@ -65,6 +65,7 @@ def _jit_build() -> None:
         extra_include_paths=[_cuda_build.CSRC],
         extra_cflags=list(_cuda_build.CXX_FLAGS),
         extra_cuda_cflags=list(_cuda_build.NVCC_FLAGS) + _jit_arch_flags(),
+        extra_ldflags=_cuda_build.link_flags(),
         verbose=os.environ.get("ROLLINGQ_CUDA_VERBOSE") == "1",
     )
 

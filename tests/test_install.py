@@ -107,12 +107,60 @@ def test_build_flags_come_from_one_file():
     with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
         cmake = f.read()
     assert "csrc/build_flags.txt" in cmake
-    for key in ("cxx", "link", "native", "cuda.nvcc", "cuda.gencode", "cuda.defines", "cuda.cxx"):
+    for key in (
+        "cxx",
+        "link",
+        "link.elf",
+        "native",
+        "cuda.nvcc",
+        "cuda.gencode",
+        "cuda.defines",
+        "cuda.cxx",
+    ):
         assert "${ROLLINGQ_FLAGS_" + key + "}" in cmake, key
     # no flag spelled out in CMake itself (comments and option descriptions aside)
     code = [ln for ln in cmake.splitlines() if not ln.lstrip().startswith(("#", "option("))]
-    for flag in ("-march", "-O3", "--use_fast_math", "sm_80", "-fopenmp"):
+    for flag in ("-march", "-O3", "--use_fast_math", "sm_80", "-fopenmp", "--exclude-libs"):
         assert not any(flag in ln for ln in code), flag
+    if sys.platform.startswith("linux"):
+        assert _cuda_build.link_flags() == flags["link.elf"] == ["-Wl,--exclude-libs,ALL"]
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup_py = f.read()
+    # both libraries and the JIT build link with them
+    assert setup_py.count("CONFIG.link_flags()") == 2
+    with open(os.path.join(ROOT, "rollingq_kernels", "cuda_attention.py")) as f:
+        assert "extra_ldflags=_cuda_build.link_flags()" in f.read()
+
+
+def _static_runtime_compiler(tmp_path):
+    """A g++ that links the C++ runtime statically (what one GPU machine's compiler did)."""
+    import shutil
+
+    gxx = shutil.which("g++")
+    if gxx is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs g++ on Linux")
+    archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True,
+                             text=True).stdout.strip()  # fmt: skip
+    if not os.path.isabs(archive):
+        pytest.skip("g++ has no static libstdc++.a")
+    wrapper = tmp_path / "g++-static-runtime"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_link_flags_keep_a_statically_linked_cxx_runtime_working(tmp_path):
+    # With a compiler that links libstdc++ statically, an extension linked without link.elf
+    # formatted no numbers ("n = " instead of "n = 3"; a segfault on one GPU machine), so every
+    # error message of the package that carries a number was broken. With the package's linker
+    # flags the probe extension formats them.
+    env = dict(os.environ, CXX=_static_runtime_compiler(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toolchain_probe.py"),
+                           "--package-link-flags"], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "number: ok (number raised RuntimeError: n = 3)" in proc.stdout, proc.stdout
+    assert "text: ok (text -> n=7)" in proc.stdout, proc.stdout
 
 
 # ---- a library that does not load is reported ----------------------------------------------
