@@ -11,6 +11,8 @@
 #   a  bench/gpu_smoke.py: parity at the benchmark shapes vs the float64 reference (verdict in
 #      about a minute; D = 768 and SDPA's D = 768 baseline in subprocesses)
 #   b  pytest -m "gpu and not slow" tests/test_triton_gpu.py (most informative tests first)
+#      b and d run pytest through bench/pytest_isolated.py: a test that kills the process is
+#      reported as crashed and the tests after it still run
 #   c  bench/gpu_bench.py: TFLOP/s vs SDPA flash, every timed output checked, tuned configs kept
 #   d  the CUDA extension's GPU tests and benchmark, when it built
 # Then OUT/summary.md: pass/fail per part and the TFLOP/s table (bench/gpu_summary.py).
@@ -59,6 +61,21 @@ run_part() {
   [ "$rc" = 124 ] && echo "-- $name stopped by its ${limit} s limit"
   record "$name" "$rc" $((SECONDS - t))
   return 0
+}
+
+# crash_note PART LOG: when a test of PART killed its process (bench/pytest_isolated.py reran
+# the others), say so in the summary; for compiled code, also whether a minimal extension built
+# by this machine's compiler crashes the same way (bench/toolchain_probe.py)
+crash_note() {
+  local crashed
+  crashed=$(grep -c '^CRASHED: ' "$2" 2> /dev/null)
+  [ "${crashed:-0}" -gt 0 ] || return 0
+  local note="$crashed test(s) crashed their process (CRASHED lines in $(basename "$2"))"
+  if [ "$1" = "tests:cuda" ] && [ "$(left)" -gt 90 ]; then
+    timeout 80 "$PY" bench/toolchain_probe.py > "$OUT/toolchain_probe.log" 2>&1
+    note="$note; toolchain probe: $(grep '^VERDICT' "$OUT/toolchain_probe.log" | cut -c10-150)"
+  fi
+  record "$1:crashes" 1 0 "$note"
 }
 
 step "environment"
@@ -126,13 +143,15 @@ run_part smoke "$(slice 150)" "$OUT/smoke.log" "$PY" bench/gpu_smoke.py --out "$
 step "b) GPU tests: pytest -m 'gpu and not slow' tests/test_triton_gpu.py (untuned configs)"
 if [ "$REHEARSAL" = 1 ]; then
   # no GPU: the GPU tests skip; a quick interpreter test stands in, to exercise the reporting
-  run_part "tests:triton" "$(slice 120)" "$OUT/pytest_triton.log" "$PY" -m pytest \
-    tests/test_triton_gpu.py tests/test_triton_memory_safety.py -k "gpu or checker" -v -rfE \
-    -p no:cacheprovider --junitxml="$OUT/pytest_triton.xml"
+  run_part "tests:triton" "$(slice 120)" "$OUT/pytest_triton.log" "$PY" bench/pytest_isolated.py \
+    --junitxml="$OUT/pytest_triton.xml" -- tests/test_triton_gpu.py \
+    tests/test_triton_memory_safety.py -k "gpu or checker" -rfE -p no:cacheprovider
+  crash_note "tests:triton" "$OUT/pytest_triton.log"
 else
   ROLLINGQ_TRITON_AUTOTUNE=0 run_part "tests:triton" "$(slice 130)" "$OUT/pytest_triton.log" \
-    "$PY" -m pytest -m "gpu and not slow" tests/test_triton_gpu.py -v -rfE -p no:cacheprovider \
-    --junitxml="$OUT/pytest_triton.xml"
+    "$PY" bench/pytest_isolated.py --junitxml="$OUT/pytest_triton.xml" -- -m "gpu and not slow" \
+    tests/test_triton_gpu.py -rfE -p no:cacheprovider
+  crash_note "tests:triton" "$OUT/pytest_triton.log"
 fi
 
 step "c) benchmark: bench/gpu_bench.py (autotuned, outputs checked)"
@@ -162,9 +181,10 @@ else
     echo "the CUDA build failed (build_ext.log)"; tail -5 "$OUT/build_ext.log"
     record "cuda" 1 0 "build failed: see build_ext.log"
   else
-    run_part "tests:cuda" "$(slice 50)" "$OUT/pytest_cuda.log" "$PY" -m pytest -m gpu \
-      tests/test_cuda_gpu.py --maxfail=10 -v -rfE -p no:cacheprovider \
-      --junitxml="$OUT/pytest_cuda.xml"
+    run_part "tests:cuda" "$(slice 50)" "$OUT/pytest_cuda.log" "$PY" bench/pytest_isolated.py \
+      --junitxml="$OUT/pytest_cuda.xml" -- -m gpu tests/test_cuda_gpu.py --maxfail=10 -rfE \
+      -p no:cacheprovider
+    crash_note "tests:cuda" "$OUT/pytest_cuda.log"
     run_part "cuda bench" "$(slice 25)" "$OUT/cuda_bench.log" "$PY" -m bench.cuda_bench
   fi
 fi

@@ -72,7 +72,9 @@ def build(out_dir, parts_file=None):
     for name, rc, secs, note in _parts(parts_file or os.path.join(out_dir, "parts.tsv")):
         detail = note
         ok = rc in ("0", "skip")
-        if name == "smoke":
+        if name.endswith(":crashes"):
+            ok = False  # tests that killed their process (bench/pytest_isolated.py)
+        elif name == "smoke":
             p = os.path.join(out_dir, "smoke.json")
             if os.path.exists(p):
                 with open(p) as fh:
