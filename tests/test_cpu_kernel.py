@@ -50,6 +50,9 @@ def _cpu_library():
     lib.rollingq_cpu_isa.restype = ctypes.c_char_p
     lib.rollingq_cpu_isas.restype = ctypes.c_char_p
     lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    lib.rollingq_cpu_bf16_convert.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    ]
     return lib
 
 
@@ -375,6 +378,49 @@ def test_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-5000:]
+
+
+# ---- bf16 rows ---------------------------------------------------------------------------------
+
+
+def _bf16_convert(src: torch.Tensor, to_bf16: bool) -> torch.Tensor:
+    dst = torch.full((src.numel(),), -1, dtype=torch.int16 if to_bf16 else torch.float32)
+    rc = _LIB.rollingq_cpu_bf16_convert(src.data_ptr(), dst.data_ptr(), src.numel(), int(to_bf16))
+    assert rc == 0
+    return dst
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64, 100])
+def test_bf16_row_conversions_round_to_nearest_even(n, isa):
+    # Every kernel writes bf16 outputs and gradients, and reads bf16 rows into float32, through
+    # one pair of conversions, a vector at a time with a scalar tail. Their bits must be torch's
+    # round-to-nearest-even for every float: ties both ways, values that round up into the next
+    # binade or to inf, denormals, zeros of both signs. A NaN stays a NaN with its sign.
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-40, 39, (n,), generator=g)
+    bits = x.view(torch.int32)
+    # half of the values exactly halfway between two bf16 (low 16 bits 0x8000), odd and even
+    tie = torch.rand(n, generator=g) < 0.5
+    bits = torch.where(tie, (bits & ~0xFFFF) | 0x8000, bits)
+    special = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3e-39, 3.3961e38, 1.0 + 2**-8]
+    ).view(torch.int32)
+    bits[: min(n, len(special))] = special[: min(n, len(special))]
+    x = bits.view(torch.float32)
+    got = _bf16_convert(x, True)
+    want = x.to(torch.bfloat16).view(torch.int16)
+    assert torch.equal(got, want), (x[got != want], got[got != want], want[got != want])
+
+    nan = x.clone()
+    nan[n // 2] = float("nan")
+    nan.view(torch.int32)[n // 2] |= (1 << 31) if n % 2 else 0  # a negative NaN for odd n
+    got = _bf16_convert(nan, True).view(torch.bfloat16)
+    assert torch.isnan(got[n // 2]) and bool(got[n // 2].view(torch.int16) < 0) == bool(n % 2)
+    keep = torch.arange(n) != n // 2
+    assert torch.equal(got[keep].view(torch.int16), want[keep])
+
+    back = _bf16_convert(want, False)
+    assert torch.equal(back, want.view(torch.bfloat16).float())
 
 
 # ---- threads --------------------------------------------------------------------------------

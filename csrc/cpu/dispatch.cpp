@@ -300,3 +300,22 @@ extern "C" __attribute__((visibility("default"))) int rollingq_cpu_set_isa(const
   g_table.store(compiled_table(Isa(i)), std::memory_order_release);
   return 0;
 }
+
+// The variant in use's bf16 conversions (KernelTable::bf16_from_float / bf16_to_float):
+// to_bf16 != 0 converts n float32 at src to bf16 at dst, else n bf16 to float32. 0 on success,
+// -1 when no variant can run.
+extern "C" __attribute__((visibility("default"))) int rollingq_cpu_bf16_convert(const void* src,
+                                                                                void* dst,
+                                                                                int64_t n,
+                                                                                int to_bf16) {
+  try {
+    const rollingq::cpu::KernelTable& t = rollingq::cpu::table();
+    if (to_bf16)
+      t.bf16_from_float(static_cast<const float*>(src), static_cast<uint16_t*>(dst), n);
+    else
+      t.bf16_to_float(static_cast<const uint16_t*>(src), static_cast<float*>(dst), n);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}

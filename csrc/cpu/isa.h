@@ -39,6 +39,10 @@ struct KernelTable {
                   int64_t end, void* workspace, void* shared);
   void (*bwd_reduce)(const AttentionBwdParams& p, ElementType t, const Plan& plan,
                      int64_t begin, int64_t end, void* workspace, void* shared);
+  // The conversions every kernel reads and writes bf16 rows with: n float32 to bf16 (round to
+  // nearest even, NaN kept quiet), or n bf16 (as uint16) to float32. For tests.
+  void (*bf16_from_float)(const float* src, uint16_t* dst, int64_t n);
+  void (*bf16_to_float)(const uint16_t* src, float* dst, int64_t n);
 };
 
 // One table per compiled variant (defined in csrc/cpu/isa/<name>.cpp). The AMX and bf16-dot

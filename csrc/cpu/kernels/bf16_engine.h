@@ -236,15 +236,6 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
     hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
     G::gemm(kn, lanes, D, hp.krows + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
             raw ? 1.0f : float(p.scale));
-    // While the softmax computes, bring this block's V^T and the next block's K rows to L1:
-    // the tile unit stalls on loads that miss it.
-    {
-      const bf16* vb = hp.vblock(p, j0);
-      for (int64_t i = 0; i < Dv * kBf16KeyBlock; i += 32) _mm_prefetch(vb + i, _MM_HINT_T0);
-      const int64_t j2 = imin(hp.end, j0 + 2 * kBf16KeyBlock);
-      for (int64_t i = (j0 + kBf16KeyBlock) * D; i < j2 * D; i += 32)
-        _mm_prefetch(hp.krows + i, _MM_HINT_T0);
-    }
     if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     bool moved;
     if (p.dropout_p > 0.0) {

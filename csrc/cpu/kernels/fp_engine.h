@@ -104,12 +104,22 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
   fill(ks, M * D, A(0));
   A* kc = static_cast<A*>(p.key_count) + b * M;
   if (count) fill(kc, M, A(0));
+  constexpr int64_t kChunk = 256;
+  alignas(64) A row[kChunk];  // a bf16 key converted (load_row converts whole vectors)
   for (int64_t j = 0; j < Lk; ++j) {
     const int32_t id = ids[j];
     if (id < 0 || (pad && !pad[j])) continue;
     A* dst = ks + id * D;
     const T* kr = k + j * p.k_row_stride;
-    for (int64_t d = 0; d < D; ++d) dst[d] += to_acc<A>(kr[d]);
+    if constexpr (same_type<T, A>::value) {
+      for (int64_t d = 0; d < D; ++d) dst[d] += kr[d];
+    } else {
+      for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+        const int64_t n = imin(kChunk, D - d0);
+        load_row(row, kr + d0, n);
+        for (int64_t d = 0; d < n; ++d) dst[d0 + d] += row[d];
+      }
+    }
     if (count) kc[id] += A(1);
   }
 }

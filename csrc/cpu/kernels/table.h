@@ -91,8 +91,16 @@ struct Kernels {
     }
   }
 
+  static void from_float(const float* src, uint16_t* dst, int64_t n) {
+    static_assert(sizeof(bf16) == sizeof(uint16_t));
+    store_row(reinterpret_cast<bf16*>(dst), src, n);
+  }
+  static void to_float(const uint16_t* src, float* dst, int64_t n) {
+    load_row(dst, reinterpret_cast<const bf16*>(src), n);
+  }
+
   static constexpr KernelTable table(const char* name) {
-    return {name, &fwd_plan, &fwd_run, &bwd_plan, &bwd_run, &bwd_reduce};
+    return {name, &fwd_plan, &fwd_run, &bwd_plan, &bwd_run, &bwd_reduce, &from_float, &to_float};
   }
 };
 
