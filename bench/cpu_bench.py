@@ -19,7 +19,10 @@ Rows (``run()`` returns them as dicts):
   * gqa        32 query heads over 8 kv heads vs the same call with K / V repeated to 32 heads;
   * tiny       per-call time of a (1, 1, 16, 64) call through the public function vs SDPA;
   * memory     peak memory the fused forward with statistics adds at (1, 8, 16384, 64);
-  * variants   the bf16 call under every kernel variant this CPU runs (and float32), one process.
+  * variants   the bf16 call under every kernel variant this CPU runs (and float32), one process;
+  * stream     attention followed by its output projection (the next layer reads the output),
+               with the output written by streaming stores and by ordinary stores
+               (ROLLINGQ_CPU_STREAM_BYTES 0 and -1, docs/build.md), interleaved in one process.
 """
 
 from __future__ import annotations
@@ -267,7 +270,48 @@ def bench_variants(shape=(4, 8, 1024, 64), *, reps: int, backward: bool = False)
     }
 
 
-ALL = ("fwd", "fwd_bwd", "bias", "dropout", "gqa", "tiny", "memory", "variants")
+def bench_stream(shape, dtype, *, reps: int) -> Dict:
+    """Attention (no rotation or statistics) and the output projection after it, with the
+    output streamed and stored as usual: the time of each part and of the two together."""
+    import time
+
+    from rollingq_kernels import rolling_attention
+
+    lib = cpu_library()
+    B, H, L, D = shape
+    q, k, v, _ = make_inputs(*shape, dtype=dtype)
+    weight = (torch.randn(H * D, H * D) / (H * D) ** 0.5).to(dtype)
+    parts: Dict[str, List[float]] = {"stream": [], "store": []}
+
+    def call(threshold: int, name: str):
+        def run():
+            previous = lib.rollingq_cpu_set_stream_bytes(threshold)
+            try:
+                out = rolling_attention(q, k, v, backend="cpu")
+            finally:
+                lib.rollingq_cpu_set_stream_bytes(previous)
+            t0 = time.perf_counter()
+            F.linear(out.transpose(1, 2).reshape(B, L, H * D), weight)
+            parts[name].append((time.perf_counter() - t0) * 1e3)
+
+        return run
+
+    t = interleaved_times([call(0, "stream"), call(-1, "store")], warmup=1, reps=reps)
+    proj = {n: sorted(x[1:])[len(x[1:]) // 2] for n, x in parts.items()}  # after warm-up
+    return {
+        "mode": "stream",
+        "dtype": _dname(dtype),
+        "shape": tuple(shape),
+        "output_mib": B * H * L * D * q.element_size() / 2**20,
+        "stream_ms": t[0]["median_ms"],
+        "store_ms": t[1]["median_ms"],
+        "stream_over_store": t[0]["median_ms"] / t[1]["median_ms"],
+        "projection_stream_ms": proj["stream"],
+        "projection_store_ms": proj["store"],
+    }
+
+
+ALL = ("fwd", "fwd_bwd", "bias", "dropout", "gqa", "tiny", "memory", "variants", "stream")
 
 
 def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = None) -> List[Dict]:
@@ -304,6 +348,10 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
             shape = (2, 4, 257, 64) if quick else MASK_SHAPE
             rows.append(bench_variants(shape, reps=3 if quick else 5))
             rows.append(bench_variants(shape, reps=3, backward=True))
+        if "stream" in want:
+            for dtype in (torch.float32, torch.bfloat16):
+                for shape in [(2, 4, 257, 64)] if quick else [(4, 8, 1024, 64), (2, 12, 577, 64)]:
+                    rows.append(bench_stream(shape, dtype, reps=3 if quick else 15))
         if "gqa" in want:
             rows.append(bench_gqa(L=257 if quick else 1024, reps=r_fast))
         if "tiny" in want:
@@ -378,6 +426,14 @@ def format_rows(rows: List[Dict]) -> str:
             notes.append(
                 f"bf16 {what} ({shape}) per kernel variant, one process: {per}; the same call in "
                 f"float32 under {r['float32_variant']}: {r['float32_ms']:.1f} ms"
+            )
+            continue
+        if r["mode"] == "stream":
+            notes.append(
+                f"attention + output projection, {r['dtype']} ({shape}), output "
+                f"{r['output_mib']:.1f} MiB: streamed {r['stream_ms']:.1f} ms, stored "
+                f"{r['store_ms']:.1f} ms ({r['stream_over_store']:.2f}x the time); the projection "
+                f"alone {r['projection_stream_ms']:.2f} / {r['projection_store_ms']:.2f} ms"
             )
             continue
         if r["mode"].startswith("gqa"):

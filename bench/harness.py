@@ -206,9 +206,9 @@ def peak_extra_mib(
 
 
 def cpu_library():
-    """The loaded CPU library's variant functions through ctypes (csrc/cpu/dispatch.cpp):
-    ``rollingq_cpu_isa()``, ``rollingq_cpu_isas()`` (bytes) and ``rollingq_cpu_set_isa(name)``;
-    None when the library is not built."""
+    """The loaded CPU library's C functions through ctypes (csrc/cpu/dispatch.cpp):
+    ``rollingq_cpu_isa()``, ``rollingq_cpu_isas()`` (bytes), ``rollingq_cpu_set_isa(name)`` and
+    ``rollingq_cpu_set_stream_bytes(n)``; None when the library is not built."""
     import ctypes
 
     from rollingq_kernels import fused_op
@@ -219,6 +219,8 @@ def cpu_library():
     lib.rollingq_cpu_isa.restype = ctypes.c_char_p
     lib.rollingq_cpu_isas.restype = ctypes.c_char_p
     lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    lib.rollingq_cpu_set_stream_bytes.argtypes = [ctypes.c_int64]
+    lib.rollingq_cpu_set_stream_bytes.restype = ctypes.c_int64
     return lib
 
 

@@ -6,6 +6,7 @@ kernel allocates poisoned with NaN so that an element it forgets to write fails.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -51,8 +52,13 @@ def _cpu_library():
     lib.rollingq_cpu_isas.restype = ctypes.c_char_p
     lib.rollingq_cpu_set_isa.argtypes = [ctypes.c_char_p]
     lib.rollingq_cpu_bf16_convert.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
     ]
+    lib.rollingq_cpu_set_stream_bytes.argtypes = [ctypes.c_int64]
+    lib.rollingq_cpu_set_stream_bytes.restype = ctypes.c_int64
     return lib
 
 
@@ -421,6 +427,53 @@ def test_bf16_row_conversions_round_to_nearest_even(n, isa):
 
     back = _bf16_convert(want, False)
     assert torch.equal(back, want.view(torch.bfloat16).float())
+
+
+# ---- streaming stores -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stream_bytes(n: int):
+    previous = _LIB.rollingq_cpu_set_stream_bytes(n)
+    assert previous >= -1
+    try:
+        yield
+    finally:
+        _LIB.rollingq_cpu_set_stream_bytes(previous)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_streamed_output_rows_have_the_same_bits(layout, dtype, isa):
+    # Outputs of at least ROLLINGQ_CPU_STREAM_BYTES (default 1 MiB) are written with streaming
+    # stores where every row is whole 64-byte lines (Dv = 64 here, in both layouts). Forced for
+    # this small output, they must write every element (the buffer is NaN-poisoned) with the
+    # bits of the ordinary stores, and the answer must be the reference's.
+    case = make_case(
+        dtype=dtype, B=2, H=3, Lq=150, Lk=301, D=40, Dv=64, layout=layout, rotation="shared",
+        modalities=2, padding=True, seed=21,
+    )  # fmt: skip
+    with _stream_bytes(-1):
+        plain, plain_stats = _run(case)
+    with _stream_bytes(0):
+        streamed, stats = _run(case)
+    assert streamed.data_ptr() % 64 == 0  # the rows qualify: the streaming path ran
+    check_against_reference(case, streamed, stats, dtype=dtype)
+    assert torch.equal(streamed, plain) and torch.equal(stats.lse, plain_stats.lse)
+
+
+def test_stream_threshold_environment_variable():
+    ok = subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_STREAM_BYTES="0"), check=True,
+    )  # fmt: skip
+    assert float(ok.stdout.split()[1]) < 1e-5
+    bad = subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE],
+        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_STREAM_BYTES="4MB"),
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert "ROLLINGQ_CPU_STREAM_BYTES=4MB is not a byte count" in bad.stderr
 
 
 # ---- threads --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <string>
@@ -245,10 +246,36 @@ int64_t task_threads() {
   return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
 }
 
+// Outputs of at least this many bytes are written with streaming stores (straight to memory,
+// without first reading each line into the cache): ROLLINGQ_CPU_STREAM_BYTES, default 1 MiB,
+// -1 never. Ordinary stores into an output that is not in the cache read every line first: that
+// doubled the bf16 forward's epilogue. Attention followed by its output projection took 0.97x
+// the time (median) with 1.7-8 MiB outputs streamed, the projection no slower
+// (`python -m bench.cpu_bench --only stream`, docs/performance.md).
+constexpr int64_t kDefaultStreamBytes = int64_t(1) << 20;
+std::atomic<int64_t> g_stream_bytes{std::numeric_limits<int64_t>::min()};
+
+int64_t stream_bytes() {
+  int64_t v = g_stream_bytes.load(std::memory_order_relaxed);
+  if (v != std::numeric_limits<int64_t>::min()) return v;
+  v = kDefaultStreamBytes;
+  if (const char* env = std::getenv("ROLLINGQ_CPU_STREAM_BYTES")) {
+    char* end = nullptr;
+    const long long parsed = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && parsed >= -1,
+                "rollingq (CPU): ROLLINGQ_CPU_STREAM_BYTES=", env,
+                " is not a byte count (an integer >= 0, or -1 for never)");
+    v = parsed;
+  }
+  g_stream_bytes.store(v, std::memory_order_relaxed);
+  return v;
+}
+
 void attention_fwd(const AttentionParams& p, ElementType type) {
   const KernelTable& t = table();
   Plan plan;
   plan.threads = task_threads();
+  plan.stream_bytes = stream_bytes();
   t.fwd_plan(p, type, plan);
   run_tasks(plan.tasks, plan.flops_per_task, plan.workspace_bytes,
             [&](int64_t b, int64_t e, void* ws) { t.fwd_run(p, type, plan, b, e, ws); });
@@ -317,5 +344,17 @@ extern "C" __attribute__((visibility("default"))) int rollingq_cpu_bf16_convert(
     return 0;
   } catch (...) {
     return -1;
+  }
+}
+
+// Set the streaming-store threshold of the following calls (bytes; -1 never), as
+// ROLLINGQ_CPU_STREAM_BYTES does; returns the previous one.
+extern "C" __attribute__((visibility("default"))) int64_t rollingq_cpu_set_stream_bytes(int64_t bytes) {
+  try {
+    const int64_t previous = rollingq::cpu::stream_bytes();
+    rollingq::cpu::g_stream_bytes.store(bytes < -1 ? -1 : bytes, std::memory_order_relaxed);
+    return previous;
+  } catch (...) {
+    return -2;
   }
 }

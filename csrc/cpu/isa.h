@@ -21,6 +21,8 @@ namespace cpu {
 
 struct Plan {
   int64_t threads = 1;          // input: the threads the tasks will be spread over
+  int64_t stream_bytes = -1;    // input: outputs of at least this many bytes are written with
+                                // streaming stores where their rows allow it (-1: never)
   int64_t tasks = 0;            // tasks of the main phase
   int64_t flops_per_task = 1;   // to run small problems on the calling thread
   size_t workspace_bytes = 0;   // per thread, 64-byte aligned

@@ -11,11 +11,14 @@
 #include <random>
 #include <vector>
 #include <memory>
+#include <new>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include "cpu/isa.h"
 using namespace rollingq; using namespace rollingq::cpu;
 template <class T> struct Buf { std::unique_ptr<T[]> p; size_t n; Buf(size_t n_) : p(new T[n_ ? n_ : 1]), n(n_) {} T* get() { return p.get(); } };
+// 64-byte aligned, still exactly n bytes (the forward's streaming stores need aligned rows)
+struct AlignedBuf { char* p; AlignedBuf(size_t n) : p(static_cast<char*>(::operator new(n ? n : 1, std::align_val_t(64)))) {} ~AlignedBuf() { ::operator delete(p, std::align_val_t(64)); } char* get() { return p; } };
 int main(int argc, char** argv) {
 #if defined(__linux__) && defined(SYS_arch_prctl)
   syscall(SYS_arch_prctl, 0x1023, 18);  // the AMX tile state (the dispatcher asks the same)
@@ -65,7 +68,8 @@ int main(int argc, char** argv) {
       if (R(0, 1)) { p.mask_row_stride = Lk; p.mask_col_stride = 1; } else { p.mask_row_stride = 0; p.mask_col_stride = 1; } }
     if (R(0, 2) == 0) { p.dropout_p = 0.3; p.dropout_threshold = uint32_t(0.3 * 4294967296.0); p.dropout_seed = g(); p.dropout_offset = g(); }
     Buf<char> lse(B * H * Lq * as), mass(B * H * Lq * std::max(M, 1) * as), ks(B * H * std::max(M, 1) * D * as), kc(B * std::max(M, 1) * as);
-    p.out = out.get(); p.out_batch_stride = H * Lq * Dv; p.out_head_stride = Lq * Dv; p.out_row_stride = Dv;
+    AlignedBuf out64(B * H * Lq * Dv * es);
+    p.out = R(0, 1) ? out64.get() : out.get(); p.out_batch_stride = H * Lq * Dv; p.out_head_stride = Lq * Dv; p.out_row_stride = Dv;
     p.lse = lse.get(); if (M > 0) { p.modality_mass = mass.get(); p.key_sum = ks.get(); p.key_count = kc.get(); }
     Buf<char> dout(B * H * Lq * Dv * es), dq(B * H * Lq * D * es), dk(B * Hkv * Lk * D * es), dv(B * Hkv * Lk * Dv * es);
     std::memset(dout.get(), 0, dout.n);
@@ -75,7 +79,7 @@ int main(int argc, char** argv) {
     p.dv = dv.get(); p.dv_batch_stride = Hkv * Lk * Dv; p.dv_head_stride = Lk * Dv; p.dv_row_stride = Dv;
     for (const KernelTable* t : tables) {
       if (B * H == 0) continue;
-      Plan plan; t->fwd_plan(p, et, plan);
+      Plan plan; plan.stream_bytes = R(0, 1) ? 0 : -1; t->fwd_plan(p, et, plan);
       { Buf<char> ws(plan.workspace_bytes); t->fwd_run(p, et, plan, 0, plan.tasks, ws.get()); }
       // the forward wrote lse; feed zeros as grad
       Plan bp; t->bwd_plan(p, et, bp);

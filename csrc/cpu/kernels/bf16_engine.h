@@ -203,7 +203,7 @@ struct HeadPacked {
 
 template <typename G>
 void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
-                   Bf16FwdWork& w, HeadPacked& hp) {
+                   Bf16FwdWork& w, HeadPacked& hp, bool stream) {
   const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
   const int64_t Dvp = round_up(Dv, 16);
   const int M = p.num_modalities;
@@ -276,7 +276,10 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
     } else {
       for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
     }
-    store_row(out + i * p.out_row_stride, orow, Dv);
+    if (stream)
+      stream_row(out + i * p.out_row_stride, orow, Dv);
+    else
+      store_row(out + i * p.out_row_stride, orow, Dv);
     lse[i] = L == 0.0f ? -inf : w.m[i] + alog(L);
     for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;
   }
@@ -300,7 +303,9 @@ void bf16_fwd_run(const AttentionParams& p, const Plan& plan, int64_t begin, int
   Bf16FwdWork w = carve_bf16_fwd(static_cast<char*>(ws), p, qt, nullptr);
   HeadPacked hp{w.kp, w.vT, w.pairs};
   G::begin();
-  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, hp);
+  const bool stream = stream_output<bf16>(p, plan.stream_bytes);
+  for (int64_t t = begin; t < end; ++t) bf16_fwd_task<G>(p, t, plan.param[0], qt, w, hp, stream);
+  if (stream) stream_fence();
   G::end();
 }
 

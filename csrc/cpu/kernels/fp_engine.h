@@ -90,6 +90,19 @@ inline int64_t kv_head(const AttentionParams& p, int64_t h) {
 
 // ---- pieces shared by forward and backward ---------------------------------------------------
 
+// Whether a forward writes its output rows with streaming stores (vec.h stream_row): the output
+// has at least Plan::stream_bytes bytes (-1: never) and every row is whole 64-byte lines.
+template <typename T>
+bool stream_output(const AttentionParams& p, int64_t stream_bytes) {
+  const int64_t E = sizeof(T);
+  auto lines = [&](int64_t size, int64_t stride) { return size == 1 || (stride * E) % 64 == 0; };
+  return kVecBytes >= 32 && stream_bytes >= 0 &&
+         p.batch * p.heads * p.seqlen_q * p.value_dim * E >= stream_bytes &&
+         reinterpret_cast<uintptr_t>(p.out) % 64 == 0 && (p.value_dim * E) % 64 == 0 &&
+         lines(p.seqlen_q, p.out_row_stride) && lines(p.heads, p.out_head_stride) &&
+         lines(p.batch, p.out_batch_stride);
+}
+
 // Per-modality key sums of one (batch, query head) over the non-padded keys it reads (its kv head
 // under grouped-query attention); the key counts of the batch entry when count. Keys with id -1
 // count nowhere.
@@ -570,7 +583,7 @@ inline bool softmax_block(const AttentionParams& p, int64_t b, int64_t j0, int64
 
 template <typename T, typename A>
 void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
-                 FwdWork<A>& w, HeadRows<T, A>& rows) {
+                 FwdWork<A>& w, HeadRows<T, A>& rows, bool stream) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
@@ -631,7 +644,10 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     } else {
       for (int64_t d = 0; d < Dvp; d += W) vstore(orow + d, vload(orow + d) * vinv);
     }
-    store_row(out + i * p.out_row_stride, orow, Dv);
+    if (stream)
+      stream_row(out + i * p.out_row_stride, orow, Dv);
+    else
+      store_row(out + i * p.out_row_stride, orow, Dv);
     lse[i] = L == A(0) ? -inf : w.m[i] + alog(L);
     for (int mm = 0; mm < M; ++mm) mass_out[i * M + mm] = w.mass[mm * lanes + i] * inv;
   }
@@ -643,7 +659,10 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
   const int64_t qt = plan.param[1];
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
-  for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows);
+  const bool stream = stream_output<T>(p, plan.stream_bytes);
+  for (int64_t t = begin; t < end; ++t)
+    fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows, stream);
+  if (stream) stream_fence();
 }
 
 // ---- backward --------------------------------------------------------------------------------

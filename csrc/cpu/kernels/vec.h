@@ -310,6 +310,37 @@ inline void store_row<bf16, float>(bf16* dst, const float* src, int64_t n) {
   for (; j < n; ++j) dst[j] = float_to_bf16(src[j]);
 }
 
+// Streaming stores: whole 64-byte lines written straight to memory, without reading them into
+// the cache first. stream_row writes n values converted as store_row converts them (the same
+// bits) to dst, 64-byte aligned, n * sizeof(T) a multiple of 64; stream_fence orders them
+// before the stores that follow (the end of a task batch). Without AVX2 they are store_row and
+// nothing.
+inline void stream_line(void* dst, const void* line) {
+#if defined(__AVX512F__)
+  _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
+#elif defined(__AVX2__)
+  _mm256_stream_si256(static_cast<__m256i*>(dst), _mm256_load_si256(static_cast<const __m256i*>(line)));
+  _mm256_stream_si256(static_cast<__m256i*>(dst) + 1,
+                      _mm256_load_si256(static_cast<const __m256i*>(line) + 1));
+#else
+  std::memcpy(dst, line, 64);
+#endif
+}
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+template <typename T, typename A>
+inline void stream_row(T* dst, const A* src, int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  for (int64_t j = 0; j < n; j += kLine) {
+    alignas(64) T line[kLine];
+    store_row(line, src + j, kLine);
+    stream_line(dst + j, line);
+  }
+}
+
 template <typename X>
 inline X imin(X a, X b) {
   return a < b ? a : b;
