@@ -95,10 +95,7 @@ def test_variants_cover_what_the_cpu_offers():
         assert "avx512" in ISAS and "avx512_dot" in ISAS
         assert ISAS.index("avx512") < ISAS.index("avx512_dot")
     # the best runnable variant is the default (ISAS is ordered best first)
-    assert subprocess.run(
-        [sys.executable, "-c", _ENV_PROBE],
-        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA=None), check=True,
-    ).stdout.split()[0] == ISAS[0]  # fmt: skip
+    assert _probe(check=True, ROLLINGQ_CPU_ISA=None).stdout.split()[0] == ISAS[0]
 
 
 # Run in a fresh process: one small call, then print the variant used and the error vs the
@@ -127,22 +124,24 @@ def _env(**overrides):
     return env
 
 
+def _probe(check: bool = False, **env) -> subprocess.CompletedProcess:
+    """_ENV_PROBE in a fresh process with these environment variables."""
+    return subprocess.run(
+        [sys.executable, "-c", _ENV_PROBE], capture_output=True, text=True, env=_env(**env),
+        check=check,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ISAS)
 def test_environment_variable_selects_the_variant(name):
-    res = subprocess.run(
-        [sys.executable, "-c", _ENV_PROBE],
-        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA=name), check=True,
-    )  # fmt: skip
+    res = _probe(check=True, ROLLINGQ_CPU_ISA=name)
     used, err = res.stdout.split()
     assert used == name
     assert float(err) < 1e-5
 
 
 def test_environment_variable_naming_an_unknown_variant_is_an_error():
-    res = subprocess.run(
-        [sys.executable, "-c", _ENV_PROBE],
-        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_ISA="sse9"),
-    )  # fmt: skip
+    res = _probe(ROLLINGQ_CPU_ISA="sse9")
     assert res.returncode != 0
     assert "ROLLINGQ_CPU_ISA=sse9 is not a kernel variant" in res.stderr
     assert _LIB.rollingq_cpu_set_isa(b"sse9") == -1
@@ -463,15 +462,9 @@ def test_streamed_output_rows_have_the_same_bits(layout, dtype, isa):
 
 
 def test_stream_threshold_environment_variable():
-    ok = subprocess.run(
-        [sys.executable, "-c", _ENV_PROBE],
-        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_STREAM_BYTES="0"), check=True,
-    )  # fmt: skip
+    ok = _probe(check=True, ROLLINGQ_CPU_STREAM_BYTES="0")
     assert float(ok.stdout.split()[1]) < 1e-5
-    bad = subprocess.run(
-        [sys.executable, "-c", _ENV_PROBE],
-        capture_output=True, text=True, env=_env(ROLLINGQ_CPU_STREAM_BYTES="4MB"),
-    )  # fmt: skip
+    bad = _probe(ROLLINGQ_CPU_STREAM_BYTES="4MB")
     assert bad.returncode != 0
     assert "ROLLINGQ_CPU_STREAM_BYTES=4MB is not a byte count" in bad.stderr
 
