@@ -28,6 +28,8 @@ Rows (``run()`` returns them as dicts):
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -273,8 +275,6 @@ def bench_variants(shape=(4, 8, 1024, 64), *, reps: int, backward: bool = False)
 def bench_stream(shape, dtype, *, reps: int) -> Dict:
     """Attention (no rotation or statistics) and the output projection after it, with the
     output streamed and stored as usual: the time of each part and of the two together."""
-    import time
-
     from rollingq_kernels import rolling_attention
 
     lib = cpu_library()
@@ -297,7 +297,7 @@ def bench_stream(shape, dtype, *, reps: int) -> Dict:
         return run
 
     t = interleaved_times([call(0, "stream"), call(-1, "store")], warmup=1, reps=reps)
-    proj = {n: sorted(x[1:])[len(x[1:]) // 2] for n, x in parts.items()}  # after warm-up
+    proj = {n: statistics.median(x[1:]) for n, x in parts.items()}  # after the warm-up round
     return {
         "mode": "stream",
         "dtype": _dname(dtype),
