@@ -187,7 +187,9 @@ def test_short_and_full_side_inputs_agree(backend):
             (out, stats.modality_mass, stats.key_sum, stats.key_count, qq.grad, rot.grad)
         )
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # float32 sums in another order (the shared matrix's gradient adds the heads up itself):
+        # an absolute tolerance on the tensor's scale, as elements near zero come from cancellation
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * max(1.0, b.abs().max().item()))
 
 
 # ---- the library's direct entry to the forward op (csrc/python_module.cpp) ----------------------

@@ -1,9 +1,9 @@
 // The AVX-512 kernel variants (x86-64-v4 plus AVX512_BF16), 64-byte vectors. They differ in
 // how bfloat16 is multiplied: "amx" on the AMX tile unit (where the CPU and the operating system
 // provide it), "avx512" converted to float32 (the float engine: FMAs), "avx512_dot" with the
-// bf16 dot-product instruction VDPBF16PS. On the AMX Xeon it was measured on, VDPBF16PS
-// multiplies at half the rate of float32 FMAs (bench/tile_probe), so "avx512" is preferred;
-// "avx512_dot" serves CPUs whose VDPBF16PS is the faster (ROLLINGQ_CPU_ISA=avx512_dot).
+// bf16 dot-product instruction VDPBF16PS. Which of the last two is faster depends on the CPU
+// (bench/tile_probe): on AMD's Zen 4 VDPBF16PS does twice the multiply-adds of an FMA per cycle,
+// on the AMX Xeon it was measured on half; csrc/cpu/dispatch.cpp ranks them by vendor.
 // float32 / float64 run the same code in all three.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
     !defined(__AVX512DQ__) || !defined(__AVX512BF16__) || !defined(__AMX_TILE__) ||   \
