@@ -486,13 +486,17 @@ def test_stream_threshold_environment_variable():
 
 
 # The bf16 forward's own blocking (csrc/cpu/kernels/bf16_engine.h): 128-query tiles, 256-key
-# steps with a partial last one, K and V^T packed per head as the tiles first ask for keys (causal
+# steps with a partial last one (on avx512_dot without masks: a first step of 64 keys, the
+# scores of the later ones kept in registers), K and V^T packed per head as the tiles first ask for keys (causal
 # tiles stop inside a key block and the next tile continues it), raw products scaled in the
 # softmax when there is no mask, and a running max that moves only by more than 2^8.
 BF16_BLOCK_CASES = [
     ("tiles_and_steps", dict(B=1, H=2, Lq=300, Lk=600, D=64, rotation="shared", modalities=2)),
     ("causal_packing", dict(B=1, H=2, Lq=300, Lk=600, D=64, causal=True, modalities=2)),
     ("odd_lk_padding", dict(B=2, H=1, Lq=150, Lk=517, D=32, Dv=48, padding=True, modalities=3)),
+    # no mask: on avx512_dot the steps after the first take their scores from registers, here
+    # with 96 lanes (a group of 64 and one of 32) and an odd last key
+    ("odd_lk_in_registers", dict(B=1, H=2, Lq=90, Lk=333, D=64, Dv=32, modalities=3)),
 ]
 
 
@@ -528,11 +532,13 @@ def test_bf16_queries_at_any_address_give_the_same_bits(offset, width, isa):
 
 
 @pytest.mark.parametrize("gain", [12, 60])
-@pytest.mark.parametrize("late_key", [5, 300, 599])
+@pytest.mark.parametrize("late_key", [5, 100, 300, 599])
 def test_bf16_running_max_that_moves_after_settling(late_key, gain, isa):
     # Keys of ordinary scores settle every row's running max in the first step; one key far
-    # above them (in the first, a middle or the last step) must still rescale what was summed.
-    # The forward first tries a step against the settled max and redoes it when the max moves:
+    # above them (in the first, a middle or the last step; key 100 lies in the second step of
+    # the first packed key block where the first step is cut short, avx512_dot) must still
+    # rescale what was summed. The forward first tries a step against the settled max (on
+    # avx512_dot with its scores in registers) and redoes it when the max moves:
     # with gain 60, row 0's scaled score jumps by about 360, whose exp overflows float32 unless
     # the step is redone (gain 12: by about 70, which the sums survive without rescaling).
     case = make_case(dtype=torch.bfloat16, B=1, H=2, Lq=200, Lk=600, D=64, modalities=2, seed=3)
@@ -578,7 +584,7 @@ def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
 # middle and at the ends of key blocks: the answer must not depend on where a key falls.
 
 NAN = float("nan")
-NAN_CASES = ["q_row", "k_first", "k_mid_block", "k_last", "v_key0", "inf_score"]
+NAN_CASES = ["q_row", "k_first", "k_mid_block", "k_later_step", "k_last", "v_key0", "inf_score"]
 
 
 def _poisoned(dtype, where, causal):
@@ -593,6 +599,8 @@ def _poisoned(dtype, where, causal):
         k[0, 1, 0, 7] = NAN
     elif where == "k_mid_block":
         k[1, 0, 37, 2] = NAN
+    elif where == "k_later_step":  # after the running max has settled (causal: no row sees it)
+        k[1, 2, 150, 5] = NAN
     elif where == "k_last":  # causal: no row sees it
         k[0, 0, -1, 0] = NAN
     elif where == "v_key0":  # key 0 is visible from every row
@@ -628,7 +636,7 @@ def test_nan_and_inf_propagate_like_sdpa(where, causal, dtype, isa):
     case = _poisoned(dtype, where, causal)
     want, bad_rows, _ = _sdpa_in_kernel_precision(case, dtype)
     # a key no row sees poisons nothing; float64 scores do not overflow at scale 1e38
-    harmless = (where == "k_last" and causal) or (where == "inf_score" and dtype == torch.float64)
+    harmless = (where in ("k_last", "k_later_step") and causal) or (where == "inf_score" and dtype == torch.float64)
     assert bool(want.isnan().any()) != harmless
     out, stats = _run(case)
     assert torch.equal(out.isnan(), want.isnan()), (

@@ -121,6 +121,162 @@ inline bool pack_query_pairs(const AttentionParams& p, int64_t b, int64_t h, int
   return true;
 }
 
+// ---- scores and softmax in registers (VDPBF16PS) ----------------------------------------------
+//
+// Where the products are VDPBF16PS (G::kFusedSoftmax), a key step with no mask or dropout whose
+// lanes all have a finite running max does not store its scores: each register block of raw dot
+// products (6 keys x 64 lanes) goes straight through softmax_cols' single pass against the
+// settled max (the exponent folded into one FMA) into the bf16 pairs of P^T. The operations and
+// their order are softmax_cols', so the bits are those of the stored path. If the step's max
+// would move a lane's running max, its column group is done again the stored way. This saves the
+// store and reload of the scores (128 KiB per 256-key step of 128 queries). The first step of a
+// tile, where the max is not yet set, is cut to kFirstStep keys and stored.
+constexpr int64_t kFirstStep = 64;
+
+struct alignas(64) FusedSoftmax {
+  __m512 c_sub[kSoftmaxGroup];  // running max * log2(e), per vector of lanes
+  __m512 run[kSoftmaxGroup];    // sum of the current run of keys of one modality
+  __m512 bm[kSoftmaxGroup];     // max of the raw dot products
+  __m512 c_mul;                 // scale * log2(e)
+  float* l;                     // row sums and masses at the group's first lane
+  float* mass;
+  int64_t lanes;
+  int32_t cur;  // modality of the current run (-1: none)
+  template <int NV>
+  void flush() {
+    for (int v = 0; v < NV; ++v) {
+      float* lp = l + 16 * v;
+      _mm512_storeu_ps(lp, _mm512_add_ps(_mm512_loadu_ps(lp), run[v]));
+      if (cur >= 0) {
+        float* mp = mass + cur * lanes + 16 * v;
+        _mm512_storeu_ps(mp, _mm512_add_ps(_mm512_loadu_ps(mp), run[v]));
+      }
+      run[v] = _mm512_setzero_ps();
+    }
+  }
+};
+
+// MR keys (rows of K from a) x NV vectors of lanes (Q^T pairs from b): the products as
+// bf16_micro_kernel's, then the softmax of each key in order, its probabilities stored as
+// StorePairs stores them (MR odd only for the last keys of all: the last one pairs with zero).
+template <int MR, int NV>
+__attribute__((noinline)) void scores_softmax_kernel(int64_t K, const bf16* a, int64_t lda,
+                                                     const bf16* b, int64_t ldb,
+                                                     const int32_t* ids, bf16* pv, int64_t ldp,
+                                                     FusedSoftmax& st) {
+  using V = vec_t<float>;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512(b + (k / 2) * ldb + v * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(a + r * lda + k));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                              17, 1, 16, 0);
+  const V c_mul = (V)st.c_mul;
+  __m512 prev[NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (ids != nullptr && ids[r] != st.cur) {
+      st.flush<NV>();
+      st.cur = ids[r];
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const V s = (V)acc[r][v];
+      st.bm[v] = (__m512)vmax<float>((V)st.bm[v], s);
+      const V t = s * c_mul - (V)st.c_sub[v];
+      const __m512 e = (__m512)exp2v_coarse(t);
+      st.run[v] = (__m512)((V)st.run[v] + (V)e);
+      if (r % 2 == 0 && r + 1 < MR) {
+        prev[v] = e;
+        continue;
+      }
+      const __m512bh both = r % 2 == 1 ? _mm512_cvtne2ps_pbh(e, prev[v])
+                                       : _mm512_cvtne2ps_pbh(_mm512_setzero_ps(), e);
+      _mm512_storeu_si512(pv + (r / 2) * ldp + 32 * v,
+                          _mm512_permutexvar_epi16(interleave, (__m512i)both));
+    }
+  }
+}
+
+template <int NV, int R = 6>
+inline void scores_softmax_rows(int64_t rem, int64_t K, const bf16* a, int64_t lda, const bf16* b,
+                                int64_t ldb, const int32_t* ids, bf16* pv, int64_t ldp,
+                                FusedSoftmax& st) {
+  if constexpr (R > 0) {
+    if (rem == R)
+      scores_softmax_kernel<R, NV>(K, a, lda, b, ldb, ids, pv, ldp, st);
+    else
+      scores_softmax_rows<NV, R - 1>(rem, K, a, lda, b, ldb, ids, pv, ldp, st);
+  }
+}
+
+// The column group of NV vectors of lanes from v0, keys j0 .. j0 + kn (K rows at krows) in
+// registers. False, with the row sums and masses put back, when the exponent cannot be folded
+// or the step's max would move the running max: the caller does the group the stored way.
+template <int NV>
+bool fused_scores_softmax(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn,
+                          int64_t lanes, int64_t v0, const bf16* krows, const bf16* qv, bf16* pv,
+                          const float* m, float* l, float* alpha, float* mass, float* save) {
+  using V = vec_t<float>;
+  const int M = p.num_modalities;
+  const float c_mul = float(p.scale) * log2e<float>();
+  FusedSoftmax st;
+  st.c_mul = _mm512_set1_ps(c_mul);
+  bool fold = std::isfinite(c_mul) && c_mul != 0.0f;
+  for (int v = 0; v < NV; ++v) {
+    const V cs = vload(m + (v0 + v) * 16) * log2e<float>();
+    fold &= !any_lane(not_finite<float>(cs));
+    st.c_sub[v] = (__m512)cs;
+    st.run[v] = _mm512_setzero_ps();
+    st.bm[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  }
+  if (!fold) return false;
+  st.l = l + v0 * 16;
+  st.mass = mass + v0 * 16;
+  st.lanes = lanes;
+  st.cur = -1;
+  for (int v = 0; v < NV; ++v) {
+    vstore(save + v * 16, vload(st.l + v * 16));
+    for (int mm = 0; mm < M; ++mm)
+      vstore(save + ((1 + mm) * NV + v) * 16, vload(st.mass + mm * lanes + v * 16));
+  }
+  const int32_t* ids = M > 0 ? p.key_modality + b * p.key_modality_batch_stride + j0 : nullptr;
+  const int64_t D = p.head_dim;
+  for (int64_t r0 = 0; r0 < kn; r0 += 6)
+    scores_softmax_rows<NV>(imin<int64_t>(6, kn - r0), D, krows + r0 * D, D, qv + 2 * 16 * v0,
+                            2 * lanes, ids ? ids + r0 : nullptr,
+                            pv + (r0 / 2) * 2 * lanes + 2 * 16 * v0, 2 * lanes, st);
+  st.flush<NV>();
+  const V lazy = vbcast(kLazyMaxLog2 / kLog2e), scale = vbcast(float(p.scale));
+  bool stays = true;
+  for (int v = 0; v < NV; ++v)
+    stays &= !any_lane((V)st.bm[v] * scale > vload(m + (v0 + v) * 16) + lazy);
+  if (stays) {
+    for (int v = 0; v < NV; ++v) vstore(alpha + (v0 + v) * 16, vbcast(1.0f));
+    return true;
+  }
+  for (int v = 0; v < NV; ++v) {
+    vstore(st.l + v * 16, vload(save + v * 16));
+    for (int mm = 0; mm < M; ++mm)
+      vstore(st.mass + mm * lanes + v * 16, vload(save + ((1 + mm) * NV + v) * 16));
+  }
+  return false;
+}
+
 inline int64_t bf16_key_blocks(const AttentionParams& p) {
   return ceil_div(imax<int64_t>(p.seqlen_k, 1), kBf16KeyBlock);
 }
@@ -201,6 +357,27 @@ struct HeadPacked {
   const bf16* vblock(const AttentionParams& p, int64_t j0) const { return vT + j0 * p.value_dim; }
 };
 
+// The softmax of a step whose scores are in w.S (masked, scaled unless raw): probabilities to
+// w.pv in bf16 pairs of keys, zero pairs up to knp. Returns whether a running max moved.
+inline bool stored_softmax_step(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                                int64_t j0, int64_t kn, int64_t knp, int64_t lanes, bool raw,
+                                Bf16FwdWork& w) {
+  if (p.dropout_p > 0.0) {
+    const bool moved = softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
+    dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.S, true);
+    pack_vnni(w.S, lanes, kn, knp, lanes, w.pv);
+    return moved;
+  }
+  const bool moved =
+      raw ? softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
+                                 StorePairs<true>{w.pv, w.save, lanes, float(p.scale), {}})
+          : softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
+                                 StorePairs<false>{w.pv, w.save, lanes, 1.0f, {}});
+  for (int64_t j = round_up(kn, 2); j < knp; j += 2)
+    std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
+  return moved;
+}
+
 template <typename G>
 void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
                    Bf16FwdWork& w, HeadPacked& hp, bool stream) {
@@ -231,24 +408,40 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
   // it computes anyway) instead of a pass over the block; masks add to scaled scores.
   const bool raw = !masked && p.dropout_p == 0.0 && p.scale > 0.0;
   const int64_t k_end = causal_end(p, i0, qn);
-  for (int64_t j0 = 0; j0 < k_end; j0 += kBf16KeyBlock) {
-    const int64_t kn = imin(kBf16KeyBlock, k_end - j0), knp = round_up(kn, 32);
+  const bool fuse = G::kFusedSoftmax && raw;
+  // Steps end at the packed key blocks' ends; with fused steps the first is kFirstStep keys.
+  for (int64_t j0 = 0, kn = 0; j0 < k_end; j0 += kn) {
+    const int64_t off = j0 % kBf16KeyBlock;
+    kn = imin(fuse && j0 == 0 ? kFirstStep : kBf16KeyBlock - off, k_end - j0);
+    const int64_t knp = round_up(kn, 32);
     hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
-    G::gemm(kn, lanes, D, hp.krows + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
-            raw ? 1.0f : float(p.scale));
-    if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
-    bool moved;
-    if (p.dropout_p > 0.0) {
-      moved = softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
-      dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.S, true);
-      pack_vnni(w.S, lanes, kn, knp, lanes, w.pv);
-    } else {
-      moved = raw ? softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
-                                         StorePairs<true>{w.pv, w.save, lanes, float(p.scale), {}})
-                  : softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
-                                         StorePairs<false>{w.pv, w.save, lanes, 1.0f, {}});
+    bool moved = false;
+    if (fuse && j0 > 0) {
+      // each column group in registers, or stored where that declines
+      const int64_t nv = lanes / 16;  // even: lanes is a multiple of 32
+      for (int64_t v0 = 0; v0 < nv; v0 += kSoftmaxGroup) {
+        const bool four = nv - v0 >= 4;
+        const bf16* kr = hp.krows + j0 * D;
+        if (four ? fused_scores_softmax<4>(p, b, j0, kn, lanes, v0, kr, w.qv, w.pv, w.m, w.l,
+                                           w.alpha, w.mass, w.save)
+                 : fused_scores_softmax<2>(p, b, j0, kn, lanes, v0, kr, w.qv, w.pv, w.m, w.l,
+                                           w.alpha, w.mass, w.save))
+          continue;
+        G::gemm(kn, four ? 64 : 32, D, kr, D, w.qv + 2 * 16 * v0, 2 * lanes, w.S + 16 * v0, lanes,
+                Acc::kSet, 1.0f);
+        StorePairs<true> out{w.pv, w.save, lanes, float(p.scale), {}};
+        moved |= four ? softmax_cols<float, 4>(p, b, j0, kn, lanes, v0, w.S, w.m, w.l, w.alpha,
+                                               w.mass, out)
+                      : softmax_cols<float, 2>(p, b, j0, kn, lanes, v0, w.S, w.m, w.l, w.alpha,
+                                               w.mass, out);
+      }
       for (int64_t j = round_up(kn, 2); j < knp; j += 2)
         std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
+    } else {
+      G::gemm(kn, lanes, D, hp.krows + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
+              raw ? 1.0f : float(p.scale));
+      if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+      moved = stored_softmax_step(p, b, h, i0, j0, kn, knp, lanes, raw, w);
     }
     // O^T = O^T * alpha + V^T P^T (alpha is 1 everywhere once the running maxima settle)
     if (moved)
@@ -257,8 +450,8 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
           _mm512_storeu_ps(w.OT + d * lanes + l,
                            _mm512_mul_ps(_mm512_loadu_ps(w.OT + d * lanes + l),
                                          _mm512_loadu_ps(w.alpha + l)));
-    G::gemm(Dv, lanes, knp, hp.vblock(p, j0), kBf16KeyBlock, w.pv, 2 * lanes, w.OT, lanes,
-            Acc::kAdd);
+    G::gemm(Dv, lanes, knp, hp.vblock(p, j0 - off) + off, kBf16KeyBlock, w.pv, 2 * lanes, w.OT,
+            lanes, Acc::kAdd);
   }
 
   bf16* out = static_cast<bf16*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +

@@ -93,6 +93,8 @@ inline void bf16_cols_tail(int64_t rem, int64_t M, int64_t K, const bf16* a, int
 // Modes: Acc::kSet (C = alpha AB) and Acc::kAdd (C += AB).
 struct Bf16Dot {
   static constexpr const char* name = "avx512_bf16";
+  // The forward takes its scores from registers (bf16_engine.h, scores_softmax_kernel)
+  static constexpr bool kFusedSoftmax = true;
   static void begin() {}
   static void end() {}
   static void gemm(int64_t M, int64_t N, int64_t K, const bf16* a, int64_t lda, const bf16* b,
@@ -150,6 +152,7 @@ inline void amx_block(int64_t K32, const bf16* a, int64_t lda, const bf16* b, in
 
 struct Amx {
   static constexpr const char* name = "amx";
+  static constexpr bool kFusedSoftmax = false;
   // Load the tile configuration on this thread (once per batch of tasks).
   static void begin() {
     TileConfig cfg{};
