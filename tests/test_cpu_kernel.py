@@ -636,7 +636,9 @@ def test_nan_and_inf_propagate_like_sdpa(where, causal, dtype, isa):
     case = _poisoned(dtype, where, causal)
     want, bad_rows, _ = _sdpa_in_kernel_precision(case, dtype)
     # a key no row sees poisons nothing; float64 scores do not overflow at scale 1e38
-    harmless = (where in ("k_last", "k_later_step") and causal) or (where == "inf_score" and dtype == torch.float64)
+    harmless = (where in ("k_last", "k_later_step") and causal) or (
+        where == "inf_score" and dtype == torch.float64
+    )
     assert bool(want.isnan().any()) != harmless
     out, stats = _run(case)
     assert torch.equal(out.isnan(), want.isnan()), (
