@@ -10,7 +10,8 @@ fraction of this machine's measured matrix-multiply throughput in the same dtype
 memory one call adds above its inputs and outputs (MiB, fresh process per row, see
 bench/harness.py), and the max abs error of the output against the float64 reference. The header
 names the CPU, its cores, torch's CPU capability and the CPU kernel variant that ran. Rows are
-saved with machine, versions and date to bench/results/report.json.
+saved with machine, versions and date to bench/results/report.json (not tracked; the runs that
+docs/performance.md quotes are kept beside it as report_<machine>.json).
 
     python -m bench.report [--quick] [--no-memory] [--shapes B,H,L,D ...] [--only attention]
 """
