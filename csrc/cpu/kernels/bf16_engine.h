@@ -42,6 +42,16 @@ constexpr int64_t kBf16KeyBlock = 256;
 
 // ---- forward ---------------------------------------------------------------------------------
 
+// The probabilities of keys j (even) and j + 1 for 16 lanes, rounded to bf16 and stored as 16
+// pairs: dst[2 l] = even[l], dst[2 l + 1] = odd[l].
+inline void store_key_pair(bf16* dst, __m512 even, __m512 odd) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                              24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                              1, 16, 0);
+  const __m512bh both = _mm512_cvtne2ps_pbh(odd, even);
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, (__m512i)both));
+}
+
 // The softmax's probabilities straight into bf16 pairs of keys (the B operand of O^T += V^T P^T):
 // pv[(j / 2) * 2 lanes + 2 lane + j % 2]; no float copy is stored.
 template <bool Raw>
@@ -66,14 +76,8 @@ struct StorePairs {
   }
   template <int G>
   void store(int64_t j, int64_t v0, const vec_t<float> (&e)[G]) {
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                                9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                                17, 1, 16, 0);
     bf16* dst = pv + (j / 2) * 2 * lanes + 2 * 16 * v0;
-    for (int g = 0; g < G; ++g) {
-      const __m512bh both = _mm512_cvtne2ps_pbh((__m512)e[g], prev[g]);
-      _mm512_storeu_si512(dst + 32 * g, _mm512_permutexvar_epi16(interleave, (__m512i)both));
-    }
+    for (int g = 0; g < G; ++g) store_key_pair(dst + 32 * g, prev[g], (__m512)e[g]);
   }
   template <int G>
   void finish(int64_t kn, int64_t v0) {
@@ -170,21 +174,7 @@ __attribute__((noinline)) void scores_softmax_kernel(int64_t K, const bf16* a, i
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 2) {
-    __m512bh bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      bv[v] = (__m512bh)_mm512_loadu_si512(b + (k / 2) * ldb + v * 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(a + r * lda + k));
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                              17, 1, 16, 0);
+  bf16_dot_block<MR, NV>(K, a, lda, b, ldb, acc);
   const V c_mul = (V)st.c_mul;
   __m512 prev[NV];
 #pragma GCC unroll 8
@@ -204,10 +194,10 @@ __attribute__((noinline)) void scores_softmax_kernel(int64_t K, const bf16* a, i
         prev[v] = e;
         continue;
       }
-      const __m512bh both = r % 2 == 1 ? _mm512_cvtne2ps_pbh(e, prev[v])
-                                       : _mm512_cvtne2ps_pbh(_mm512_setzero_ps(), e);
-      _mm512_storeu_si512(pv + (r / 2) * ldp + 32 * v,
-                          _mm512_permutexvar_epi16(interleave, (__m512i)both));
+      if (r % 2 == 1)
+        store_key_pair(pv + (r / 2) * ldp + 32 * v, prev[v], e);
+      else
+        store_key_pair(pv + (r / 2) * ldp + 32 * v, e, _mm512_setzero_ps());
     }
   }
 }

@@ -29,16 +29,12 @@ inline int32_t load_pair(const bf16* p) {
   return x;
 }
 
+// The register block: acc[r][v] += sum_k A[r][k] B[k][16 v ..], one broadcast pair of A per row
+// and NV vectors of B per pair of k (k ascending).
 template <int MR, int NV>
-__attribute__((noinline)) void bf16_micro_kernel(int64_t K, const bf16* a, int64_t lda,
-                                                 const bf16* b, int64_t ldb, float* c,
-                                                 int64_t ldc, Acc mode, float alpha) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = mode == Acc::kSet ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + v * 16);
+__attribute__((always_inline)) inline void bf16_dot_block(int64_t K, const bf16* a, int64_t lda,
+                                                          const bf16* b, int64_t ldb,
+                                                          __m512 (&acc)[MR][NV]) {
   for (int64_t k = 0; k < K; k += 2) {
     __m512bh bv[NV];
 #pragma GCC unroll 8
@@ -51,6 +47,19 @@ __attribute__((noinline)) void bf16_micro_kernel(int64_t K, const bf16* a, int64
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
+}
+
+template <int MR, int NV>
+__attribute__((noinline)) void bf16_micro_kernel(int64_t K, const bf16* a, int64_t lda,
+                                                 const bf16* b, int64_t ldb, float* c,
+                                                 int64_t ldc, Acc mode, float alpha) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = mode == Acc::kSet ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + v * 16);
+  bf16_dot_block<MR, NV>(K, a, lda, b, ldb, acc);
   const __m512 va = _mm512_set1_ps(mode == Acc::kSet ? alpha : 1.0f);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
