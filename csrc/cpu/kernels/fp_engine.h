@@ -247,7 +247,8 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
 template <typename T, typename A>
 struct HeadRows {
   A* kbuf;  // rows x Dp: K converted (T != A) or packed as vector operand
-  A* vbuf;  // rows x Dvp: V converted / packed
+  A* vbuf;  // rows x vpitch: V converted / packed
+  int64_t vpitch = 0;  // row pitch of vbuf (0: Dvp); the forward sets fwd_v_pitch
   int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
   // Row `first` of K and V for the products and their row strides: the packed buffers, or the
   // tensors themselves where their rows are already contiguous, padded and of type A.
@@ -264,12 +265,13 @@ struct HeadRows {
       key = bh;
       first = end = j0;
       constexpr bool same = same_type<T, A>::value;
+      const int64_t vp = vpitch > 0 ? vpitch : Dvp;
       k_packed = !(same && D == Dp && p.k_row_stride == D);
-      v_packed = !(same && Dv == Dvp && p.v_row_stride == Dv);
+      v_packed = !(same && Dv == Dvp && p.v_row_stride == Dv && vp == Dvp);
       k0 = k_packed ? kbuf : reinterpret_cast<const A*>(k) + j0 * D;
       kld = k_packed ? Dp : D;
       v0 = v_packed ? vbuf : reinterpret_cast<const A*>(v) + j0 * Dv;
-      vld = v_packed ? Dvp : Dv;
+      vld = v_packed ? vp : Dv;
     }
     for (int64_t j = end; j < j1; ++j) {
       if (k_packed) {
@@ -278,9 +280,9 @@ struct HeadRows {
         fill(dst + D, Dp - D, A(0));
       }
       if ((want_v || !same_type<T, A>::value) && v_packed) {
-        A* dst = vbuf + (j - first) * Dvp;
+        A* dst = vbuf + (j - first) * vld;
         load_row(dst, v + j * p.v_row_stride, Dv);
-        fill(dst + Dv, Dvp - Dv, A(0));
+        fill(dst + Dv, vld - Dv, A(0));
       }
     }
     end = imax(end, j1);
@@ -320,6 +322,21 @@ inline int64_t slice_keys(const AttentionParams& p) {
 
 // ---- forward ---------------------------------------------------------------------------------
 
+// Row pitch of the forward's V rows (the B operand of O += P V). A pitch that is a multiple of
+// 1 KiB puts the rows of a key slice on a few L1 sets (3 KiB rows: 4 of 64), and with 8-lane
+// vectors the product's register block is too small to hide the misses: at D = 768 on AVX2 it
+// ran at 68 % of the FMA peak from such rows and 81 % from rows one vector longer (one thread,
+// a Zen 4 core). So where vectors are narrower than 64 bytes, wide heads (D + Dv > 256) whose V
+// rows would have such a pitch are packed one vector longer; AVX-512's larger block measured
+// the same either way and reads them in place.
+template <typename A>
+inline int64_t fwd_v_pitch(const AttentionParams& p) {
+  constexpr int W = VT<A>::W;
+  const int64_t Dvp = round_up(p.value_dim, W);
+  const bool wide = p.head_dim + p.value_dim > 256;
+  return kVecBytes < 64 && wide && (Dvp * int64_t(sizeof(A))) % 1024 == 0 ? Dvp + W : Dvp;
+}
+
 template <typename A>
 struct FwdWork {
   A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf, *mbuf;
@@ -342,7 +359,7 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.mass = c.take<A>(imax(p.num_modalities, 1) * QT);
   const int64_t rows = imax<int64_t>(p.seqlen_k, 1);
   w.kbuf = c.take<A>(rows * Dp);
-  w.vbuf = c.take<A>(rows * Dvp);
+  w.vbuf = c.take<A>(rows * fwd_v_pitch<A>(p));
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   if (bytes) *bytes = c.used;
   return w;
@@ -658,7 +675,7 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
                 void* ws) {
   const int64_t qt = plan.param[1];
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
-  HeadRows<T, A> rows{w.kbuf, w.vbuf};
+  HeadRows<T, A> rows{w.kbuf, w.vbuf, fwd_v_pitch<A>(p)};
   const bool stream = stream_output<T>(p, plan.stream_bytes);
   for (int64_t t = begin; t < end; ++t)
     fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows, stream);
