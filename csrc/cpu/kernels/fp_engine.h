@@ -249,6 +249,7 @@ struct HeadRows {
   A* kbuf;  // rows x Dp: K converted (T != A) or packed as vector operand
   A* vbuf;  // rows x vpitch: V converted / packed
   int64_t vpitch = 0;  // row pitch of vbuf (0: Dvp); the forward sets fwd_v_pitch
+  int64_t kpitch = 0;  // row pitch of kbuf (0: Dp); the backward sets BwdShape::kp
   int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
   // Row `first` of K and V for the products and their row strides: the packed buffers, or the
   // tensors themselves where their rows are already contiguous, padded and of type A.
@@ -265,19 +266,19 @@ struct HeadRows {
       key = bh;
       first = end = j0;
       constexpr bool same = same_type<T, A>::value;
-      const int64_t vp = vpitch > 0 ? vpitch : Dvp;
-      k_packed = !(same && D == Dp && p.k_row_stride == D);
+      const int64_t vp = vpitch > 0 ? vpitch : Dvp, kp = kpitch > 0 ? kpitch : Dp;
+      k_packed = !(same && D == Dp && p.k_row_stride == D && kp == Dp);
       v_packed = !(same && Dv == Dvp && p.v_row_stride == Dv && vp == Dvp);
       k0 = k_packed ? kbuf : reinterpret_cast<const A*>(k) + j0 * D;
-      kld = k_packed ? Dp : D;
+      kld = k_packed ? kp : D;
       v0 = v_packed ? vbuf : reinterpret_cast<const A*>(v) + j0 * Dv;
       vld = v_packed ? vp : Dv;
     }
     for (int64_t j = end; j < j1; ++j) {
       if (k_packed) {
-        A* dst = kbuf + (j - first) * Dp;
+        A* dst = kbuf + (j - first) * kld;
         load_row(dst, k + j * p.k_row_stride, D);
-        fill(dst + D, Dp - D, A(0));
+        fill(dst + D, kld - D, A(0));
       }
       if ((want_v || !same_type<T, A>::value) && v_packed) {
         A* dst = vbuf + (j - first) * vld;
@@ -329,12 +330,16 @@ inline int64_t slice_keys(const AttentionParams& p) {
 // a Zen 4 core). So where vectors are narrower than 64 bytes, wide heads (D + Dv > 256) whose V
 // rows would have such a pitch are packed one vector longer; AVX-512's larger block measured
 // the same either way and reads them in place.
+// The same holds for the backward's rows of Q, dO and K (the B operands of dK, dV and dQ).
+template <typename A>
+inline int64_t row_pitch(const AttentionParams& p, int64_t padded) {
+  const bool wide = p.head_dim + p.value_dim > 256;
+  const bool aliased = (padded * int64_t(sizeof(A))) % 1024 == 0;
+  return kVecBytes < 64 && wide && aliased ? padded + VT<A>::W : padded;
+}
 template <typename A>
 inline int64_t fwd_v_pitch(const AttentionParams& p) {
-  constexpr int W = VT<A>::W;
-  const int64_t Dvp = round_up(p.value_dim, W);
-  const bool wide = p.head_dim + p.value_dim > 256;
-  return kVecBytes < 64 && wide && (Dvp * int64_t(sizeof(A))) % 1024 == 0 ? Dvp + W : Dvp;
+  return row_pitch<A>(p, round_up(p.value_dim, VT<A>::W));
 }
 
 template <typename A>
@@ -694,6 +699,7 @@ struct BwdWork {
 // head and over the query tiles, so dK / dV of its keys are complete inside the task.
 struct BwdShape {
   int64_t qt, tiles, nc, chunk, Dp, Dvp, group;
+  int64_t qp, dop, kp;  // row pitches of the packed Q, dO and K rows (row_pitch)
 };
 
 template <typename A>
@@ -712,6 +718,8 @@ BwdShape bwd_shape(const AttentionBwdParams& p, int64_t qt) {
   s.nc = imax<int64_t>(1, ceil_div(Lk, s.chunk));
   s.Dp = round_up(p.head_dim, W);
   s.Dvp = round_up(p.value_dim, W);
+  s.qp = s.kp = row_pitch<A>(p, s.Dp);
+  s.dop = row_pitch<A>(p, s.Dvp);
   return s;
 }
 
@@ -724,8 +732,8 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   BwdWork<A> w;
   w.qT = c.take<A>(D * QT);
   w.tmp = c.take<A>(2 * imax(D, Dv) * QT);
-  w.qrows = c.take<A>(QT * s.Dp);
-  w.dorows = c.take<A>(QT * s.Dvp);
+  w.qrows = c.take<A>(QT * s.qp);
+  w.dorows = c.take<A>(QT * s.dop);
   w.doT = c.take<A>(Dv * QT);
   w.delta = c.take<A>(QT);
   w.lse = c.take<A>(QT);
@@ -736,7 +744,7 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.dQ = c.take<A>(QT * s.Dp);
   w.dK = c.take<A>(ck * s.Dp);
   w.dV = c.take<A>(ck * s.Dvp);
-  w.kbuf = c.take<A>(ck * s.Dp);
+  w.kbuf = c.take<A>(ck * s.kp);
   w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
   w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
@@ -830,7 +838,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   fill(w.dK, ck * Dp, A(0));
   fill(w.dV, ck * Dvp, A(0));
   // the chunk's K (and V) rows, packed once for every query head and tile
-  HeadRows<T, A> rows{w.kbuf, w.vbuf};
+  HeadRows<T, A> rows{w.kbuf, w.vbuf, 0, s.kp};
   rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
 
   for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
@@ -845,17 +853,17 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
       fill(dQ, qn * Dp, A(0));
       const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
       if (k_hi > c0) {
-        pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
+        pack_queries<T, A>(p, b, h, i0, qn, lanes, s.qp, w.qT, w.qrows, w.tmp);
         for (int64_t l = 0; l < lanes; ++l) {
-          A* dst = w.dorows + l * Dvp;
+          A* dst = w.dorows + l * s.dop;
           if (l >= qn) {  // padding lanes: no probability, no gradient
-            fill(dst, Dvp, A(0));
+            fill(dst, s.dop, A(0));
             w.delta[l] = A(0);
             w.lse[l] = inf;
             continue;
           }
           load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
-          fill(dst + Dv, Dvp - Dv, A(0));
+          fill(dst + Dv, s.dop - Dv, A(0));
           const T* orow = o + (i0 + l) * p.out_row_stride;
           A sum = 0;
           for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<A>(orow[d]);
@@ -864,7 +872,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           const A lse = lse_bh[i0 + l];
           w.lse[l] = lse == -inf ? inf : lse;
         }
-        transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
+        transpose(w.dorows, s.dop, w.doT, lanes, lanes, Dv);
 
         for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
           const int64_t kn = imin(kKeyBlock, k_hi - j0);
@@ -889,7 +897,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
             PZ = w.PZ;
           }
           // dV += (P Z)^T dO
-          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, w.dorows, Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
+          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, w.dorows, s.dop, w.dV + (j0 - c0) * Dvp, Dvp,
                   Acc::kAdd);
           // dP^T = V dO^T, then dS^T = P^T (Z dP^T - delta) in place
           gemm<A>(kn, nv, Dv, vA, ldvA, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
@@ -901,7 +909,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
               vstore(dp, vload(w.S + j * lanes + cv * W) * (g - vload(w.delta + cv * W)));
             }
           // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
-          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, Dp, w.dK + (j0 - c0) * Dp, Dp,
+          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, s.qp, w.dK + (j0 - c0) * Dp, Dp,
                   Acc::kAdd);
           const int64_t SK = slice_keys(p);
           for (int64_t s0 = 0; s0 < kn; s0 += SK) {
