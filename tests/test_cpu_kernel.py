@@ -486,7 +486,7 @@ def test_stream_threshold_environment_variable():
 
 
 # The bf16 forward's own blocking (csrc/cpu/kernels/bf16_engine.h): 128-query tiles, 256-key
-# steps with a partial last one (on avx512_dot without masks: a first step of 64 keys, the
+# steps with a partial last one (on avx512_dot without masks: a first step of 128 keys, the
 # scores of the later ones kept in registers), K and V^T packed per head as the tiles first ask for keys (causal
 # tiles stop inside a key block and the next tile continues it), raw products scaled in the
 # softmax when there is no mask, and a running max that moves only by more than 2^8.
@@ -532,10 +532,10 @@ def test_bf16_queries_at_any_address_give_the_same_bits(offset, width, isa):
 
 
 @pytest.mark.parametrize("gain", [12, 60])
-@pytest.mark.parametrize("late_key", [5, 100, 300, 599])
+@pytest.mark.parametrize("late_key", [5, 200, 300, 599])
 def test_bf16_running_max_that_moves_after_settling(late_key, gain, isa):
     # Keys of ordinary scores settle every row's running max in the first step; one key far
-    # above them (in the first, a middle or the last step; key 100 lies in the second step of
+    # above them (in the first, a middle or the last step; key 200 lies in the second step of
     # the first packed key block where the first step is cut short, avx512_dot) must still
     # rescale what was summed. The forward first tries a step against the settled max (on
     # avx512_dot with its scores in registers) and redoes it when the max moves:
