@@ -349,6 +349,12 @@ struct HeadPacked {
   const bf16* vblock(const AttentionParams& p, int64_t j0) const { return vT + j0 * p.value_dim; }
 };
 
+// Zero pairs of P^T from key round_up(kn, 2) up to knp (the product runs over knp keys).
+inline void zero_pair_rows(bf16* pv, int64_t kn, int64_t knp, int64_t lanes) {
+  for (int64_t j = round_up(kn, 2); j < knp; j += 2)
+    std::memset(pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
+}
+
 // The softmax of a step whose scores are in w.S (masked, scaled unless raw): probabilities to
 // w.pv in bf16 pairs of keys, zero pairs up to knp. Returns whether a running max moved.
 inline bool stored_softmax_step(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
@@ -365,9 +371,23 @@ inline bool stored_softmax_step(const AttentionParams& p, int64_t b, int64_t h, 
                                  StorePairs<true>{w.pv, w.save, lanes, float(p.scale), {}})
           : softmax_block<float>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass,
                                  StorePairs<false>{w.pv, w.save, lanes, 1.0f, {}});
-  for (int64_t j = round_up(kn, 2); j < knp; j += 2)
-    std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
+  zero_pair_rows(w.pv, kn, knp, lanes);
   return moved;
+}
+
+// One column group (NV vectors of lanes from v0) of a settled raw step: in registers, or, where
+// that declines, its scores stored and softmax_cols run on them. Returns whether the group's
+// running max moved.
+template <typename G, int NV>
+bool fused_group_step(const AttentionParams& p, int64_t b, int64_t j0, int64_t kn, int64_t lanes,
+                      int64_t v0, const bf16* krows, Bf16FwdWork& w) {
+  if (fused_scores_softmax<NV>(p, b, j0, kn, lanes, v0, krows, w.qv, w.pv, w.m, w.l, w.alpha,
+                               w.mass, w.save))
+    return false;
+  G::gemm(kn, 16 * NV, p.head_dim, krows, p.head_dim, w.qv + 2 * 16 * v0, 2 * lanes,
+          w.S + 16 * v0, lanes, Acc::kSet, 1.0f);
+  StorePairs<true> out{w.pv, w.save, lanes, float(p.scale), {}};
+  return softmax_cols<float, NV>(p, b, j0, kn, lanes, v0, w.S, w.m, w.l, w.alpha, w.mass, out);
 }
 
 template <typename G>
@@ -409,26 +429,12 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
     hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
     bool moved = false;
     if (fuse && j0 > 0) {
-      // each column group in registers, or stored where that declines
+      const bf16* kr = hp.krows + j0 * D;
       const int64_t nv = lanes / 16;  // even: lanes is a multiple of 32
-      for (int64_t v0 = 0; v0 < nv; v0 += kSoftmaxGroup) {
-        const bool four = nv - v0 >= 4;
-        const bf16* kr = hp.krows + j0 * D;
-        if (four ? fused_scores_softmax<4>(p, b, j0, kn, lanes, v0, kr, w.qv, w.pv, w.m, w.l,
-                                           w.alpha, w.mass, w.save)
-                 : fused_scores_softmax<2>(p, b, j0, kn, lanes, v0, kr, w.qv, w.pv, w.m, w.l,
-                                           w.alpha, w.mass, w.save))
-          continue;
-        G::gemm(kn, four ? 64 : 32, D, kr, D, w.qv + 2 * 16 * v0, 2 * lanes, w.S + 16 * v0, lanes,
-                Acc::kSet, 1.0f);
-        StorePairs<true> out{w.pv, w.save, lanes, float(p.scale), {}};
-        moved |= four ? softmax_cols<float, 4>(p, b, j0, kn, lanes, v0, w.S, w.m, w.l, w.alpha,
-                                               w.mass, out)
-                      : softmax_cols<float, 2>(p, b, j0, kn, lanes, v0, w.S, w.m, w.l, w.alpha,
-                                               w.mass, out);
-      }
-      for (int64_t j = round_up(kn, 2); j < knp; j += 2)
-        std::memset(w.pv + j * lanes, 0, size_t(2 * lanes) * sizeof(bf16));
+      for (int64_t v0 = 0; v0 < nv; v0 += kSoftmaxGroup)
+        moved |= nv - v0 >= 4 ? fused_group_step<G, 4>(p, b, j0, kn, lanes, v0, kr, w)
+                              : fused_group_step<G, 2>(p, b, j0, kn, lanes, v0, kr, w);
+      zero_pair_rows(w.pv, kn, knp, lanes);
     } else {
       G::gemm(kn, lanes, D, hp.krows + j0 * D, D, w.qv, 2 * lanes, w.S, lanes, Acc::kSet,
               raw ? 1.0f : float(p.scale));
