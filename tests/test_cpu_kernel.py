@@ -977,8 +977,11 @@ def test_gradcheck_float64(kw, isa):
         dict(B=1, H=1, Lq=1, Lk=600, D=96, layout="blhd", rotation="shared"),
         dict(B=1, H=1, Lq=65, Lk=40, D=768, layout="strided", rotation="shared", rows="subset"),
         dict(B=1, H=2, Lq=270, Lk=130, D=136, rotation="per_head", rows="batch", causal=True),
+        # unmasked: on avx512_dot P and dS stay in registers; an odd last key block (259 = 2 x
+        # 128 + 3: its last key pairs with zero) and a query tile of 17 rows (32 lanes)
+        dict(B=2, H=2, Lq=81, Lk=259, D=64, Dv=48, rotation="shared", rows="subset"),
     ],
-    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided", "wide_tiles"],
+    ids=["features", "lq_ne_lk", "lq1_blhd", "d768_strided", "wide_tiles", "odd_keys_unmasked"],
 )
 def test_backward_matches_reference_autograd(kw, dtype, isa):
     case = make_case(dtype=dtype, seed=17, modalities=2, **kw)

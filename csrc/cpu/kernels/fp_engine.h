@@ -723,6 +723,18 @@ BwdShape bwd_shape(const AttentionBwdParams& p, int64_t qt) {
   return s;
 }
 
+// The backward's row term delta = sum_d dO[d] O[d], a vector at a time (O converted into buf,
+// Dv values, when its type is not A), instead of one dependent scalar FMA per value.
+template <typename T, typename A>
+inline A row_delta(const A* dorow, const T* orow, int64_t Dv, A* buf) {
+  if constexpr (same_type<T, A>::value) {
+    return dot(dorow, orow, Dv);
+  } else {
+    load_row(buf, orow, Dv);
+    return dot(dorow, static_cast<const A*>(buf), Dv);
+  }
+}
+
 template <typename T, typename A>
 BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s, size_t* bytes) {
   const int64_t D = p.head_dim, Dv = p.value_dim, QT = s.qt, KB = kKeyBlock;
@@ -864,10 +876,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           }
           load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
           fill(dst + Dv, s.dop - Dv, A(0));
-          const T* orow = o + (i0 + l) * p.out_row_stride;
-          A sum = 0;
-          for (int64_t d = 0; d < Dv; ++d) sum += dst[d] * to_acc<A>(orow[d]);
-          w.delta[l] = sum;
+          w.delta[l] = row_delta(dst, o + (i0 + l) * p.out_row_stride, Dv, w.tmp);
           // a row that saw no key (lse = -inf) has no probability: exp(s - inf) = 0
           const A lse = lse_bh[i0 + l];
           w.lse[l] = lse == -inf ? inf : lse;
