@@ -18,6 +18,9 @@
 //   vdpbf16ps / vfmadd231ps   the vector unit's bf16 dot product (32 multiply-adds) and float32
 //             FMA (16) at full throughput (12 independent chains): which of the two multiplies
 //             faster decides the avx512 variants' bf16 path (csrc/cpu/dispatch.cpp)
+//   vec_dp32 / vec_softmax / vec_dp32_softmax   the avx512_dot forward's mix on the vector unit
+//             alone: the 32 VDPBF16PS of 16 scores at head dim 64, one softmax vector, and the
+//             two in one loop (do they run side by side or take turns?)
 //
 // Built and run by bench/tile_probe.py (times are the best of several rounds, in ns).
 #include <immintrin.h>
@@ -133,6 +136,30 @@ struct FmaStep {
 __attribute__((noinline)) float dot_chains(int n) { return chains(n, DotStep{}); }
 __attribute__((noinline)) float fma_chains(int n) { return chains(n, FmaStep{}); }
 
+// Per round: the 32 VDPBF16PS that compute 16 scores at head dim 64 (16 independent chains, two
+// each), one softmax vector, or both in one loop body: whether the vector unit's softmax runs
+// beside its own dot products or takes turns with them (the avx512_dot forward's mix).
+template <bool kDots, bool kSoftmax>
+__attribute__((noinline)) float dots_and_softmax(int n) {
+  __m512 c[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) c[i] = _mm512_set1_ps(float(i));
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80);
+  __m512 sum = _mm512_setzero_ps();
+  for (int k = 0; k < n; ++k) {
+    if (kDots) {
+#pragma GCC unroll 32
+      for (int j = 0; j < 32; ++j) c[j % 16] = _mm512_dpbf16_ps(c[j % 16], a, a);
+    }
+    if (kSoftmax) sum = softmax_vector(k, sum);
+    __asm__ volatile("" : "+v"(a));
+  }
+  float s = _mm512_reduce_add_ps(sum);
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) s += _mm512_reduce_add_ps(c[i]);
+  return s;
+}
+
 volatile float g_sink;
 
 void vector_rates() {
@@ -141,6 +168,13 @@ void vector_rates() {
   const double fma = best_ns([](int) { g_sink = fma_chains(n); }, 1) / (12.0 * n);
   std::printf("vdpbf16ps_ns %.4f\n", dot);
   std::printf("vfmadd231ps_ns %.4f\n", fma);
+  for (int i = 0; i < 32 * 16; ++i) g_scores[i] = float(i % 7) - 3.0f;
+  const double d32 = best_ns([](int) { g_sink = dots_and_softmax<true, false>(n); }, 1) / n;
+  const double sm = best_ns([](int) { g_sink = dots_and_softmax<false, true>(n); }, 1) / n;
+  const double both = best_ns([](int) { g_sink = dots_and_softmax<true, true>(n); }, 1) / n;
+  std::printf("vec_dp32_ns %.3f\n", d32);
+  std::printf("vec_softmax_ns %.3f\n", sm);
+  std::printf("vec_dp32_softmax_ns %.3f\n", both);
 }
 
 }  // namespace

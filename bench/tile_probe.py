@@ -4,7 +4,8 @@ with the system C++ compiler (no torch), run on one thread.
     python -m bench.tile_probe
 
 Prints the vector unit's bf16 dot-product and float32 FMA rates (which one multiplies faster
-decides the bf16 path of the avx512 variants), and on CPUs with AMX-BF16 the tile unit's peak
+decides the bf16 path of the avx512 variants), whether the softmax runs beside the vector unit's
+own dot products or takes turns with them (the avx512_dot forward's bound), and on CPUs with AMX-BF16 the tile unit's peak
 (TDPBF16PS on tiles in registers), the bf16 forward's softmax work per 16 scores, whether the two
 overlap when interleaved, and the kernel's two product shapes (S^T = K Q^T at head dim 64,
 O^T += V^T P^T over 256 keys) as a fraction of that peak: the numbers that bound the bf16 forward
@@ -67,6 +68,12 @@ def run(exe: Optional[Path] = None, *, tiles: bool = True) -> Dict[str, float]:
     text = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     r = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
     r["dot_over_fma_macs"] = (32 / r["vdpbf16ps_ns"]) / (16 / r["vfmadd231ps_ns"])
+    d32, sm, both = r["vec_dp32_ns"], r["vec_softmax_ns"], r["vec_dp32_softmax_ns"]
+    r["vec_overlap"] = (d32 + sm) / both
+    # the avx512_dot forward per 16 scores at head dim 64: S^T's 32 dot products interleaved with
+    # the softmax, then O^T's 32 (4 * 16 * 64 flops)
+    r["vec_forward_bound_gflops"] = 4 * 16 * 64 / (both + d32)
+    r["vec_products_only_gflops"] = 4 * 16 * 64 / (2 * d32)
     if not tiles:
         return r
     dp, vec, k = r["dp_ns"], r["softmax_vector_ns"], r["softmax_vectors_per_dp"]
@@ -87,6 +94,12 @@ def report(r: Dict[str, float]) -> str:
         f"| VFMADD231PS (16 float32 multiply-adds) | {r['vfmadd231ps_ns']:.3f} ns |",
         f"| bf16 dot products / float32 FMAs, multiply-adds per second | "
         f"{r['dot_over_fma_macs']:.2f} (above 1: VDPBF16PS multiplies faster; below 1: float32 FMAs) |",
+        f"| 32 VDPBF16PS (16 scores at head dim 64) / one softmax vector / both in one loop | "
+        f"{r['vec_dp32_ns']:.2f} / {r['vec_softmax_ns']:.2f} / {r['vec_dp32_softmax_ns']:.2f} ns: "
+        f"overlap {r['vec_overlap']:.2f} (1 = they take turns, 2 = the softmax hides) |",
+        f"| avx512_dot forward at head dim 64 from these (S^T with the softmax, then O^T) | "
+        f"{r['vec_forward_bound_gflops']:.0f} GFLOP/s per core (products alone "
+        f"{r['vec_products_only_gflops']:.0f}) |",
     ]
     if "dp_ns" not in r:
         return "\n".join(rows)

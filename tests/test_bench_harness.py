@@ -64,7 +64,12 @@ def test_tile_probe_builds_and_measures(tmp_path):
         pytest.skip("this CPU has no AVX512_BF16: the probe is built, not run")
     r = tile_probe.run(exe, tiles=False)
     assert 0.0 < r["vdpbf16ps_ns"] < 100 and 0.0 < r["vfmadd231ps_ns"] < 100
-    assert "float32 FMAs" in tile_probe.report(r)
+    for key in ("vec_dp32_ns", "vec_softmax_ns", "vec_dp32_softmax_ns"):
+        assert 0.0 < r[key] < 1e4, key
+    # one loop doing both does no less than either alone, and no more than the two in turn + slack
+    assert 0.5 < r["vec_overlap"] <= 2.05
+    assert r["vec_forward_bound_gflops"] <= r["vec_products_only_gflops"] * 1.05
+    assert "float32 FMAs" in tile_probe.report(r) and "softmax hides" in tile_probe.report(r)
     if not tile_probe.cpu_has_amx():
         pytest.skip("this CPU has no AMX-BF16: the tile part is not run")
     r = tile_probe.run(exe)
