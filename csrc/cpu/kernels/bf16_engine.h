@@ -508,18 +508,18 @@ void bf16_fwd_run(const AttentionParams& p, const Plan& plan, int64_t begin, int
 //         FMA folds scale and lse, as the forward folds its running max), stored once in float
 //         (dS needs it) and once in bf16 rows (the A operand of dV += P^T dO);
 //   dS  = P (dP - delta)                           from each block of dP^T = V dO^T, stored only
-//         in bf16: as rows (dK += dS^T Q') and as pairs of keys (dQ'^T += K^T dS^T).
-// This saves a store and a reload of both float blocks and the three passes that converted them:
-// forward + backward 4-6 % faster at head dim 64 (docs/performance.md). Masks and dropout take the
-// stored path, which applies them between the product and the exponent.
+//         in bf16: as rows (dK += dS^T Q') and as pairs of keys (dQ'^T += K^T dS^T)
+// (bf16_product_epilogue with ProbsEpilogue and DScoresEpilogue). This saves a store and a reload
+// of both float blocks and the three passes that converted them: forward + backward 0.96x the
+// time at head dim 64 (docs/performance.md). Masks and dropout take the stored path, which applies
+// them between the product and the exponent.
 
-// MR keys x NV vectors of lanes of P from raw dot products; l2 = lse * log2(e) per lane (+inf on
-// padding lanes and rows without a visible key: P = 0 there).
-template <int MR, int NV>
-__attribute__((noinline)) void bwd_probs_kernel(int64_t K, const bf16* a, int64_t lda,
-                                                const bf16* b, int64_t ldb, __m512 c_mul,
-                                                const float* l2, float* P, bf16* pb,
-                                                int64_t ldp) {
+// One register block of MR keys x NV vectors of lanes: the products as bf16_micro_kernel's, then
+// epi.apply(r, v, acc) for every register in key order. The epilogue is a copy local to the
+// block, so what it carries from key to key (a pair's first half) stays in registers.
+template <int MR, int NV, typename Epi>
+__attribute__((noinline)) void bf16_block_epilogue(int64_t K, const bf16* a, int64_t lda,
+                                                   const bf16* b, int64_t ldb, Epi epi) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -529,118 +529,91 @@ __attribute__((noinline)) void bwd_probs_kernel(int64_t K, const bf16* a, int64_
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const __m512 t = _mm512_fmsub_ps(acc[r][v], c_mul, _mm512_loadu_ps(l2 + 16 * v));
-      const __m512 e = (__m512)exp2v((vec_t<float>)t);
-      _mm512_storeu_ps(P + r * ldp + 16 * v, e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * ldp + 16 * v),
-                          (__m256i)_mm512_cvtneps_pbh(e));
-    }
+    for (int v = 0; v < NV; ++v) epi.template apply<MR>(r, v, acc[r][v]);
 }
 
-// MR keys x NV vectors of lanes of dS = P (dP - delta) from the dot products of dP^T; bf16 rows
-// to dsb (row stride ldp) and pairs of keys to dsv (pair-row stride 2 ldp; MR odd only for the
-// last keys of all: the last one pairs with zero).
-template <int MR, int NV>
-__attribute__((noinline)) void bwd_dscores_kernel(int64_t K, const bf16* a, int64_t lda,
-                                                  const bf16* b, int64_t ldb, const float* P,
-                                                  const float* delta, bf16* dsb, bf16* dsv,
-                                                  int64_t ldp) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  bf16_dot_block<MR, NV>(K, a, lda, b, ldb, acc);
-  __m512 prev[NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(P + r * ldp + 16 * v),
-                                      _mm512_sub_ps(acc[r][v], _mm512_loadu_ps(delta + 16 * v)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb + r * ldp + 16 * v),
-                          (__m256i)_mm512_cvtneps_pbh(ds));
-      if (r % 2 == 0 && r + 1 < MR) {
-        prev[v] = ds;
-        continue;
-      }
-      bf16* dst = dsv + (r / 2) * 2 * ldp + 32 * v;
-      if (r % 2 == 1)
-        store_key_pair(dst, prev[v], ds);
-      else
-        store_key_pair(dst, ds, _mm512_setzero_ps());
-    }
-}
-
-// Row blocks of 6 keys (the tail 1 .. 5) for one column group of NV vectors.
-template <int NV, int R = 6>
-inline void bwd_probs_rows(int64_t rem, int64_t K, const bf16* a, int64_t lda, const bf16* b,
-                           int64_t ldb, __m512 c_mul, const float* l2, float* P, bf16* pb,
-                           int64_t ldp) {
+template <int NV, typename Epi, int R = 6>
+inline void bf16_rows_epilogue(int64_t rem, int64_t K, const bf16* a, int64_t lda, const bf16* b,
+                               int64_t ldb, const Epi& epi) {
   if constexpr (R > 0) {
     if (rem == R)
-      bwd_probs_kernel<R, NV>(K, a, lda, b, ldb, c_mul, l2, P, pb, ldp);
+      bf16_block_epilogue<R, NV>(K, a, lda, b, ldb, epi);
     else
-      bwd_probs_rows<NV, R - 1>(rem, K, a, lda, b, ldb, c_mul, l2, P, pb, ldp);
+      bf16_rows_epilogue<NV, Epi, R - 1>(rem, K, a, lda, b, ldb, epi);
   }
 }
 
-template <int NV, int R = 6>
-inline void bwd_dscores_rows(int64_t rem, int64_t K, const bf16* a, int64_t lda, const bf16* b,
-                             int64_t ldb, const float* P, const float* delta, bf16* dsb,
-                             bf16* dsv, int64_t ldp) {
-  if constexpr (R > 0) {
-    if (rem == R)
-      bwd_dscores_kernel<R, NV>(K, a, lda, b, ldb, P, delta, dsb, dsv, ldp);
-    else
-      bwd_dscores_rows<NV, R - 1>(rem, K, a, lda, b, ldb, P, delta, dsb, dsv, ldp);
-  }
-}
-
-// P of keys 0 .. kn (K rows at a, row stride lda; Q^T pairs qv) for every lane: float to P,
-// bf16 rows to pb (both row stride lanes, a multiple of 32).
-inline void bwd_fused_probs(int64_t kn, int64_t lanes, int64_t D, const bf16* a, int64_t lda,
-                            const bf16* qv, float c_mul, const float* l2, float* P, bf16* pb) {
-  const __m512 cm = _mm512_set1_ps(c_mul);
+// C^T = A B for keys 0 .. kn (A's rows at a, row stride lda; B in pairs, row stride 2 lanes) and
+// every lane (a multiple of 32), in 4- or 2-vector column groups of 6-key register blocks, each
+// block handed to the epilogue epi.block(first key, first lane vector) returns.
+template <typename Epi>
+void bf16_product_epilogue(int64_t kn, int64_t lanes, int64_t K, const bf16* a, int64_t lda,
+                           const bf16* b, const Epi& epi) {
   for (int64_t v0 = 0; v0 < lanes / 16; v0 += 4) {
     const bool four = lanes / 16 - v0 >= 4;
     for (int64_t r0 = 0; r0 < kn; r0 += 6) {
       const int64_t rem = imin<int64_t>(6, kn - r0);
-      const bf16* ar = a + r0 * lda;
-      const bf16* bv = qv + 32 * v0;
-      float* Pr = P + r0 * lanes + 16 * v0;
-      bf16* pr = pb + r0 * lanes + 16 * v0;
+      const Epi e = epi.block(r0, v0);
       if (four)
-        bwd_probs_rows<4>(rem, D, ar, lda, bv, 2 * lanes, cm, l2 + 16 * v0, Pr, pr, lanes);
+        bf16_rows_epilogue<4>(rem, K, a + r0 * lda, lda, b + 32 * v0, 2 * lanes, e);
       else
-        bwd_probs_rows<2>(rem, D, ar, lda, bv, 2 * lanes, cm, l2 + 16 * v0, Pr, pr, lanes);
+        bf16_rows_epilogue<2>(rem, K, a + r0 * lda, lda, b + 32 * v0, 2 * lanes, e);
     }
   }
 }
 
-// dS of keys 0 .. kn (V rows at a, row stride lda; dO^T pairs doTv; P from bwd_fused_probs):
-// bf16 rows to dsb, pairs of keys to dsv, zero pairs from round_up(kn, 2) up to knp.
-inline void bwd_fused_dscores(int64_t kn, int64_t knp, int64_t lanes, int64_t Dv, const bf16* a,
-                              int64_t lda, const bf16* doTv, const float* P, const float* delta,
-                              bf16* dsb, bf16* dsv) {
-  for (int64_t v0 = 0; v0 < lanes / 16; v0 += 4) {
-    const bool four = lanes / 16 - v0 >= 4;
-    for (int64_t r0 = 0; r0 < kn; r0 += 6) {
-      const int64_t rem = imin<int64_t>(6, kn - r0);
-      const bf16* ar = a + r0 * lda;
-      const bf16* bv = doTv + 32 * v0;
-      const float* Pr = P + r0 * lanes + 16 * v0;
-      bf16* dr = dsb + r0 * lanes + 16 * v0;
-      bf16* dv = dsv + r0 * lanes + 32 * v0;  // pair row r0 / 2, row stride 2 lanes
-      if (four)
-        bwd_dscores_rows<4>(rem, Dv, ar, lda, bv, 2 * lanes, Pr, delta + 16 * v0, dr, dv, lanes);
-      else
-        bwd_dscores_rows<2>(rem, Dv, ar, lda, bv, 2 * lanes, Pr, delta + 16 * v0, dr, dv, lanes);
-    }
+// P = 2^(s c_mul - l2) of raw dot products s, l2 = lse * log2(e) per lane (+inf on padding lanes
+// and rows without a visible key: P = 0 there): float rows to P, bf16 rows to pb (row stride ld).
+struct ProbsEpilogue {
+  __m512 c_mul;
+  const float* l2;
+  float* P;
+  bf16* pb;
+  int64_t ld;
+  ProbsEpilogue block(int64_t r0, int64_t v0) const {
+    return {c_mul, l2 + 16 * v0, P + r0 * ld + 16 * v0, pb + r0 * ld + 16 * v0, ld};
   }
-  zero_pair_rows(dsv, kn, knp, lanes);
-}
+  template <int MR>
+  void apply(int r, int v, __m512 acc) {
+    const __m512 t = _mm512_fmsub_ps(acc, c_mul, _mm512_loadu_ps(l2 + 16 * v));
+    const __m512 e = (__m512)exp2v((vec_t<float>)t);
+    _mm512_storeu_ps(P + r * ld + 16 * v, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * ld + 16 * v),
+                        (__m256i)_mm512_cvtneps_pbh(e));
+  }
+};
+
+// dS = P (dP - delta) of the dot products dP: bf16 rows to dsb (row stride ld) and pairs of keys
+// to dsv (pair-row stride 2 ld; an odd block only ends the keys of all: its last key pairs with
+// zero).
+struct DScoresEpilogue {
+  const float* P;
+  const float* delta;
+  bf16* dsb;
+  bf16* dsv;
+  int64_t ld;
+  __m512 prev[4];
+  DScoresEpilogue block(int64_t r0, int64_t v0) const {
+    return {P + r0 * ld + 16 * v0, delta + 16 * v0, dsb + r0 * ld + 16 * v0,
+            dsv + r0 * ld + 32 * v0, ld, {}};  // pair row r0 / 2 (r0 even)
+  }
+  template <int MR>
+  void apply(int r, int v, __m512 acc) {
+    const __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(P + r * ld + 16 * v),
+                                    _mm512_sub_ps(acc, _mm512_loadu_ps(delta + 16 * v)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb + r * ld + 16 * v),
+                        (__m256i)_mm512_cvtneps_pbh(ds));
+    if (r % 2 == 0 && r + 1 < MR) {
+      prev[v] = ds;
+      return;
+    }
+    bf16* dst = dsv + (r / 2) * 2 * ld + 32 * v;
+    if (r % 2 == 1)
+      store_key_pair(dst, prev[v], ds);
+    else
+      store_key_pair(dst, ds, _mm512_setzero_ps());
+  }
+};
 
 struct Bf16BwdWork {
   float *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQT, *dK, *dV, *rpad,
@@ -758,12 +731,13 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
       for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t kn = imin(kKeyBlock, k_hi - j0), knp = round_up(kn, 32);
         if (fuse) {
-          bwd_fused_probs(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, c_mul,
-                          w.lse, w.S, w.pb);
+          bf16_product_epilogue(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv,
+                                ProbsEpilogue{_mm512_set1_ps(c_mul), w.lse, w.S, w.pb, lanes});
           G::gemm(kn, Dvp, lanes, w.pb, lanes, w.dov, 2 * Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
                   Acc::kAdd);
-          bwd_fused_dscores(kn, knp, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv,
-                            w.S, w.delta, w.dsb, w.dsv);
+          bf16_product_epilogue(kn, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv,
+                                DScoresEpilogue{w.S, w.delta, w.dsb, w.dsv, lanes, {}});
+          zero_pair_rows(w.dsv, kn, knp, lanes);
           G::gemm(kn, Dp, lanes, w.dsb, lanes, w.qrv, 2 * Dp, w.dK + (j0 - c0) * Dp, Dp,
                   Acc::kAdd);
           G::gemm(D, lanes, knp, w.kT + (j0 - c0), ckp, w.dsv, 2 * lanes, w.dQT, lanes,
