@@ -174,11 +174,7 @@ __attribute__((noinline)) void scores_softmax_kernel(int64_t K, const bf16* a, i
                                                      FusedSoftmax& st) {
   using V = vec_t<float>;
   __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  bf16_dot_block<MR, NV>(K, a, lda, b, ldb, acc);
+  bf16_dot_block_from_zero<MR, NV>(K, a, lda, b, ldb, acc);
   const V c_mul = (V)st.c_mul;
   __m512 prev[NV];
 #pragma GCC unroll 8
@@ -523,11 +519,7 @@ template <int MR, int NV, typename Epi>
 __attribute__((noinline)) void bf16_block_epilogue(int64_t K, const bf16* a, int64_t lda,
                                                    const bf16* b, int64_t ldb, Epi epi) {
   __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  bf16_dot_block<MR, NV>(K, a, lda, b, ldb, acc);
+  bf16_dot_block_from_zero<MR, NV>(K, a, lda, b, ldb, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
@@ -732,51 +724,50 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
 
       for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t kn = imin(kKeyBlock, k_hi - j0), knp = round_up(kn, 32);
+        // P^T = exp(S^T - lse), and its bf16 rows (with dropout: of P Z)
+        const float* PZ = w.S;
         if (fuse) {
           bf16_product_epilogue(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv,
                                 ProbsEpilogue{_mm512_set1_ps(c_mul), w.lse, w.S, w.pb, lanes});
-          G::gemm(kn, Dvp, lanes, w.pb, lanes, w.dov, 2 * Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
-                  Acc::kAdd);
+        } else {
+          G::gemm(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, 2 * lanes, w.S,
+                  lanes, Acc::kSet, scale);
+          if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
+          for (int64_t j = 0; j < kn; ++j)
+            for (int64_t l = 0; l < lanes; l += 16) {
+              float* sp = w.S + j * lanes + l;
+              vstore(sp, exp2v((vload(sp) - vload(w.lse + l)) * log2e<float>()));
+            }
+          if (dropout) {
+            dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.Z, false);
+            for (int64_t i = 0; i < kn * lanes; i += 16)
+              vstore(w.PZ + i, vload(w.S + i) * vload(w.Z + i));
+            PZ = w.PZ;
+          }
+          for (int64_t j = 0; j < kn; ++j) pack_row_bf16(PZ + j * lanes, w.pb + j * lanes, lanes);
+        }
+        // dV += (P Z)^T dO
+        G::gemm(kn, Dvp, lanes, w.pb, lanes, w.dov, 2 * Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
+                Acc::kAdd);
+        // dP^T = V dO^T ; dS^T = P^T (Z dP^T - delta), as bf16 rows and pairs of keys
+        if (fuse) {
           bf16_product_epilogue(kn, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv,
                                 DScoresEpilogue{w.S, w.delta, w.dsb, w.dsv, lanes, {}});
           zero_pair_rows(w.dsv, kn, knp, lanes);
-          G::gemm(kn, Dp, lanes, w.dsb, lanes, w.qrv, 2 * Dp, w.dK + (j0 - c0) * Dp, Dp,
-                  Acc::kAdd);
-          G::gemm(D, lanes, knp, w.kT + (j0 - c0), ckp, w.dsv, 2 * lanes, w.dQT, lanes,
-                  Acc::kAdd);
-          continue;
+        } else {
+          G::gemm(kn, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv, 2 * lanes,
+                  w.dP, lanes, Acc::kSet);
+          for (int64_t j = 0; j < kn; ++j)
+            for (int64_t l = 0; l < lanes; l += 16) {
+              float* dp = w.dP + j * lanes + l;
+              vec_t<float> g = vload(dp);
+              if (dropout) g *= vload(w.Z + j * lanes + l);
+              vstore(dp, vload(w.S + j * lanes + l) * (g - vload(w.delta + l)));
+            }
+          for (int64_t j = 0; j < kn; ++j)
+            pack_row_bf16(w.dP + j * lanes, w.dsb + j * lanes, lanes);
+          pack_vnni(w.dP, lanes, kn, knp, lanes, w.dsv);
         }
-        G::gemm(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv, 2 * lanes, w.S,
-                lanes, Acc::kSet, scale);
-        if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
-        for (int64_t j = 0; j < kn; ++j)
-          for (int64_t l = 0; l < lanes; l += 16) {
-            float* sp = w.S + j * lanes + l;
-            vstore(sp, exp2v((vload(sp) - vload(w.lse + l)) * log2e<float>()));
-          }
-        const float* PZ = w.S;
-        if (dropout) {
-          dropout_block<float>(p, b, h, i0, j0, kn, lanes, w.Z, false);
-          for (int64_t i = 0; i < kn * lanes; i += 16)
-            vstore(w.PZ + i, vload(w.S + i) * vload(w.Z + i));
-          PZ = w.PZ;
-        }
-        // dV += (P Z)^T dO
-        for (int64_t j = 0; j < kn; ++j) pack_row_bf16(PZ + j * lanes, w.pb + j * lanes, lanes);
-        G::gemm(kn, Dvp, lanes, w.pb, lanes, w.dov, 2 * Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
-                Acc::kAdd);
-        // dP^T = V dO^T ; dS^T = P^T (Z dP^T - delta)
-        G::gemm(kn, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv, 2 * lanes, w.dP,
-                lanes, Acc::kSet);
-        for (int64_t j = 0; j < kn; ++j)
-          for (int64_t l = 0; l < lanes; l += 16) {
-            float* dp = w.dP + j * lanes + l;
-            vec_t<float> g = vload(dp);
-            if (dropout) g *= vload(w.Z + j * lanes + l);
-            vstore(dp, vload(w.S + j * lanes + l) * (g - vload(w.delta + l)));
-          }
-        for (int64_t j = 0; j < kn; ++j) pack_row_bf16(w.dP + j * lanes, w.dsb + j * lanes, lanes);
-        pack_vnni(w.dP, lanes, kn, knp, lanes, w.dsv);
         // dK += dS^T Q' (scaled at the end) ; dQ'^T += K^T dS^T
         G::gemm(kn, Dp, lanes, w.dsb, lanes, w.qrv, 2 * Dp, w.dK + (j0 - c0) * Dp, Dp, Acc::kAdd);
         G::gemm(D, lanes, knp, w.kT + (j0 - c0), ckp, w.dsv, 2 * lanes, w.dQT, lanes, Acc::kAdd);

@@ -49,6 +49,19 @@ __attribute__((always_inline)) inline void bf16_dot_block(int64_t K, const bf16*
   }
 }
 
+// The same from zero accumulators: acc[r][v] = sum_k A[r][k] B[k][16 v ..].
+template <int MR, int NV>
+__attribute__((always_inline)) inline void bf16_dot_block_from_zero(int64_t K, const bf16* a,
+                                                                    int64_t lda, const bf16* b,
+                                                                    int64_t ldb,
+                                                                    __m512 (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  bf16_dot_block<MR, NV>(K, a, lda, b, ldb, acc);
+}
+
 template <int MR, int NV>
 __attribute__((noinline)) void bf16_micro_kernel(int64_t K, const bf16* a, int64_t lda,
                                                  const bf16* b, int64_t ldb, float* c,
