@@ -168,6 +168,20 @@ inline VT<float>::v exp2v_coarse(VT<float>::v tv) {
   const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
   return (VT<float>::v)_mm512_maskz_scalef_ps(keep, p, t);
 }
+// exp2v_coarse without the mask: t below -126 gives the subnormal 2^t (the bf16 conversion that
+// follows flushes it to zero), -inf gives 0 (VREDUCEPS returns 0 for infinities), NaN stays NaN.
+// One instruction less on the multiply pipes, for the avx512_dot forward: on the AMD CPUs that
+// run it by default, subnormal results and sums cost no more than normal ones (Intel CPUs may
+// take microcode assists on them, and run the masked exp2v_coarse).
+inline VT<float>::v exp2v_coarse_subnormal(VT<float>::v tv) {
+  const __m512 t = (__m512)tv;
+  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(7.8024087464149142e-2f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.2606699247434053e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9583401837859904e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9992512472860573e-1f));
+  return (VT<float>::v)_mm512_scalef_ps(p, t);
+}
 #else
 inline VT<float>::v exp2v(VT<float>::v t) {
   using V = VT<float>::v;
