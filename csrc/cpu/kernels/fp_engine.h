@@ -250,6 +250,8 @@ struct HeadRows {
   A* vbuf;  // rows x vpitch: V converted / packed
   int64_t vpitch = 0;  // row pitch of vbuf (0: Dvp); the forward sets fwd_v_pitch
   int64_t kpitch = 0;  // row pitch of kbuf (0: Dp); the backward sets BwdShape::kp
+  A* vpanels = nullptr;  // V's rows also in panels (B of O += P V), panel stride vps, if set
+  int64_t vps = 0;
   int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
   // Row `first` of K and V for the products and their row strides: the packed buffers, or the
   // tensors themselves where their rows are already contiguous, padded and of type A.
@@ -286,6 +288,8 @@ struct HeadRows {
         fill(dst + Dv, vld - Dv, A(0));
       }
     }
+    if (vpanels != nullptr && j1 > end)
+      pack_panels<A>(v0, vld, end - first, j1 - first, Dvp / VT<A>::W, vpanels, vps);
     end = imax(end, j1);
   }
   // K of row j as broadcast operand and its row stride
@@ -307,6 +311,10 @@ struct HeadRows {
   const A* vB(int64_t j, int64_t* ld) const {
     *ld = vld;
     return v0 + (j - first) * vld;
+  }
+  BOperand<A> vB(int64_t j) const {
+    if (vpanels != nullptr) return BOperand<A>{vpanels + (j - first) * kPanel<A>, kPanel<A>, vps};
+    return BOperand<A>{v0 + (j - first) * vld, vld};
   }
 };
 
@@ -331,6 +339,16 @@ inline int64_t slice_keys(const AttentionParams& p) {
 // rows would have such a pitch are packed one vector longer; AVX-512's larger block measured
 // the same either way and reads them in place.
 // The same holds for the backward's rows of Q, dO and K (the B operands of dK, dV and dQ).
+// Wide heads read B operands whose rows span several panels from copies in panels (gemm.h): at
+// D = 768 the products' B rows are 3 KiB apart and a register block streams hundreds of them.
+inline bool wide_panels(const AttentionParams& p) { return p.head_dim + p.value_dim > 256; }
+
+// B from row k on (either layout: in panels ldb is the panel's row length).
+template <typename A>
+inline BOperand<A> from_row(BOperand<A> B, int64_t k) {
+  return BOperand<A>{B.b + k * B.ldb, B.ldb, B.bps};
+}
+
 template <typename A>
 inline int64_t row_pitch(const AttentionParams& p, int64_t padded) {
   const bool wide = p.head_dim + p.value_dim > 256;
@@ -345,6 +363,7 @@ inline int64_t fwd_v_pitch(const AttentionParams& p) {
 template <typename A>
 struct FwdWork {
   A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf, *mbuf;
+  A *qTp, *vpan;  // Q^T and V in panels (wide heads)
 };
 
 template <typename T, typename A>
@@ -366,6 +385,9 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.kbuf = c.take<A>(rows * Dp);
   w.vbuf = c.take<A>(rows * fwd_v_pitch<A>(p));
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
+  const bool wide = wide_panels(p);
+  w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
+  w.vpan = c.take<A>(wide ? panel_elems<A>(rows, Dvp / W) : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -619,6 +641,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const A inf = std::numeric_limits<A>::infinity();
 
   pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, nullptr, w.tmp);
+  const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide_panels(p), w.qTp);
   fill(w.O, qn * Dvp, A(0));
   fill(w.m, lanes, -inf);
   fill(w.l, lanes, A(0));
@@ -634,19 +657,16 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
     int64_t ldk;
     const A* kA = rows.kA(j0, &ldk);
-    gemm<A>(kn, nv, D, kA, ldk, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
+    gemm<A>(kn, nv, D, kA, ldk, 1, qB, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
     if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     softmax_block<A>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
     // dropout on the probabilities, after the statistics took them
     if (p.dropout_p > 0.0) dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.S, true);
     // O = O * alpha + P V  (P[i][j] = S[j][i])
     const int64_t SK = slice_keys(p);
-    for (int64_t s0 = 0; s0 < kn; s0 += SK) {
-      int64_t ldv;
-      const A* vB = rows.vB(j0 + s0, &ldv);
-      gemm<A>(qn, Dvp / W, imin(SK, kn - s0), w.S + s0 * lanes, 1, lanes, vB, ldv, w.O, Dvp,
-              s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd, s0 == 0 ? w.alpha : nullptr);
-    }
+    for (int64_t s0 = 0; s0 < kn; s0 += SK)
+      gemm<A>(qn, Dvp / W, imin(SK, kn - s0), w.S + s0 * lanes, 1, lanes, rows.vB(j0 + s0), w.O,
+              Dvp, s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd, s0 == 0 ? w.alpha : nullptr);
   }
 
   // epilogue: normalise, write out, lse, mass. A row that saw no key has l = 0: zeros, lse =
@@ -681,6 +701,10 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
   const int64_t qt = plan.param[1];
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
   HeadRows<T, A> rows{w.kbuf, w.vbuf, fwd_v_pitch<A>(p)};
+  if (wide_panels(p)) {
+    rows.vpanels = w.vpan;
+    rows.vps = imax<int64_t>(p.seqlen_k, 1) * kPanel<A>;
+  }
   const bool stream = stream_output<T>(p, plan.stream_bytes);
   for (int64_t t = begin; t < end; ++t)
     fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows, stream);
@@ -693,6 +717,7 @@ template <typename A>
 struct BwdWork {
   A *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQ, *dK, *dV, *kbuf,
       *vbuf, *rpad, *mbuf;
+  A *qTp, *doTp, *qrowsp, *dorowsp, *kpan;  // the B operands in panels (wide heads)
 };
 
 // Backward task = (batch, kv head, key chunk): it loops over the query heads that read the kv
@@ -760,6 +785,13 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
   w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
+  const bool wide = wide_panels(p);
+  constexpr int W = VT<A>::W;
+  w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
+  w.doTp = c.take<A>(wide ? panel_elems<A>(Dv, ceil_div(QT, W)) : 1);
+  w.qrowsp = c.take<A>(wide ? panel_elems<A>(QT, s.Dp / W) : 1);
+  w.dorowsp = c.take<A>(wide ? panel_elems<A>(QT, s.Dvp / W) : 1);
+  w.kpan = c.take<A>(wide ? panel_elems<A>(ck, s.Dp / W) : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -852,6 +884,10 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   // the chunk's K (and V) rows, packed once for every query head and tile
   HeadRows<T, A> rows{w.kbuf, w.vbuf, 0, s.kp};
   rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
+  const bool wide = wide_panels(p);
+  int64_t ldk0;
+  const A* krows0 = rows.kB(c0, &ldk0);
+  const BOperand<A> kP = panels_of<A>(krows0, ldk0, ck, Dp / W, wide, w.kpan);
 
   for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
     const int64_t bh = b * p.heads + h;
@@ -882,13 +918,17 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           w.lse[l] = lse == -inf ? inf : lse;
         }
         transpose(w.dorows, s.dop, w.doT, lanes, lanes, Dv);
+        const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide, w.qTp);
+        const BOperand<A> doB = panels_of<A>(w.doT, lanes, Dv, nv, wide, w.doTp);
+        const BOperand<A> dorowsB = panels_of<A>(w.dorows, s.dop, qn, Dvp / W, wide, w.dorowsp);
+        const BOperand<A> qrowsB = panels_of<A>(w.qrows, s.qp, qn, Dp / W, wide, w.qrowsp);
 
         for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
           const int64_t kn = imin(kKeyBlock, k_hi - j0);
           int64_t ldkA, ldvA;
           const A* kA = rows.kA(j0, &ldkA);
           const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
-          gemm<A>(kn, nv, D, kA, ldkA, 1, w.qT, lanes, w.S, lanes, Acc::kSet, nullptr, scale);
+          gemm<A>(kn, nv, D, kA, ldkA, 1, qB, w.S, lanes, Acc::kSet, nullptr, scale);
           if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
           // P^T = exp(S^T - lse)
           for (int64_t j = 0; j < kn; ++j)
@@ -906,10 +946,9 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
             PZ = w.PZ;
           }
           // dV += (P Z)^T dO
-          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, w.dorows, s.dop, w.dV + (j0 - c0) * Dvp, Dvp,
-                  Acc::kAdd);
+          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, dorowsB, w.dV + (j0 - c0) * Dvp, Dvp, Acc::kAdd);
           // dP^T = V dO^T, then dS^T = P^T (Z dP^T - delta) in place
-          gemm<A>(kn, nv, Dv, vA, ldvA, 1, w.doT, lanes, w.dP, lanes, Acc::kSet);
+          gemm<A>(kn, nv, Dv, vA, ldvA, 1, doB, w.dP, lanes, Acc::kSet);
           for (int64_t j = 0; j < kn; ++j)
             for (int64_t cv = 0; cv < nv; ++cv) {
               A* dp = w.dP + j * lanes + cv * W;
@@ -918,15 +957,11 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
               vstore(dp, vload(w.S + j * lanes + cv * W) * (g - vload(w.delta + cv * W)));
             }
           // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
-          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, w.qrows, s.qp, w.dK + (j0 - c0) * Dp, Dp,
-                  Acc::kAdd);
+          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, qrowsB, w.dK + (j0 - c0) * Dp, Dp, Acc::kAdd);
           const int64_t SK = slice_keys(p);
-          for (int64_t s0 = 0; s0 < kn; s0 += SK) {
-            int64_t ldk;
-            const A* kB = rows.kB(j0 + s0, &ldk);
-            gemm<A>(qn, Dp / W, imin(SK, kn - s0), w.dP + s0 * lanes, 1, lanes, kB, ldk, dQ, Dp,
-                    Acc::kAdd);
-          }
+          for (int64_t s0 = 0; s0 < kn; s0 += SK)
+            gemm<A>(qn, Dp / W, imin(SK, kn - s0), w.dP + s0 * lanes, 1, lanes,
+                    from_row(kP, j0 + s0 - c0), dQ, Dp, Acc::kAdd);
         }
       }
       if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);

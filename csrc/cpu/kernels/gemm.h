@@ -98,22 +98,72 @@ inline void cols_tail(int64_t rem, int64_t M, int64_t K, const A* a, int64_t ars
   }
 }
 
-// C (M x NVt vectors, row stride ldc) op= A (M x K, strides ars / aks) * B (K x NVt vectors,
-// row stride ldb). cs: M row scales for Acc::kRowScaleAdd; alpha: the factor of Acc::kSet,
-// applied to the finished sums (as torch's SDPA applies the softmax scale). Callers cut long
-// products over keys into slices that stay in L1 (kSliceKeys); cutting K = D into slices
-// measured no faster up to D = 768.
+// B's columns for one register block of vectors: a panel.
+template <typename A>
+constexpr int64_t kPanel = kNV * VT<A>::W;
+
+// B as the products read it: rows ldb apart; with bps > 0, in panels of kPanel<A> columns, panel
+// g at b + g * bps (its rows ldb = kPanel<A> apart, the last one possibly narrower).
+template <typename A>
+struct BOperand {
+  const A* b;
+  int64_t ldb, bps = 0;
+};
+
+// C (M x NVt vectors, row stride ldc) op= A (M x K, strides ars / aks) * B (K x NVt vectors).
+// cs: M row scales for Acc::kRowScaleAdd; alpha: the factor of Acc::kSet, applied to the
+// finished sums (as torch's SDPA applies the softmax scale). Callers cut long products over
+// keys into slices that stay in L1 (kSliceKeys); cutting K = D into slices measured no faster up
+// to D = 768. Each register block streams K rows of one panel of B: where B's rows are longer
+// than a panel and K is long, a copy in panels (pack_panels) is read as one contiguous stream
+// instead of K rows far apart, whose lines the prefetchers lose at every page (docs/performance.md).
+template <typename A>
+inline void gemm(int64_t M, int64_t NVt, int64_t K, const A* a, int64_t ars, int64_t aks,
+                 BOperand<A> B, A* c, int64_t ldc, Acc mode, const A* cs = nullptr,
+                 A alpha = A(1)) {
+  constexpr int W = VT<A>::W;
+  if (M <= 0 || NVt <= 0) return;
+  auto at = [&](int64_t v) { return B.bps > 0 ? B.b + (v / kNV) * B.bps : B.b + v * W; };
+  int64_t v = 0;
+  for (; v + kNV <= NVt; v += kNV)
+    gemm_cols<A, kNV>(M, K, a, ars, aks, at(v), B.ldb, c + v * W, ldc, mode, cs, alpha);
+  cols_tail<A, kNV - 1>(NVt - v, M, K, a, ars, aks, at(v), B.ldb, c + v * W, ldc, mode, cs,
+                        alpha);
+}
 template <typename A>
 inline void gemm(int64_t M, int64_t NVt, int64_t K, const A* a, int64_t ars, int64_t aks,
                  const A* b, int64_t ldb, A* c, int64_t ldc, Acc mode, const A* cs = nullptr,
                  A alpha = A(1)) {
+  gemm<A>(M, NVt, K, a, ars, aks, BOperand<A>{b, ldb}, c, ldc, mode, cs, alpha);
+}
+
+// Elements of B (K rows x NVt vectors) in panels: K rows of kPanel<A> per panel.
+template <typename A>
+inline int64_t panel_elems(int64_t K, int64_t NVt) {
+  return ((NVt + kNV - 1) / kNV) * K * kPanel<A>;
+}
+
+// Rows k0 .. k1 of B (rows ldb apart, NVt vectors) into the panels at dst, panel stride bps.
+template <typename A>
+inline void pack_panels(const A* b, int64_t ldb, int64_t k0, int64_t k1, int64_t NVt, A* dst,
+                        int64_t bps) {
   constexpr int W = VT<A>::W;
-  if (M <= 0 || NVt <= 0) return;
-  int64_t v = 0;
-  for (; v + kNV <= NVt; v += kNV)
-    gemm_cols<A, kNV>(M, K, a, ars, aks, b + v * W, ldb, c + v * W, ldc, mode, cs, alpha);
-  cols_tail<A, kNV - 1>(NVt - v, M, K, a, ars, aks, b + v * W, ldb, c + v * W, ldc, mode, cs,
-                        alpha);
+  constexpr int64_t P = kPanel<A>;
+  for (int64_t v = 0; v < NVt; v += kNV) {
+    const int64_t n = (NVt - v < kNV ? NVt - v : kNV) * W;
+    A* d = dst + (v / kNV) * bps;
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t x = 0; x < n; x += W) vstore(d + k * P + x, vload(b + k * ldb + v * W + x));
+  }
+}
+
+// B as the products should read it: in place where its rows fit one panel (or wide is false),
+// else copied into panels at buf (panel_elems(K, NVt) elements).
+template <typename A>
+inline BOperand<A> panels_of(const A* b, int64_t ldb, int64_t K, int64_t NVt, bool wide, A* buf) {
+  if (!wide || NVt <= kNV) return BOperand<A>{b, ldb};
+  pack_panels<A>(b, ldb, 0, K, NVt, buf, K * kPanel<A>);
+  return BOperand<A>{buf, kPanel<A>, K * kPanel<A>};
 }
 
 ROLLINGQ_KERNELS_END
