@@ -247,9 +247,7 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
 template <typename T, typename A>
 struct HeadRows {
   A* kbuf;  // rows x Dp: K converted (T != A) or packed as vector operand
-  A* vbuf;  // rows x vpitch: V converted / packed
-  int64_t vpitch = 0;  // row pitch of vbuf (0: Dvp); the forward sets fwd_v_pitch
-  int64_t kpitch = 0;  // row pitch of kbuf (0: Dp); the backward sets BwdShape::kp
+  A* vbuf;  // rows x Dvp: V converted / packed
   A* vpanels = nullptr;  // V's rows also in panels (B of O += P V), panel stride vps, if set
   int64_t vps = 0;
   int64_t key = -1, first = 0, end = 0;  // (b, h) packed, rows [first, end) of it
@@ -268,13 +266,12 @@ struct HeadRows {
       key = bh;
       first = end = j0;
       constexpr bool same = same_type<T, A>::value;
-      const int64_t vp = vpitch > 0 ? vpitch : Dvp, kp = kpitch > 0 ? kpitch : Dp;
-      k_packed = !(same && D == Dp && p.k_row_stride == D && kp == Dp);
-      v_packed = !(same && Dv == Dvp && p.v_row_stride == Dv && vp == Dvp);
+      k_packed = !(same && D == Dp && p.k_row_stride == D);
+      v_packed = !(same && Dv == Dvp && p.v_row_stride == Dv);
       k0 = k_packed ? kbuf : reinterpret_cast<const A*>(k) + j0 * D;
-      kld = k_packed ? kp : D;
+      kld = k_packed ? Dp : D;
       v0 = v_packed ? vbuf : reinterpret_cast<const A*>(v) + j0 * Dv;
-      vld = v_packed ? vp : Dv;
+      vld = v_packed ? Dvp : Dv;
     }
     for (int64_t j = end; j < j1; ++j) {
       if (k_packed) {
@@ -331,33 +328,17 @@ inline int64_t slice_keys(const AttentionParams& p) {
 
 // ---- forward ---------------------------------------------------------------------------------
 
-// Row pitch of the forward's V rows (the B operand of O += P V). A pitch that is a multiple of
-// 1 KiB puts the rows of a key slice on a few L1 sets (3 KiB rows: 4 of 64), and with 8-lane
-// vectors the product's register block is too small to hide the misses: at D = 768 on AVX2 it
-// ran at 68 % of the FMA peak from such rows and 81 % from rows one vector longer (one thread,
-// a Zen 4 core). So where vectors are narrower than 64 bytes, wide heads (D + Dv > 256) whose V
-// rows would have such a pitch are packed one vector longer; AVX-512's larger block measured
-// the same either way and reads them in place.
-// The same holds for the backward's rows of Q, dO and K (the B operands of dK, dV and dQ).
-// Wide heads read B operands whose rows span several panels from copies in panels (gemm.h): at
-// D = 768 the products' B rows are 3 KiB apart and a register block streams hundreds of them.
+// Wide heads (D + Dv > 256) read B operands whose rows span several panels from copies in
+// panels (gemm.h): at D = 768 the products' B rows are 3 KiB apart and a register block streams
+// hundreds of them, a new line each step and a new page every few (one thread, AVX2 build, all
+// five backward products at about 61 % of the FMA peak before). The copies made rows padded one
+// vector longer (which had kept such rows off a few L1 sets) no faster, so rows are not padded.
 inline bool wide_panels(const AttentionParams& p) { return p.head_dim + p.value_dim > 256; }
 
 // B from row k on (either layout: in panels ldb is the panel's row length).
 template <typename A>
 inline BOperand<A> from_row(BOperand<A> B, int64_t k) {
   return BOperand<A>{B.b + k * B.ldb, B.ldb, B.bps};
-}
-
-template <typename A>
-inline int64_t row_pitch(const AttentionParams& p, int64_t padded) {
-  const bool wide = p.head_dim + p.value_dim > 256;
-  const bool aliased = (padded * int64_t(sizeof(A))) % 1024 == 0;
-  return kVecBytes < 64 && wide && aliased ? padded + VT<A>::W : padded;
-}
-template <typename A>
-inline int64_t fwd_v_pitch(const AttentionParams& p) {
-  return row_pitch<A>(p, round_up(p.value_dim, VT<A>::W));
 }
 
 template <typename A>
@@ -383,7 +364,7 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.mass = c.take<A>(imax(p.num_modalities, 1) * QT);
   const int64_t rows = imax<int64_t>(p.seqlen_k, 1);
   w.kbuf = c.take<A>(rows * Dp);
-  w.vbuf = c.take<A>(rows * fwd_v_pitch<A>(p));
+  w.vbuf = c.take<A>(rows * Dvp);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
   const bool wide = wide_panels(p);
   w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
@@ -700,7 +681,7 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
                 void* ws) {
   const int64_t qt = plan.param[1];
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
-  HeadRows<T, A> rows{w.kbuf, w.vbuf, fwd_v_pitch<A>(p)};
+  HeadRows<T, A> rows{w.kbuf, w.vbuf};
   if (wide_panels(p)) {
     rows.vpanels = w.vpan;
     rows.vps = imax<int64_t>(p.seqlen_k, 1) * kPanel<A>;
@@ -724,7 +705,6 @@ struct BwdWork {
 // head and over the query tiles, so dK / dV of its keys are complete inside the task.
 struct BwdShape {
   int64_t qt, tiles, nc, chunk, Dp, Dvp, group;
-  int64_t qp, dop, kp;  // row pitches of the packed Q, dO and K rows (row_pitch)
 };
 
 template <typename A>
@@ -743,8 +723,6 @@ BwdShape bwd_shape(const AttentionBwdParams& p, int64_t qt) {
   s.nc = imax<int64_t>(1, ceil_div(Lk, s.chunk));
   s.Dp = round_up(p.head_dim, W);
   s.Dvp = round_up(p.value_dim, W);
-  s.qp = s.kp = row_pitch<A>(p, s.Dp);
-  s.dop = row_pitch<A>(p, s.Dvp);
   return s;
 }
 
@@ -769,8 +747,8 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   BwdWork<A> w;
   w.qT = c.take<A>(D * QT);
   w.tmp = c.take<A>(2 * imax(D, Dv) * QT);
-  w.qrows = c.take<A>(QT * s.qp);
-  w.dorows = c.take<A>(QT * s.dop);
+  w.qrows = c.take<A>(QT * s.Dp);
+  w.dorows = c.take<A>(QT * s.Dvp);
   w.doT = c.take<A>(Dv * QT);
   w.delta = c.take<A>(QT);
   w.lse = c.take<A>(QT);
@@ -781,7 +759,7 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.dQ = c.take<A>(QT * s.Dp);
   w.dK = c.take<A>(ck * s.Dp);
   w.dV = c.take<A>(ck * s.Dvp);
-  w.kbuf = c.take<A>(ck * s.kp);
+  w.kbuf = c.take<A>(ck * s.Dp);
   w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
   w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
@@ -882,7 +860,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   fill(w.dK, ck * Dp, A(0));
   fill(w.dV, ck * Dvp, A(0));
   // the chunk's K (and V) rows, packed once for every query head and tile
-  HeadRows<T, A> rows{w.kbuf, w.vbuf, 0, s.kp};
+  HeadRows<T, A> rows{w.kbuf, w.vbuf};
   rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
   const bool wide = wide_panels(p);
   int64_t ldk0;
@@ -901,27 +879,27 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
       fill(dQ, qn * Dp, A(0));
       const int64_t k_hi = imin(c1, causal_end(p, i0, qn));
       if (k_hi > c0) {
-        pack_queries<T, A>(p, b, h, i0, qn, lanes, s.qp, w.qT, w.qrows, w.tmp);
+        pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
         for (int64_t l = 0; l < lanes; ++l) {
-          A* dst = w.dorows + l * s.dop;
+          A* dst = w.dorows + l * Dvp;
           if (l >= qn) {  // padding lanes: no probability, no gradient
-            fill(dst, s.dop, A(0));
+            fill(dst, Dvp, A(0));
             w.delta[l] = A(0);
             w.lse[l] = inf;
             continue;
           }
           load_row(dst, dout + (i0 + l) * p.dout_row_stride, Dv);
-          fill(dst + Dv, s.dop - Dv, A(0));
+          fill(dst + Dv, Dvp - Dv, A(0));
           w.delta[l] = row_delta(dst, o + (i0 + l) * p.out_row_stride, Dv, w.tmp);
           // a row that saw no key (lse = -inf) has no probability: exp(s - inf) = 0
           const A lse = lse_bh[i0 + l];
           w.lse[l] = lse == -inf ? inf : lse;
         }
-        transpose(w.dorows, s.dop, w.doT, lanes, lanes, Dv);
+        transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
         const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide, w.qTp);
         const BOperand<A> doB = panels_of<A>(w.doT, lanes, Dv, nv, wide, w.doTp);
-        const BOperand<A> dorowsB = panels_of<A>(w.dorows, s.dop, qn, Dvp / W, wide, w.dorowsp);
-        const BOperand<A> qrowsB = panels_of<A>(w.qrows, s.qp, qn, Dp / W, wide, w.qrowsp);
+        const BOperand<A> dorowsB = panels_of<A>(w.dorows, Dvp, qn, Dvp / W, wide, w.dorowsp);
+        const BOperand<A> qrowsB = panels_of<A>(w.qrows, Dp, qn, Dp / W, wide, w.qrowsp);
 
         for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
           const int64_t kn = imin(kKeyBlock, k_hi - j0);
