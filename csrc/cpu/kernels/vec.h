@@ -158,15 +158,17 @@ inline VT<float>::v exp2v(VT<float>::v tv) {
 // 4e-3) before they are used: r = t - floor(t) in [0, 1) in one instruction (VREDUCEPS), a
 // degree-3 polynomial for 2^r fitted on [0, 1), and scalef multiplies by 2^floor(t) itself.
 // Not exact at t = 0 (0.99993): never use it where exactly 1 matters.
-inline VT<float>::v exp2v_coarse(VT<float>::v tv) {
-  const __m512 t = (__m512)tv;
+inline __m512 exp2_fraction_coarse(__m512 t) {
   const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(7.8024087464149142e-2f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.2606699247434053e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9583401837859904e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9992512472860573e-1f));
+  return _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9992512472860573e-1f));
+}
+inline VT<float>::v exp2v_coarse(VT<float>::v tv) {
+  const __m512 t = (__m512)tv;
   const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-  return (VT<float>::v)_mm512_maskz_scalef_ps(keep, p, t);
+  return (VT<float>::v)_mm512_maskz_scalef_ps(keep, exp2_fraction_coarse(t), t);
 }
 // exp2v_coarse without the mask: t below -126 gives the subnormal 2^t (the bf16 conversion that
 // follows flushes it to zero), -inf gives 0 (VREDUCEPS returns 0 for infinities), NaN stays NaN.
@@ -175,12 +177,7 @@ inline VT<float>::v exp2v_coarse(VT<float>::v tv) {
 // take microcode assists on them, and run the masked exp2v_coarse).
 inline VT<float>::v exp2v_coarse_subnormal(VT<float>::v tv) {
   const __m512 t = (__m512)tv;
-  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(7.8024087464149142e-2f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.2606699247434053e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9583401837859904e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9992512472860573e-1f));
-  return (VT<float>::v)_mm512_scalef_ps(p, t);
+  return (VT<float>::v)_mm512_scalef_ps(exp2_fraction_coarse(t), t);
 }
 #else
 inline VT<float>::v exp2v(VT<float>::v t) {
