@@ -303,12 +303,9 @@ struct HeadRows {
       return vbuf + (j - first) * Dvp;
     }
   }
-  // K and V of row j as vector operands and their row strides
+  // K of row j as vector operand and its row stride; V from row j as B of O += P V (in panels
+  // where vpanels is set)
   const A* kB(int64_t j, int64_t* ld) const { return kA(j, ld); }
-  const A* vB(int64_t j, int64_t* ld) const {
-    *ld = vld;
-    return v0 + (j - first) * vld;
-  }
   BOperand<A> vB(int64_t j) const {
     if (vpanels != nullptr) return BOperand<A>{vpanels + (j - first) * kPanel<A>, kPanel<A>, vps};
     return BOperand<A>{v0 + (j - first) * vld, vld};
