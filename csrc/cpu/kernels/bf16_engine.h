@@ -31,7 +31,7 @@ inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }
 // head's packed K and V^T, and the products' per-call overhead is spread over more lanes), 256
 // for wide heads as in the float engine.
 inline int64_t bf16_query_tile(const AttentionParams& p) {
-  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : 128;
+  return wide_head(p) ? kWideQueryTile : 128;
 }
 
 // Keys per online-softmax step of the bf16 forward: the output accumulator O^T goes through

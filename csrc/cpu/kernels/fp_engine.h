@@ -50,8 +50,11 @@ struct Carve {
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kWideQueryTile = 256;
 constexpr int64_t kMaxQueryTile = kWideQueryTile;
+// A wide head: D + Dv > 256. Wide heads take larger query tiles, whole key blocks per product
+// and (float products) B operands in panels.
+inline bool wide_head(const AttentionParams& p) { return p.head_dim + p.value_dim > 256; }
 inline int64_t fp_query_tile(const AttentionParams& p) {
-  return p.head_dim + p.value_dim > 256 ? kWideQueryTile : kQueryTile;
+  return wide_head(p) ? kWideQueryTile : kQueryTile;
 }
 // The query tile of a forward: `base` queries, unless the (batch, head) pairs times the tiles
 // of `base` are too few to keep every thread busy to the end: then the heads are cut into the
@@ -320,7 +323,7 @@ struct HeadRows {
 // accumulates its keys in order, through memory between slices.
 constexpr int64_t kSliceKeys = 64;
 inline int64_t slice_keys(const AttentionParams& p) {
-  return p.head_dim + p.value_dim > 256 ? kKeyBlock : kSliceKeys;
+  return wide_head(p) ? kKeyBlock : kSliceKeys;
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -330,7 +333,6 @@ inline int64_t slice_keys(const AttentionParams& p) {
 // hundreds of them, a new line each step and a new page every few (one thread, AVX2 build, all
 // five backward products at about 61 % of the FMA peak before). The copies made rows padded one
 // vector longer (which had kept such rows off a few L1 sets) no faster, so rows are not padded.
-inline bool wide_panels(const AttentionParams& p) { return p.head_dim + p.value_dim > 256; }
 
 // B from row k on (either layout: in panels ldb is the panel's row length).
 template <typename A>
@@ -363,7 +365,7 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.kbuf = c.take<A>(rows * Dp);
   w.vbuf = c.take<A>(rows * Dvp);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
-  const bool wide = wide_panels(p);
+  const bool wide = wide_head(p);
   w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
   w.vpan = c.take<A>(wide ? panel_elems<A>(rows, Dvp / W) : 1);
   if (bytes) *bytes = c.used;
@@ -619,7 +621,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const A inf = std::numeric_limits<A>::infinity();
 
   pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, nullptr, w.tmp);
-  const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide_panels(p), w.qTp);
+  const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide_head(p), w.qTp);
   fill(w.O, qn * Dvp, A(0));
   fill(w.m, lanes, -inf);
   fill(w.l, lanes, A(0));
@@ -679,7 +681,7 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
   const int64_t qt = plan.param[1];
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
-  if (wide_panels(p)) {
+  if (wide_head(p)) {
     rows.vpanels = w.vpan;
     rows.vps = imax<int64_t>(p.seqlen_k, 1) * kPanel<A>;
   }
@@ -760,7 +762,7 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
   w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
-  const bool wide = wide_panels(p);
+  const bool wide = wide_head(p);
   constexpr int W = VT<A>::W;
   w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
   w.doTp = c.take<A>(wide ? panel_elems<A>(Dv, ceil_div(QT, W)) : 1);
@@ -859,7 +861,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   // the chunk's K (and V) rows, packed once for every query head and tile
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
   rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
-  const bool wide = wide_panels(p);
+  const bool wide = wide_head(p);
   int64_t ldk0;
   const A* krows0 = rows.kB(c0, &ldk0);
   const BOperand<A> kP = panels_of<A>(krows0, ldk0, ck, Dp / W, wide, w.kpan);
