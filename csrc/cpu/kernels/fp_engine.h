@@ -697,7 +697,7 @@ template <typename A>
 struct BwdWork {
   A *qT, *tmp, *qrows, *dorows, *doT, *delta, *lse, *S, *dP, *Z, *PZ, *dQ, *dK, *dV, *kbuf,
       *vbuf, *rpad, *mbuf;
-  A *qTp, *doTp, *qrowsp, *dorowsp, *kpan;  // the B operands in panels (wide heads)
+  A *qTp, *qrowsp, *dorowsp, *kpan;  // the B operands in panels (wide heads; doT is made so)
 };
 
 // Backward task = (batch, kv head, key chunk): it loops over the query heads that read the kv
@@ -748,7 +748,7 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.tmp = c.take<A>(2 * imax(D, Dv) * QT);
   w.qrows = c.take<A>(QT * s.Dp);
   w.dorows = c.take<A>(QT * s.Dvp);
-  w.doT = c.take<A>(Dv * QT);
+  w.doT = c.take<A>(Dv * (wide_head(p) ? round_up(QT, kPanel<A>) : QT));
   w.delta = c.take<A>(QT);
   w.lse = c.take<A>(QT);
   w.S = c.take<A>(KB * QT);
@@ -765,7 +765,6 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   const bool wide = wide_head(p);
   constexpr int W = VT<A>::W;
   w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
-  w.doTp = c.take<A>(wide ? panel_elems<A>(Dv, ceil_div(QT, W)) : 1);
   w.qrowsp = c.take<A>(wide ? panel_elems<A>(QT, s.Dp / W) : 1);
   w.dorowsp = c.take<A>(wide ? panel_elems<A>(QT, s.Dvp / W) : 1);
   w.kpan = c.take<A>(wide ? panel_elems<A>(ck, s.Dp / W) : 1);
@@ -894,9 +893,12 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           const A lse = lse_bh[i0 + l];
           w.lse[l] = lse == -inf ? inf : lse;
         }
-        transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
+        // dO^T (B of dP^T = V dO^T): transposed straight into panels where they are wanted
+        const int64_t pw = wide && nv > kNV ? kPanel<A> : lanes;
+        for (int64_t l0 = 0; l0 < lanes; l0 += pw)
+          transpose(w.dorows + l0 * Dvp, Dvp, w.doT + l0 * Dv, pw, imin(pw, lanes - l0), Dv);
+        const BOperand<A> doB{w.doT, pw, pw < lanes ? Dv * pw : 0};
         const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide, w.qTp);
-        const BOperand<A> doB = panels_of<A>(w.doT, lanes, Dv, nv, wide, w.doTp);
         const BOperand<A> dorowsB = panels_of<A>(w.dorows, Dvp, qn, Dvp / W, wide, w.dorowsp);
         const BOperand<A> qrowsB = panels_of<A>(w.qrows, Dp, qn, Dp / W, wide, w.qrowsp);
 
