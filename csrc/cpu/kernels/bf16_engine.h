@@ -20,9 +20,10 @@
 ROLLINGQ_KERNELS_BEGIN
 
 // The bf16 engine needs even head dims (a bf16 pair is the unit of the dot products); the float
-// engine takes the others.
+// engine takes the others, and calls of a few queries: its tiles are at least 32 lanes wide,
+// where the float engine takes their scores by rows (few_queries).
 inline bool bf16_engine_applies(const AttentionParams& p) {
-  return p.head_dim % 2 == 0 && p.value_dim % 2 == 0;
+  return p.head_dim % 2 == 0 && p.value_dim % 2 == 0 && !few_queries<float>(p);
 }
 
 inline int64_t bf16_lanes(int64_t qn) { return round_up(qn, 32); }

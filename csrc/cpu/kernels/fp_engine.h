@@ -53,6 +53,21 @@ constexpr int64_t kMaxQueryTile = kWideQueryTile;
 // A wide head: D + Dv > 256. Wide heads take larger query tiles, whole key blocks per product
 // and (float products) B operands in panels.
 inline bool wide_head(const AttentionParams& p) { return p.head_dim + p.value_dim > 256; }
+// A call of at most kRowQueries<A> queries (decoding, a [CLS] row alone) takes its scores by
+// rows (gemm.h row_dots): with queries along lanes such a tile would use one lane of W and K's
+// products would do W times the work. The choice depends on the shape only (never on the thread
+// count, which moves the tiles), so no result depends on the thread count.
+template <typename A>
+inline bool few_queries(const AttentionParams& p) {
+  return p.seqlen_q <= kRowQueries<A>;
+}
+// Whether B operands are copied into panels: for wide heads, where each copy serves a tile of
+// many queries; a few queries would pay a copy of V (or of K, in the backward) per head for one
+// pass over it.
+template <typename A>
+inline bool use_panels(const AttentionParams& p) {
+  return wide_head(p) && !few_queries<A>(p);
+}
 inline int64_t fp_query_tile(const AttentionParams& p) {
   return wide_head(p) ? kWideQueryTile : kQueryTile;
 }
@@ -306,6 +321,11 @@ struct HeadRows {
       return vbuf + (j - first) * Dvp;
     }
   }
+  // V of row j by padded rows (Dvp values, zeros past Dv; want_v packs them where needed)
+  const A* vR(int64_t j, int64_t* ld) const {
+    *ld = vld;
+    return v0 + (j - first) * vld;
+  }
   // K of row j as vector operand and its row stride; V from row j as B of O += P V (in panels
   // where vpanels is set)
   const A* kB(int64_t j, int64_t* ld) const { return kA(j, ld); }
@@ -343,7 +363,8 @@ inline BOperand<A> from_row(BOperand<A> B, int64_t k) {
 template <typename A>
 struct FwdWork {
   A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf, *mbuf;
-  A *qTp, *vpan;  // Q^T and V in panels (wide heads)
+  A *qTp, *vpan;  // Q^T and V in panels (use_panels)
+  A* qrows;       // the queries by rows, padded to Dp (few_queries)
 };
 
 template <typename T, typename A>
@@ -365,9 +386,10 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.kbuf = c.take<A>(rows * Dp);
   w.vbuf = c.take<A>(rows * Dvp);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
-  const bool wide = wide_head(p);
-  w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
-  w.vpan = c.take<A>(wide ? panel_elems<A>(rows, Dvp / W) : 1);
+  const bool panels = use_panels<A>(p);
+  w.qTp = c.take<A>(panels ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
+  w.vpan = c.take<A>(panels ? panel_elems<A>(rows, Dvp / W) : 1);
+  w.qrows = c.take<A>(few_queries<A>(p) ? QT * Dp : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -620,8 +642,9 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const int64_t nv = ceil_div(qn, W), lanes = nv * W;
   const A inf = std::numeric_limits<A>::infinity();
 
-  pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, nullptr, w.tmp);
-  const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide_head(p), w.qTp);
+  const bool by_rows = few_queries<A>(p);
+  pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, by_rows ? w.qrows : nullptr, w.tmp);
+  const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, use_panels<A>(p), w.qTp);
   fill(w.O, qn * Dvp, A(0));
   fill(w.m, lanes, -inf);
   fill(w.l, lanes, A(0));
@@ -637,7 +660,10 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
     int64_t ldk;
     const A* kA = rows.kA(j0, &ldk);
-    gemm<A>(kn, nv, D, kA, ldk, 1, qB, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
+    if (by_rows)  // K's rows are padded to Dp with zeros (HeadRows), as are the query rows
+      row_dots<A>(kn, qn, Dp, kA, ldk, w.qrows, Dp, w.S, lanes, A(p.scale));
+    else
+      gemm<A>(kn, nv, D, kA, ldk, 1, qB, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
     if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     softmax_block<A>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
     // dropout on the probabilities, after the statistics took them
@@ -681,7 +707,7 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
   const int64_t qt = plan.param[1];
   FwdWork<A> w = carve_fwd<T, A>(static_cast<char*>(ws), p, qt, nullptr);
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
-  if (wide_head(p)) {
+  if (use_panels<A>(p)) {
     rows.vpanels = w.vpan;
     rows.vps = imax<int64_t>(p.seqlen_k, 1) * kPanel<A>;
   }
@@ -748,7 +774,8 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.tmp = c.take<A>(2 * imax(D, Dv) * QT);
   w.qrows = c.take<A>(QT * s.Dp);
   w.dorows = c.take<A>(QT * s.Dvp);
-  w.doT = c.take<A>(Dv * (wide_head(p) ? round_up(QT, kPanel<A>) : QT));
+  const bool panels = use_panels<A>(p);
+  w.doT = c.take<A>(Dv * (panels ? round_up(QT, kPanel<A>) : QT));
   w.delta = c.take<A>(QT);
   w.lse = c.take<A>(QT);
   w.S = c.take<A>(KB * QT);
@@ -759,15 +786,15 @@ BwdWork<A> carve_bwd(char* base, const AttentionBwdParams& p, const BwdShape& s,
   w.dK = c.take<A>(ck * s.Dp);
   w.dV = c.take<A>(ck * s.Dvp);
   w.kbuf = c.take<A>(ck * s.Dp);
-  w.vbuf = c.take<A>(same_type<T, A>::value ? 1 : ck * s.Dvp);
+  // V's rows packed: converted (T != A), or padded for row_dots (few_queries)
+  w.vbuf = c.take<A>(same_type<T, A>::value && !few_queries<A>(p) ? 1 : ck * s.Dvp);
   w.rpad = c.take<A>(p.rotation != nullptr ? D * s.Dp : 1);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
-  const bool wide = wide_head(p);
   constexpr int W = VT<A>::W;
-  w.qTp = c.take<A>(wide ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
-  w.qrowsp = c.take<A>(wide ? panel_elems<A>(QT, s.Dp / W) : 1);
-  w.dorowsp = c.take<A>(wide ? panel_elems<A>(QT, s.Dvp / W) : 1);
-  w.kpan = c.take<A>(wide ? panel_elems<A>(ck, s.Dp / W) : 1);
+  w.qTp = c.take<A>(panels ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
+  w.qrowsp = c.take<A>(panels ? panel_elems<A>(QT, s.Dp / W) : 1);
+  w.dorowsp = c.take<A>(panels ? panel_elems<A>(QT, s.Dvp / W) : 1);
+  w.kpan = c.take<A>(panels ? panel_elems<A>(ck, s.Dp / W) : 1);
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -855,12 +882,40 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
 
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  fill(w.dK, ck * Dp, A(0));
-  fill(w.dV, ck * Dvp, A(0));
-  // the chunk's K (and V) rows, packed once for every query head and tile
+  // dK / dV of the chunk's keys: rows c0 .. set_end hold sums; a block's first product sets
+  // the rows past set_end instead of adding to a zero-filled buffer (the same bits: the sums
+  // start at +0 either way), and rows no query reaches are written as zeros at the end. Where
+  // one (head, tile) visits every key (no GQA group, one tile) each block is final at once and
+  // is written out while it is in the cache.
+  int64_t set_end = c0;
+  const bool once = s.group == 1 && s.tiles == 1;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  auto write_keys = [&](int64_t j1, int64_t j2) {  // rows j1 .. j2 of the chunk to dk, dv
+    for (int64_t j = j1; j < j2; ++j) {
+      A* src = w.dK + (j - c0) * Dp;
+      A* vsrc = w.dV + (j - c0) * Dvp;
+      if (j >= set_end) {
+        fill(src, D, A(0));
+        fill(vsrc, Dv, A(0));
+      }
+      for (int64_t d = 0; d < D; ++d) src[d] *= scale;
+      store_row(dk + j * p.dk_row_stride, src, D);
+      store_row(dv + j * p.dv_row_stride, vsrc, Dv);
+    }
+  };
+  // C rows j0 .. j0 + kn of a dK / dV product: those below set_end add, the others are set
+  auto key_rows = [&](int64_t j0, int64_t kn, auto&& product) {
+    const int64_t r = imin(kn, imax<int64_t>(0, set_end - j0));
+    if (r > 0) product(int64_t(0), r, Acc::kAdd);
+    if (r < kn) product(r, kn - r, Acc::kSet);
+  };
+  // the chunk's K (and V) rows, packed once for every query head and tile; V's rows padded as
+  // well where the scores are taken by rows
+  const bool by_rows = few_queries<A>(p);
   HeadRows<T, A> rows{w.kbuf, w.vbuf};
-  rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, false);
-  const bool wide = wide_head(p);
+  rows.ensure(p, k, v, bk, c0, c1, Dp, Dvp, by_rows);
+  const bool wide = use_panels<A>(p);
   int64_t ldk0;
   const A* krows0 = rows.kB(c0, &ldk0);
   const BOperand<A> kP = panels_of<A>(krows0, ldk0, ck, Dp / W, wide, w.kpan);
@@ -895,7 +950,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
         }
         // dO^T (B of dP^T = V dO^T): transposed straight into panels where they are wanted
         const int64_t pw = wide && nv > kNV ? kPanel<A> : lanes;
-        for (int64_t l0 = 0; l0 < lanes; l0 += pw)
+        for (int64_t l0 = 0; l0 < lanes && !by_rows; l0 += pw)
           transpose(w.dorows + l0 * Dvp, Dvp, w.doT + l0 * Dv, pw, imin(pw, lanes - l0), Dv);
         const BOperand<A> doB{w.doT, pw, pw < lanes ? Dv * pw : 0};
         const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, wide, w.qTp);
@@ -906,8 +961,11 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           const int64_t kn = imin(kKeyBlock, k_hi - j0);
           int64_t ldkA, ldvA;
           const A* kA = rows.kA(j0, &ldkA);
-          const A* vA = rows.vA(p, v, j0, Dvp, &ldvA);
-          gemm<A>(kn, nv, D, kA, ldkA, 1, qB, w.S, lanes, Acc::kSet, nullptr, scale);
+          const A* vA = by_rows ? rows.vR(j0, &ldvA) : rows.vA(p, v, j0, Dvp, &ldvA);
+          if (by_rows)
+            row_dots<A>(kn, qn, Dp, kA, ldkA, w.qrows, Dp, w.S, lanes, scale);
+          else
+            gemm<A>(kn, nv, D, kA, ldkA, 1, qB, w.S, lanes, Acc::kSet, nullptr, scale);
           if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
           // P^T = exp(S^T - lse)
           for (int64_t j = 0; j < kn; ++j)
@@ -925,9 +983,15 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
             PZ = w.PZ;
           }
           // dV += (P Z)^T dO
-          gemm<A>(kn, Dvp / W, qn, PZ, lanes, 1, dorowsB, w.dV + (j0 - c0) * Dvp, Dvp, Acc::kAdd);
+          key_rows(j0, kn, [&](int64_t r0, int64_t rn, Acc mode) {
+            gemm<A>(rn, Dvp / W, qn, PZ + r0 * lanes, lanes, 1, dorowsB,
+                    w.dV + (j0 + r0 - c0) * Dvp, Dvp, mode);
+          });
           // dP^T = V dO^T, then dS^T = P^T (Z dP^T - delta) in place
-          gemm<A>(kn, nv, Dv, vA, ldvA, 1, doB, w.dP, lanes, Acc::kSet);
+          if (by_rows)
+            row_dots<A>(kn, qn, Dvp, vA, ldvA, w.dorows, Dvp, w.dP, lanes, A(1));
+          else
+            gemm<A>(kn, nv, Dv, vA, ldvA, 1, doB, w.dP, lanes, Acc::kSet);
           for (int64_t j = 0; j < kn; ++j)
             for (int64_t cv = 0; cv < nv; ++cv) {
               A* dp = w.dP + j * lanes + cv * W;
@@ -936,25 +1000,26 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
               vstore(dp, vload(w.S + j * lanes + cv * W) * (g - vload(w.delta + cv * W)));
             }
           // dK += dS^T Q' (scaled at the end) ; dQ' += dS K
-          gemm<A>(kn, Dp / W, qn, w.dP, lanes, 1, qrowsB, w.dK + (j0 - c0) * Dp, Dp, Acc::kAdd);
+          key_rows(j0, kn, [&](int64_t r0, int64_t rn, Acc mode) {
+            gemm<A>(rn, Dp / W, qn, w.dP + r0 * lanes, lanes, 1, qrowsB,
+                    w.dK + (j0 + r0 - c0) * Dp, Dp, mode);
+          });
+          set_end = imax(set_end, j0 + kn);
           const int64_t SK = slice_keys(p);
           for (int64_t s0 = 0; s0 < kn; s0 += SK)
             gemm<A>(qn, Dp / W, imin(SK, kn - s0), w.dP + s0 * lanes, 1, lanes,
                     from_row(kP, j0 + s0 - c0), dQ, Dp, Acc::kAdd);
+          if (once) write_keys(j0, j0 + kn);
         }
       }
       if (s.nc == 1) finish_dq<T, A>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
     }
   }
 
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
-  for (int64_t j = 0; j < ck; ++j) {
-    A* src = w.dK + j * Dp;
-    for (int64_t d = 0; d < D; ++d) src[d] *= scale;
-    store_row(dk + (c0 + j) * p.dk_row_stride, src, D);
-    store_row(dv + (c0 + j) * p.dv_row_stride, w.dV + j * Dvp, Dv);
-  }
+  if (once)
+    write_keys(set_end, c1);  // the keys no block reached (causal)
+  else
+    write_keys(c0, c1);
 }
 
 template <typename T, typename A>

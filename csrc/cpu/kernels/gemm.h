@@ -137,6 +137,73 @@ inline void gemm(int64_t M, int64_t NVt, int64_t K, const A* a, int64_t ars, int
   gemm<A>(M, NVt, K, a, ars, aks, BOperand<A>{b, ldb}, c, ldc, mode, cs, alpha);
 }
 
+// Scores of a few queries, by rows (the products above put queries along lanes, so a tile of
+// one query would fill one lane of W and do W times the work):
+//
+//   C[j][l] = alpha * sum_k a[j][k] * q[l][k]     j < M, l < N;  C[j][l] = 0 for N <= l < W
+//
+// Each (key, query) pair is a dot product along the rows, summed by halves at the end
+// (hsum_tree): the same work as the products for N = 1, and what reads K or V a row at a time
+// from memory costs anyway. The rows of a and q hold K elements, K a multiple of W (the caller
+// pads them with zeros); C's rows are one vector (N <= W / 2 < W lanes), ldc apart. Two keys per
+// pass, so that each query vector loaded serves both.
+template <typename A, int N>
+__attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int64_t lda,
+                                          const A* q, int64_t ldq, A* c, int64_t ldc, A alpha) {
+  using V = vec_t<A>;
+  constexpr int W = VT<A>::W;
+  static_assert(N >= 1 && N < W, "one vector of lanes per key");
+  auto finish = [&](const V (&acc)[N], A* row) {
+    V s{};
+#pragma GCC unroll 8
+    for (int l = 0; l < N; ++l) s[l] = hsum_tree<A>(acc[l]);
+    vstore(row, s * vbcast(alpha));  // x * 1 == x exactly
+  };
+  int64_t j = 0;
+  for (; j + 2 <= M; j += 2) {
+    V acc0[N], acc1[N];
+#pragma GCC unroll 8
+    for (int l = 0; l < N; ++l) acc0[l] = acc1[l] = V{};
+    const A* a0 = a + j * lda;
+    const A* a1 = a0 + lda;
+    for (int64_t k = 0; k < K; k += W) {
+      const V k0 = vload(a0 + k), k1 = vload(a1 + k);
+#pragma GCC unroll 8
+      for (int l = 0; l < N; ++l) {
+        const V qv = vload(q + l * ldq + k);
+        acc0[l] += k0 * qv;
+        acc1[l] += k1 * qv;
+      }
+    }
+    finish(acc0, c + j * ldc);
+    finish(acc1, c + (j + 1) * ldc);
+  }
+  if (j < M) {
+    V acc[N];
+#pragma GCC unroll 8
+    for (int l = 0; l < N; ++l) acc[l] = V{};
+    for (int64_t k = 0; k < K; k += W) {
+      const V kv = vload(a + j * lda + k);
+#pragma GCC unroll 8
+      for (int l = 0; l < N; ++l) acc[l] += kv * vload(q + l * ldq + k);
+    }
+    finish(acc, c + j * ldc);
+  }
+}
+
+// The queries a forward or backward takes by rows (row_dots): up to half a vector of them.
+template <typename A>
+constexpr int64_t kRowQueries = VT<A>::W / 2;
+
+template <typename A, int N = kRowQueries<A>>
+inline void row_dots(int64_t M, int64_t n, int64_t K, const A* a, int64_t lda, const A* q,
+                     int64_t ldq, A* c, int64_t ldc, A alpha) {
+  if constexpr (N > 0) {
+    if (n == N) return row_dots_n<A, N>(M, K, a, lda, q, ldq, c, ldc, alpha);
+    row_dots<A, N - 1>(M, n, K, a, lda, q, ldq, c, ldc, alpha);
+  }
+}
+
 // Elements of B (K rows x NVt vectors) in panels: K rows of kPanel<A> per panel.
 template <typename A>
 inline int64_t panel_elems(int64_t K, int64_t NVt) {

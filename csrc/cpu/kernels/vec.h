@@ -117,6 +117,29 @@ inline A hsum(vec_t<A> x) {
   return s;
 }
 
+// The lanes' sum by halves (lane l + w added to lane l, w = W/2, W/4, ..., 1): a few shuffles
+// instead of hsum's chain of W dependent adds, where the order of the sum is free to choose.
+template <typename A>
+inline A hsum_tree(vec_t<A> x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(x) == 64 && same_type<A, float>::value) return _mm512_reduce_add_ps(x);
+  if constexpr (sizeof(x) == 64 && same_type<A, double>::value) return _mm512_reduce_add_pd(x);
+#elif defined(__AVX2__)
+  if constexpr (sizeof(x) == 32 && same_type<A, float>::value) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  if constexpr (sizeof(x) == 32 && same_type<A, double>::value) {
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+#endif
+  for (int w = VT<A>::W / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) x[l] += x[l + w];
+  return x[0];
+}
+
 // sum_i x[i] y[i], i < n: two vector chains, then the tail
 template <typename A>
 inline A dot(const A* x, const A* y, int64_t n) {
