@@ -123,26 +123,34 @@ bool stream_output(const AttentionParams& p, int64_t stream_bytes) {
 
 // Per-modality key sums of one (batch, query head) over the non-padded keys it reads (its kv head
 // under grouped-query attention); the key counts of the batch entry when count. Keys with id -1
-// count nowhere.
+// count nowhere. Keys j0 .. j1, in order (a call from key 0 starts the sums): from `rows` (keys
+// j0 .. j1 already in type A, ld apart: the rows a forward's key block multiplies, so the sums
+// take no pass of their own over K) or else from the tensor.
 template <typename T, typename A>
-void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count) {
-  const int64_t Lk = p.seqlen_k, D = p.head_dim;
+void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count, int64_t j0 = 0,
+               int64_t j1 = -1, const A* rows = nullptr, int64_t ld = 0) {
+  const int64_t Lk = j1 < 0 ? p.seqlen_k : j1, D = p.head_dim;
   const int M = p.num_modalities;
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + kv_head(p, h) * p.k_head_stride;
   const int32_t* ids = p.key_modality + b * p.key_modality_batch_stride;
   const bool* pad = p.key_padding ? p.key_padding + b * p.key_padding_batch_stride : nullptr;
   A* ks = static_cast<A*>(p.key_sum) + (b * p.heads + h) * M * D;
-  fill(ks, M * D, A(0));
   A* kc = static_cast<A*>(p.key_count) + b * M;
-  if (count) fill(kc, M, A(0));
+  if (j0 == 0) {
+    fill(ks, M * D, A(0));
+    if (count) fill(kc, M, A(0));
+  }
   constexpr int64_t kChunk = 256;
   alignas(64) A row[kChunk];  // a bf16 key converted (load_row converts whole vectors)
-  for (int64_t j = 0; j < Lk; ++j) {
+  for (int64_t j = j0; j < Lk; ++j) {
     const int32_t id = ids[j];
     if (id < 0 || (pad && !pad[j])) continue;
     A* dst = ks + id * D;
     const T* kr = k + j * p.k_row_stride;
-    if constexpr (same_type<T, A>::value) {
+    if (rows != nullptr) {
+      const A* src = rows + (j - j0) * ld;
+      for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+    } else if constexpr (same_type<T, A>::value) {
       for (int64_t d = 0; d < D; ++d) dst[d] += kr[d];
     } else {
       for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
@@ -339,11 +347,17 @@ struct HeadRows {
 // slice of both operands stays in L1 while it is reused by every row block of C. Wide heads take
 // the whole block: there C (256 query rows x Dv, 768 KiB at Dv = 768) is read and written once
 // per slice and that traffic dominates (halving it measured 7-10 % faster with two threads at
-// D = 768; 32-key slices were 20 % slower). The sums are the same either way: every C element
-// accumulates its keys in order, through memory between slices.
+// D = 768; 32-key slices were 20 % slower). A few queries (few_queries) make C a few rows: wide
+// heads then take 8 keys, whose rows (24 KiB at D = 768) stay in L1 while the register blocks
+// take their panels one after another instead of each streaming the block's rows 3 KiB apart
+// (0.85-0.96x the forward's time at D = 768, Lq = 1..8). The sums are the same either way:
+// every C element accumulates its keys in order, through memory between slices.
 constexpr int64_t kSliceKeys = 64;
+constexpr int64_t kFewWideSliceKeys = 8;
+template <typename A>
 inline int64_t slice_keys(const AttentionParams& p) {
-  return wide_head(p) ? kKeyBlock : kSliceKeys;
+  if (wide_head(p)) return few_queries<A>(p) ? kFewWideSliceKeys : kKeyBlock;
+  return kSliceKeys;
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -636,9 +650,13 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
   const int M = p.num_modalities;
   const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
-  if (M > 0 && tile == 0) key_stats<T, A>(p, b, h, h == 0);
+  // the key sums are taken by the first tile, from the rows its key blocks multiply
+  const bool sums = M > 0 && tile == 0;
   const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
-  if (qn <= 0) return;
+  if (qn <= 0) {
+    if (sums) key_stats<T, A>(p, b, h, h == 0);
+    return;
+  }
   const int64_t nv = ceil_div(qn, W), lanes = nv * W;
   const A inf = std::numeric_limits<A>::infinity();
 
@@ -660,6 +678,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
     int64_t ldk;
     const A* kA = rows.kA(j0, &ldk);
+    if (sums) key_stats<T, A>(p, b, h, h == 0, j0, j0 + kn, kA, ldk);
     if (by_rows)  // K's rows are padded to Dp with zeros (HeadRows), as are the query rows
       row_dots<A>(kn, qn, Dp, kA, ldk, w.qrows, Dp, w.S, lanes, A(p.scale));
     else
@@ -669,11 +688,12 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     // dropout on the probabilities, after the statistics took them
     if (p.dropout_p > 0.0) dropout_block<A>(p, b, h, i0, j0, kn, lanes, w.S, true);
     // O = O * alpha + P V  (P[i][j] = S[j][i])
-    const int64_t SK = slice_keys(p);
+    const int64_t SK = slice_keys<A>(p);
     for (int64_t s0 = 0; s0 < kn; s0 += SK)
       gemm<A>(qn, Dvp / W, imin(SK, kn - s0), w.S + s0 * lanes, 1, lanes, rows.vB(j0 + s0), w.O,
               Dvp, s0 == 0 ? Acc::kRowScaleAdd : Acc::kAdd, s0 == 0 ? w.alpha : nullptr);
   }
+  if (sums) key_stats<T, A>(p, b, h, h == 0, k_end);  // keys past the tile's causal end
 
   // epilogue: normalise, write out, lse, mass. A row that saw no key has l = 0: zeros, lse =
   // -inf, zero mass. A NaN row sum (NaN in the row's scores, or an infinite score) gives NaN.
@@ -1005,7 +1025,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
                     w.dK + (j0 + r0 - c0) * Dp, Dp, mode);
           });
           set_end = imax(set_end, j0 + kn);
-          const int64_t SK = slice_keys(p);
+          const int64_t SK = slice_keys<A>(p);
           for (int64_t s0 = 0; s0 < kn; s0 += SK)
             gemm<A>(qn, Dp / W, imin(SK, kn - s0), w.dP + s0 * lanes, 1, lanes,
                     from_row(kP, j0 + s0 - c0), dQ, Dp, Acc::kAdd);
