@@ -17,6 +17,10 @@ Rows (``run()`` returns them as dicts):
   * dropout    dropout 0.1, forward plus backward, vs SDPA with dropout_p=0.1 (its CPU path
                materialises the L x L probabilities), plus the memory both add;
   * gqa        32 query heads over 8 kv heads vs the same call with K / V repeated to 32 heads;
+  * few        a few queries against many keys (scores taken by rows): decoding from a KV cache
+               (1 and 4 queries, 4096 keys, through scaled_dot_product_attention, float32 and
+               bfloat16) and RollingQ's [CLS] row alone at the paper's (16, 1, 1101, 768), with
+               rotation and statistics, forward + backward; shapes are (B, H, Lq, Lk, D);
   * tiny       per-call time of a (1, 1, 16, 64) call through the public function vs SDPA;
   * memory     peak memory the fused forward with statistics adds at (1, 8, 16384, 64);
   * variants   the bf16 call under every kernel variant this CPU runs (and float32), one process;
@@ -194,6 +198,59 @@ def bench_gqa(B=4, Hq=32, Hkv=8, L=1024, D=64, *, reps: int) -> Dict:
     }
 
 
+def bench_decode(B, H, Lq, Lk, D, dtype, *, reps: int) -> Dict:
+    """Lq new queries against a KV cache of Lk keys, through the drop-in for SDPA."""
+    from rollingq_kernels import scaled_dot_product_attention
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, H, Lk, D, generator=g).to(dtype) for _ in range(2))
+
+    def call(fn):
+        def run():
+            with torch.no_grad():
+                fn(q, k, v)
+
+        return run
+
+    row = _pair(
+        f"decode fwd, {Lq} quer{'y' if Lq == 1 else 'ies'}", (B, H, Lq, Lk, D), dtype,
+        call(scaled_dot_product_attention), call(F.scaled_dot_product_attention),
+        flops=attention_flops(B, H, Lq, Lk, D), reps=reps, warmup=2,
+    )  # fmt: skip
+    # memory-bound: what counts is how fast K and V stream in, not the GEMM fraction
+    kv = 2 * B * H * Lk * D * q.element_size()
+    row["kv_mib"] = kv / 2**20
+    row["fused_kv_gbs"] = kv / (row["fused_ms"] * 1e-3) / 1e9
+    row["sdpa_kv_gbs"] = kv / (row["sdpa_ms"] * 1e-3) / 1e9
+    return row
+
+
+def bench_cls_row(B, L, D, dtype, *, reps: int) -> Dict:
+    """RollingQ's [CLS] row alone (one query, rotated, two-modality statistics) against all L
+    tokens, forward + backward, vs SDPA forward + backward on the pre-rotated query."""
+    from rollingq_kernels import rolling_attention
+    from rollingq_kernels.reference import apply_rotation
+
+    q0, k0, v0, kw = make_inputs(B, 1, L, D, dtype=dtype)
+    q0 = q0[:, :, :1]
+    kw["rotated_queries"] = None
+    q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
+    q_rot = apply_rotation(q0, kw["rotation"], None).detach().requires_grad_()
+    grad = torch.randn(q.shape).to(dtype)
+
+    def fused():
+        out, _ = rolling_attention(q, k, v, backend="cpu", **kw)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    def sdpa():
+        out = F.scaled_dot_product_attention(q_rot, k, v)
+        torch.autograd.grad(out, (q_rot, k, v), grad)
+
+    flops = attention_flops(B, 1, 1, L, D, mode="fwd_bwd")
+    return _pair("[CLS] row fwd+bwd", (B, 1, 1, L, D), dtype, fused, sdpa, flops=flops, reps=reps)
+
+
 def bench_tiny(shape=(1, 1, 16, 64), calls: int = 500, *, reps: int) -> Dict:
     """Per-call microseconds of a tiny call through the public function (no statistics)."""
     from rollingq_kernels import rolling_attention
@@ -311,7 +368,7 @@ def bench_stream(shape, dtype, *, reps: int) -> Dict:
     }
 
 
-ALL = ("fwd", "fwd_bwd", "bias", "dropout", "gqa", "tiny", "memory", "variants", "stream")
+ALL = ("fwd", "fwd_bwd", "few", "bias", "dropout", "gqa", "tiny", "memory", "variants", "stream")
 
 
 def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = None) -> List[Dict]:
@@ -338,6 +395,14 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
                 for shape in shapes:
                     reps = 3 if quick or shape[3] > 64 else 5
                     rows.append(bench_forward_backward(shape, dtype, reps=reps))
+        if "few" in want:
+            Lk = 513 if quick else 4096
+            for dtype in (torch.float32, torch.bfloat16):
+                for Lq in (1, 4):
+                    rows.append(bench_decode(1, 32, Lq, Lk, 128, dtype, reps=r_fast))
+            for dtype in (torch.float32, torch.bfloat16):
+                B, L = (2, 301) if quick else (16, 1101)
+                rows.append(bench_cls_row(B, L, 768, dtype, reps=r_slow))
         mask_shape = (2, 4, 257, 64) if quick else MASK_SHAPE
         if "bias" in want:
             for kind in ("1,1,L,L", "B,1,1,L"):
@@ -442,6 +507,11 @@ def format_rows(rows: List[Dict]) -> str:
                 f"{r['gqa_over_repeated']:.2f}x the repeated call's time"
             )
             continue
+        if "kv_mib" in r:
+            notes.append(
+                f"{r['mode']}, {r['dtype']} ({shape}): K and V ({r['kv_mib']:.0f} MiB) read at "
+                f"{r['fused_kv_gbs']:.1f} GB/s fused, {r['sdpa_kv_gbs']:.1f} GB/s SDPA"
+            )
         if "fused_extra_mib" in r:
             notes.append(
                 f"{r['mode']} ({shape}): working memory fused {r['fused_extra_mib']:.1f} MiB, "
