@@ -712,6 +712,8 @@ FEW_QUERY_CASES = [
     ("dropout", dict(dropout_p=0.3)),
     ("causal_lower_right", dict(attn_mask="lower_right")),
     ("d64", dict(D=64)),
+    # K and V rows H * D apart (a (B, L, H, D) projection), read in place at that stride
+    ("kv_blhd_d64", dict(D=64, kv_layout="blhd")),
     ("wide_d760", dict(D=760, Lk=150)),
 ]
 
@@ -727,6 +729,9 @@ def test_few_queries_match_reference(name, extra, Lq, dtype, isa):
     g = torch.Generator().manual_seed(Lq * 31 + len(name))
     shape = {n: extra.pop(n) for n in ("H", "Hkv", "D") if n in extra}
     q, k, v, kw = _contract_case(dtype, Lq=Lq, Lk=Lk, seed=Lq + len(name), **shape)
+    if extra.pop("kv_layout", None) == "blhd":
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+        assert k.stride(2) == k.shape[1] * k.shape[3]
     B, H = q.shape[:2]
     if extra.pop("key_padding_mask", False):
         kw["key_padding_mask"] = torch.rand(B, Lk, generator=g) < 0.7
