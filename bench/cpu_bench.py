@@ -99,11 +99,13 @@ def bench_forward(shape, dtype=torch.float32, *, reps: int) -> Dict:
     )  # fmt: skip
 
 
-def bench_forward_backward(shape, dtype=torch.float32, *, reps: int) -> Dict:
+def _fwd_bwd_pair(name, shape, dtype, q0, k0, v0, kw, *, q_sdpa=None, flops, reps) -> Dict:
+    """Forward + backward of the fused call (arguments kw) against SDPA's on q_sdpa (default the
+    same queries), gradients for q, k, v."""
     from rollingq_kernels import rolling_attention
 
-    q0, k0, v0, kw = make_inputs(*shape, dtype=dtype)
     q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
+    qs = q if q_sdpa is None else q_sdpa.detach().requires_grad_()
     grad = torch.randn(q.shape).to(dtype)
 
     def fused():
@@ -111,11 +113,16 @@ def bench_forward_backward(shape, dtype=torch.float32, *, reps: int) -> Dict:
         torch.autograd.grad(out, (q, k, v), grad)
 
     def sdpa():
-        out = F.scaled_dot_product_attention(q, k, v)
-        torch.autograd.grad(out, (q, k, v), grad)
+        out = F.scaled_dot_product_attention(qs, k, v)
+        torch.autograd.grad(out, (qs, k, v), grad)
 
+    return _pair(name, shape, dtype, fused, sdpa, flops=flops, reps=reps)
+
+
+def bench_forward_backward(shape, dtype=torch.float32, *, reps: int) -> Dict:
+    q, k, v, kw = make_inputs(*shape, dtype=dtype)
     flops = attention_flops(*shape[:3], shape[2], shape[3], mode="fwd_bwd")
-    return _pair("fwd_bwd", shape, dtype, fused, sdpa, flops=flops, reps=reps)
+    return _fwd_bwd_pair("fwd_bwd", shape, dtype, q, k, v, kw, flops=flops, reps=reps)
 
 
 def bench_bias(kind: str, shape=MASK_SHAPE, *, reps: int) -> Dict:
@@ -229,26 +236,16 @@ def bench_decode(B, H, Lq, Lk, D, dtype, *, reps: int) -> Dict:
 def bench_cls_row(B, L, D, dtype, *, reps: int) -> Dict:
     """RollingQ's [CLS] row alone (one query, rotated, two-modality statistics) against all L
     tokens, forward + backward, vs SDPA forward + backward on the pre-rotated query."""
-    from rollingq_kernels import rolling_attention
     from rollingq_kernels.reference import apply_rotation
 
-    q0, k0, v0, kw = make_inputs(B, 1, L, D, dtype=dtype)
-    q0 = q0[:, :, :1]
+    q, k, v, kw = make_inputs(B, 1, L, D, dtype=dtype)
+    q = q[:, :, :1]
     kw["rotated_queries"] = None
-    q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
-    q_rot = apply_rotation(q0, kw["rotation"], None).detach().requires_grad_()
-    grad = torch.randn(q.shape).to(dtype)
-
-    def fused():
-        out, _ = rolling_attention(q, k, v, backend="cpu", **kw)
-        torch.autograd.grad(out, (q, k, v), grad)
-
-    def sdpa():
-        out = F.scaled_dot_product_attention(q_rot, k, v)
-        torch.autograd.grad(out, (q_rot, k, v), grad)
-
-    flops = attention_flops(B, 1, 1, L, D, mode="fwd_bwd")
-    return _pair("[CLS] row fwd+bwd", (B, 1, 1, L, D), dtype, fused, sdpa, flops=flops, reps=reps)
+    return _fwd_bwd_pair(
+        "[CLS] row fwd+bwd", (B, 1, 1, L, D), dtype, q, k, v, kw,
+        q_sdpa=apply_rotation(q, kw["rotation"], None),
+        flops=attention_flops(B, 1, 1, L, D, mode="fwd_bwd"), reps=reps,
+    )  # fmt: skip
 
 
 def bench_tiny(shape=(1, 1, 16, 64), calls: int = 500, *, reps: int) -> Dict:
