@@ -558,8 +558,10 @@ def test_bf16_running_max_that_moves_after_settling(late_key, gain, isa):
         dict(B=2, H=3, Lq=300, D=40, rotation="per_head", modalities=2, padding=True, causal=True),
         # one head: the backward splits the keys into chunks and sums their dq in a second phase
         dict(B=1, H=1, Lq=70, Lk=700, D=24, rotation="shared", rows="subset", modalities=2),
+        # a few queries: scores by rows, dK / dV written in place, key chunks
+        dict(B=1, H=2, Lq=3, Lk=700, D=64, rotation="shared", modalities=2),
     ],
-    ids=["many_heads", "one_head_key_chunks"],
+    ids=["many_heads", "one_head_key_chunks", "few_queries"],
 )
 def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
     # Tasks are cut by shape only and every element is reduced in a fixed order inside one task:
