@@ -883,7 +883,9 @@ def _check_contract(q, k, v, kw, dtype, what, grads=True):
     inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
     with nan_poisoned_outputs():
         out, stats = rolling_attention(*inputs, backend="cpu", **kw)
-    assert out.is_contiguous() or not q.is_contiguous()  # allocated in q's layout
+    # allocated in q's layout: (B, H, L, D) or (B, L, H, D) order, whichever q's strides have
+    for view in (lambda t: t, lambda t: t.transpose(1, 2)):
+        assert view(out).is_contiguous() or not view(q).is_contiguous()
     ref_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
     ref_out, ref = _reference64(*ref_in, kw)
     finite = torch.isfinite(ref_out)

@@ -68,6 +68,13 @@ template <typename A>
 inline bool use_panels(const AttentionParams& p) {
   return wide_head(p) && !few_queries<A>(p);
 }
+// Whether the forward packs K and V one key block at a time: with a few queries and no GQA group
+// to share them, packed rows serve one pass, and a block's rows stay in L2 where a whole head of
+// converted bf16 rows did not (0.77-0.99x the forward's time, bf16 decoding, one process).
+template <typename A>
+inline bool pack_per_block(const AttentionParams& p) {
+  return few_queries<A>(p) && p.heads == p.heads_kv;
+}
 inline int64_t fp_query_tile(const AttentionParams& p) {
   return wide_head(p) ? kWideQueryTile : kQueryTile;
 }
@@ -287,6 +294,8 @@ struct HeadRows {
   int64_t kld = 0, vld = 0;
   bool k_packed = true, v_packed = true;
 
+  // The next ensure() packs from its first row into the start of the buffers.
+  void restart() { key = -1; }
   // Make rows [j0, j1) available, packing what is missing (rows must be asked in order).
   void ensure(const AttentionParams& p, const T* k, const T* v, int64_t bh, int64_t j0,
               int64_t j1, int64_t Dp, int64_t Dvp, bool want_v) {
@@ -353,7 +362,7 @@ struct HeadRows {
 // D = 768; 32-key slices were 20 % slower). A few queries (few_queries) make C a few rows: wide
 // heads then take 8 keys, whose rows (24 KiB at D = 768) stay in L1 while the register blocks
 // take their panels one after another instead of each streaming the block's rows 3 KiB apart
-// (0.85-0.96x the forward's time at D = 768, Lq = 1..8). The sums are the same either way:
+// (float32 forward at D = 768, Lq = 1..8: 0.85-0.96x the time). The sums are the same either way:
 // every C element accumulates its keys in order, through memory between slices.
 constexpr int64_t kSliceKeys = 64;
 constexpr int64_t kFewWideSliceKeys = 8;
@@ -399,7 +408,8 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.l = c.take<A>(QT);
   w.alpha = c.take<A>(QT);
   w.mass = c.take<A>(imax(p.num_modalities, 1) * QT);
-  const int64_t rows = imax<int64_t>(p.seqlen_k, 1);
+  const int64_t keys = imax<int64_t>(p.seqlen_k, 1);
+  const int64_t rows = pack_per_block<A>(p) ? imin(keys, kKeyBlock) : keys;  // K / V rows packed
   w.kbuf = c.take<A>(rows * Dp);
   w.vbuf = c.take<A>(rows * Dvp);
   w.mbuf = c.take<A>(p.attn_mask_kind != AttentionParams::kMaskNone ? mask_buffer_elems(QT, KB) : 1);
@@ -678,10 +688,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const int64_t k_end = causal_end(p, i0, qn);
   for (int64_t j0 = 0; j0 < k_end; j0 += kKeyBlock) {
     const int64_t kn = imin(kKeyBlock, k_end - j0);
-    // With a few queries and no GQA group to share them, packed rows serve one pass: each key
-    // block is packed on its own into the start of the buffers, which stay in L2 (a whole
-    // head of converted bf16 rows did not: 0.77-0.89x the time of the forward).
-    if (by_rows && p.heads == p.heads_kv) rows.key = -1;
+    if (pack_per_block<A>(p)) rows.restart();  // this block into the start of the buffers
     rows.ensure(p, k, v, b * p.heads_kv + hk, j0, j0 + kn, Dp, Dvp, true);
     int64_t ldk;
     const A* kA = rows.kA(j0, &ldk);
