@@ -19,6 +19,12 @@ alike):
                                        gradients take)
     ... rotation + stats               the RollingQ call: a contiguous float32 (D, D) rotation of
                                        the first row, int64 key modalities (Lk,), M = 2, stats
+
+and the calls of training, on the same shapes with q, k, v requiring grad, each as a ratio to
+torch SDPA's row of the same kind:
+
+    ..., inputs requiring grad         the forward alone (what autograd records included)
+    ..., forward + backward            the forward and torch.autograd.grad of q, k, v
 """
 
 from __future__ import annotations
@@ -90,18 +96,43 @@ def run(calls: int = 2000, rounds: int = 15, shape=(1, 1, 16, 64)):
             rows.append(
                 ("raw op through the direct entry, rotation + stats", lambda: direct(*rolling))
             )
-    for _, fn in rows:  # warm-up
+    rows = [(name, fn, "torch SDPA") for name, fn in rows] + _training_rows(q, k, v, rq)
+    for _, fn, _ in rows:  # warm-up
         _per_call_us(fn, max(calls // 10, 10))
-    samples = {name: [] for name, _ in rows}
+    samples = {name: [] for name, _, _ in rows}
     for _ in range(rounds):
-        for name, fn in rows:
+        for name, fn, _ in rows:
             samples[name].append(_per_call_us(fn, calls))
-    base, base_min = statistics.median(samples["torch SDPA"]), min(samples["torch SDPA"])
     out = []
-    for name, _ in rows:
+    for name, _, base in rows:
         med, low = statistics.median(samples[name]), min(samples[name])
-        out.append((name, med, med / base, low, low / base_min))
+        out.append(
+            (name, med, med / statistics.median(samples[base]), low, low / min(samples[base]))
+        )
     return out
+
+
+def _training_rows(q, k, v, rq):
+    """(name, fn, base row) of calls whose inputs require grad: the forward alone, and the forward
+    with the gradients of q, k, v."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+
+    def backward(out):
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    sdpa = "torch SDPA, inputs requiring grad"
+    sdpa_step = "torch SDPA, forward + backward"
+    return [
+        (sdpa, lambda: F.scaled_dot_product_attention(q, k, v), sdpa),
+        ("rolling_attention (cpu), inputs requiring grad",
+         lambda: rk.rolling_attention(q, k, v, backend="cpu"), sdpa),
+        (sdpa_step, lambda: backward(F.scaled_dot_product_attention(q, k, v)), sdpa_step),
+        ("rolling_attention (cpu), forward + backward",
+         lambda: backward(rk.rolling_attention(q, k, v, backend="cpu")), sdpa_step),
+        ("rolling_attention, rotation + stats, forward + backward",
+         lambda: backward(rk.rolling_attention(q, k, v, **rq)[0]), sdpa_step),
+    ]  # fmt: skip
 
 
 def _isa_flags() -> str:

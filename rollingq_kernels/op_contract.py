@@ -122,64 +122,73 @@ def _rotate_rows(q, rotation, rows):
     return rotated.to(q.dtype)
 
 
+def _save_for_backward(ctx, inputs, output) -> None:
+    """The forward's part of the autograd formula: what the backward needs, from the op's
+    arguments (in schema order) and outputs."""
+    out, lse = output[0], output[1]
+    a = {name: inputs[i] for name, i in _ARG.items()}
+    ctx.save_for_backward(
+        a["q"], a["k"], a["v"], out, lse, a["rotation"], a["rotated_queries"],
+        a["key_padding_mask"], a["attn_mask"], a["rng_state"],
+    )  # fmt: skip
+    ctx.flags = (a["is_causal"], a["causal_offset"], a["scale"], a["dropout_p"])
+    # lse and the statistics carry no gradient
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> list:
+    """The backward's part: the gradients of the forward's arguments (schema order; None where
+    there is none). ``needs``: needs_input_grad in schema order; ``backward_op``: the family's
+    backward op as the caller wants it run (through autograd, or below it)."""
+    q, k, v, out, lse, rotation, rows, pad, mask, rng = ctx.saved_tensors
+    is_causal, offset, scale, dropout_p = ctx.flags
+    if needs[_ARG["attn_mask"]]:
+        raise RuntimeError(
+            f"rollingq::{fam.name}attention_fwd: the gradient with respect to attn_mask is not "
+            "implemented by this op; use backend='reference' for a float mask that requires grad"
+        )
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    rotation_grad = rotation is not None and needs[_ARG["rotation"]]
+    if not rotation_grad:
+        dq, dk, dv = backward_op(
+            grad_out, q, k, v, out, lse, rotation, rows, pad, mask, is_causal, offset,
+            scale, dropout_p, rng,
+        )  # fmt: skip
+        drot = None
+    else:
+        # dR needs the gradient of the rotated query: run the op on q_rot with no rotation,
+        # then dq = dq_rot R on rotated rows (q_rot = q R^T) and dR = sum_i dq_rot_i^T q_i.
+        q_rot = _rotate_rows(q, rotation.detach(), rows)
+        dq_rot, dk, dv = backward_op(
+            grad_out, q_rot, k, v, out, lse, None, None, pad, mask, is_causal, offset,
+            scale, dropout_p, rng,
+        )  # fmt: skip
+        acc = rotation.dtype
+        g = dq_rot.to(acc)
+        if rows is not None:
+            g = torch.where(_row_mask(rows), g, torch.zeros_like(g))
+        # one (D, D) matrix shared by every head gathers the gradient of all heads
+        drot = torch.einsum(
+            "bhla,bhlc->hac" if rotation.dim() == 3 else "bhla,bhlc->ac", g, q.to(acc)
+        )
+        back = torch.matmul(g, rotation)
+        dq = torch.where(_row_mask(rows), back, dq_rot.to(acc)) if rows is not None else back
+        dq = dq.to(q.dtype)
+    grads = [None] * len(_FWD_ARGS)
+    grads[_ARG["q"]], grads[_ARG["k"]], grads[_ARG["v"]] = dq, dk, dv
+    grads[_ARG["rotation"]] = drot
+    return grads
+
+
 def _register_autograd(fam: OpFamily) -> None:
     fwd_name = f"rollingq::{fam.name}attention_fwd"
     bwd_name = f"rollingq::{fam.name}attention_bwd"
 
-    def setup_context(ctx, inputs, output):
-        out, lse = output[0], output[1]
-        a = {name: inputs[i] for name, i in _ARG.items()}
-        ctx.save_for_backward(
-            a["q"], a["k"], a["v"], out, lse, a["rotation"], a["rotated_queries"],
-            a["key_padding_mask"], a["attn_mask"], a["rng_state"],
-        )  # fmt: skip
-        ctx.flags = (a["is_causal"], a["causal_offset"], a["scale"], a["dropout_p"])
-        # lse and the statistics carry no gradient
-        ctx.mark_non_differentiable(*output[1:])
-
     def backward(ctx, grad_out, *_grad_stats):
-        q, k, v, out, lse, rotation, rows, pad, mask, rng = ctx.saved_tensors
-        is_causal, offset, scale, dropout_p = ctx.flags
-        needs = ctx.needs_input_grad
-        if needs[_ARG["attn_mask"]]:
-            raise RuntimeError(
-                f"{fwd_name}: the gradient with respect to attn_mask is not implemented by this "
-                "op; use backend='reference' for a float mask that requires grad"
-            )
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        rotation_grad = rotation is not None and needs[_ARG["rotation"]]
-        if not rotation_grad:
-            dq, dk, dv = fam.backward(
-                grad_out, q, k, v, out, lse, rotation, rows, pad, mask, is_causal, offset,
-                scale, dropout_p, rng,
-            )  # fmt: skip
-            drot = None
-        else:
-            # dR needs the gradient of the rotated query: run the op on q_rot with no rotation,
-            # then dq = dq_rot R on rotated rows (q_rot = q R^T) and dR = sum_i dq_rot_i^T q_i.
-            q_rot = _rotate_rows(q, rotation.detach(), rows)
-            dq_rot, dk, dv = fam.backward(
-                grad_out, q_rot, k, v, out, lse, None, None, pad, mask, is_causal, offset,
-                scale, dropout_p, rng,
-            )  # fmt: skip
-            acc = rotation.dtype
-            g = dq_rot.to(acc)
-            if rows is not None:
-                g = torch.where(_row_mask(rows), g, torch.zeros_like(g))
-            # one (D, D) matrix shared by every head gathers the gradient of all heads
-            drot = torch.einsum(
-                "bhla,bhlc->hac" if rotation.dim() == 3 else "bhla,bhlc->ac", g, q.to(acc)
-            )
-            back = torch.matmul(g, rotation)
-            dq = torch.where(_row_mask(rows), back, dq_rot.to(acc)) if rows is not None else back
-            dq = dq.to(q.dtype)
-        grads = [None] * len(_FWD_ARGS)
-        grads[_ARG["q"]], grads[_ARG["k"]], grads[_ARG["v"]] = dq, dk, dv
-        grads[_ARG["rotation"]] = drot
-        return tuple(grads)
+        return tuple(_input_grads(fam, ctx, grad_out, ctx.needs_input_grad, fam.backward))
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context, lib=_LIB)
+    torch.library.register_autograd(fwd_name, backward, setup_context=_save_for_backward, lib=_LIB)
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError(
@@ -209,6 +218,46 @@ def family(name: str = "") -> OpFamily:
     return fam
 
 
+def _below_autograd(fam: OpFamily, direct: Optional[Callable], args) -> Tuple[torch.Tensor, ...]:
+    outputs = NotImplemented if direct is None else direct(*args)
+    if outputs is NotImplemented:
+        with torch._C._AutoDispatchBelowAutograd():
+            outputs = fam.forward.default(*args)
+    return outputs
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The op's autograd formula for eager calls that need a gradient.
+
+    The same formula as the one registered on the op (``_save_for_backward``, ``_input_grads``),
+    without the generic Python layer torch.library puts in front of it: that layer refills the
+    schema's defaults argument by argument on every call, about 50 us for this 14-argument schema,
+    several times the cost of the rest of a small call. The forward runs the op below autograd
+    (through the library's direct entry where there is one), the backward runs the backward op
+    below autograd unless the caller asked for a graph of the gradients (create_graph), where the
+    op's own formula refuses a double backward."""
+
+    @staticmethod
+    def forward(ctx, fam, direct, *args):
+        outputs = _below_autograd(fam, direct, args)
+        _save_for_backward(ctx, args, outputs)
+        ctx.fam = fam
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_stats):
+        fam = ctx.fam
+        if torch.is_grad_enabled():
+            op = fam.backward
+        else:
+
+            def op(*a):
+                with torch._C._AutoDispatchBelowAutograd():
+                    return fam.backward.default(*a)
+
+        return (None, None, *_input_grads(fam, ctx, grad_out, ctx.needs_input_grad[2:], op))
+
+
 def run_forward(
     fam: OpFamily, problem, direct: Optional[Callable] = None
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
@@ -218,15 +267,14 @@ def run_forward(
     the boxed torch.ops path (fused_op.direct_entry); it returns NotImplemented for arguments it
     leaves to torch.ops."""
     args = problem.op_args()
-    if problem.needs_grad() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         outputs = fam.forward(*args)
+    elif problem.needs_grad():
+        outputs = _EagerAttention.apply(fam, direct, *args)
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
         # of the per-call cost of a small problem
-        outputs = NotImplemented if direct is None else direct(*args)
-        if outputs is NotImplemented:
-            with torch._C._AutoDispatchBelowAutograd():
-                outputs = fam.forward.default(*args)
+        outputs = _below_autograd(fam, direct, args)
     out, lse, mass, key_sum, key_count = outputs
     if not problem.return_stats:
         return out, None

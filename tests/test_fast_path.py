@@ -299,7 +299,7 @@ def test_direct_entry_keeps_dispatch_modes():
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
-def test_calls_without_gradients_take_the_direct_entry(monkeypatch):
+def test_calls_take_the_direct_entry_with_or_without_gradients(monkeypatch):
     calls = []
     direct = fused_op.direct_entry()
 
@@ -313,5 +313,58 @@ def test_calls_without_gradients_take_the_direct_entry(monkeypatch):
     with torch.no_grad():
         rk.rolling_attention(q.requires_grad_(), k, v, backend="cpu")
     assert calls == [14, 14]
-    out = rk.rolling_attention(q, k, v, backend="cpu")  # q requires grad: the autograd op
-    assert calls == [14, 14] and out.requires_grad
+    # q requires grad: the same entry inside the eager autograd formula, not the op's generic
+    # torch.library autograd layer (tens of microseconds per call)
+    out = rk.rolling_attention(q, k, v, backend="cpu")
+    assert calls == [14, 14, 14] and out.requires_grad
+    assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+
+
+def _registered_formula_grads(p, wrt, grad):
+    # the op through torch.ops: the autograd formula registered on it by torch.library
+    out = torch.ops.rollingq.attention_fwd(*p.op_args())[0]
+    return out, torch.autograd.grad(out, wrt, grad)
+
+
+_FORMULA_CASES = {
+    "plain": {},
+    "rotation": {"rotation": True},
+    "rotated rows + stats": {"rotation": True, "rows": True, "stats": True},
+    "causal + padding": {"is_causal": True, "pad": True},
+    "dropout": {"dropout_p": 0.3},
+}
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+@pytest.mark.parametrize("case", list(_FORMULA_CASES))
+def test_eager_formula_gives_the_registered_formulas_gradients(case):
+    # the eager autograd.Function and the op's registered formula share their code
+    # (_save_for_backward, _input_grads): the same outputs and gradients, bit for bit
+    c = _FORMULA_CASES[case]
+    B, H, Lq, Lk, D = 2, 3, 7, 9, 6
+    q = _rand(B, Lq, H, D, seed=80).transpose(1, 2)  # non-contiguous
+    k, v = (_rand(B, H, Lk, D, seed=s) for s in (81, 82))
+    leaves = [q, k, v]
+    kw = {"is_causal": c.get("is_causal", False), "dropout_p": c.get("dropout_p", 0.0)}
+    if c.get("rotation"):
+        kw["rotation"] = torch.linalg.qr(_rand(D, D, seed=83)).Q
+        leaves.append(kw["rotation"])
+    if c.get("rows"):
+        kw["rotated_queries"] = torch.arange(Lq) % 3 == 0
+    if c.get("stats"):
+        kw["key_modality"], kw["num_modalities"] = torch.arange(Lk) % 2, 2
+    if c.get("pad"):
+        kw["key_padding_mask"] = torch.arange(Lk).expand(B, Lk) < torch.tensor([[9], [6]])
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    if c.get("rotation"):
+        kw["rotation"] = leaves[3]
+    p = api.make_problem(*leaves[:3], **kw)
+    grad = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(84))
+    want_out, want = _registered_formula_grads(p, leaves, grad)
+    assert type(want_out.grad_fn).__name__ != "_EagerAttentionBackward"
+    out, _ = fused_op.attention_forward(p)
+    assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+    got = torch.autograd.grad(out, leaves, grad)
+    assert torch.equal(out, want_out)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
