@@ -1,5 +1,6 @@
-// The Python module of rollingq_kernels._C: a direct entry to rollingq::attention_fwd for calls
-// that autograd will not differentiate.
+// The Python module of rollingq_kernels._C: direct entries to rollingq::attention_fwd and
+// rollingq::attention_bwd below autograd, for calls that autograd will not differentiate and for
+// the package's eager autograd formula (op_contract._EagerAttention), which runs both ops itself.
 //
 // Calling an op through torch.ops converts every argument to an IValue against the schema and
 // back again through the generic (boxed) path; for a small problem that costs more than the
@@ -7,7 +8,8 @@
 // (op_contract.FWD_SCHEMA), calls the op through the dispatcher's typed handle below the autograd
 // keys (the same as `torch._C._AutoDispatchBelowAutograd` around the op in Python: dispatch
 // modes, fake tensors and the CPU / CUDA registrations all apply as before), with the GIL
-// released, and returns the op's five outputs.
+// released, and returns the op's five outputs. `attention_bwd_below_autograd` does the same for
+// the backward op (op_contract.BWD_SCHEMA) and returns its three gradients.
 //
 // It declines, returning NotImplemented, whatever the boxed path would treat differently: a
 // tensor subclass (other than nn.Parameter), an active torch function mode, or an argument of an
@@ -22,6 +24,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "binding_common.h"
 
@@ -35,6 +38,11 @@ using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, int64_t, const OptTensor&, const OptTensor&, bool, int64_t, double, double,
     const OptTensor&);
 constexpr Py_ssize_t kForwardArgs = 14;
+using BackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, int64_t, double,
+    double, const OptTensor&);
+constexpr Py_ssize_t kBackwardArgs = 15;
 
 // Each reader returns false for an argument the boxed path should handle.
 bool read_tensor(PyObject* o, Tensor* t) {
@@ -75,6 +83,20 @@ struct ReleaseGil {
   ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
+// The op's outputs as a Python tuple of tensors.
+template <typename... Ts>
+PyObject* wrap_tuple(std::tuple<Ts...> outputs) {
+  PyObject* result = PyTuple_New(sizeof...(Ts));
+  if (result == nullptr) return nullptr;
+  std::apply(
+      [&](auto&... t) {
+        Py_ssize_t i = 0;
+        (PyTuple_SET_ITEM(result, i++, THPVariable_Wrap(std::move(t))), ...);
+      },
+      outputs);
+  return result;
+}
+
 PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != kForwardArgs) {
@@ -111,14 +133,48 @@ PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssiz
     out = op.call(q, k, v, rotation, rows, ids, num_modalities, pad, mask, is_causal,
                   causal_offset, scale, dropout_p, rng);
   }
-  PyObject* result = PyTuple_New(5);
-  if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
-  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
-  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(std::get<2>(out))));
-  PyTuple_SET_ITEM(result, 3, THPVariable_Wrap(std::move(std::get<3>(out))));
-  PyTuple_SET_ITEM(result, 4, THPVariable_Wrap(std::move(std::get<4>(out))));
-  return result;
+  return wrap_tuple(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* attention_bwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != kBackwardArgs) {
+    PyErr_Format(PyExc_TypeError,
+                 "attention_bwd_below_autograd takes the %zd arguments of "
+                 "rollingq::attention_bwd; got %zd",
+                 kBackwardArgs, nargs);
+    return nullptr;
+  }
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  Tensor grad_out, q, k, v, out, lse;
+  OptTensor rotation, rows, pad, mask, rng;
+  int64_t causal_offset = 0;
+  bool is_causal = false;
+  double scale = 0.0, dropout_p = 0.0;
+  const bool read = read_tensor(args[0], &grad_out) && read_tensor(args[1], &q) &&
+                    read_tensor(args[2], &k) && read_tensor(args[3], &v) &&
+                    read_tensor(args[4], &out) && read_tensor(args[5], &lse) &&
+                    read_optional(args[6], &rotation) && read_optional(args[7], &rows) &&
+                    read_optional(args[8], &pad) && read_optional(args[9], &mask) &&
+                    read_bool(args[10], &is_causal) && read_int(args[11], &causal_offset) &&
+                    read_float(args[12], &scale) && read_float(args[13], &dropout_p) &&
+                    read_optional(args[14], &rng);
+  if (!read) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rollingq::attention_bwd", "")
+                             .typed<BackwardSignature>();
+  std::tuple<Tensor, Tensor, Tensor> grads;
+  {
+    ReleaseGil unlocked;
+    at::AutoDispatchBelowAutograd below_autograd;
+    grads = op.call(grad_out, q, k, v, out, lse, rotation, rows, pad, mask, is_causal,
+                    causal_offset, scale, dropout_p, rng);
+  }
+  return wrap_tuple(std::move(grads));
   END_HANDLE_TH_ERRORS
 }
 
@@ -148,6 +204,11 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "rollingq::attention_fwd(*args) below autograd, or NotImplemented for arguments the "
      "torch.ops path must handle (tensor subclasses, torch function modes)."},
+    {"attention_bwd_below_autograd",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_bwd_below_autograd)),
+     METH_FASTCALL,
+     "rollingq::attention_bwd(*args) below autograd, or NotImplemented for arguments the "
+     "torch.ops path must handle (tensor subclasses, torch function modes)."},
     {"key_modality_range",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&key_modality_range)),
      METH_FASTCALL,
@@ -157,7 +218,7 @@ PyMethodDef methods[] = {
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
                           "rollingq_kernels._C",
                           "rollingq CPU kernels (registered as torch.ops.rollingq.* for CPU "
-                          "tensors) and a direct entry to the forward op",
+                          "tensors) and direct entries to the forward and backward ops",
                           -1,
                           methods,
                           nullptr,

@@ -183,4 +183,9 @@ def forward(p):
         raise RuntimeError(f"the rollingq CUDA backend is unavailable: {why}")
     from . import fused_op, op_contract
 
-    return op_contract.run_forward(op_contract.COMPILED, p, direct=fused_op.direct_entry())
+    return op_contract.run_forward(
+        op_contract.COMPILED,
+        p,
+        direct=fused_op.direct_entry(),
+        direct_backward=fused_op.direct_backward_entry(),
+    )

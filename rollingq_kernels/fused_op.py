@@ -22,7 +22,14 @@ import torch
 from . import op_contract
 from ._stats import AttentionStats
 
-__all__ = ["attention_forward", "direct_entry", "id_range_entry", "load_error", "library_path"]
+__all__ = [
+    "attention_forward",
+    "direct_backward_entry",
+    "direct_entry",
+    "id_range_entry",
+    "load_error",
+    "library_path",
+]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _VERSION_MARK = re.compile(rb"rollingq-torch-version=([0-9]+\.[0-9]+\.[0-9]+);")
@@ -91,30 +98,35 @@ def _load_library(name: str = "_C") -> str:
     return path
 
 
-def _python_entries(path: str) -> Tuple[Optional[Callable], Optional[Callable]]:
-    """``attention_fwd_below_autograd`` and ``key_modality_range`` of the library's Python module
-    (csrc/python_module.cpp), imported from the file already loaded; (None, None), with a
-    warning, for a library without them."""
+def _python_entries(path: str) -> Tuple[Optional[Callable], Optional[Callable], Optional[Callable]]:
+    """``attention_fwd_below_autograd``, ``key_modality_range`` and ``attention_bwd_below_autograd``
+    of the library's Python module (csrc/python_module.cpp), imported from the file already loaded;
+    None for each entry the library lacks, with a warning where the forward's is missing."""
     try:
         spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.attention_fwd_below_autograd, module.key_modality_range
+        return (
+            module.attention_fwd_below_autograd,
+            module.key_modality_range,
+            getattr(module, "attention_bwd_below_autograd", None),
+        )
     except (ImportError, AttributeError) as exc:
         warnings.warn(
-            f"{path} has no Python entry ({exc}): calls without gradients go through torch.ops, "
-            f"several microseconds slower per call; {_rebuild_hint()}",
+            f"{path} has no Python entry ({exc}): calls go through torch.ops, several "
+            f"microseconds slower per call; {_rebuild_hint()}",
             RuntimeWarning,
             stacklevel=2,
         )
-        return None, None
+        return None, None, None
 
 
 _LOAD_ERROR: Optional[str] = None
 _DIRECT: Optional[Callable] = None
+_DIRECT_BACKWARD: Optional[Callable] = None
 _ID_RANGE: Optional[Callable] = None
 try:
-    _DIRECT, _ID_RANGE = _python_entries(_load_library("_C"))
+    _DIRECT, _ID_RANGE, _DIRECT_BACKWARD = _python_entries(_load_library("_C"))
 except (ImportError, OSError, RuntimeError) as exc:
     _LOAD_ERROR = f"the compiled library cannot be loaded: {exc}"
 
@@ -128,7 +140,9 @@ def attention_forward(problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Run ``rollingq::attention_fwd`` on a validated :class:`AttentionProblem`: (out, stats)."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
-    return op_contract.run_forward(op_contract.COMPILED, problem, direct=_DIRECT)
+    return op_contract.run_forward(
+        op_contract.COMPILED, problem, direct=_DIRECT, direct_backward=_DIRECT_BACKWARD
+    )
 
 
 def id_range_entry() -> Optional[Callable]:
@@ -141,3 +155,9 @@ def direct_entry() -> Optional[Callable]:
     """The library's direct entry to ``rollingq::attention_fwd`` below autograd (None when the
     library is not loaded or has none); the CUDA backend calls the same op through it."""
     return _DIRECT
+
+
+def direct_backward_entry() -> Optional[Callable]:
+    """The library's direct entry to ``rollingq::attention_bwd`` below autograd (None when the
+    library is not loaded or has none): what the eager autograd formula's backward calls."""
+    return _DIRECT_BACKWARD

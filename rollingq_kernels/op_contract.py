@@ -234,43 +234,51 @@ class _EagerAttention(torch.autograd.Function):
     schema's defaults argument by argument on every call, about 50 us for this 14-argument schema,
     several times the cost of the rest of a small call. The forward runs the op below autograd
     (through the library's direct entry where there is one), the backward runs the backward op
-    below autograd unless the caller asked for a graph of the gradients (create_graph), where the
-    op's own formula refuses a double backward."""
+    below autograd (likewise) unless the caller asked for a graph of the gradients (create_graph),
+    where the op's own formula refuses a double backward."""
 
     @staticmethod
-    def forward(ctx, fam, direct, *args):
+    def forward(ctx, fam, direct, direct_backward, *args):
         outputs = _below_autograd(fam, direct, args)
         _save_for_backward(ctx, args, outputs)
-        ctx.fam = fam
+        ctx.fam, ctx.direct_backward = fam, direct_backward
         return outputs
 
     @staticmethod
     def backward(ctx, grad_out, *_grad_stats):
-        fam = ctx.fam
+        fam, direct = ctx.fam, ctx.direct_backward
         if torch.is_grad_enabled():
             op = fam.backward
         else:
 
             def op(*a):
-                with torch._C._AutoDispatchBelowAutograd():
-                    return fam.backward.default(*a)
+                grads = NotImplemented if direct is None else direct(*a)
+                if grads is NotImplemented:
+                    with torch._C._AutoDispatchBelowAutograd():
+                        grads = fam.backward.default(*a)
+                return grads
 
-        return (None, None, *_input_grads(fam, ctx, grad_out, ctx.needs_input_grad[2:], op))
+        grads = _input_grads(fam, ctx, grad_out, ctx.needs_input_grad[3:], op)
+        return (None, None, None, *grads)
 
 
 def run_forward(
-    fam: OpFamily, problem, direct: Optional[Callable] = None
+    fam: OpFamily,
+    problem,
+    direct: Optional[Callable] = None,
+    direct_backward: Optional[Callable] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """One forward call of ``fam`` for a validated problem: (out, stats or None).
 
-    ``direct``: the compiled library's entry that calls ``fam.forward`` below autograd without
-    the boxed torch.ops path (fused_op.direct_entry); it returns NotImplemented for arguments it
-    leaves to torch.ops."""
+    ``direct`` / ``direct_backward``: the compiled library's entries that call ``fam.forward`` /
+    ``fam.backward`` below autograd without the boxed torch.ops path (fused_op.direct_entry,
+    fused_op.direct_backward_entry); they return NotImplemented for arguments they leave to
+    torch.ops."""
     args = problem.op_args()
     if torch.compiler.is_compiling():
         outputs = fam.forward(*args)
     elif problem.needs_grad():
-        outputs = _EagerAttention.apply(fam, direct, *args)
+        outputs = _EagerAttention.apply(fam, direct, direct_backward, *args)
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
         # of the per-call cost of a small problem

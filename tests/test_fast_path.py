@@ -248,6 +248,51 @@ def test_direct_entry_raises_the_ops_errors():
         direct(*args[:13])
 
 
+def _backward_args(seed):
+    # the backward op's arguments (op_contract.BWD_SCHEMA) for the forward of _feature_args
+    q, k, v, rot, rows, _ids, _m, pad, mask, causal, offset, scale, p, rng = _feature_args(seed)
+    with torch._C._AutoDispatchBelowAutograd():
+        out, lse, *_ = torch.ops.rollingq.attention_fwd.default(*_feature_args(seed))
+    grad = _rand(*out.shape, seed=seed + 6)
+    return (grad, q, k, v, out, lse, rot, rows, pad, mask, causal, offset, scale, p, rng)
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_direct_backward_entry_gives_what_the_op_gives():
+    direct = fused_op.direct_backward_entry()
+    assert direct is not None
+    for seed in (20, 30):
+        args = _backward_args(seed)
+        got = direct(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            want = torch.ops.rollingq.attention_bwd.default(*args)
+        assert len(got) == 3
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_direct_backward_entry_raises_the_ops_errors_and_declines_the_rest():
+    direct = fused_op.direct_backward_entry()
+    args = list(_backward_args(40))
+    bad = list(args)
+    bad[5] = args[5][..., :-1]  # lse of the wrong shape
+    with pytest.raises(RuntimeError, match="lse"):
+        direct(*bad)
+    with pytest.raises(TypeError, match="15 arguments"):
+        direct(*args[:14])
+    for i in (0, 1, 6):  # grad_out, q, the rotation
+        sub = list(args)
+        sub[i] = args[i].as_subclass(_Tagged)
+        assert direct(*sub) is NotImplemented
+    bad = list(args)
+    bad[12] = 1  # an int scale
+    assert direct(*bad) is NotImplemented
+    with torch.overrides.TorchFunctionMode():
+        assert direct(*args) is NotImplemented
+
+
 class _Tagged(torch.Tensor):
     pass
 
@@ -301,23 +346,30 @@ def test_direct_entry_keeps_dispatch_modes():
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
 def test_calls_take_the_direct_entry_with_or_without_gradients(monkeypatch):
     calls = []
-    direct = fused_op.direct_entry()
 
-    def counting(*args):
-        calls.append(len(args))
-        return direct(*args)
+    def counting(name, entry):
+        def call(*args):
+            calls.append((name, len(args)))
+            return entry(*args)
 
-    monkeypatch.setattr(fused_op, "_DIRECT", counting)
+        return call
+
+    monkeypatch.setattr(fused_op, "_DIRECT", counting("fwd", fused_op.direct_entry()))
+    monkeypatch.setattr(
+        fused_op, "_DIRECT_BACKWARD", counting("bwd", fused_op.direct_backward_entry())
+    )
     q, k, v = (_rand(1, 2, 5, 8, seed=s) for s in (70, 71, 72))
     rk.rolling_attention(q, k, v, backend="cpu")
     with torch.no_grad():
         rk.rolling_attention(q.requires_grad_(), k, v, backend="cpu")
-    assert calls == [14, 14]
-    # q requires grad: the same entry inside the eager autograd formula, not the op's generic
+    assert calls == [("fwd", 14)] * 2
+    # q requires grad: the same entries inside the eager autograd formula, not the op's generic
     # torch.library autograd layer (tens of microseconds per call)
     out = rk.rolling_attention(q, k, v, backend="cpu")
-    assert calls == [14, 14, 14] and out.requires_grad
+    assert calls == [("fwd", 14)] * 3 and out.requires_grad
     assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+    out.sum().backward()
+    assert calls == [("fwd", 14)] * 3 + [("bwd", 15)] and q.grad is not None
 
 
 def _registered_formula_grads(p, wrt, grad):
