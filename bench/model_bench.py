@@ -1,8 +1,11 @@
-"""Whole-model forward through the integrations, side by side with torch's SDPA.
+"""Whole models through the integrations, side by side with torch's SDPA: the forward, and the
+forward + backward of training.
 
 For each model, in one process on the same inputs and weights, called in turn round by round
 after warm-up (a ratio is the median of the per-round ratios, which cancels load from other
-processes better than a ratio of medians), eval mode, no grad, float32. Two clocks: wall time
+processes better than a ratio of medians), eval mode (no dropout), float32; the forward without
+grad, the training step as the forward and the backward of the output's sum into every parameter
+(no optimizer step; gradients accumulate alike in both models). Two clocks: wall time
 with 2 threads (what a user sees), and the process's CPU time with 1 thread (time spent waiting
 for a core on a loaded machine is not counted, so it resolves a few per cent where the wall clock
 cannot):
@@ -119,7 +122,7 @@ def _hf_models(size: str, quick: bool):
             dict(
                 model=label, size=size, batch=B, seq=seq, layers=cfg["num_hidden_layers"],
                 baseline=lambda m=sdpa, i=inputs: m(**i), ours=lambda m=ours, i=inputs: m(**i),
-                calls=cfg["num_hidden_layers"],
+                calls=cfg["num_hidden_layers"], train=size == "test",
             )
         )  # fmt: skip
     return rows
@@ -151,7 +154,7 @@ def _timm_style(size: str):
     return [
         dict(model="timm-style ViT (patch_sdpa)", size=size, batch=B, seq=seq,
              layers=len(model.blocks), baseline=lambda: model(img), ours=patched,
-             calls=len(model.blocks))
+             calls=len(model.blocks), train=True)
     ]  # fmt: skip
 
 
@@ -193,29 +196,54 @@ def run(quick: bool = False, reps: int = 0) -> List[dict]:
         for case in cases:
             with torch.no_grad():
                 where = _where(case["ours"], case["calls"])
-                # wall clock with THREADS threads (what a user sees; noisy under load) and the
-                # process's CPU time with one thread (robust to load: time spent waiting for
-                # a core is not counted)
-                torch.set_num_threads(THREADS)
-                wall = paired_times(case["baseline"], case["ours"], loops=loops, warmup=2, reps=n)
-                torch.set_num_threads(1)
-                cpu = paired_times(case["baseline"], case["ours"], loops=loops, warmup=1, reps=n,
-                                   clock=time.process_time)  # fmt: skip
-                torch.set_num_threads(THREADS)
                 diff = (
                     _tensor(case["ours"]()) - _tensor(case["baseline"]())
                 ).abs().max().item()  # fmt: skip
+                row = _timed(case["baseline"], case["ours"], loops=loops, reps=n)
             out.append(
                 dict(
-                    model=case["model"], size=size, batch=case["batch"], seq=case["seq"],
-                    layers=case["layers"], sdpa_ms=wall[0], rollingq_ms=wall[1], ratio=wall[2],
-                    p20_p80=f"{wall[3]:.2f}-{wall[4]:.2f}", sdpa_cpu_ms=cpu[0],
-                    rollingq_cpu_ms=cpu[1], cpu_ratio=cpu[2], cpu_p20_p80=f"{cpu[3]:.2f}-{cpu[4]:.2f}",
-                    rounds=n, attention_ran_on=where, max_abs_diff=diff,
+                    model=case["model"], size=size, mode="forward", batch=case["batch"],
+                    seq=case["seq"], layers=case["layers"], **row, rounds=n,
+                    attention_ran_on=where, max_abs_diff=diff,
                 )
             )  # fmt: skip
             print(f"  measured {case['model']} ({size})", file=sys.stderr, flush=True)
+            if case.get("train"):
+                row = _timed(_step(case["baseline"]), _step(case["ours"]), loops=loops, reps=n)
+                out.append(
+                    dict(
+                        model=case["model"], size=size, mode="forward + backward",
+                        batch=case["batch"], seq=case["seq"], layers=case["layers"], **row,
+                        rounds=n, attention_ran_on=where, max_abs_diff=None,
+                    )
+                )  # fmt: skip
+                print(f"  measured {case['model']} ({size}), training", file=sys.stderr, flush=True)
     return out
+
+
+def _step(forward: Callable) -> Callable:
+    """The training step of a model's forward: the backward of its output's sum."""
+
+    def step():
+        _tensor(forward()).sum().backward()
+
+    return step
+
+
+def _timed(base: Callable, ours: Callable, *, loops: int, reps: int) -> dict:
+    """Both clocks of paired_times: wall with THREADS threads (what a user sees; noisy under load)
+    and the process's CPU time with one thread (robust to load: time spent waiting for a core is
+    not counted)."""
+    torch.set_num_threads(THREADS)
+    wall = paired_times(base, ours, loops=loops, warmup=2, reps=reps)
+    torch.set_num_threads(1)
+    cpu = paired_times(base, ours, loops=loops, warmup=1, reps=reps, clock=time.process_time)
+    torch.set_num_threads(THREADS)
+    return dict(
+        sdpa_ms=wall[0], rollingq_ms=wall[1], ratio=wall[2], p20_p80=f"{wall[3]:.2f}-{wall[4]:.2f}",
+        sdpa_cpu_ms=cpu[0], rollingq_cpu_ms=cpu[1], cpu_ratio=cpu[2],
+        cpu_p20_p80=f"{cpu[3]:.2f}-{cpu[4]:.2f}",
+    )  # fmt: skip
 
 
 def isa() -> str:
@@ -240,6 +268,7 @@ def _tensor(result) -> torch.Tensor:
 COLUMNS = [
     ("model", "model", None),
     ("size", "size", None),
+    ("mode", "mode", None),
     ("batch", "batch", None),
     ("seq", "seq", None),
     ("layers", "layers", None),

@@ -132,7 +132,7 @@ ATTN_COLUMNS = [
 SUITES = {
     "bench.cpu_bench": "CPU kernel vs SDPA: forward + backward, masks, dropout, GQA, per-call cost, memory",
     "bench.fusion_bench": "RollingQ fusion training step (paper shape)",
-    "bench.model_bench": "Whole-model forward through the integrations vs SDPA",
+    "bench.model_bench": "Whole models through the integrations vs SDPA (forward; training step)",
 }
 
 
