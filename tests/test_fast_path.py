@@ -384,6 +384,9 @@ _FORMULA_CASES = {
     "rotated rows + stats": {"rotation": True, "rows": True, "stats": True},
     "causal + padding": {"is_causal": True, "pad": True},
     "dropout": {"dropout_p": 0.3},
+    "only v requires grad": {"grad": (2,)},
+    "only the rotation requires grad": {"rotation": True, "grad": (3,)},
+    "k and the rotation require grad": {"rotation": True, "grad": (1, 3)},
 }
 
 
@@ -407,10 +410,12 @@ def test_eager_formula_gives_the_registered_formulas_gradients(case):
         kw["key_modality"], kw["num_modalities"] = torch.arange(Lk) % 2, 2
     if c.get("pad"):
         kw["key_padding_mask"] = torch.arange(Lk).expand(B, Lk) < torch.tensor([[9], [6]])
-    leaves = [t.detach().requires_grad_() for t in leaves]
+    wanted = c.get("grad", range(len(leaves)))
+    leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves)]
     if c.get("rotation"):
         kw["rotation"] = leaves[3]
     p = api.make_problem(*leaves[:3], **kw)
+    leaves = [t for t in leaves if t.requires_grad]
     grad = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(84))
     want_out, want = _registered_formula_grads(p, leaves, grad)
     assert type(want_out.grad_fn).__name__ != "_EagerAttentionBackward"
