@@ -693,10 +693,15 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     int64_t ldk;
     const A* kA = rows.kA(j0, &ldk);
     if (sums) key_stats<T, A>(p, b, h, h == 0, j0, j0 + kn, kA, ldk);
-    if (by_rows)  // K's rows are padded to Dp with zeros (HeadRows), as are the query rows
-      row_dots<A>(kn, qn, Dp, kA, ldk, w.qrows, Dp, w.S, lanes, A(p.scale));
-    else
+    if (by_rows) {  // K's rows are padded to Dp with zeros (HeadRows), as are the query rows
+      // V's rows that O += P V will read from the tensor are fetched while the scores are taken
+      // (row_dots' prefetch), so that K and V stream in together
+      int64_t ldv = 0;
+      const A* vnext = rows.v_packed ? nullptr : rows.vR(j0, &ldv);
+      row_dots<A>(kn, qn, Dp, kA, ldk, w.qrows, Dp, w.S, lanes, A(p.scale), vnext, ldv);
+    } else {
       gemm<A>(kn, nv, D, kA, ldk, 1, qB, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
+    }
     if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
     softmax_block<A>(p, b, j0, kn, lanes, w.S, w.m, w.l, w.alpha, w.mass);
     // dropout on the probabilities, after the statistics took them
@@ -1013,7 +1018,8 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           const A* kA = rows.kA(j0, &ldkA);
           const A* vA = by_rows ? rows.vR(j0, &ldvA) : rows.vA(p, v, j0, Dvp, &ldvA);
           if (by_rows)
-            row_dots<A>(kn, qn, Dp, kA, ldkA, w.qrows, Dp, w.S, lanes, scale);
+            row_dots<A>(kn, qn, Dp, kA, ldkA, w.qrows, Dp, w.S, lanes, scale,
+                        rows.v_packed ? nullptr : vA, ldvA);  // V for dP^T, as in the forward
           else
             gemm<A>(kn, nv, D, kA, ldkA, 1, qB, w.S, lanes, Acc::kSet, nullptr, scale);
           if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
