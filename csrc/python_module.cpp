@@ -83,6 +83,14 @@ struct ReleaseGil {
   ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
+// False, with a TypeError set, unless the entry of rollingq::<op> got the op's `want` arguments.
+bool arity_ok(const char* op, Py_ssize_t want, Py_ssize_t got) {
+  if (got == want) return true;
+  PyErr_Format(PyExc_TypeError, "%s_below_autograd takes the %zd arguments of rollingq::%s; got %zd",
+               op, want, op, got);
+  return false;
+}
+
 // The op's outputs as a Python tuple of tensors.
 template <typename... Ts>
 PyObject* wrap_tuple(std::tuple<Ts...> outputs) {
@@ -99,13 +107,7 @@ PyObject* wrap_tuple(std::tuple<Ts...> outputs) {
 
 PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != kForwardArgs) {
-    PyErr_Format(PyExc_TypeError,
-                 "attention_fwd_below_autograd takes the %zd arguments of "
-                 "rollingq::attention_fwd; got %zd",
-                 kForwardArgs, nargs);
-    return nullptr;
-  }
+  if (!arity_ok("attention_fwd", kForwardArgs, nargs)) return nullptr;
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
   Tensor q, k, v;
   OptTensor rotation, rows, ids, pad, mask, rng;
@@ -139,13 +141,7 @@ PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssiz
 
 PyObject* attention_bwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != kBackwardArgs) {
-    PyErr_Format(PyExc_TypeError,
-                 "attention_bwd_below_autograd takes the %zd arguments of "
-                 "rollingq::attention_bwd; got %zd",
-                 kBackwardArgs, nargs);
-    return nullptr;
-  }
+  if (!arity_ok("attention_bwd", kBackwardArgs, nargs)) return nullptr;
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
   Tensor grad_out, q, k, v, out, lse;
   OptTensor rotation, rows, pad, mask, rng;

@@ -217,21 +217,6 @@ def _feature_args(seed):
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
-def test_direct_entry_gives_what_the_op_gives():
-    direct = fused_op.direct_entry()
-    assert direct is not None
-    for seed in (20, 30):
-        args = _feature_args(seed)
-        got = direct(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            want = torch.ops.rollingq.attention_fwd.default(*args)
-        assert len(got) == 5
-        for a, b in zip(got, want):
-            assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-            assert torch.equal(a, b)
-
-
-@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
 def test_direct_entry_raises_the_ops_errors():
     direct = fused_op.direct_entry()
     args = list(_feature_args(40))
@@ -258,15 +243,29 @@ def _backward_args(seed):
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
-def test_direct_backward_entry_gives_what_the_op_gives():
-    direct = fused_op.direct_backward_entry()
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_direct_entries_give_what_the_ops_give(which):
+    if which == "forward":
+        direct, op, make, n = (
+            fused_op.direct_entry(),
+            torch.ops.rollingq.attention_fwd,
+            _feature_args,
+            5,
+        )
+    else:
+        direct, op, make, n = (
+            fused_op.direct_backward_entry(),
+            torch.ops.rollingq.attention_bwd,
+            _backward_args,
+            3,
+        )
     assert direct is not None
     for seed in (20, 30):
-        args = _backward_args(seed)
+        args = make(seed)
         got = direct(*args)
         with torch._C._AutoDispatchBelowAutograd():
-            want = torch.ops.rollingq.attention_bwd.default(*args)
-        assert len(got) == 3
+            want = op.default(*args)
+        assert len(got) == n
         for a, b in zip(got, want):
             assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
             assert torch.equal(a, b)
