@@ -275,7 +275,9 @@ def run_forward(
     fused_op.direct_backward_entry); they return NotImplemented for arguments they leave to
     torch.ops."""
     args = problem.op_args()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # traced: the op itself goes into the graph, with or without gradients (torch.jit.trace
+        # checks that a second trace, run without them, records the same graph)
         outputs = fam.forward(*args)
     elif problem.needs_grad():
         outputs = _EagerAttention.apply(fam, direct, direct_backward, *args)

@@ -262,6 +262,40 @@ def test_gradcheck_with_rotation_through_the_op():
 
 
 @pytest.mark.skipif(not CPU_OP, reason="the CPU extension is not built")
+def test_jit_trace_records_the_op_with_or_without_gradients():
+    # torch.jit.trace runs the module twice (the second time without gradients) and compares the
+    # graphs: a traced call must record rollingq::attention_fwd both times, not the eager
+    # autograd.Function of calls that need a gradient
+    import io
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(_rand(6, 6, seed=60, dtype=torch.float32))
+
+        def forward(self, x):
+            return rk.rolling_attention(x @ self.w, x, x, backend="cpu", is_causal=True)
+
+    block = Block()
+    x = _rand(2, 3, 7, 6, seed=61, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(block, x)  # raises TracingCheckError if the graphs differ
+    kinds = [n.kind() for n in traced.graph.nodes()]
+    assert "rollingq::attention_fwd" in kinds and "prim::PythonOp" not in kinds
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x2 = _rand(2, 3, 7, 6, seed=62, dtype=torch.float32)
+    want = block(x2)
+    torch.testing.assert_close(loaded(x2), want, rtol=0, atol=0)
+    (g_traced,) = torch.autograd.grad(loaded(x2).square().sum(), loaded.w)  # its own copy
+    (g_eager,) = torch.autograd.grad(want.square().sum(), block.w)
+    torch.testing.assert_close(g_traced, g_eager)
+
+
+@pytest.mark.skipif(not CPU_OP, reason="the CPU extension is not built")
 def test_double_backward_raises_instead_of_returning_zeros():
     q, k, v = (_rand(1, 2, 4, 5, seed=s).requires_grad_() for s in (32, 33, 34))
 
