@@ -126,12 +126,16 @@ def _save_for_backward(ctx, inputs, output) -> None:
     """The forward's part of the autograd formula: what the backward needs, from the op's
     arguments (in schema order) and outputs."""
     out, lse = output[0], output[1]
-    a = {name: inputs[i] for name, i in _ARG.items()}
+    a = _ARG  # positions in schema order, read directly (this runs on every call with gradients)
     ctx.save_for_backward(
-        a["q"], a["k"], a["v"], out, lse, a["rotation"], a["rotated_queries"],
-        a["key_padding_mask"], a["attn_mask"], a["rng_state"],
+        inputs[a["q"]], inputs[a["k"]], inputs[a["v"]], out, lse, inputs[a["rotation"]],
+        inputs[a["rotated_queries"]], inputs[a["key_padding_mask"]], inputs[a["attn_mask"]],
+        inputs[a["rng_state"]],
     )  # fmt: skip
-    ctx.flags = (a["is_causal"], a["causal_offset"], a["scale"], a["dropout_p"])
+    ctx.flags = (
+        inputs[a["is_causal"]], inputs[a["causal_offset"]], inputs[a["scale"]],
+        inputs[a["dropout_p"]],
+    )  # fmt: skip
     # lse and the statistics carry no gradient
     ctx.mark_non_differentiable(*output[1:])
 
@@ -218,11 +222,13 @@ def family(name: str = "") -> OpFamily:
     return fam
 
 
-def _below_autograd(fam: OpFamily, direct: Optional[Callable], args) -> Tuple[torch.Tensor, ...]:
+def _below_autograd(op, direct: Optional[Callable], args) -> Tuple[torch.Tensor, ...]:
+    """``op`` (an overload packet) on args below autograd: through the library's direct entry
+    where there is one and it takes the arguments, else through torch.ops."""
     outputs = NotImplemented if direct is None else direct(*args)
     if outputs is NotImplemented:
         with torch._C._AutoDispatchBelowAutograd():
-            outputs = fam.forward.default(*args)
+            outputs = op.default(*args)
     return outputs
 
 
@@ -239,7 +245,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fam, direct, direct_backward, *args):
-        outputs = _below_autograd(fam, direct, args)
+        outputs = _below_autograd(fam.forward, direct, args)
         _save_for_backward(ctx, args, outputs)
         ctx.fam, ctx.direct_backward = fam, direct_backward
         return outputs
@@ -252,11 +258,7 @@ class _EagerAttention(torch.autograd.Function):
         else:
 
             def op(*a):
-                grads = NotImplemented if direct is None else direct(*a)
-                if grads is NotImplemented:
-                    with torch._C._AutoDispatchBelowAutograd():
-                        grads = fam.backward.default(*a)
-                return grads
+                return _below_autograd(fam.backward, direct, a)
 
         grads = _input_grads(fam, ctx, grad_out, ctx.needs_input_grad[3:], op)
         return (None, None, None, *grads)
@@ -284,7 +286,7 @@ def run_forward(
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
         # of the per-call cost of a small problem
-        outputs = _below_autograd(fam, direct, args)
+        outputs = _below_autograd(fam.forward, direct, args)
     out, lse, mass, key_sum, key_count = outputs
     if not problem.return_stats:
         return out, None
