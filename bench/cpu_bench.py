@@ -44,12 +44,14 @@ from bench.harness import (
     attention_flops,
     cpu_library,
     gemm_call,
-    gemm_gflops,
+    gemm_line,
     interleaved_rounds,
     interleaved_times,
     machine_info,
     peak_extra_mib,
     roofline_in_rounds,
+    roofline_lead,
+    roofline_of,
 )
 from bench.harness import make_rollingq_inputs as make_inputs
 
@@ -66,7 +68,7 @@ def _dname(dtype) -> str:
 
 def _pair(name: str, shape, dtype, fused: Callable, sdpa: Callable, *, flops: float, reps: int,
           warmup: int = 1, **extra) -> Dict:  # fmt: skip
-    rounds = interleaved_rounds([fused, sdpa], lead=[gemm_call(dtype)], warmup=warmup, reps=reps)
+    rounds = interleaved_rounds([fused, sdpa], lead=roofline_lead(dtype), warmup=warmup, reps=reps)
     t = [_summary(r) for r in rounds]
     fused_ms, sdpa_ms = t[0]["median_ms"], t[1]["median_ms"]
     gflops = flops / (fused_ms * 1e-3) / 1e9
@@ -80,7 +82,7 @@ def _pair(name: str, shape, dtype, fused: Callable, sdpa: Callable, *, flops: fl
         "speedup": sdpa_ms / fused_ms,
         "fused_gflops": gflops,
         "sdpa_gflops": flops / (sdpa_ms * 1e-3) / 1e9,
-        **roofline_in_rounds(flops, rounds[0], rounds[2]),
+        **roofline_of(flops, rounds[0], rounds[2:], dtype),
         **extra,
     }
 
@@ -534,11 +536,7 @@ def main(argv=None) -> None:
         f" kernel variant {info['kernel_isa']} of {info['kernel_isas']}, {THREADS} threads,"
         f" load {info.get('load_average', '?')}, {info['date']}"
     )
-    print(
-        f"GEMM at the start ({THREADS} threads): float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
-        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s; each row's roofline divides by the "
-        "GEMM timed in the row's own rounds (its column)"
-    )
+    print(gemm_line(THREADS))
     rows = run(quick=args.quick, only=args.only)
     print(format_rows(rows))
 

@@ -264,18 +264,71 @@ def roofline_in_rounds(
     }
 
 
+GEMM_PROBE_N = 256  # a first, small product: how long the full one would take
+GEMM_PROBE_LIMIT_S = 2.0  # a full GEMM_N^3 product slower than this is not timed
+NO_HARDWARE_FRACTION = 0.1  # below this fraction of float32's rate a dtype has no hardware path
+
+
+def _gemm_rate(dtype, n: int, reps: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    t = interleaved_times([lambda: a @ b], warmup=1, reps=reps)[0]["median_ms"]
+    return 2.0 * n**3 / (t * 1e-3) / 1e9
+
+
 def gemm_gflops(dtype=torch.float32, n: int = GEMM_N, reps: int = 5) -> float:
     """This machine's matrix-multiply throughput (GFLOP/s) in ``dtype`` with torch's current
     thread count: the median of ``reps`` n x n x n products after a warm-up. The roofline the
-    attention rows are compared with."""
+    attention rows are compared with. A GEMM_PROBE_N product is timed first; where it says the
+    full product would take over GEMM_PROBE_LIMIT_S (torch's bf16 GEMM on a CPU without bf16
+    instructions runs below 1 GFLOP/s: an hour per benchmark), the probe's rate is the answer."""
     key = (dtype, n, torch.get_num_threads())
     if key not in _GEMM_CACHE:
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g).to(dtype)
-        b = torch.randn(n, n, generator=g).to(dtype)
-        t = interleaved_times([lambda: a @ b], warmup=1, reps=reps)[0]["median_ms"]
-        _GEMM_CACHE[key] = 2.0 * n**3 / (t * 1e-3) / 1e9
+        probe = _gemm_rate(dtype, min(n, GEMM_PROBE_N), reps=1)
+        if 2.0 * n**3 / (probe * 1e9) > GEMM_PROBE_LIMIT_S:
+            _GEMM_CACHE[key] = probe
+        else:
+            _GEMM_CACHE[key] = _gemm_rate(dtype, n, reps)
     return _GEMM_CACHE[key]
+
+
+def gemm_has_hardware(dtype) -> bool:
+    """Whether torch multiplies ``dtype`` at a hardware rate here: float32 always; another dtype
+    where its GEMM reaches NO_HARDWARE_FRACTION of float32's. Where it does not, a fraction of
+    that GEMM says nothing about the machine, and the rows of that dtype have no roofline."""
+    if dtype == torch.float32:
+        return True
+    return gemm_gflops(dtype) >= NO_HARDWARE_FRACTION * gemm_gflops(torch.float32)
+
+
+def roofline_lead(dtype) -> List[Callable[[], object]]:
+    """The roofline's GEMM as the `lead` of interleaved_rounds: [gemm_call(dtype)], or nothing
+    where the dtype has no hardware GEMM (gemm_has_hardware)."""
+    return [gemm_call(dtype)] if gemm_has_hardware(dtype) else []
+
+
+def roofline_of(flops: float, fn_ms: Sequence[float], lead_ms: Sequence[Sequence[float]], dtype):
+    """roofline_in_rounds against the GEMM timed as roofline_lead(dtype) (``lead_ms``: its rounds,
+    empty when it was not timed), or no roofline (None) with the probe's GEMM rate."""
+    if not lead_ms:
+        return {"roofline": None, "gemm_gflops": gemm_gflops(dtype)}
+    return roofline_in_rounds(flops, fn_ms, lead_ms[-1])
+
+
+def gemm_line(threads: int) -> str:
+    """The header line of the GEMM rates the rooflines divide by (a dtype without a hardware
+    GEMM is named as such: its rows have no roofline)."""
+    parts = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rate = f"{str(dtype).replace('torch.', '')} {gemm_gflops(dtype):.1f} GFLOP/s"
+        if not gemm_has_hardware(dtype):
+            rate += " (no hardware path in torch here: its rows have no roofline)"
+        parts.append(rate)
+    return (
+        f"GEMM at the start ({threads} threads, {GEMM_N}^3 torch.mm): {', '.join(parts)}; each "
+        "row's roofline divides by the same GEMM timed in the row's own rounds (its column)"
+    )
 
 
 def machine_info() -> Dict[str, str]:

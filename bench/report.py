@@ -32,13 +32,13 @@ from bench.harness import (
     attention_flops,
     cpu_kernel_isa,
     format_table,
-    gemm_call,
-    gemm_gflops,
+    gemm_line,
     interleaved_rounds,
     machine_info,
     make_rollingq_inputs,
     peak_extra_mib,
-    roofline_in_rounds,
+    roofline_lead,
+    roofline_of,
     save_rows,
 )
 from rollingq_kernels.api import make_problem
@@ -84,7 +84,7 @@ def bench_shape(
     heavy = [i for i, n in enumerate(names) if n == "reference"]
     fast = [i for i in range(len(fns)) if i not in heavy]
     rounds = interleaved_rounds(
-        [fns[i] for i in fast], lead=[*(fns[i] for i in heavy), gemm_call(dtype)], reps=reps
+        [fns[i] for i in fast], lead=[*(fns[i] for i in heavy), *roofline_lead(dtype)], reps=reps
     )
     by_fn = dict(zip(fast + heavy, rounds))
     flops = attention_flops(B, H, L, L, D)
@@ -93,7 +93,7 @@ def bench_shape(
         out = fn()
         row.update(t)
         row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
-        row.update(roofline_in_rounds(flops, by_fn[i], rounds[-1]))
+        row.update(roofline_of(flops, by_fn[i], rounds[len(fns) :], dtype))
         row["vs_sdpa"] = t["median_ms"] / times[0]["median_ms"]
         row["max_err"] = (out.double() - ref).abs().max().item()
         if memory:
@@ -172,12 +172,7 @@ def main(argv=None) -> int:
         f"torch CPU capability {info['torch_cpu_capability']}; load average "
         f"{info.get('load_average', '?')}"
     )
-    print(
-        f"GEMM at the start ({info['torch_threads']} threads, 2048^3 torch.mm): "
-        f"float32 {gemm_gflops(torch.float32):.0f} GFLOP/s, "
-        f"bfloat16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s; each row's roofline divides by "
-        "the same GEMM timed in the row's own rounds (column 'GEMM GFLOP/s')"
-    )
+    print(gemm_line(info["torch_threads"]))
     print(
         f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date']}"
     )

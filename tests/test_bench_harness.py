@@ -80,3 +80,64 @@ def test_tile_probe_builds_and_measures(tmp_path):
         assert 0.0 < r[f"{key}_fraction_of_peak"] <= 1.2, key
     assert 0.5 < r["overlap"] < 2.5
     assert "tile unit's peak" in tile_probe.report(r)
+
+
+def _fake_rates(monkeypatch, rates):
+    """gemm_gflops over a fake _gemm_rate: ``rates`` maps a dtype to its GFLOP/s; the (dtype, n)
+    products timed are returned."""
+    from bench import harness
+
+    timed = []
+
+    def rate(dtype, n, reps):
+        timed.append((dtype, n))
+        return rates[dtype]
+
+    monkeypatch.setattr(harness, "_gemm_rate", rate)
+    monkeypatch.setattr(harness, "_GEMM_CACHE", {})
+    return timed
+
+
+def test_a_dtype_without_a_hardware_gemm_is_probed_small_and_has_no_roofline(monkeypatch):
+    # torch's bf16 GEMM on a CPU without bf16 instructions: 0.4 GFLOP/s, 43 s per 2048^3 product
+    from bench import harness
+
+    timed = _fake_rates(monkeypatch, {torch.float32: 170.0, torch.bfloat16: 0.4})
+    assert harness.gemm_gflops(torch.bfloat16) == 0.4
+    assert timed == [(torch.bfloat16, harness.GEMM_PROBE_N)]  # the full product is not timed
+    assert not harness.gemm_has_hardware(torch.bfloat16)
+    assert harness.roofline_lead(torch.bfloat16) == []
+    r = harness.roofline_of(1e9, [1.0, 2.0], [], torch.bfloat16)
+    assert r == {"roofline": None, "gemm_gflops": 0.4}
+    assert "no hardware path" in harness.gemm_line(2)
+    assert "float32 170.0 GFLOP/s" in harness.gemm_line(2)
+
+
+def test_a_dtype_with_a_hardware_gemm_is_timed_full_size_in_every_round(monkeypatch):
+    from bench import harness
+
+    timed = _fake_rates(monkeypatch, {torch.float32: 170.0, torch.bfloat16: 400.0})
+    assert harness.gemm_gflops(torch.bfloat16) == 400.0
+    assert timed == [(torch.bfloat16, harness.GEMM_PROBE_N), (torch.bfloat16, GEMM_N)]
+    assert harness.gemm_has_hardware(torch.bfloat16) and harness.gemm_has_hardware(torch.float32)
+    assert len(harness.roofline_lead(torch.bfloat16)) == 1
+    gemm_flops = 2.0 * GEMM_N**3
+    r = harness.roofline_of(gemm_flops / 2, [10.0], [[10.0]], torch.bfloat16)
+    assert r["roofline"] == pytest.approx(0.5)
+    assert "no hardware path" not in harness.gemm_line(2)
+
+
+def test_cpu_bench_pair_without_a_hardware_gemm_times_the_two_calls_only(monkeypatch):
+    from bench import cpu_bench, harness
+
+    _fake_rates(monkeypatch, {torch.float32: 170.0, torch.bfloat16: 0.4})
+    calls = []
+    row = cpu_bench._pair(
+        "fwd", (1, 1, 8, 8), torch.bfloat16,
+        lambda: calls.append("fused"), lambda: calls.append("sdpa"),
+        flops=1e6, reps=3, warmup=1,
+    )  # fmt: skip
+    assert sorted(set(calls)) == ["fused", "sdpa"] and len(calls) == 8
+    assert row["roofline"] is None and row["gemm_gflops"] == 0.4
+    assert row["fused_ms"] >= 0.0 and row["speedup"] > 0.0
+    assert harness.gemm_has_hardware(torch.float32)
