@@ -110,15 +110,8 @@ inline vec_t<A> viota() {
   for (int l = 0; l < VT<A>::W; ++l) r[l] = A(l);
   return r;
 }
-template <typename A>
-inline A hsum(vec_t<A> x) {
-  A s = 0;
-  for (int l = 0; l < VT<A>::W; ++l) s += x[l];
-  return s;
-}
-
 // The lanes' sum by halves (lane l + w added to lane l, w = W/2, W/4, ..., 1): a few shuffles
-// instead of hsum's chain of W dependent adds, where the order of the sum is free to choose.
+// instead of a chain of W dependent adds.
 template <typename A>
 inline A hsum_tree(vec_t<A> x) {
 #if defined(__AVX512F__)
@@ -151,7 +144,7 @@ inline A dot(const A* x, const A* y, int64_t n) {
     s1 += vload(x + i + W) * vload(y + i + W);
   }
   for (; i + W <= n; i += W) s0 += vload(x + i) * vload(y + i);
-  A s = hsum<A>(s0 + s1);
+  A s = hsum_tree<A>(s0 + s1);
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
 }
