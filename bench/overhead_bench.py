@@ -25,6 +25,8 @@ torch SDPA's row of the same kind:
 
     ..., inputs requiring grad         the forward alone (what autograd records included)
     ..., forward + backward            the forward and torch.autograd.grad of q, k, v
+    ..., Python formula                the row above with the library's C++ autograd node
+                                       switched off: the Python autograd.Function it replaces
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import rollingq_kernels as rk
+from rollingq_kernels import fused_op
 from rollingq_kernels.api import make_problem
 
 from .harness import machine_info
@@ -121,15 +124,32 @@ def _training_rows(q, k, v, rq):
     def backward(out):
         torch.autograd.grad(out, (q, k, v), grad)
 
+    def python_formula(fn):
+        # the same call with the library's C++ autograd node switched off: the Python
+        # autograd.Function it replaces (op_contract._EagerAttention)
+        def call():
+            saved, fused_op._DIRECT_AUTOGRAD = fused_op._DIRECT_AUTOGRAD, None
+            try:
+                return fn()
+            finally:
+                fused_op._DIRECT_AUTOGRAD = saved
+
+        return call
+
+    def fused():
+        return rk.rolling_attention(q, k, v, backend="cpu")
+
     sdpa = "torch SDPA, inputs requiring grad"
     sdpa_step = "torch SDPA, forward + backward"
     return [
         (sdpa, lambda: F.scaled_dot_product_attention(q, k, v), sdpa),
-        ("rolling_attention (cpu), inputs requiring grad",
-         lambda: rk.rolling_attention(q, k, v, backend="cpu"), sdpa),
+        ("rolling_attention (cpu), inputs requiring grad", fused, sdpa),
+        ("rolling_attention (cpu), inputs requiring grad, Python formula",
+         python_formula(fused), sdpa),
         (sdpa_step, lambda: backward(F.scaled_dot_product_attention(q, k, v)), sdpa_step),
-        ("rolling_attention (cpu), forward + backward",
-         lambda: backward(rk.rolling_attention(q, k, v, backend="cpu")), sdpa_step),
+        ("rolling_attention (cpu), forward + backward", lambda: backward(fused()), sdpa_step),
+        ("rolling_attention (cpu), forward + backward, Python formula",
+         python_formula(lambda: backward(fused())), sdpa_step),
         ("rolling_attention, rotation + stats, forward + backward",
          lambda: backward(rk.rolling_attention(q, k, v, **rq)[0]), sdpa_step),
     ]  # fmt: skip

@@ -1,6 +1,8 @@
 // The Python module of rollingq_kernels._C: direct entries to rollingq::attention_fwd and
 // rollingq::attention_bwd below autograd, for calls that autograd will not differentiate and for
-// the package's eager autograd formula (op_contract._EagerAttention), which runs both ops itself.
+// the package's Python autograd formula (op_contract._EagerAttention), which runs both ops itself;
+// and `attention_fwd_autograd`, the same formula as a C++ autograd node (EagerAttention) for the
+// eager calls that need the gradients of q, k and v only.
 //
 // Calling an op through torch.ops converts every argument to an IValue against the schema and
 // back again through the generic (boxed) path; for a small problem that costs more than the
@@ -19,7 +21,9 @@
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
@@ -105,35 +109,53 @@ PyObject* wrap_tuple(std::tuple<Ts...> outputs) {
   return result;
 }
 
-PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (!arity_ok("attention_fwd", kForwardArgs, nargs)) return nullptr;
-  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+// The forward op's arguments in schema order, as the typed call takes them.
+struct ForwardArgs {
   Tensor q, k, v;
   OptTensor rotation, rows, ids, pad, mask, rng;
   int64_t num_modalities = 0, causal_offset = 0;
   bool is_causal = false;
   double scale = 0.0, dropout_p = 0.0;
-  const bool read = read_tensor(args[0], &q) && read_tensor(args[1], &k) &&
+  // False (no Python error left set) for an argument the boxed path should handle.
+  bool read(PyObject* const* args) {
+    const bool ok = read_tensor(args[0], &q) && read_tensor(args[1], &k) &&
                     read_tensor(args[2], &v) && read_optional(args[3], &rotation) &&
                     read_optional(args[4], &rows) && read_optional(args[5], &ids) &&
                     read_int(args[6], &num_modalities) && read_optional(args[7], &pad) &&
                     read_optional(args[8], &mask) && read_bool(args[9], &is_causal) &&
                     read_int(args[10], &causal_offset) && read_float(args[11], &scale) &&
                     read_float(args[12], &dropout_p) && read_optional(args[13], &rng);
-  if (!read) {
-    PyErr_Clear();
-    Py_RETURN_NOTIMPLEMENTED;
+    if (!ok) PyErr_Clear();
+    return ok;
   }
+};
+
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rollingq::attention_fwd", "")
                              .typed<ForwardSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rollingq::attention_bwd", "")
+                             .typed<BackwardSignature>();
+  return op;
+}
+
+PyObject* attention_fwd_below_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!arity_ok("attention_fwd", kForwardArgs, nargs)) return nullptr;
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  ForwardArgs a;
+  if (!a.read(args)) Py_RETURN_NOTIMPLEMENTED;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   {
     ReleaseGil unlocked;
     at::AutoDispatchBelowAutograd below_autograd;
-    out = op.call(q, k, v, rotation, rows, ids, num_modalities, pad, mask, is_causal,
-                  causal_offset, scale, dropout_p, rng);
+    out = forward_op().call(a.q, a.k, a.v, a.rotation, a.rows, a.ids, a.num_modalities, a.pad,
+                            a.mask, a.is_causal, a.causal_offset, a.scale, a.dropout_p, a.rng);
   }
   return wrap_tuple(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -160,17 +182,101 @@ PyObject* attention_bwd_below_autograd(PyObject*, PyObject* const* args, Py_ssiz
     PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
   }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rollingq::attention_bwd", "")
-                             .typed<BackwardSignature>();
   std::tuple<Tensor, Tensor, Tensor> grads;
   {
     ReleaseGil unlocked;
     at::AutoDispatchBelowAutograd below_autograd;
-    grads = op.call(grad_out, q, k, v, out, lse, rotation, rows, pad, mask, is_causal,
-                    causal_offset, scale, dropout_p, rng);
+    grads = backward_op().call(grad_out, q, k, v, out, lse, rotation, rows, pad, mask, is_causal,
+                               causal_offset, scale, dropout_p, rng);
   }
   return wrap_tuple(std::move(grads));
+  END_HANDLE_TH_ERRORS
+}
+
+OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+}  // namespace
+
+// The op's autograd formula (op_contract._save_for_backward / _input_grads) as a C++ node, for
+// eager calls that need gradients of q, k and v only: the forward op below autograd, q, k, v, the
+// output, lse and the side inputs saved, the statistics marked non-differentiable; the backward op
+// below autograd, or through autograd where the caller asked for a graph of the gradients
+// (create_graph; the backward op's own formula refuses a double backward). A Python
+// autograd.Function costs about 14 us a call here, twice a small problem's kernel.
+struct EagerAttention : torch::autograd::Function<EagerAttention> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+      const OptTensor& rotation, const OptTensor& rows, const OptTensor& ids,
+      int64_t num_modalities, const OptTensor& pad, const OptTensor& mask, bool is_causal,
+      int64_t causal_offset, double scale, double dropout_p, const OptTensor& rng) {
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+    {
+      at::AutoDispatchBelowAutograd below_autograd;
+      out = forward_op().call(q, k, v, rotation, rows, ids, num_modalities, pad, mask, is_causal,
+                              causal_offset, scale, dropout_p, rng);
+    }
+    auto& [o, lse, mass, key_sum, key_count] = out;
+    const Tensor none;
+    ctx->save_for_backward({q, k, v, o, lse, rotation.value_or(none), rows.value_or(none),
+                            pad.value_or(none), mask.value_or(none), rng.value_or(none)});
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["causal_offset"] = causal_offset;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->mark_non_differentiable({lse, mass, key_sum, key_count});
+    return {o, lse, mass, key_sum, key_count};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto s = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    const auto call = [&] {
+      return backward_op().call(grad_outputs[0], s[0], s[1], s[2], s[3], s[4], present(s[5]),
+                                present(s[6]), present(s[7]), present(s[8]),
+                                d.at("is_causal").toBool(), d.at("causal_offset").toInt(),
+                                d.at("scale").toDouble(), d.at("dropout_p").toDouble(),
+                                present(s[9]));
+    };
+    std::tuple<Tensor, Tensor, Tensor> grads;
+    if (at::GradMode::is_enabled()) {
+      grads = call();
+    } else {
+      at::AutoDispatchBelowAutograd below_autograd;
+      grads = call();
+    }
+    torch::autograd::variable_list result(kForwardArgs);
+    std::tie(result[0], result[1], result[2]) = std::move(grads);
+    return result;
+  }
+};
+
+namespace {
+
+// attention_fwd_autograd(*args): the forward op's five outputs, differentiable in q, k, v through
+// EagerAttention; NotImplemented where the Python formula must run instead: the cases of
+// attention_fwd_below_autograd, a rotation or attn_mask that requires grad (their gradients and
+// errors are the Python formula's), and inside a functorch transform (torch.func), where the
+// Python formula's refusal is the documented behaviour.
+PyObject* attention_fwd_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!arity_ok("attention_fwd", kForwardArgs, nargs)) return nullptr;
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  // a functorch transform is active while its front key is included in this thread's key set
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
+    Py_RETURN_NOTIMPLEMENTED;
+  ForwardArgs a;
+  if (!a.read(args)) Py_RETURN_NOTIMPLEMENTED;
+  if ((a.rotation && a.rotation->requires_grad()) || (a.mask && a.mask->requires_grad()))
+    Py_RETURN_NOTIMPLEMENTED;
+  torch::autograd::variable_list out;
+  {
+    ReleaseGil unlocked;
+    out = EagerAttention::apply(a.q, a.k, a.v, a.rotation, a.rows, a.ids, a.num_modalities, a.pad,
+                                a.mask, a.is_causal, a.causal_offset, a.scale, a.dropout_p, a.rng);
+  }
+  return wrap_tuple(std::make_tuple(std::move(out[0]), std::move(out[1]), std::move(out[2]),
+                                    std::move(out[3]), std::move(out[4])));
   END_HANDLE_TH_ERRORS
 }
 
@@ -200,6 +306,11 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "rollingq::attention_fwd(*args) below autograd, or NotImplemented for arguments the "
      "torch.ops path must handle (tensor subclasses, torch function modes)."},
+    {"attention_fwd_autograd",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fwd_autograd)),
+     METH_FASTCALL,
+     "rollingq::attention_fwd(*args) with a C++ autograd node for the gradients of q, k and v, or "
+     "NotImplemented where the Python formula must run (see the source)."},
     {"attention_bwd_below_autograd",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_bwd_below_autograd)),
      METH_FASTCALL,

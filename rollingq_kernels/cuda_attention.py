@@ -188,4 +188,5 @@ def forward(p):
         p,
         direct=fused_op.direct_entry(),
         direct_backward=fused_op.direct_backward_entry(),
+        direct_autograd=fused_op.direct_autograd_entry(),
     )

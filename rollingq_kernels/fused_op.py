@@ -98,10 +98,11 @@ def _load_library(name: str = "_C") -> str:
     return path
 
 
-def _python_entries(path: str) -> Tuple[Optional[Callable], Optional[Callable], Optional[Callable]]:
-    """``attention_fwd_below_autograd``, ``key_modality_range`` and ``attention_bwd_below_autograd``
-    of the library's Python module (csrc/python_module.cpp), imported from the file already loaded;
-    None for each entry the library lacks, with a warning where the forward's is missing."""
+def _python_entries(path: str) -> Tuple[Optional[Callable], ...]:
+    """``attention_fwd_below_autograd``, ``key_modality_range``, ``attention_bwd_below_autograd``
+    and ``attention_fwd_autograd`` of the library's Python module (csrc/python_module.cpp),
+    imported from the file already loaded; None for each entry the library lacks, with a warning
+    where the forward's is missing."""
     try:
         spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
         module = importlib.util.module_from_spec(spec)
@@ -110,6 +111,7 @@ def _python_entries(path: str) -> Tuple[Optional[Callable], Optional[Callable], 
             module.attention_fwd_below_autograd,
             module.key_modality_range,
             getattr(module, "attention_bwd_below_autograd", None),
+            getattr(module, "attention_fwd_autograd", None),
         )
     except (ImportError, AttributeError) as exc:
         warnings.warn(
@@ -118,15 +120,16 @@ def _python_entries(path: str) -> Tuple[Optional[Callable], Optional[Callable], 
             RuntimeWarning,
             stacklevel=2,
         )
-        return None, None, None
+        return None, None, None, None
 
 
 _LOAD_ERROR: Optional[str] = None
 _DIRECT: Optional[Callable] = None
 _DIRECT_BACKWARD: Optional[Callable] = None
+_DIRECT_AUTOGRAD: Optional[Callable] = None
 _ID_RANGE: Optional[Callable] = None
 try:
-    _DIRECT, _ID_RANGE, _DIRECT_BACKWARD = _python_entries(_load_library("_C"))
+    _DIRECT, _ID_RANGE, _DIRECT_BACKWARD, _DIRECT_AUTOGRAD = _python_entries(_load_library("_C"))
 except (ImportError, OSError, RuntimeError) as exc:
     _LOAD_ERROR = f"the compiled library cannot be loaded: {exc}"
 
@@ -141,7 +144,11 @@ def attention_forward(problem) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
     return op_contract.run_forward(
-        op_contract.COMPILED, problem, direct=_DIRECT, direct_backward=_DIRECT_BACKWARD
+        op_contract.COMPILED,
+        problem,
+        direct=_DIRECT,
+        direct_backward=_DIRECT_BACKWARD,
+        direct_autograd=_DIRECT_AUTOGRAD,
     )
 
 
@@ -161,3 +168,9 @@ def direct_backward_entry() -> Optional[Callable]:
     """The library's direct entry to ``rollingq::attention_bwd`` below autograd (None when the
     library is not loaded or has none): what the eager autograd formula's backward calls."""
     return _DIRECT_BACKWARD
+
+
+def direct_autograd_entry() -> Optional[Callable]:
+    """The library's entry to ``rollingq::attention_fwd`` with a C++ autograd node for the
+    gradients of q, k and v (None when the library is not loaded or has none)."""
+    return _DIRECT_AUTOGRAD

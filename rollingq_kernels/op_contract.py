@@ -269,20 +269,24 @@ def run_forward(
     problem,
     direct: Optional[Callable] = None,
     direct_backward: Optional[Callable] = None,
+    direct_autograd: Optional[Callable] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """One forward call of ``fam`` for a validated problem: (out, stats or None).
 
     ``direct`` / ``direct_backward``: the compiled library's entries that call ``fam.forward`` /
     ``fam.backward`` below autograd without the boxed torch.ops path (fused_op.direct_entry,
-    fused_op.direct_backward_entry); they return NotImplemented for arguments they leave to
-    torch.ops."""
+    fused_op.direct_backward_entry); ``direct_autograd``: its entry that runs the same formula as
+    _EagerAttention in a C++ autograd node (fused_op.direct_autograd_entry). Each returns
+    NotImplemented for arguments it leaves to the Python path."""
     args = problem.op_args()
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # traced: the op itself goes into the graph, with or without gradients (torch.jit.trace
         # checks that a second trace, run without them, records the same graph)
         outputs = fam.forward(*args)
     elif problem.needs_grad():
-        outputs = _EagerAttention.apply(fam, direct, direct_backward, *args)
+        outputs = NotImplemented if direct_autograd is None else direct_autograd(*args)
+        if outputs is NotImplemented:
+            outputs = _EagerAttention.apply(fam, direct, direct_backward, *args)
     else:
         # nothing to differentiate: skip the (Python) autograd layer of the op, the largest part
         # of the per-call cost of a small problem

@@ -243,11 +243,11 @@ def _backward_args(seed):
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
-@pytest.mark.parametrize("which", ["forward", "backward"])
+@pytest.mark.parametrize("which", ["forward", "forward with autograd", "backward"])
 def test_direct_entries_give_what_the_ops_give(which):
-    if which == "forward":
+    if which.startswith("forward"):
         direct, op, make, n = (
-            fused_op.direct_entry(),
+            fused_op.direct_entry() if which == "forward" else fused_op.direct_autograd_entry(),
             torch.ops.rollingq.attention_fwd,
             _feature_args,
             5,
@@ -342,8 +342,10 @@ def test_direct_entry_keeps_dispatch_modes():
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
-@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
-def test_calls_take_the_direct_entry_with_or_without_gradients(monkeypatch):
+_CPP_NODE = "torch::autograd::CppNode<rollingq::EagerAttention>"
+
+
+def _counting_entries(monkeypatch):
     calls = []
 
     def counting(name, entry):
@@ -357,18 +359,84 @@ def test_calls_take_the_direct_entry_with_or_without_gradients(monkeypatch):
     monkeypatch.setattr(
         fused_op, "_DIRECT_BACKWARD", counting("bwd", fused_op.direct_backward_entry())
     )
+    monkeypatch.setattr(
+        fused_op, "_DIRECT_AUTOGRAD", counting("autograd", fused_op.direct_autograd_entry())
+    )
+    return calls
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_calls_take_the_direct_entry_with_or_without_gradients(monkeypatch):
+    calls = _counting_entries(monkeypatch)
     q, k, v = (_rand(1, 2, 5, 8, seed=s) for s in (70, 71, 72))
     rk.rolling_attention(q, k, v, backend="cpu")
     with torch.no_grad():
         rk.rolling_attention(q.requires_grad_(), k, v, backend="cpu")
     assert calls == [("fwd", 14)] * 2
-    # q requires grad: the same entries inside the eager autograd formula, not the op's generic
-    # torch.library autograd layer (tens of microseconds per call)
+    # q requires grad: the C++ autograd node, not the op's generic torch.library autograd layer
+    # (tens of microseconds per call) nor the Python formula; its backward calls the op itself
     out = rk.rolling_attention(q, k, v, backend="cpu")
-    assert calls == [("fwd", 14)] * 3 and out.requires_grad
+    assert calls == [("fwd", 14)] * 2 + [("autograd", 14)] and out.requires_grad
+    assert out.grad_fn.name() == _CPP_NODE
+    out.sum().backward()
+    assert calls == [("fwd", 14)] * 2 + [("autograd", 14)] and q.grad is not None
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_a_rotation_that_needs_its_gradient_takes_the_python_formula(monkeypatch):
+    # the C++ node differentiates q, k, v only: it declines, and the Python formula (which gives
+    # dR) runs the forward and backward entries
+    calls = _counting_entries(monkeypatch)
+    q, k, v = (_rand(1, 2, 5, 8, seed=s) for s in (73, 74, 75))
+    rot = torch.linalg.qr(_rand(8, 8, seed=76)).Q.requires_grad_()
+    out = rk.rolling_attention(q, k, v, rotation=rot, backend="cpu")
+    assert calls == [("autograd", 14), ("fwd", 14)]
     assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
     out.sum().backward()
-    assert calls == [("fwd", 14)] * 3 + [("bwd", 15)] and q.grad is not None
+    assert calls[2:] == [("bwd", 15)] and rot.grad is not None and rot.grad.abs().sum() > 0
+    # the entry itself says NotImplemented for it, and for a mask that requires grad
+    args = list(_feature_args(77))
+    entry = fused_op.direct_autograd_entry()
+    for i in (3, 8):
+        a = list(args)
+        a[i] = a[i].clone().requires_grad_()
+        assert entry(*a) is NotImplemented
+    assert entry(*args) is not NotImplemented
+    with pytest.raises(TypeError, match="14 arguments"):
+        entry(*args[:13])
+    sub = list(args)
+    sub[0] = args[0].as_subclass(_Tagged)
+    assert entry(*sub) is NotImplemented
+    with torch.overrides.TorchFunctionMode():
+        assert entry(*args) is NotImplemented
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_the_cpp_node_marks_the_statistics_non_differentiable_and_refuses_double_backward():
+    q, k, v = (_rand(2, 3, 6, 8, seed=s).requires_grad_() for s in (90, 91, 92))
+    ids = torch.arange(6) % 2
+    out, stats = rk.rolling_attention(
+        q, k, v, key_modality=ids, num_modalities=2, return_stats=True, backend="cpu"
+    )
+    assert out.grad_fn.name() == _CPP_NODE
+    assert not any(t.requires_grad for t in stats)
+    # create_graph: the backward runs through autograd, and differentiating it again is refused
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError, match="higher-order|double"):
+        dq.sum().backward()
+    # a second backward through the freed graph is torch's usual error
+    out2 = rk.rolling_attention(q, k, v, backend="cpu")
+    out2.sum().backward()
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        out2.sum().backward()
+    # an input changed in place after the forward is caught, as for any saved tensor
+    k2 = k.detach().clone().requires_grad_()
+    kk = k2 * 1.0
+    out3 = rk.rolling_attention(q, kk, v, backend="cpu")
+    kk.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out3.sum().backward()
 
 
 def _registered_formula_grads(p, wrt, grad):
@@ -390,10 +458,14 @@ _FORMULA_CASES = {
 
 
 @pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+@pytest.mark.parametrize("path", ["C++ node", "Python formula"])
 @pytest.mark.parametrize("case", list(_FORMULA_CASES))
-def test_eager_formula_gives_the_registered_formulas_gradients(case):
-    # the eager autograd.Function and the op's registered formula share their code
-    # (_save_for_backward, _input_grads): the same outputs and gradients, bit for bit
+def test_eager_formula_gives_the_registered_formulas_gradients(case, path, monkeypatch):
+    # the eager autograd formulas (the C++ node; the Python autograd.Function, which shares its
+    # code with the registered formula: _save_for_backward, _input_grads) give the registered
+    # formula's outputs and gradients, bit for bit
+    if path == "Python formula":
+        monkeypatch.setattr(fused_op, "_DIRECT_AUTOGRAD", None)
     c = _FORMULA_CASES[case]
     B, H, Lq, Lk, D = 2, 3, 7, 9, 6
     q = _rand(B, Lq, H, D, seed=80).transpose(1, 2)  # non-contiguous
@@ -418,9 +490,60 @@ def test_eager_formula_gives_the_registered_formulas_gradients(case):
     grad = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(84))
     want_out, want = _registered_formula_grads(p, leaves, grad)
     assert type(want_out.grad_fn).__name__ != "_EagerAttentionBackward"
+    assert want_out.grad_fn.name() != _CPP_NODE
     out, _ = fused_op.attention_forward(p)
-    assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+    if path == "C++ node" and not (c.get("rotation") and 3 in wanted):
+        assert out.grad_fn.name() == _CPP_NODE
+    else:  # a rotation that needs its gradient takes the Python formula either way
+        assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
     got = torch.autograd.grad(out, leaves, grad)
     assert torch.equal(out, want_out)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.skipif(not CPU_OP, reason=str(fused_op.load_error()))
+def test_the_cpp_node_runs_python_hooks_with_the_gil_released():
+    # the node is built and run with the GIL released; Python saved-tensor hooks (activation
+    # checkpointing, save_on_cpu), anomaly mode's traceback and gradient hooks take it back
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (_rand(2, 3, 9, 8, seed=s).requires_grad_() for s in (93, 94, 95))
+    want = torch.autograd.grad(
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).square().sum(), (q, k, v)
+    )
+
+    def grads(fn):
+        # .backward(), which reentrant checkpointing requires (it refuses autograd.grad)
+        for t in (q, k, v):
+            t.grad = None
+        fn().square().sum().backward()
+        return [t.grad for t in (q, k, v)]
+
+    def sdpa(a=q, b=k, c=v):
+        return rk.scaled_dot_product_attention(a, b, c)
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sdpa()
+    assert out.grad_fn.name() == _CPP_NODE and len(packed) == 5  # q, k, v, out, lse
+    results = {"saved tensor hooks": torch.autograd.grad(out.square().sum(), (q, k, v))}
+    with pytest.warns(UserWarning, match="Anomaly"), torch.autograd.detect_anomaly():
+        results["anomaly mode"] = grads(sdpa)
+    for reentrant in (False, True):
+        results[f"checkpoint reentrant={reentrant}"] = grads(
+            lambda r=reentrant: checkpoint(sdpa, q, k, v, use_reentrant=r)
+        )
+    seen = []
+    handle = q.register_hook(lambda g: seen.append(g.shape))
+    results["tensor hook"] = grads(sdpa)
+    handle.remove()
+    assert seen == [q.shape]
+    for name, got in results.items():
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, msg=name)
