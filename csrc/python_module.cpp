@@ -201,8 +201,8 @@ OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nu
 // eager calls that need gradients of q, k and v only: the forward op below autograd, q, k, v, the
 // output, lse and the side inputs saved, the statistics marked non-differentiable; the backward op
 // below autograd, or through autograd where the caller asked for a graph of the gradients
-// (create_graph; the backward op's own formula refuses a double backward). A Python
-// autograd.Function costs about 14 us a call here, twice a small problem's kernel.
+// (create_graph; the backward op's own formula refuses a double backward). The Python
+// autograd.Function it replaces cost about 13 us a call more (bench/overhead_bench.py).
 struct EagerAttention : torch::autograd::Function<EagerAttention> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,

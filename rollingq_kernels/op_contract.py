@@ -233,7 +233,9 @@ def _below_autograd(op, direct: Optional[Callable], args) -> Tuple[torch.Tensor,
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The op's autograd formula for eager calls that need a gradient.
+    """The op's autograd formula for the eager calls that need a gradient and that the library's
+    C++ node (``_C.attention_fwd_autograd``) declines: a rotation or float mask that requires
+    grad, functorch transforms, tensor subclasses, torch function modes, a library without it.
 
     The same formula as the one registered on the op (``_save_for_backward``, ``_input_grads``),
     without the generic Python layer torch.library puts in front of it: that layer refills the
