@@ -486,8 +486,8 @@ def test_stream_threshold_environment_variable():
 
 
 # The bf16 forward's own blocking (csrc/cpu/kernels/bf16_engine.h): 128-query tiles, 256-key
-# steps with a partial last one (on avx512_dot without masks: a first step of 128 keys, the
-# scores of the later ones kept in registers), K and V^T packed per head as the tiles first ask for keys (causal
+# steps with a partial last one (on avx512_dot without masks: scores kept in registers, the
+# running max seeded from key 0), K and V^T packed per head as the tiles first ask for keys (causal
 # tiles stop inside a key block and the next tile continues it), raw products scaled in the
 # softmax when there is no mask, and a running max that moves only by more than 2^8.
 BF16_BLOCK_CASES = [
@@ -532,23 +532,43 @@ def test_bf16_queries_at_any_address_give_the_same_bits(offset, width, isa):
 
 
 @pytest.mark.parametrize("gain", [12, 60, -16])
-@pytest.mark.parametrize("late_key", [5, 200, 300, 599])
+@pytest.mark.parametrize("late_key", [0, 5, 200, 300, 599])
 def test_bf16_running_max_that_moves_after_settling(late_key, gain, isa):
     # Keys of ordinary scores settle every row's running max in the first step; one key far
-    # above them (in the first, a middle or the last step; key 200 lies in the second step of
-    # the first packed key block where the first step is cut short, avx512_dot) must still
-    # rescale what was summed. The forward first tries a step against the settled max (on
-    # avx512_dot with its scores in registers) and redoes it when the max moves:
+    # above them (in the first, a middle or the last step) must still rescale what was summed.
+    # The forward first tries a step against the settled max (on avx512_dot with its scores in
+    # registers, the max seeded at key 0's score + 40) and redoes it when the max moves:
     # with gain 60, row 0's scaled score jumps by about 360, whose exp overflows float32 unless
     # the step is redone (gain 12: by about 70, which the sums survive without rescaling).
     # Gain -16 puts row 0's score about 96 below the others: its probability is a float32
     # subnormal, which avx512_dot's exponent in registers keeps (and bf16 flushes to zero).
+    # At key 0 these set the seed: every other key far below it (60, 12) or far above (-16:
+    # every lane's first step is redone the stored way).
     case = make_case(dtype=torch.bfloat16, B=1, H=2, Lq=200, Lk=600, D=64, modalities=2, seed=3)
     k = case.k.clone()
     k[:, :, late_key] = (case.q[:, :, :1].float().mean(2) * gain).to(torch.bfloat16)
     case = type(case)(case.q, k, case.v, case.kwargs)
     out, stats = _run(case)
     check_against_reference(case, out, stats, dtype=torch.bfloat16, what=f"key {late_key}: ")
+
+
+@pytest.mark.parametrize("scale", [0.5, 40.0, 400.0])
+def test_bf16_scores_spread_far_beyond_the_seeded_max(scale, isa):
+    # Scaled scores tens to thousands apart: the max seeded from key 0 (avx512_dot: its score
+    # + 40) is far below many rows' largest score and far above others', so steps are redone
+    # the stored way wherever a probability leaves the headroom. PyTorch's own bf16 attention
+    # (the 2x rule's yardstick) rounds the scores to bf16 and is far off at these scales; the
+    # kernel multiplies in float32, so it is held to the reference within bf16's rounding of
+    # the probabilities and the output.
+    case = make_case(
+        dtype=torch.bfloat16, B=2, H=2, Lq=150, Lk=333, D=64, modalities=2, seed=23, scale=scale
+    )
+    out, stats = _run(case)
+    ref_out, ref_stats = reference(case)
+    err = (out.double() - ref_out).abs()
+    assert err.max().item() <= 1 / 128 * ref_out.abs().max().item(), f"max error {err.max():.3e}"
+    assert_close(stats.lse, ref_stats.lse, rel=1e-5, name="lse")
+    assert_close(stats.modality_mass, ref_stats.modality_mass, rel=1e-2, name="mass", atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)

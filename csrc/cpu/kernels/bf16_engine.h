@@ -140,10 +140,11 @@ inline bool pack_query_pairs(const AttentionParams& p, int64_t b, int64_t h, int
 // probability exceeds the lazy max's headroom (the test is on the bf16 pairs, one integer max per
 // two keys instead of a float max per key), its column group is done again the stored way. This
 // saves the store and reload of the scores (128 KiB per 256-key step of 128 queries), and the two
-// instructions saved per 16 scores made the forward 0.3-1.2 % faster. The first step of a
-// tile, where the max is not yet set, is cut to kFirstStep keys and stored: 128 measured within
-// 0.5 % of 64 in time, and with 64 the largest error at (4, 8, 1024, 64) was 1.55x SDPA's on
-// average over six seeds against 1.31x for 128 and for whole 256-key steps.
+// instructions saved per 16 scores made the forward 0.3-1.2 % faster. The first step of a tile
+// runs so too, against a max seeded from key 0 (seed_running_max). Where the seed is not finite
+// the first step is stored and cut to kFirstStep keys: 128 measured within 0.5 % of 64 in time,
+// and with 64 the largest error at (4, 8, 1024, 64) was 1.55x SDPA's on average over six seeds
+// against 1.31x for 128 and for whole 256-key steps.
 constexpr int64_t kFirstStep = 128;
 
 struct alignas(64) FusedSoftmax {
@@ -399,6 +400,29 @@ bool fused_group_step(const AttentionParams& p, int64_t b, int64_t j0, int64_t k
   return softmax_cols<float, NV>(p, b, j0, kn, lanes, v0, w.S, w.m, w.l, w.alpha, w.mass, out);
 }
 
+// The running max of a tile's lanes before its first step, where the products are VDPBF16PS:
+// key 0's scaled score + kSeedAbove (natural-log units). Every step, the first included, then
+// takes its scores in registers (fused_group_step): a key up to kSeedAbove + 8 ln 2 = 45.5 above
+// key 0 stays inside the lazy max's headroom, one further above moves the max the stored way.
+// The offset costs no precision: key 0's own probability, e^-kSeedAbove, bounds the row's
+// largest from below, and a probability that leaves the normal floats (below e^-87) is then
+// under e^-47 of it. False (the max left at -inf) where a lane's seed is not finite: a NaN or
+// inf in key 0 or the queries, or a scale that overflows; the first step is then stored.
+constexpr float kSeedAbove = 40.0f;
+
+template <typename G>
+bool seed_running_max(const AttentionParams& p, int64_t lanes, const bf16* krows, Bf16FwdWork& w) {
+  G::gemm(1, lanes, p.head_dim, krows, p.head_dim, w.qv, 2 * lanes, w.S, lanes, Acc::kSet, 1.0f);
+  const float scale = float(p.scale);
+  bool finite = true;
+  for (int64_t l = 0; l < lanes; ++l) {
+    w.m[l] = w.S[l] * scale + kSeedAbove;
+    finite &= std::isfinite(w.m[l]);
+  }
+  if (!finite) fill(w.m, lanes, -std::numeric_limits<float>::infinity());
+  return finite;
+}
+
 template <typename G>
 void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
                    Bf16FwdWork& w, HeadPacked& hp, bool stream) {
@@ -430,14 +454,21 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
   const bool raw = !masked && p.dropout_p == 0.0 && p.scale > 0.0;
   const int64_t k_end = causal_end(p, i0, qn);
   const bool fuse = G::kFusedSoftmax && raw;
-  // Steps end at the packed key blocks' ends; with fused steps the first is kFirstStep keys.
+  // Steps end at the packed key blocks' ends. With fused steps the running max is seeded from
+  // key 0 (seed_running_max); where that declines, the first step is stored and kFirstStep long.
+  bool seeded = false;
+  if (fuse && k_end > 0) {
+    const int64_t first = round_up(imin(kBf16KeyBlock, k_end), 32);
+    hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, first));
+    seeded = seed_running_max<G>(p, lanes, hp.krows, w);
+  }
   for (int64_t j0 = 0, kn = 0; j0 < k_end; j0 += kn) {
     const int64_t off = j0 % kBf16KeyBlock;
-    kn = imin(fuse && j0 == 0 ? kFirstStep : kBf16KeyBlock - off, k_end - j0);
+    kn = imin(fuse && j0 == 0 && !seeded ? kFirstStep : kBf16KeyBlock - off, k_end - j0);
     const int64_t knp = round_up(kn, 32);
     hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
     bool moved = false;
-    if (fuse && j0 > 0) {
+    if (fuse && (j0 > 0 || seeded)) {
       const bf16* kr = hp.krows + j0 * D;
       const int64_t nv = lanes / 16;  // even: lanes is a multiple of 32
       for (int64_t v0 = 0; v0 < nv; v0 += kSoftmaxGroup)
