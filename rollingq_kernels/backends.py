@@ -514,8 +514,6 @@ def _warn_fallback(p: AttentionProblem, passed: Dict[str, List[str]]) -> None:
         spec = _REGISTRY[name]
         if not spec.fused or p.device_type not in spec.dtypes:
             continue
-        if p.q.dtype not in spec.dtypes[p.device_type]:
-            continue
         _warn_once(
             (name, tuple(reasons)),
             f"rolling_attention: backend 'auto' runs the O(L^2) reference because {name!r} "

@@ -342,6 +342,17 @@ def test_auto_warns_once_when_it_falls_back_to_the_reference():
     assert bias.grad is not None and bias.grad.shape == (5, 5)
 
 
+@pytest.mark.skipif(not CPU_OP, reason="the CPU extension is not built")
+def test_auto_warns_when_the_dtype_sends_a_call_to_the_reference():
+    # float16 on the CPU: no fused kernel takes it, and the reference's O(L^2) scores must not
+    # come silently (the SDPA drop-in hands such calls to torch instead, without a warning)
+    rk.backends._WARNED.clear()
+    q, k, v = (_rand(1, 2, 5, 4, seed=s, dtype=torch.float16) for s in (46, 47, 48))
+    with pytest.warns(RuntimeWarning, match="'cpu' cannot run this call: .*not torch.float16"):
+        out = rk.rolling_attention(q, k, v)
+    torch.testing.assert_close(out, rk.rolling_attention_reference(q, k, v))
+
+
 def test_sdpa_drop_in_hands_unsupported_calls_to_torch():
     q, k, v = (_rand(2, 3, 5, 4, seed=s, dtype=torch.float16) for s in (43, 44, 45))
     with warnings.catch_warnings():
