@@ -35,9 +35,11 @@ cpu::ElementType element_type(const Tensor& q) {
       return cpu::ElementType::kFloat64;
     case at::kBFloat16:
       return cpu::ElementType::kBFloat16;
+    case at::kHalf:
+      return cpu::ElementType::kFloat16;
     default:
       TORCH_CHECK(false, "rollingq::attention (CPU): q has dtype ", q.scalar_type(),
-                  "; supported: float32, float64, bfloat16");
+                  "; supported: float32, float64, bfloat16, float16");
   }
 }
 

@@ -544,7 +544,7 @@ register_backend(
     BackendSpec(
         name="cpu",
         module="rollingq_kernels.cpu_attention",
-        dtypes={"cpu": frozenset({torch.float32, torch.bfloat16, torch.float64})},
+        dtypes={"cpu": frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})},
         features=Features(
             causal_offset=True,
             attn_mask=frozenset({"bool", "float"}),

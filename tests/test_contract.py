@@ -4,6 +4,7 @@ autograd formula, and the registry's feature data."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import warnings
@@ -344,21 +345,39 @@ def test_auto_warns_once_when_it_falls_back_to_the_reference():
 
 @pytest.mark.skipif(not CPU_OP, reason="the CPU extension is not built")
 def test_auto_warns_when_the_dtype_sends_a_call_to_the_reference():
-    # float16 on the CPU: no fused kernel takes it, and the reference's O(L^2) scores must not
-    # come silently (the SDPA drop-in hands such calls to torch instead, without a warning)
-    rk.backends._WARNED.clear()
+    # A fused backend that does not take the call's dtype (float64 on CUDA for `triton`; here
+    # the `cpu` backend declared without float16): the reference's O(L^2) scores must not come
+    # silently. The SDPA drop-in hands such calls to torch instead, without a warning.
+    cpu = rk.backends._REGISTRY["cpu"]
+    place = rk.backends._AUTO_ORDER.index("cpu")
+    narrow = dataclasses.replace(cpu, dtypes={"cpu": frozenset({torch.float32})})
     q, k, v = (_rand(1, 2, 5, 4, seed=s, dtype=torch.float16) for s in (46, 47, 48))
-    with pytest.warns(RuntimeWarning, match="'cpu' cannot run this call: .*not torch.float16"):
-        out = rk.rolling_attention(q, k, v)
+    rk.backends._WARNED.clear()
+    try:
+        rk.backends.register_backend(narrow, priority=place)
+        with pytest.warns(RuntimeWarning, match="'cpu' cannot run this call: .*not torch.float16"):
+            out = rk.rolling_attention(q, k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert rk.scaled_dot_product_attention(q, k, v).dtype == torch.float16
+    finally:
+        rk.backends.register_backend(cpu, priority=place)
     torch.testing.assert_close(out, rk.rolling_attention_reference(q, k, v))
 
 
 def test_sdpa_drop_in_hands_unsupported_calls_to_torch():
-    q, k, v = (_rand(2, 3, 5, 4, seed=s, dtype=torch.float16) for s in (43, 44, 45))
+    # a float mask that requires grad: no fused backend takes it, torch's SDPA answers (the
+    # same bits, the mask's gradient too), without the reference's fallback warning
+    q, k, v = (_rand(2, 3, 5, 4, seed=s, dtype=torch.float32) for s in (43, 44, 45))
+    bias = _rand(5, 5, seed=49, dtype=torch.float32).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: torch's SDPA runs it
-        got = rk.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        got = rk.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.equal(got, want)
+    (g1,) = torch.autograd.grad(got.sum(), bias)
+    (g2,) = torch.autograd.grad(want.sum(), bias)
+    assert torch.equal(g1, g2)
     before = F.scaled_dot_product_attention
     with rk.patch_sdpa():
         assert F.scaled_dot_product_attention is rk.scaled_dot_product_attention

@@ -160,7 +160,7 @@ def test_environment_variable_naming_an_unknown_variant_is_an_error():
     assert _LIB.rollingq_cpu_set_isa(b"sse9") == -1
 
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 # (id, make_case keyword arguments): every feature alone, then in combination, odd sizes.
 CASES = [
@@ -571,7 +571,9 @@ def test_bf16_scores_spread_far_beyond_the_seeded_max(scale, isa):
     assert_close(stats.modality_mass, ref_stats.modality_mass, rel=1e-2, name="mass", atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=dtype_id
+)
 @pytest.mark.parametrize(
     "kw",
     [
@@ -675,7 +677,9 @@ def test_nan_and_inf_propagate_like_sdpa(where, causal, dtype, isa):
     # everything else matches SDPA computed in the same precision (at scale 1e38 the float64
     # reference does not overflow where float32 does), and the lse the float64 reference
     keep = ~want.isnan()
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[
+        dtype
+    ]
     assert_close(out[keep], want[keep], rel=tol, name="out")
     if where != "inf_score":
         rows = ~bad_rows
@@ -684,10 +688,11 @@ def test_nan_and_inf_propagate_like_sdpa(where, causal, dtype, isa):
         )
 
 
-STATS_REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+# float16 rows are computed in float32 (the float engine): statistics as float32's
+STATS_REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-4}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("where", NAN_CASES)
 def test_nan_and_inf_reach_the_gradients_sdpa_reaches(where, dtype, isa):
     # Without masks every key takes part, so the NaN pattern of the gradients is fixed by the
@@ -768,7 +773,7 @@ def test_few_queries_match_reference(name, extra, Lq, dtype, isa):
     _check_contract(q, k, v, kw, dtype, f"{name} Lq={Lq}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("where", ["q_row", "k_mid_block", "v_key0", "inf_score"])
 def test_few_queries_propagate_nan_like_sdpa(where, dtype, isa):
     case = _poisoned(dtype, where, causal=False, Lq=3)
@@ -792,7 +797,7 @@ def test_few_queries_propagate_nan_like_sdpa(where, dtype, isa):
 # checked together with the fused ones. The float64 reference is the oracle (fp64 1e-10, fp32
 # 1e-5, bf16 twice the error of the same attention computed in bf16 by plain PyTorch).
 
-CONTRACT_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+CONTRACT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def _mask(name, B, H, Lq, Lk, dtype, g):
@@ -927,13 +932,16 @@ def _check_contract(q, k, v, kw, dtype, what, grads=True):
     with nan_poisoned_outputs():
         got = torch.autograd.grad(out, inputs, gout.to(dtype))
     want = torch.autograd.grad(ref_out, ref_in, gout)
-    rel = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    rel = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[
+        dtype
+    ]
     for name, a, b in zip("qkv", got, want):
         assert a.shape == b.shape and a.dtype == dtype
         assert_close(a, b, rel=rel, name=f"{what}: d{name}")
 
 
-REL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# float16: its output rounding (2^-11 relative), everything before it in float32
+REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
@@ -1014,7 +1022,7 @@ def test_dropout_keeps_statistics_and_depends_on_the_rng_state(isa):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 def test_everything_at_once_with_broadcast_inputs(dtype, isa):
     # GQA + float mask + lower-right causal offset via is_causal... and k / v / side inputs with
     # stride-0 (broadcast) batch dims, odd sizes
@@ -1064,7 +1072,7 @@ def test_gradcheck_float64(kw, isa):
     assert torch.autograd.gradcheck(lambda a, b, c: _op_out(a, b, c, *rest), (q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize(
     "kw",
     [
@@ -1096,8 +1104,8 @@ def test_backward_matches_reference_autograd(kw, dtype, isa):
     ref_out, _ = rolling_attention(*ref_in, backend="reference", **kw64)
     want = torch.autograd.grad(ref_out, ref_in, g)
     # float32 gradients: the error of float32 arithmetic over L-long sums, well below 1e-4;
-    # bfloat16: the rounding of the inputs and of the stored gradients (8 bits of mantissa).
-    rel = 2e-5 if dtype == torch.float32 else 3e-2
+    # bfloat16 / float16: the rounding of the inputs and of the stored gradients (8 / 11 bits).
+    rel = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype
         assert_close(a, b, rel=rel, name=f"d{name}")

@@ -6,7 +6,7 @@ RuntimeError / NotImplementedError (raw ops) whose message names the argument at
 crash, never a silent wrong answer. The inputs cover: sizes 0 and 1 and sizes that cross the
 kernels' vector widths, query tiles and key blocks; every memory layout a view can have
 (transposed, sliced, rows with gaps, stride-0 broadcasts, overlapping rows), with NaN in the gaps
-of strided buffers so that a read outside the view shows; float64 / float32 / bfloat16; masks of
+of strided buffers so that a read outside the view shows; float64 / float32 / bfloat16 / float16; masks of
 every broadcast shape and layout; ids of every integer dtype, in and out of range, up to +-2**62;
 causal offsets up to +-2**63 (raw op); tiny, huge, zero and negative scales; NaN and +-inf
 anywhere; dropout; grouped-query attention; the backward of the raw op.
@@ -67,10 +67,13 @@ def fuzz_settings(default_examples: int):
 
 HAS_OP = fused_op.load_error() is None
 NAN, INF = float("nan"), float("inf")
+# float16 and bfloat16 rows are computed in float32: float32's arithmetic, their own storage
 U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-24}  # arithmetic
+U[torch.float16] = U[torch.float32]
 U_OUT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}  # storage
+U_OUT[torch.float16] = 2.0**-11
 FMAX = {torch.float64: torch.finfo(torch.float64).max, torch.float32: 3.4e38}
-FMAX[torch.bfloat16] = FMAX[torch.float32]  # bfloat16 scores are float32
+FMAX[torch.bfloat16] = FMAX[torch.float16] = FMAX[torch.float32]  # their scores are float32
 
 # ---- generation ---------------------------------------------------------------------------
 
@@ -480,7 +483,7 @@ BAD_ARGUMENTS = [
 
 
 def draw_api_case(gen: Gen) -> ApiCase:
-    dtype = gen.one(torch.float32, torch.float64, torch.bfloat16, label="dtype")
+    dtype = gen.one(torch.float32, torch.float64, torch.bfloat16, torch.float16, label="dtype")
     B, H, Lq, Lk, D, Dv = _sizes(gen)
     gqa = H > 1 and gen.flag("gqa")
     Hkv = gen.one(*[d for d in _divisors(H) if d != H], label="Hkv") if gqa else H
@@ -747,7 +750,7 @@ def test_fuzz_gradients_float64(data):
 @given(st.data())
 def test_fuzz_sdpa_drop_in_matches_torch(data):
     gen = Gen(data)
-    dtype = gen.one(torch.float32, torch.float64, torch.bfloat16, label="dtype")
+    dtype = gen.one(torch.float32, torch.float64, torch.bfloat16, torch.float16, label="dtype")
     B, H, Lq, Lk, D, Dv = _sizes(gen)
     Hkv = gen.one(*_divisors(H), label="Hkv") if H else H
     q = gen.tensor("q", (B, H, Lq, D), dtype, poison=False)
@@ -825,9 +828,9 @@ def test_fuzz_sdpa_drop_in_matches_torch(data):
     fin = torch.isfinite(e)
     assert torch.isfinite(a).all(), "the drop-in returned NaN / inf on finite inputs"
     tol = bound + U_OUT[dtype] * e.abs() + 1e-300
-    if torch_low is not None and dtype == torch.bfloat16:
+    if torch_low is not None and dtype in (torch.bfloat16, torch.float16):
         # a call the drop-in hands to torch is as precise as torch in that dtype (which rounds
-        # the probabilities to bfloat16): the FlashAttention rule, twice torch's own error
+        # the probabilities to it): the FlashAttention rule, twice torch's own error
         tol = torch.maximum(tol, 2 * (torch_low.double() - e).abs().max() + U_OUT[dtype] * e.abs())
     assert bool(((a - e).abs()[fin] <= tol[fin]).all()), (
         f"max error {(a - e).abs()[fin].max().item():.3e} beyond the bound"
@@ -868,7 +871,7 @@ OP_BAD = [
 def test_fuzz_raw_ops(data):
     gen = Gen(data)
     op = torch.ops.rollingq
-    dtype = gen.one(torch.float32, torch.float64, torch.bfloat16, label="dtype")
+    dtype = gen.one(torch.float32, torch.float64, torch.bfloat16, torch.float16, label="dtype")
     B, H, Lq, Lk, D, Dv = _sizes(gen)
     Hkv = gen.one(*_divisors(H), label="Hkv") if H else 0
     if Hkv == 0:
@@ -931,7 +934,8 @@ def test_fuzz_raw_ops(data):
     if gen(st.integers(0, 3), "bad argument?") == 0:
         error = _break_op(gen, a, B, H, Lq, Lk, D, dtype)
         if error == "q has dtype":
-            q, k, v = q.to(torch.float16), k.to(torch.float16), v.to(torch.float16)
+            bad = gen.one(torch.int16, torch.complex64, label="bad dtype")
+            q, k, v = q.to(bad), k.to(bad), v.to(bad)
         elif error == "k must have shape":
             k = k[:, :1].expand(B, H + 1, Lk, D) if H > 1 else k
             error = error if H > 1 else None

@@ -295,9 +295,11 @@ def test_empty_and_odd_calls_go_where_torch_goes():
     assert rk.scaled_dot_product_attention(q, k, v).shape == (2, 3, 0, 16)
     q, k, v = qkv(2, 3, 4, 0)
     assert_close(rk.scaled_dot_product_attention(q, k, v), TORCH_SDPA(q, k, v), rel=0, name="Lk=0")
-    # float16 on the CPU: no backend of this package runs it, torch does
+    # float16 on the CPU: the cpu kernel runs it (in float32), as close as float16 output allows
     q, k, v = qkv(1, 2, 5, 5, dtype=torch.float16)
-    assert torch.equal(rk.scaled_dot_product_attention(q, k, v), TORCH_SDPA(q, k, v))
+    got = rk.scaled_dot_product_attention(q, k, v)
+    assert got.dtype == torch.float16
+    assert_close(got, TORCH_SDPA(q.double(), k.double(), v.double()), rel=2e-3, name="float16")
 
 
 # ---- dropout --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 namespace rollingq {
 namespace cpu {
 
-enum class ElementType { kFloat32, kFloat64, kBFloat16 };
+enum class ElementType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // Forward: out, lse and (num_modalities > 0) modality_mass, key_sum, key_count.
 void attention_fwd(const AttentionParams& params, ElementType type);

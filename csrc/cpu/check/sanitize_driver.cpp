@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
 #endif
   int iters = argc > 2 ? atoi(argv[2]) : 60;
   for (int it = 0; it < iters; ++it) {
-    ElementType et = ElementType(R(0, 2));
+    ElementType et = ElementType(R(0, 3));
     size_t es = et == ElementType::kFloat32 ? 4 : et == ElementType::kFloat64 ? 8 : 2;
     size_t as = et == ElementType::kFloat64 ? 8 : 4;
     int64_t B = R(1, 2), Hkv = R(1, 2), grp = R(1, 3), H = Hkv * grp, Lq = R(0, 150), Lk = R(0, 300);

@@ -1,4 +1,5 @@
-// The KernelTable of one variant: routes each element type to its engine. Included once, by
+// The KernelTable of one variant: routes each element type to its engine (float16 and, without
+// bf16 hardware, bfloat16 run the float engine on float32 rows). Included once, by
 // csrc/cpu/isa/<name>.cpp, after it has defined ROLLINGQ_ISA_NS (and, for variants with bf16
 // hardware, included bf16_engine.h).
 #pragma once
@@ -30,6 +31,8 @@ struct Kernels {
           if (Bf16Engine<G>::applies(p)) return Bf16Engine<G>::fwd_plan(p, plan);
         }
         return fwd_plan_fp<bf16, float>(p, plan);
+      case ElementType::kFloat16:
+        return fwd_plan_fp<f16, float>(p, plan);
     }
   }
 
@@ -45,6 +48,8 @@ struct Kernels {
           if (Bf16Engine<G>::applies(p)) return Bf16Engine<G>::fwd_run(p, plan, begin, end, ws);
         }
         return fwd_run_fp<bf16, float>(p, plan, begin, end, ws);
+      case ElementType::kFloat16:
+        return fwd_run_fp<f16, float>(p, plan, begin, end, ws);
     }
   }
 
@@ -59,6 +64,8 @@ struct Kernels {
           if (Bf16Engine<G>::applies(p)) return Bf16Engine<G>::bwd_plan(p, plan);
         }
         return bwd_plan_fp<bf16, float>(p, plan);
+      case ElementType::kFloat16:
+        return bwd_plan_fp<f16, float>(p, plan);
     }
   }
 
@@ -75,6 +82,8 @@ struct Kernels {
             return Bf16Engine<G>::bwd_run(p, plan, begin, end, ws, shared);
         }
         return bwd_run_fp<bf16, float>(p, plan, begin, end, ws, shared);
+      case ElementType::kFloat16:
+        return bwd_run_fp<f16, float>(p, plan, begin, end, ws, shared);
     }
   }
 
@@ -88,6 +97,8 @@ struct Kernels {
         return bwd_reduce_fp<double, double>(p, plan, begin, end, ws, shared);
       case ElementType::kBFloat16:
         return bwd_reduce_fp<bf16, float>(p, plan, begin, end, ws, shared);
+      case ElementType::kFloat16:
+        return bwd_reduce_fp<f16, float>(p, plan, begin, end, ws, shared);
     }
   }
 

@@ -337,6 +337,62 @@ inline void store_row<bf16, float>(bf16* dst, const float* src, int64_t n) {
   for (; j < n; ++j) dst[j] = float_to_bf16(src[j]);
 }
 
+// ---- float16 storage (IEEE binary16), computed in float32 --------------------------------------
+//
+// Conversions are the compiler's _Float16 ones (round to nearest even, NaN and inf kept):
+// F16C instructions where the variant has them (x86-64-v3 and up), a library routine otherwise.
+
+struct f16 {
+  uint16_t x;
+};
+
+inline float f16_to_float(f16 h) {
+  _Float16 v;
+  std::memcpy(&v, &h.x, sizeof(v));
+  return float(v);
+}
+inline f16 float_to_f16(float f) {
+  const _Float16 v = _Float16(f);
+  f16 h;
+  std::memcpy(&h.x, &v, sizeof(v));
+  return h;
+}
+template <>
+inline float to_acc<float, f16>(f16 x) {
+  return f16_to_float(x);
+}
+template <>
+inline f16 from_acc<f16, float>(float x) {
+  return float_to_f16(x);
+}
+// Whole vectors at a time, as the bf16 rows above (vcvtph2ps / vcvtps2ph with F16C).
+template <>
+inline void load_row<float, f16>(float* dst, const f16* src, int64_t n) {
+  using T = VT<float>;
+  typedef _Float16 vf16 __attribute__((vector_size(kVecBytes / 2)));
+  int64_t j = 0;
+  for (; j + T::W <= n; j += T::W) {
+    vf16 h;
+    std::memcpy(&h, src + j, sizeof(h));
+    const typename T::v f = __builtin_convertvector(h, typename T::v);
+    std::memcpy(dst + j, &f, sizeof(f));
+  }
+  for (; j < n; ++j) dst[j] = f16_to_float(src[j]);
+}
+template <>
+inline void store_row<f16, float>(f16* dst, const float* src, int64_t n) {
+  using T = VT<float>;
+  typedef _Float16 vf16 __attribute__((vector_size(kVecBytes / 2)));
+  int64_t j = 0;
+  for (; j + T::W <= n; j += T::W) {
+    typename T::v f;
+    std::memcpy(&f, src + j, sizeof(f));
+    const vf16 h = __builtin_convertvector(f, vf16);
+    std::memcpy(dst + j, &h, sizeof(h));
+  }
+  for (; j < n; ++j) dst[j] = float_to_f16(src[j]);
+}
+
 // Streaming stores: whole 64-byte lines written straight to memory, without reading them into
 // the cache first. stream_row writes n values converted as store_row converts them (the same
 // bits) to dst, 64-byte aligned, n * sizeof(T) a multiple of 64; stream_fence orders them
