@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import platform
 import shutil
@@ -600,6 +601,43 @@ def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
     for other in results[1:]:
         for name, a, b in zip(names, results[0], other):
             assert torch.equal(a, b), f"{name} differs between thread counts"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("Lk", [1, 300])
+@pytest.mark.parametrize("scale", [1e4, 1e6, 1e10, 1e30])
+def test_huge_scaled_scores_match_reference(scale, Lk, dtype, isa):
+    # Scaled scores of 1e4 to 1e32: the softmax is (nearly) one-hot on each row's largest
+    # score, split evenly between tied keys. Small integer inputs make every score exact in
+    # any arithmetic, so ties are ties for the kernel and the reference alike (the last key
+    # repeats key 5). The bf16 paths that form the exponent from unrounded products (scale
+    # inside the softmax, lse folded into one FMA) gave 0 or inf for the row's largest term
+    # here, and NaN or wrong outputs and gradients; past kFoldLimit they scale and round first.
+    # Gradients: with one key, P = exp(x - lse) = 1 exactly, and dV = P^T dO is checked. With
+    # more keys the backward's P is only as exact as the float32 lse, whose ulp at |lse| = 1e5
+    # is 2^-7 (log 2 of a two-way tie vanishes in it at 1e11), as in every kernel that keeps
+    # lse instead of the scores; and dQ, dK are scale x (dP - delta), zero in exact arithmetic
+    # at a one-hot row: rounding noise times the scale in any implementation.
+    g = torch.Generator().manual_seed(int(Lk + math.log10(scale)))
+    q = torch.randint(-2, 3, (1, 2, 40, 64), generator=g).to(dtype)
+    k = torch.randint(-2, 3, (1, 2, Lk, 64), generator=g).to(dtype)
+    v = torch.randn(1, 2, Lk, 48, generator=g).to(dtype)
+    if Lk > 5:
+        k[:, :, -1] = k[:, :, 5]
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with nan_poisoned_outputs():
+        out, stats = rolling_attention(*inputs, backend="cpu", scale=scale, return_stats=True)
+        gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        (dv,) = torch.autograd.grad(out, inputs[2], gout.to(dtype))
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_stats = rolling_attention_reference(*ref_in, scale=scale, return_stats=True)
+    (want,) = torch.autograd.grad(ref_out, ref_in[2], gout)
+    assert not out.isnan().any()
+    err = (out.double() - ref_out).abs().max().item()
+    assert err <= 1 / 128 * ref_out.abs().max().item(), f"out: max error {err:.3e}"
+    assert_close(stats.lse, ref_stats.lse, rel=1e-6, name="lse")
+    if Lk == 1:
+        assert_close(dv, want, rel=3e-2 if dtype == torch.bfloat16 else 2e-5, name="dv")
 
 
 # ---- NaN and infinity -------------------------------------------------------------------------

@@ -406,8 +406,9 @@ bool fused_group_step(const AttentionParams& p, int64_t b, int64_t j0, int64_t k
 // key 0 stays inside the lazy max's headroom, one further above moves the max the stored way.
 // The offset costs no precision: key 0's own probability, e^-kSeedAbove, bounds the row's
 // largest from below, and a probability that leaves the normal floats (below e^-87) is then
-// under e^-47 of it. False (the max left at -inf) where a lane's seed is not finite: a NaN or
-// inf in key 0 or the queries, or a scale that overflows; the first step is then stored.
+// under e^-47 of it. False (the max left at -inf) where a lane's seed is not finite (a NaN or
+// inf in key 0 or the queries, a scale that overflows) or beyond kFoldLimit; the first step is
+// then stored.
 constexpr float kSeedAbove = 40.0f;
 
 template <typename G>
@@ -417,10 +418,18 @@ bool seed_running_max(const AttentionParams& p, int64_t lanes, const bf16* krows
   bool finite = true;
   for (int64_t l = 0; l < lanes; ++l) {
     w.m[l] = w.S[l] * scale + kSeedAbove;
-    finite &= std::isfinite(w.m[l]);
+    finite &= within_fold_limit(w.m[l]);
   }
   if (!finite) fill(w.m, lanes, -std::numeric_limits<float>::infinity());
   return finite;
+}
+
+// Whether every lane's running max is -inf (no key yet) or within kFoldLimit.
+inline bool maxima_within_fold_limit(const float* m, int64_t lanes) {
+  bool ok = true;
+  for (int64_t l = 0; l < lanes; ++l)
+    ok &= within_fold_limit(m[l]) || m[l] == -std::numeric_limits<float>::infinity();
+  return ok;
 }
 
 template <typename G>
@@ -450,9 +459,13 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
   const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   const bool masked = has_masks(p);
   // Without masks and dropout the softmax scales the raw dot products itself (one FMA per score
-  // it computes anyway) instead of a pass over the block; masks add to scaled scores.
-  const bool raw = !masked && p.dropout_p == 0.0 && p.scale > 0.0;
+  // it computes anyway) instead of a pass over the block; masks add to scaled scores. Raw scores
+  // hold only while every running max stays within kFoldLimit: a tile whose max leaves it is
+  // done again from its start with scaled scores (scores that large come from inputs or scales
+  // far outside what attention meets; the check is a pass over the lanes per step).
+  bool raw = !masked && p.dropout_p == 0.0 && p.scale > 0.0;
   const int64_t k_end = causal_end(p, i0, qn);
+again:
   const bool fuse = G::kFusedSoftmax && raw;
   // Steps end at the packed key blocks' ends. With fused steps the running max is seeded from
   // key 0 (seed_running_max); where that declines, the first step is stored and kFirstStep long.
@@ -480,6 +493,14 @@ void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_
               raw ? 1.0f : float(p.scale));
       if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
       moved = stored_softmax_step(p, b, h, i0, j0, kn, knp, lanes, raw, w);
+    }
+    if (raw && !maxima_within_fold_limit(w.m, lanes)) {
+      raw = false;
+      fill(w.OT, Dv * lanes, 0.0f);
+      fill(w.m, lanes, -inf);
+      fill(w.l, lanes, 0.0f);
+      fill(w.mass, M * lanes, 0.0f);
+      goto again;
     }
     // O^T = O^T * alpha + V^T P^T (alpha is 1 everywhere once the running maxima settle)
     if (moved)
@@ -741,6 +762,14 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
         if (s.nc == 1) finish_dq<bf16, float>(p, s, b, h, i0, qn, dQ, w.tmp, w.rpad);
         continue;
       }
+      // P from registers folds lse into the exponent: only while every |lse| is within
+      // kFoldLimit (exact at the row's max, as the forward's raw scores); otherwise this tile
+      // scales and rounds its scores first.
+      bool fold = fuse;
+      for (int64_t l = 0; l < qn; ++l) {
+        const float lse = lse_bh[i0 + l];
+        fold &= lse == -inf || within_fold_limit(lse);
+      }
       pack_queries<bf16, float>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
       pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
       pack_vnni(w.qrows, Dp, lanes, lanes, Dp, w.qrv);
@@ -757,7 +786,7 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
         w.delta[l] = row_delta(dst, o + (i0 + l) * p.out_row_stride, Dv, w.tmp);
         const float lse = lse_bh[i0 + l];
         // fused: lse * log2(e), the exponent's offset folded into one FMA
-        w.lse[l] = lse == -inf ? inf : (fuse ? lse * log2e<float>() : lse);
+        w.lse[l] = lse == -inf ? inf : (fold ? lse * log2e<float>() : lse);
       }
       pack_vnni(w.dorows, Dvp, lanes, lanes, Dvp, w.dov);
       transpose(w.dorows, Dvp, w.doT, lanes, lanes, Dv);
@@ -768,7 +797,7 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
         const int64_t kn = imin(kKeyBlock, k_hi - j0), knp = round_up(kn, 32);
         // P^T = exp(S^T - lse), and its bf16 rows (with dropout: of P Z)
         const float* PZ = w.S;
-        if (fuse) {
+        if (fold) {
           bf16_product_epilogue(kn, lanes, D, k + j0 * p.k_row_stride, p.k_row_stride, w.qv,
                                 ProbsEpilogue{_mm512_set1_ps(c_mul), w.lse, w.S, w.pb, lanes});
         } else {
@@ -792,7 +821,7 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
         G::gemm(kn, Dvp, lanes, w.pb, lanes, w.dov, 2 * Dvp, w.dV + (j0 - c0) * Dvp, Dvp,
                 Acc::kAdd);
         // dP^T = V dO^T ; dS^T = P^T (Z dP^T - delta), as bf16 rows and pairs of keys
-        if (fuse) {
+        if (fold) {
           bf16_product_epilogue(kn, lanes, Dv, v + j0 * p.v_row_stride, p.v_row_stride, w.doTv,
                                 DScoresEpilogue{w.S, w.delta, w.dsb, w.dsv, lanes, {}});
           zero_pair_rows(w.dsv, kn, knp, lanes);

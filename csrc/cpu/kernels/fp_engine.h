@@ -436,6 +436,16 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
 // Headroom of the lazy running max (Out::kLazyMax), in powers of two.
 constexpr float kLazyMaxLog2 = 8.0f;
 
+// The largest |running max| or |lse| (natural log) for which the bf16 paths may form an exponent
+// from unrounded products: the scale applied inside the softmax (raw scores, s * scale - m in
+// one FMA) or the offset folded into one FMA (s * c - m * log2(e)). The row's largest term then
+// gets 2^t with t off zero by half an ulp of m (2^-13 at 2048: 1e-4 relative, far below the bf16
+// step); at |m| = 1e10 it was off by thousands and the probability came out 0 or inf. Beyond the
+// limit the scores are scaled and rounded first and the exponent is (x - m) * log2(e), exact at
+// the row's max, as in the float engine.
+constexpr float kFoldLimit = 2048.0f;
+inline bool within_fold_limit(float m) { return m >= -kFoldLimit && m <= kFoldLimit; }
+
 // Where the softmax puts the probabilities of a block: back into S (float), by default.
 template <typename A>
 struct StoreProbabilities {
@@ -538,10 +548,12 @@ inline bool softmax_cols(const AttentionParams& p, int64_t b, int64_t j0, int64_
     if constexpr (Out::kCoarseExp) {
       c_mul = vbcast(Out::kRawScores ? out.raw_scale() * log2e<A>() : log2e<A>());
       bool fold = std::isfinite(c_mul[0]) && c_mul[0] != A(0);
+      const V limit = vbcast(A(kFoldLimit));
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
         c_sub[g] = m_safe[g] * log2e<A>();
-        fold &= !any_lane(not_finite<A>(c_sub[g]));
+        const V ms = m_safe[g];
+        fold &= !any_lane((ms < -limit) | (ms > limit) | (ms != ms));
       }
       if (fold) return exp_pass(track, std::true_type{});
     }
