@@ -13,6 +13,8 @@ Rows (``run()`` returns them as dicts):
   * fwd        forward with a rotated [CLS] row and two-modality statistics vs SDPA forward on the
                pre-rotated queries (no statistics), float32 and bfloat16;
   * fwd_bwd    the same forward plus backward vs SDPA forward plus backward;
+  * fp16       the forward of ``fwd`` in float16 (computed in float32 by the kernel) vs SDPA in
+               float16, at the two D = 64 shapes;
   * bias       a float attn_mask of shape (1, 1, L, L) or (B, 1, 1, L), the same mask given to SDPA;
   * dropout    dropout 0.1, forward plus backward, vs SDPA with dropout_p=0.1 (its CPU path
                materialises the L x L probabilities), plus the memory both add;
@@ -367,7 +369,9 @@ def bench_stream(shape, dtype, *, reps: int) -> Dict:
     }
 
 
-ALL = ("fwd", "fwd_bwd", "few", "bias", "dropout", "gqa", "tiny", "memory", "variants", "stream")
+ALL = (
+    "fwd", "fwd_bwd", "fp16", "few", "bias", "dropout", "gqa", "tiny", "memory", "variants", "stream",
+)  # fmt: skip
 
 
 def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = None) -> List[Dict]:
@@ -394,6 +398,9 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
                 for shape in shapes:
                     reps = 3 if quick or shape[3] > 64 else 5
                     rows.append(bench_forward_backward(shape, dtype, reps=reps))
+        if "fp16" in want:
+            for shape in shapes[:1] if quick else [(4, 8, 1024, 64), (2, 12, 577, 64)]:
+                rows.append(bench_forward(shape, torch.float16, reps=r_fast))
         if "few" in want:
             Lk = 513 if quick else 4096
             for dtype in (torch.float32, torch.bfloat16):
