@@ -37,12 +37,18 @@ def _classname_and_name(nodeid):
     return classname, parts[-1]
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_round(pytest_args, deselect, xml, interrupted):
     """One pytest child; returns (returncode, {node id: outcome}, last node id seen)."""
     cmd = [sys.executable, "-m", "pytest", *pytest_args, "--verbosity=1", f"--junitxml={xml}"]
     cmd += [f"--deselect={d}" for d in sorted(deselect)]
+    # The child takes SIGINT as pytest does even where this runner was started with SIGINT
+    # ignored (a background job of a shell script, nohup): a forwarded SIGINT must stop it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)  # fmt: skip
+                            errors="replace", bufsize=1, preexec_fn=_default_sigint)  # fmt: skip
     outcomes, last = {}, None
 
     def forward(signum, frame):

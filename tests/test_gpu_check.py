@@ -73,13 +73,21 @@ def test_f():
 """
 
 
-def _isolated(tmp_path, env=None):
+def _ignore_sigint():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _isolated(tmp_path, env=None, sigint_ignored=False):
+    # sigint_ignored: the runner starts with SIGINT ignored, as a background job of a script does
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_fake.py").write_text(_FAKE_TESTS)
     cmd = [sys.executable, os.path.join(ROOT, "bench", "pytest_isolated.py"), "--junitxml",
            str(tmp_path / "out.xml"), "--", "test_fake.py", "-p", "no:cacheprovider", "-q"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)  # fmt: skip
 
 
 def _outcomes(xml):
@@ -107,12 +115,15 @@ def test_pytest_isolated_reports_crashes_and_runs_the_rest(tmp_path):
     assert "CRASHED: test_fake.py::test_b (signal 11)" in out, out[-3000:]
 
 
-def test_pytest_isolated_keeps_what_finished_when_interrupted(tmp_path):
-    # gpu_check.sh stops a part with SIGINT: the outcomes so far still reach the junit file
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint", "sigint_ignored"])
+def test_pytest_isolated_keeps_what_finished_when_interrupted(tmp_path, sigint_ignored):
+    # gpu_check.sh stops a part with SIGINT: the outcomes so far still reach the junit file. A
+    # runner started with SIGINT ignored still stops its pytest child (which would otherwise
+    # inherit the ignoring, sleep through the signal and report test_f as passed).
     import signal
     import time
 
-    proc = _isolated(tmp_path, {"FAKE_SLOW": "1"})
+    proc = _isolated(tmp_path, {"FAKE_SLOW": "1"}, sigint_ignored)
     seen = []
     deadline = time.time() + 240
     for line in proc.stdout:
