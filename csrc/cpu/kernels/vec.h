@@ -365,32 +365,30 @@ template <>
 inline f16 from_acc<f16, float>(float x) {
   return float_to_f16(x);
 }
-// Whole vectors at a time, as the bf16 rows above (vcvtph2ps / vcvtps2ph with F16C).
+// Whole vectors at a time, as the bf16 rows above (vcvtph2ps / vcvtps2ph with F16C): the
+// elements before the scalar tail, converted from vectors VS to vectors VD of as many lanes.
+template <typename VD, typename VS, typename D, typename S>
+inline int64_t convert_vectors(D* dst, const S* src, int64_t n) {
+  constexpr int64_t W = sizeof(VS) / sizeof(S);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    VS x;
+    std::memcpy(&x, src + j, sizeof(x));
+    const VD y = __builtin_convertvector(x, VD);
+    std::memcpy(dst + j, &y, sizeof(y));
+  }
+  return j;
+}
+typedef _Float16 vf16_t __attribute__((vector_size(kVecBytes / 2)));
 template <>
 inline void load_row<float, f16>(float* dst, const f16* src, int64_t n) {
-  using T = VT<float>;
-  typedef _Float16 vf16 __attribute__((vector_size(kVecBytes / 2)));
-  int64_t j = 0;
-  for (; j + T::W <= n; j += T::W) {
-    vf16 h;
-    std::memcpy(&h, src + j, sizeof(h));
-    const typename T::v f = __builtin_convertvector(h, typename T::v);
-    std::memcpy(dst + j, &f, sizeof(f));
-  }
-  for (; j < n; ++j) dst[j] = f16_to_float(src[j]);
+  for (int64_t j = convert_vectors<VT<float>::v, vf16_t>(dst, src, n); j < n; ++j)
+    dst[j] = f16_to_float(src[j]);
 }
 template <>
 inline void store_row<f16, float>(f16* dst, const float* src, int64_t n) {
-  using T = VT<float>;
-  typedef _Float16 vf16 __attribute__((vector_size(kVecBytes / 2)));
-  int64_t j = 0;
-  for (; j + T::W <= n; j += T::W) {
-    typename T::v f;
-    std::memcpy(&f, src + j, sizeof(f));
-    const vf16 h = __builtin_convertvector(f, vf16);
-    std::memcpy(dst + j, &h, sizeof(h));
-  }
-  for (; j < n; ++j) dst[j] = float_to_f16(src[j]);
+  for (int64_t j = convert_vectors<vf16_t, VT<float>::v>(dst, src, n); j < n; ++j)
+    dst[j] = float_to_f16(src[j]);
 }
 
 // Streaming stores: whole 64-byte lines written straight to memory, without reading them into
