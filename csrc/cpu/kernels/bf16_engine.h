@@ -141,10 +141,10 @@ inline bool pack_query_pairs(const AttentionParams& p, int64_t b, int64_t h, int
 // two keys instead of a float max per key), its column group is done again the stored way. This
 // saves the store and reload of the scores (128 KiB per 256-key step of 128 queries), and the two
 // instructions saved per 16 scores made the forward 0.3-1.2 % faster. The first step of a tile
-// runs so too, against a max seeded from key 0 (seed_running_max). Where the seed is not finite
-// the first step is stored and cut to kFirstStep keys: 128 measured within 0.5 % of 64 in time,
-// and with 64 the largest error at (4, 8, 1024, 64) was 1.55x SDPA's on average over six seeds
-// against 1.31x for 128 and for whole 256-key steps.
+// runs so too, against a max seeded from key 0 (seed_running_max). Where it declines (a seed
+// not finite or past kFoldLimit) the first step is stored and cut to kFirstStep keys: 128
+// measured within 0.5 % of 64 in time, and with 64 the largest error at (4, 8, 1024, 64) was
+// 1.55x SDPA's on average over six seeds against 1.31x for 128 and for whole 256-key steps.
 constexpr int64_t kFirstStep = 128;
 
 struct alignas(64) FusedSoftmax {
