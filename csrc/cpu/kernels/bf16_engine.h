@@ -424,51 +424,26 @@ bool seed_running_max(const AttentionParams& p, int64_t lanes, const bf16* krows
   return finite;
 }
 
-// Whether every lane's running max is -inf (no key yet) or within kFoldLimit.
-inline bool maxima_within_fold_limit(const float* m, int64_t lanes) {
-  bool ok = true;
-  for (int64_t l = 0; l < lanes; ++l)
-    ok &= within_fold_limit(m[l]) || m[l] == -std::numeric_limits<float>::infinity();
-  return ok;
-}
-
+// A query tile's key loop: O^T, m, l and the masses from zero over keys [0, k_end). With `raw`
+// (no masks, no dropout, a positive scale) the softmax scales the dot products itself, one FMA
+// per score it computes anyway, instead of a pass over the block; that holds only while every
+// running max stays within kFoldLimit. Returns false as soon as one leaves it (scores that large
+// come from inputs or scales far outside what attention meets): the caller then runs the loop
+// again with raw = false, scaled and rounded scores.
 template <typename G>
-void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
-                   Bf16FwdWork& w, HeadPacked& hp, bool stream) {
-  const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
-  const int64_t Dvp = round_up(Dv, 16);
-  const int M = p.num_modalities;
-  const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
-  if (M > 0 && tile == 0) key_stats<bf16, float>(p, b, h, h == 0);
-  const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
-  if (qn <= 0) return;
-  const int64_t lanes = bf16_lanes(qn);
-  const float inf = std::numeric_limits<float>::infinity();
-
-  if (!pack_query_pairs(p, b, h, i0, qn, lanes, w.qv, w.tmp)) {
-    pack_queries<bf16, float>(p, b, h, i0, qn, lanes, 0, w.qT, nullptr, w.tmp);
-    pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
-  }
-  fill(w.OT, Dv * lanes, 0.0f);
-  fill(w.m, lanes, -inf);
-  fill(w.l, lanes, 0.0f);
-  fill(w.mass, M * lanes, 0.0f);
-
-  const int64_t hk = kv_head(p, h);
+bool bf16_fwd_key_steps(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
+                        int64_t lanes, int64_t k_end, bool raw, Bf16FwdWork& w, HeadPacked& hp) {
+  const int64_t D = p.head_dim, Dv = p.value_dim, hk = kv_head(p, h);
   const bf16* k = ptr<bf16>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   const bool masked = has_masks(p);
-  // Without masks and dropout the softmax scales the raw dot products itself (one FMA per score
-  // it computes anyway) instead of a pass over the block; masks add to scaled scores. Raw scores
-  // hold only while every running max stays within kFoldLimit: a tile whose max leaves it is
-  // done again from its start with scaled scores (scores that large come from inputs or scales
-  // far outside what attention meets; the check is a pass over the lanes per step).
-  bool raw = !masked && p.dropout_p == 0.0 && p.scale > 0.0;
-  const int64_t k_end = causal_end(p, i0, qn);
-again:
-  const bool fuse = G::kFusedSoftmax && raw;
+  fill(w.OT, Dv * lanes, 0.0f);
+  fill(w.m, lanes, -std::numeric_limits<float>::infinity());
+  fill(w.l, lanes, 0.0f);
+  fill(w.mass, p.num_modalities * lanes, 0.0f);
   // Steps end at the packed key blocks' ends. With fused steps the running max is seeded from
   // key 0 (seed_running_max); where that declines, the first step is stored and kFirstStep long.
+  const bool fuse = G::kFusedSoftmax && raw;
   bool seeded = false;
   if (fuse && k_end > 0) {
     const int64_t first = round_up(imin(kBf16KeyBlock, k_end), 32);
@@ -494,14 +469,7 @@ again:
       if (masked) apply_masks<bf16, float>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
       moved = stored_softmax_step(p, b, h, i0, j0, kn, knp, lanes, raw, w);
     }
-    if (raw && !maxima_within_fold_limit(w.m, lanes)) {
-      raw = false;
-      fill(w.OT, Dv * lanes, 0.0f);
-      fill(w.m, lanes, -inf);
-      fill(w.l, lanes, 0.0f);
-      fill(w.mass, M * lanes, 0.0f);
-      goto again;
-    }
+    if (raw && !all_within_fold_limit(w.m, lanes)) return false;
     // O^T = O^T * alpha + V^T P^T (alpha is 1 everywhere once the running maxima settle)
     if (moved)
       for (int64_t d = 0; d < Dv; ++d)
@@ -512,6 +480,30 @@ again:
     G::gemm(Dv, lanes, knp, hp.vblock(p, j0 - off) + off, kBf16KeyBlock, w.pv, 2 * lanes, w.OT,
             lanes, Acc::kAdd);
   }
+  return true;
+}
+
+template <typename G>
+void bf16_fwd_task(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
+                   Bf16FwdWork& w, HeadPacked& hp, bool stream) {
+  const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
+  const int64_t Dvp = round_up(Dv, 16);
+  const int M = p.num_modalities;
+  const int64_t tile = task % tiles, bh = task / tiles, h = bh % H, b = bh / H;
+  if (M > 0 && tile == 0) key_stats<bf16, float>(p, b, h, h == 0);
+  const int64_t i0 = tile * qt, qn = imin(qt, Lq - i0);
+  if (qn <= 0) return;
+  const int64_t lanes = bf16_lanes(qn);
+  const float inf = std::numeric_limits<float>::infinity();
+
+  if (!pack_query_pairs(p, b, h, i0, qn, lanes, w.qv, w.tmp)) {
+    pack_queries<bf16, float>(p, b, h, i0, qn, lanes, 0, w.qT, nullptr, w.tmp);
+    pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
+  }
+  const bool raw = !has_masks(p) && p.dropout_p == 0.0 && p.scale > 0.0;
+  const int64_t k_end = causal_end(p, i0, qn);
+  if (!bf16_fwd_key_steps<G>(p, b, h, i0, qn, lanes, k_end, raw, w, hp))
+    bf16_fwd_key_steps<G>(p, b, h, i0, qn, lanes, k_end, false, w, hp);
 
   bf16* out = static_cast<bf16*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
               i0 * p.out_row_stride;
@@ -765,11 +757,7 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
       // P from registers folds lse into the exponent: only while every |lse| is within
       // kFoldLimit (exact at the row's max, as the forward's raw scores); otherwise this tile
       // scales and rounds its scores first.
-      bool fold = fuse;
-      for (int64_t l = 0; l < qn; ++l) {
-        const float lse = lse_bh[i0 + l];
-        fold &= lse == -inf || within_fold_limit(lse);
-      }
+      const bool fold = fuse && all_within_fold_limit(lse_bh + i0, qn);
       pack_queries<bf16, float>(p, b, h, i0, qn, lanes, Dp, w.qT, w.qrows, w.tmp);
       pack_vnni(w.qT, lanes, D, round_up(D, 2), lanes, w.qv);
       pack_vnni(w.qrows, Dp, lanes, lanes, Dp, w.qrv);

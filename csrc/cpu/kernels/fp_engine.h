@@ -445,6 +445,13 @@ constexpr float kLazyMaxLog2 = 8.0f;
 // the row's max, as in the float engine.
 constexpr float kFoldLimit = 2048.0f;
 inline bool within_fold_limit(float m) { return m >= -kFoldLimit && m <= kFoldLimit; }
+// Whether each of m[0, n) is -inf (a row that has seen no key) or within kFoldLimit.
+inline bool all_within_fold_limit(const float* m, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i)
+    ok &= within_fold_limit(m[i]) || m[i] == -std::numeric_limits<float>::infinity();
+  return ok;
+}
 
 // Where the softmax puts the probabilities of a block: back into S (float), by default.
 template <typename A>
