@@ -266,26 +266,33 @@ def roofline_in_rounds(
 
 GEMM_PROBE_N = 256  # a first, small product: how long the full one would take
 GEMM_PROBE_LIMIT_S = 2.0  # a full GEMM_N^3 product slower than this is not timed
+# The probe's best of this many products: one 256^3 product lasts 0.1 ms at a hardware rate, so a
+# single sample that met a preempted core read 8 GFLOP/s on a 390 GFLOP/s bf16 machine and took
+# its roofline away. Load only slows a product down: the fastest of a few is the machine's rate.
+GEMM_PROBE_REPS = 5
 NO_HARDWARE_FRACTION = 0.1  # below this fraction of float32's rate a dtype has no hardware path
 
 
-def _gemm_rate(dtype, n: int, reps: int) -> float:
+def _gemm_rate(dtype, n: int, reps: int, best: bool = False) -> float:
+    """GFLOP/s of an n x n x n product: the median of ``reps`` after a warm-up, or the fastest."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    t = interleaved_times([lambda: a @ b], warmup=1, reps=reps)[0]["median_ms"]
+    times = interleaved_rounds([lambda: a @ b], warmup=1, reps=reps)[0]
+    t = min(times) if best else statistics.median(times)
     return 2.0 * n**3 / (t * 1e-3) / 1e9
 
 
 def gemm_gflops(dtype=torch.float32, n: int = GEMM_N, reps: int = 5) -> float:
     """This machine's matrix-multiply throughput (GFLOP/s) in ``dtype`` with torch's current
     thread count: the median of ``reps`` n x n x n products after a warm-up. The roofline the
-    attention rows are compared with. A GEMM_PROBE_N product is timed first; where it says the
-    full product would take over GEMM_PROBE_LIMIT_S (torch's bf16 GEMM on a CPU without bf16
-    instructions runs below 1 GFLOP/s: an hour per benchmark), the probe's rate is the answer."""
+    attention rows are compared with. A GEMM_PROBE_N product is timed first (the fastest of
+    GEMM_PROBE_REPS); where it says the full product would take over GEMM_PROBE_LIMIT_S (torch's
+    bf16 GEMM on a CPU without bf16 instructions runs below 1 GFLOP/s: an hour per benchmark),
+    the probe's rate is the answer."""
     key = (dtype, n, torch.get_num_threads())
     if key not in _GEMM_CACHE:
-        probe = _gemm_rate(dtype, min(n, GEMM_PROBE_N), reps=1)
+        probe = _gemm_rate(dtype, min(n, GEMM_PROBE_N), reps=GEMM_PROBE_REPS, best=True)
         if 2.0 * n**3 / (probe * 1e9) > GEMM_PROBE_LIMIT_S:
             _GEMM_CACHE[key] = probe
         else:

@@ -89,7 +89,7 @@ def _fake_rates(monkeypatch, rates):
 
     timed = []
 
-    def rate(dtype, n, reps):
+    def rate(dtype, n, reps, best=False):
         timed.append((dtype, n))
         return rates[dtype]
 
@@ -125,6 +125,28 @@ def test_a_dtype_with_a_hardware_gemm_is_timed_full_size_in_every_round(monkeypa
     r = harness.roofline_of(gemm_flops / 2, [10.0], [[10.0]], torch.bfloat16)
     assert r["roofline"] == pytest.approx(0.5)
     assert "no hardware path" not in harness.gemm_line(2)
+
+
+def test_the_probe_is_not_fooled_by_one_slow_product(monkeypatch):
+    # One 256^3 product lasts 0.1 ms at a hardware rate: a core preempted for a few milliseconds
+    # during the only sample made a 390 GFLOP/s bf16 machine read as one without a hardware GEMM.
+    from bench import harness
+
+    monkeypatch.setattr(harness, "_GEMM_CACHE", {})
+    ms_at_probe_size = {torch.float32: 0.2, torch.bfloat16: 0.086}  # 170 / 390 GFLOP/s
+    sizes = []
+
+    def rounds(fns, *, warmup, reps, **_):
+        (product,) = fns
+        c = product()  # the product's result tells its dtype and size
+        sizes.append((c.dtype, c.shape[0]))
+        ms = ms_at_probe_size[c.dtype] * (c.shape[0] / harness.GEMM_PROBE_N) ** 3
+        return [[4.0] + [ms] * (reps - 1)]  # the first timed product met a 4 ms stall
+
+    monkeypatch.setattr(harness, "interleaved_rounds", rounds)
+    assert harness.gemm_has_hardware(torch.bfloat16)
+    assert (torch.bfloat16, harness.GEMM_N) in sizes  # the full product was timed too
+    assert harness.gemm_gflops(torch.bfloat16) == pytest.approx(390.0, rel=0.01)
 
 
 def test_cpu_bench_pair_without_a_hardware_gemm_times_the_two_calls_only(monkeypatch):
