@@ -537,6 +537,7 @@ inline void bf16_fwd_plan(const AttentionParams& p, Plan& plan) {
                         imax<int64_t>(p.seqlen_k, 1) * (p.head_dim + p.value_dim + 1);
   carve_bf16_fwd(nullptr, p, qt, &plan.workspace_bytes);
   plan.param[0] = tiles;
+  plan.task_group = tiles;
   plan.param[1] = qt;
 }
 

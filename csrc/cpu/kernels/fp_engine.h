@@ -430,6 +430,7 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
                         imax<int64_t>(p.seqlen_k, 1) * (p.head_dim + p.value_dim + 1);
   carve_fwd<T, A>(nullptr, p, qt, &plan.workspace_bytes);
   plan.param[0] = tiles;
+  plan.task_group = tiles;
   plan.param[1] = qt;
 }
 
