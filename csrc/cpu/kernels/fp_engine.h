@@ -174,6 +174,16 @@ void key_stats(const AttentionParams& p, int64_t b, int64_t h, bool count, int64
 // q'_c = R q_c for the lanes idx[0 .. cnt). gather(l, dst, st) writes lane l's query, dst[d * st]
 // for d < D. Element a of rotated row c is at r[c * rc + a * ra], in tmp (2 * D * lanes). Only the selected rows are multiplied (RollingQ rotates the [CLS] row alone;
 // at D = 768 a whole tile would cost a fraction of the attention itself).
+// The lanes of the query tile i0 .. i0 + qn that the rotation selects (all without a row mask).
+inline int64_t selected_rows(const AttentionParams& p, int64_t b, int64_t i0, int64_t qn,
+                             int64_t* idx) {
+  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
+  int64_t cnt = 0;
+  for (int64_t l = 0; l < qn; ++l)
+    if (sel == nullptr || sel[l]) idx[cnt++] = l;
+  return cnt;
+}
+
 template <typename A>
 struct RotatedRows {
   int64_t cnt = 0, rc = 0, ra = 0;
@@ -187,10 +197,7 @@ RotatedRows<A> rotate_selected(const AttentionParams& p, int64_t b, int64_t h, i
   const int64_t D = p.head_dim;
   RotatedRows<A> rr;
   if (p.rotation == nullptr) return rr;
-  const bool* sel = p.rotated_rows ? p.rotated_rows + b * p.rotated_rows_batch_stride + i0 : nullptr;
-  int64_t cnt = 0;
-  for (int64_t l = 0; l < qn; ++l)
-    if (sel == nullptr || sel[l]) idx[cnt++] = l;
+  const int64_t cnt = selected_rows(p, b, i0, qn, idx);
   rr.cnt = cnt;
   if (cnt == 0) return rr;
   const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
@@ -229,13 +236,50 @@ RotatedRows<A> rotate_selected(const AttentionParams& p, int64_t b, int64_t h, i
   return rr;
 }
 
+// n query rows of head h rotated through one pass over R, for a few queries of many (batch,
+// head) tasks: RollingQ's [CLS] row alone reads all of R (D x D) to rotate one row, and a pass
+// per task re-read a 768 x 768 R once per batch entry. gather(c, dst, st) writes row c, dst[d *
+// st] for d < D. Each element is one FMA chain over R's row or column in a fixed order, the same
+// for any n, so how the tasks are grouped changes no bit. tmp: 2 * D * round_up(n, W).
+template <typename A, typename Gather>
+RotatedRows<A> rotate_rows(const AttentionParams& p, int64_t h, int64_t n, Gather gather, A* tmp) {
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim, cw = round_up(n, W);
+  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
+  const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
+  RotatedRows<A> rr;
+  rr.cnt = n;
+  A* g = tmp;
+  A* r = tmp + D * cw;
+  rr.r = r;
+  if (rs == 1 && D % W == 0) {  // R's columns are whole vectors: q' = q R^T, rows by rows
+    for (int64_t c = 0; c < n; ++c) gather(c, g + c * D, 1);
+    gemm<A>(n, D / W, D, g, D, 1, R, cs, r, D, Acc::kSet);
+    rr.rc = D;
+    rr.ra = 1;
+    return rr;
+  }
+  for (int64_t c = 0; c < cw; ++c) {  // (R Q^T)[a][c], R as broadcast operand
+    if (c < n) {
+      gather(c, g + c, cw);
+    } else {
+      for (int64_t d = 0; d < D; ++d) g[d * cw + c] = A(0);
+    }
+  }
+  gemm<A>(D, cw / W, D, R, rs, cs, g, cw, r, cw, Acc::kSet);
+  rr.rc = 1;
+  rr.ra = cw;
+  return rr;
+}
+
 // The query tile i0 .. i0 + qn of one (batch, head), rotated rows R q_i:
 //   qT    [D][lanes]  transposed (lanes >= qn are 0)
 //   qrows [lanes][Dp] by rows, when qrows is not null
 // tmp: 2 * D * lanes.
+// rot, where not null: the selected rows already rotated (prerotate_queries), rows of D.
 template <typename T, typename A>
 void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
-                  int64_t lanes, int64_t Dp, A* qT, A* qrows, A* tmp) {
+                  int64_t lanes, int64_t Dp, A* qT, A* qrows, A* tmp, const A* rot = nullptr) {
   const int64_t D = p.head_dim;
   const T* q = ptr<T>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
   const A* src;
@@ -257,12 +301,20 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   transpose(src, ss, qT, lanes, qn, D);
   for (int64_t d = 0; d < D; ++d) fill(qT + d * lanes + qn, lanes - qn, A(0));
   int64_t idx[kMaxQueryTile];
-  const RotatedRows<A> rr = rotate_selected<A>(
-      p, b, h, i0, qn,
-      [&](int64_t l, A* dst, int64_t st) {
-        for (int64_t d = 0; d < D; ++d) dst[d * st] = qT[d * lanes + l];
-      },
-      tmp, idx);
+  RotatedRows<A> rr;
+  if (rot != nullptr) {
+    rr.cnt = selected_rows(p, b, i0, qn, idx);
+    rr.r = rot;
+    rr.rc = D;
+    rr.ra = 1;
+  } else {
+    rr = rotate_selected<A>(
+        p, b, h, i0, qn,
+        [&](int64_t l, A* dst, int64_t st) {
+          for (int64_t d = 0; d < D; ++d) dst[d * st] = qT[d * lanes + l];
+        },
+        tmp, idx);
+  }
   // put back: lanes of Q^T and rows
   for (int64_t d = 0; d < D; ++d)
     for (int64_t c = 0; c < rr.cnt; ++c) qT[d * lanes + idx[c]] = rr.at(c, d);
@@ -391,7 +443,21 @@ struct FwdWork {
   A *qT, *tmp, *S, *O, *m, *l, *alpha, *mass, *kbuf, *vbuf, *mbuf;
   A *qTp, *vpan;  // Q^T and V in panels (use_panels)
   A* qrows;       // the queries by rows, padded to Dp (few_queries)
+  A *rot, *rtmp;  // a slice of tasks' rotated rows and rotate_rows' buffer (prerotates)
 };
+
+// Tasks whose selected rows one pass over R rotates (a few queries with a rotation).
+constexpr int64_t kRotateSlice = 16;
+
+template <typename A>
+inline bool prerotates(const AttentionParams& p) {
+  return few_queries<A>(p) && p.rotation != nullptr;
+}
+
+// The rows of one task a forward may rotate: its query tile, at most Lq.
+inline int64_t task_rows(const AttentionParams& p, int64_t qt) {
+  return imax<int64_t>(1, imin(qt, p.seqlen_q));
+}
 
 template <typename T, typename A>
 FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* bytes) {
@@ -417,6 +483,9 @@ FwdWork<A> carve_fwd(char* base, const AttentionParams& p, int64_t QT, size_t* b
   w.qTp = c.take<A>(panels ? panel_elems<A>(D, ceil_div(QT, W)) : 1);
   w.vpan = c.take<A>(panels ? panel_elems<A>(rows, Dvp / W) : 1);
   w.qrows = c.take<A>(few_queries<A>(p) ? QT * Dp : 1);
+  const int64_t rrows = prerotates<A>(p) ? kRotateSlice * task_rows(p, QT) : 0;
+  w.rot = c.take<A>(imax<int64_t>(1, rrows * D));
+  w.rtmp = c.take<A>(imax<int64_t>(1, 2 * D * round_up(rrows, W)));
   if (bytes) *bytes = c.used;
   return w;
 }
@@ -431,6 +500,8 @@ void fwd_plan_fp(const AttentionParams& p, Plan& plan) {
   carve_fwd<T, A>(nullptr, p, qt, &plan.workspace_bytes);
   plan.param[0] = tiles;
   plan.task_group = tiles;
+  if (prerotates<A>(p))  // chunks of up to a slice, so that R is read once per slice
+    plan.task_group = imax(tiles, imin(kRotateSlice, ceil_div(plan.tasks, plan.threads)) / tiles * tiles);
   plan.param[1] = qt;
 }
 
@@ -676,7 +747,7 @@ inline bool softmax_block(const AttentionParams& p, int64_t b, int64_t j0, int64
 
 template <typename T, typename A>
 void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t qt,
-                 FwdWork<A>& w, HeadRows<T, A>& rows, bool stream) {
+                 FwdWork<A>& w, HeadRows<T, A>& rows, bool stream, const A* rot = nullptr) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   const int64_t H = p.heads, Lq = p.seqlen_q, D = p.head_dim, Dv = p.value_dim;
@@ -694,7 +765,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const A inf = std::numeric_limits<A>::infinity();
 
   const bool by_rows = few_queries<A>(p);
-  pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, by_rows ? w.qrows : nullptr, w.tmp);
+  pack_queries<T, A>(p, b, h, i0, qn, lanes, Dp, w.qT, by_rows ? w.qrows : nullptr, w.tmp, rot);
   const BOperand<A> qB = panels_of<A>(w.qT, lanes, D, nv, use_panels<A>(p), w.qTp);
   fill(w.O, qn * Dvp, A(0));
   fill(w.m, lanes, -inf);
@@ -760,6 +831,45 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   }
 }
 
+// The selected rows of tasks t0 .. t1 rotated into w.rot (task t's at (t - t0) * task_rows * D,
+// in the order of their lanes), one pass over R per run of tasks that share it (every task when
+// R is shared by the heads).
+template <typename T, typename A>
+void prerotate_queries(const AttentionParams& p, int64_t tiles, int64_t qt, int64_t t0, int64_t t1,
+                       FwdWork<A>& w) {
+  const int64_t D = p.head_dim, H = p.heads, rq = task_rows(p, qt);
+  int64_t idx[kMaxQueryTile];
+  const T* src[kRotateSlice * kRowQueries<A>];  // prerotates: Lq <= kRowQueries rows per task
+  A* dst[kRotateSlice * kRowQueries<A>];
+  for (int64_t r0 = t0; r0 < t1;) {
+    const int64_t h0 = (r0 / tiles) % H;
+    int64_t n = 0, r1 = r0;
+    for (; r1 < t1; ++r1) {
+      const int64_t tile = r1 % tiles, bh = r1 / tiles, h = bh % H, b = bh / H;
+      if (r1 > r0 && h * p.rotation_head_stride != h0 * p.rotation_head_stride) break;
+      const int64_t i0 = tile * qt, qn = imin(qt, p.seqlen_q - i0);
+      const int64_t cnt = qn > 0 ? selected_rows(p, b, i0, qn, idx) : 0;
+      const T* q = ptr<T>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i0 * p.q_row_stride;
+      for (int64_t c = 0; c < cnt; ++c) {
+        src[n] = q + idx[c] * p.q_row_stride;
+        dst[n++] = w.rot + ((r1 - t0) * rq + c) * D;
+      }
+    }
+    if (n > 0) {
+      const RotatedRows<A> rr = rotate_rows<A>(
+          p, h0, n,
+          [&](int64_t c, A* d, int64_t st) {
+            load_row(w.qT, src[c], D);  // w.qT: free until the tasks pack their queries
+            for (int64_t e = 0; e < D; ++e) d[e * st] = w.qT[e];
+          },
+          w.rtmp);
+      for (int64_t c = 0; c < n; ++c)
+        for (int64_t e = 0; e < D; ++e) dst[c][e] = rr.at(c, e);
+    }
+    r0 = r1;
+  }
+}
+
 template <typename T, typename A>
 void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64_t end,
                 void* ws) {
@@ -772,8 +882,18 @@ void fwd_run_fp(const AttentionParams& p, const Plan& plan, int64_t begin, int64
     rows.vps = imax<int64_t>(p.seqlen_k, 1) * kPanel<A>;
   }
   const bool stream = stream_output<T>(p, plan.stream_bytes);
-  for (int64_t t = begin; t < end; ++t)
-    fwd_task_fp<T, A>(p, t, plan.param[0], qt, w, rows, stream);
+  const int64_t tiles = plan.param[0];
+  if (!prerotates<A>(p)) {
+    for (int64_t t = begin; t < end; ++t) fwd_task_fp<T, A>(p, t, tiles, qt, w, rows, stream);
+  } else {
+    const int64_t rq = task_rows(p, qt);
+    for (int64_t t0 = begin; t0 < end; t0 += kRotateSlice) {
+      const int64_t t1 = imin(end, t0 + kRotateSlice);
+      prerotate_queries<T, A>(p, tiles, qt, t0, t1, w);
+      for (int64_t t = t0; t < t1; ++t)
+        fwd_task_fp<T, A>(p, t, tiles, qt, w, rows, stream, w.rot + (t - t0) * rq * p.head_dim);
+    }
+  }
   if (stream) stream_fence();
 }
 
