@@ -190,57 +190,14 @@ struct RotatedRows {
   const A* r = nullptr;
   A at(int64_t c, int64_t a) const { return r[c * rc + a * ra]; }
 };
-template <typename A, typename Gather>
-RotatedRows<A> rotate_selected(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
-                               int64_t qn, Gather gather, A* tmp, int64_t* idx) {
-  constexpr int W = VT<A>::W;
-  const int64_t D = p.head_dim;
-  RotatedRows<A> rr;
-  if (p.rotation == nullptr) return rr;
-  const int64_t cnt = selected_rows(p, b, i0, qn, idx);
-  rr.cnt = cnt;
-  if (cnt == 0) return rr;
-  const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
-  const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
-  const int64_t cw = round_up(cnt, W);
-  A* g = tmp;            // the selected rows: [cnt][D], or [D][cw] as columns of Q^T
-  A* r = tmp + D * cw;   // R times them, in the same layout
-  rr.r = r;
-  const bool by_columns = rs == 1 && D % W == 0;  // R's columns are whole vectors
-  if (by_columns || (cs == 1 && cnt * 4 <= W)) {
-    for (int64_t c = 0; c < cnt; ++c) gather(idx[c], g + c * D, 1);
-    if (by_columns) {
-      // R by columns (a QR factor, a transposed view): q'_c = q_c R^T with R^T's rows
-      // contiguous, the rows as broadcast operand (no padding of the few rows to W lanes)
-      gemm<A>(cnt, D / W, D, g, D, 1, R, cs, r, D, Acc::kSet);
-    } else {
-      // R by rows, few rows (RollingQ's [CLS] row): a dot product per row of R
-      for (int64_t c = 0; c < cnt; ++c)
-        for (int64_t a = 0; a < D; ++a) r[c * D + a] = dot(R + a * rs, g + c * D, D);
-    }
-    rr.rc = D;
-    rr.ra = 1;
-    return rr;
-  }
-  // any strides, many rows: (R Q^T)[a][c] = sum_e R[a][e] Q^T[e][c], R as broadcast operand
-  for (int64_t c = 0; c < cw; ++c) {
-    if (c < cnt) {
-      gather(idx[c], g + c, cw);
-    } else {
-      for (int64_t d = 0; d < D; ++d) g[d * cw + c] = A(0);
-    }
-  }
-  gemm<A>(D, cw / W, D, R, rs, cs, g, cw, r, cw, Acc::kSet);
-  rr.rc = 1;
-  rr.ra = cw;
-  return rr;
-}
-
-// n query rows of head h rotated through one pass over R, for a few queries of many (batch,
-// head) tasks: RollingQ's [CLS] row alone reads all of R (D x D) to rotate one row, and a pass
-// per task re-read a 768 x 768 R once per batch entry. gather(c, dst, st) writes row c, dst[d *
-// st] for d < D. Each element is one FMA chain over R's row or column in a fixed order, the same
-// for any n, so how the tasks are grouped changes no bit. tmp: 2 * D * round_up(n, W).
+// n query rows of head h rotated through one pass over R: the selected rows of a query tile, or
+// those of many (batch, head) tasks of a few queries each (RollingQ's [CLS] row alone reads all
+// of R, D x D, to rotate one row; a pass per task re-read a 768 x 768 R once per batch entry).
+// gather(c, dst, st) writes row c, dst[d * st] for d < D. R by columns (a QR factor, a
+// transposed view): q'_c = q_c R^T with R^T's rows contiguous and the rows as broadcast
+// operand; otherwise (R Q^T)[a][c] with R as broadcast operand. Each element is one FMA chain in
+// a fixed order, the same for any n, so how the tasks are grouped changes no bit.
+// tmp: 2 * D * round_up(n, W).
 template <typename A, typename Gather>
 RotatedRows<A> rotate_rows(const AttentionParams& p, int64_t h, int64_t n, Gather gather, A* tmp) {
   constexpr int W = VT<A>::W;
@@ -270,6 +227,34 @@ RotatedRows<A> rotate_rows(const AttentionParams& p, int64_t h, int64_t n, Gathe
   rr.rc = 1;
   rr.ra = cw;
   return rr;
+}
+
+template <typename A, typename Gather>
+RotatedRows<A> rotate_selected(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                               int64_t qn, Gather gather, A* tmp, int64_t* idx) {
+  constexpr int W = VT<A>::W;
+  const int64_t D = p.head_dim;
+  RotatedRows<A> rr;
+  if (p.rotation == nullptr) return rr;
+  const int64_t cnt = selected_rows(p, b, i0, qn, idx);
+  if (cnt == 0) return rr;
+  const int64_t rs = p.rotation_row_stride, cs = p.rotation_col_stride;
+  if (!(rs == 1 && D % W == 0) && cs == 1 && cnt * 4 <= W) {
+    // R by rows, few rows (RollingQ's [CLS] row): a dot product per row of R
+    const A* R = ptr<A>(p.rotation) + h * p.rotation_head_stride;
+    A* g = tmp;
+    A* r = tmp + D * cnt;
+    for (int64_t c = 0; c < cnt; ++c) gather(idx[c], g + c * D, 1);
+    for (int64_t c = 0; c < cnt; ++c)
+      for (int64_t a = 0; a < D; ++a) r[c * D + a] = dot(R + a * rs, g + c * D, D);
+    rr.cnt = cnt;
+    rr.r = r;
+    rr.rc = D;
+    rr.ra = 1;
+    return rr;
+  }
+  return rotate_rows<A>(
+      p, h, cnt, [&](int64_t c, A* dst, int64_t st) { gather(idx[c], dst, st); }, tmp);
 }
 
 // The query tile i0 .. i0 + qn of one (batch, head), rotated rows R q_i:
