@@ -345,14 +345,19 @@ struct HeadPacked {
         std::memset(vT + last * Dv + d * KB + (Lk - last), 0, size_t(last + KB - Lk) * sizeof(bf16));
     }
     if (j1 <= end) return;
-    if (!k_in_place)
-      for (int64_t j = end; j < j1; ++j)
+    if (!k_in_place) {
+      const int64_t ahead = rows_ahead(D * int64_t(sizeof(bf16)));
+      for (int64_t j = end; j < j1; ++j) {
+        if (j + ahead < Lk) prefetch_lines(k + (j + ahead) * p.k_row_stride, D * sizeof(bf16));
         std::memcpy(kp + j * D, k + j * p.k_row_stride, size_t(D) * sizeof(bf16));
+      }
+    }
     while (end < j1) {  // block by block; `end` is even unless it is Lk
       const int64_t c0 = end / KB * KB, stop = imin(j1, c0 + KB);
       // stop is even unless it is Lk: only the last key of all lacks a partner
       word32* block = reinterpret_cast<word32*>(vT + c0 * Dv);
-      transpose_pairs(v + end * vs, vs, stop - end, Dv, block + (end - c0) / 2, KB / 2, pairs);
+      transpose_pairs(v + end * vs, vs, stop - end, Dv, block + (end - c0) / 2, KB / 2, pairs,
+                      Lk - end);
       end = stop;
     }
   }
@@ -736,7 +741,7 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
   fill(w.dV, ck * Dvp, 0.0f);
   // K^T of the chunk, once for every query head and tile (zero columns past the chunk)
   transpose_pairs(k + c0 * p.k_row_stride, p.k_row_stride, ck, D, reinterpret_cast<word32*>(w.kT),
-                  ckp / 2, w.pairs);
+                  ckp / 2, w.pairs, ck);
   for (int64_t d = 0; d < D; ++d)
     std::memset(w.kT + d * ckp + ck, 0, size_t(ckp - ck) * sizeof(bf16));
 

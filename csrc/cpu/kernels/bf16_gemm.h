@@ -289,14 +289,18 @@ inline void interleave_rows(const bf16* a, const bf16* b, word32* dst, int64_t n
 // dst[c * ds + r / 2] = the word (src[r][c], src[r + 1][c]) for even r < R and c < C, with
 // src[R][c] = 0 when R is odd (ds in words). Two rows of a pair are one row of words
 // (interleave_rows), and 16 such rows at a time are transposed as words through `scratch`
-// (16 x round_up(C, 32) words).
+// (16 x round_up(C, 32) words). Rows of src up to `avail` (>= R) are prefetched ahead of their
+// reading (rows_ahead): the next call's rows too.
 inline void transpose_pairs(const bf16* src, int64_t ss, int64_t R, int64_t C, word32* dst,
-                            int64_t ds, word32* scratch) {
+                            int64_t ds, word32* scratch, int64_t avail) {
   const int64_t Cw = round_up(C, 32);
+  const int64_t ahead = rows_ahead(C * int64_t(sizeof(bf16)));
   for (int64_t r0 = 0; r0 < R; r0 += 32) {
     const int64_t np = imin<int64_t>(16, (R - r0 + 1) / 2);
     for (int64_t i = 0; i < np; ++i) {
       const int64_t ra = r0 + 2 * i;
+      for (int64_t r = ra + ahead; r < imin(avail, ra + ahead + 2); ++r)
+        prefetch_lines(src + r * ss, C * int64_t(sizeof(bf16)));
       interleave_rows(src + ra * ss, ra + 1 < R ? src + (ra + 1) * ss : nullptr, scratch + i * Cw,
                       C);
     }

@@ -348,13 +348,16 @@ struct HeadRows {
       v0 = v_packed ? vbuf : reinterpret_cast<const A*>(v) + j0 * p.v_row_stride;
       vld = v_packed ? Dvp : p.v_row_stride;
     }
+    const int64_t ka = rows_ahead(D * int64_t(sizeof(T))), va = rows_ahead(Dv * int64_t(sizeof(T)));
     for (int64_t j = end; j < j1; ++j) {
       if (k_packed) {
+        if (j + ka < p.seqlen_k) prefetch_lines(k + (j + ka) * p.k_row_stride, D * sizeof(T));
         A* dst = kbuf + (j - first) * kld;
         load_row(dst, k + j * p.k_row_stride, D);
         fill(dst + D, kld - D, A(0));
       }
       if ((want_v || !same_type<T, A>::value) && v_packed) {
+        if (j + va < p.seqlen_k) prefetch_lines(v + (j + va) * p.v_row_stride, Dv * sizeof(T));
         A* dst = vbuf + (j - first) * vld;
         load_row(dst, v + j * p.v_row_stride, Dv);
         fill(dst + Dv, vld - Dv, A(0));
@@ -774,7 +777,8 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
       // (row_dots' prefetch), so that K and V stream in together
       int64_t ldv = 0;
       const A* vnext = rows.v_packed ? nullptr : rows.vR(j0, &ldv);
-      row_dots<A>(kn, qn, Dp, kA, ldk, w.qrows, Dp, w.S, lanes, A(p.scale), vnext, ldv);
+      row_dots<A>(kn, qn, Dp, kA, ldk, w.qrows, Dp, w.S, lanes, A(p.scale), vnext, ldv,
+                  rows.k_packed ? 0 : k_end - j0);
     } else {
       gemm<A>(kn, nv, D, kA, ldk, 1, qB, w.S, lanes, Acc::kSet, nullptr, A(p.scale));
     }

