@@ -153,7 +153,7 @@ inline void gemm(int64_t M, int64_t NVt, int64_t K, const A* a, int64_t ars, int
 // AVX-512 on Zen 4, 0.61-0.85x with the AVX2 variant; see docs/performance.md). a_rows > 0: a's
 // rows from its first that exist (a read in place from the tensor): the row rows_ahead() further
 // on is prefetched as each is read, into the next block's rows (float32 decoding with 1, 4 and 8
-// queries: 0.68-0.94x the time on Zen 5).
+// queries: 0.68-0.95x the time on Zen 5).
 template <typename A, int N>
 __attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int64_t lda,
                                           const A* q, int64_t ldq, A* c, int64_t ldc, A alpha,

@@ -440,7 +440,7 @@ inline int64_t round_up(int64_t a, int64_t b) {
 // Rows read one after another from a tensor (packing K and V) come in from memory faster when,
 // as each row is read, the row kPrefetchAheadBytes further on is requested: the hardware
 // prefetchers alone kept too few lines in flight (bf16 decoding from a KV cache: 0.61-0.71x the
-// time with it on Zen 5; the forward and backward of every make bench shape 0.97-0.99x).
+// time with it on Zen 5; five forward and backward cases of make bench 0.97-0.99x).
 // rows_ahead: that distance in rows of row_bytes.
 constexpr int64_t kPrefetchAheadBytes = 4096;
 inline int64_t rows_ahead(int64_t row_bytes) {
