@@ -1148,7 +1148,8 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
           const A* vA = by_rows ? rows.vR(j0, &ldvA) : rows.vA(p, v, j0, Dvp, &ldvA);
           if (by_rows)
             row_dots<A>(kn, qn, Dp, kA, ldkA, w.qrows, Dp, w.S, lanes, scale,
-                        rows.v_packed ? nullptr : vA, ldvA);  // V for dP^T, as in the forward
+                        rows.v_packed ? nullptr : vA, ldvA,  // V for dP^T, as in the forward
+                        rows.k_packed ? 0 : k_hi - j0);
           else
             gemm<A>(kn, nv, D, kA, ldkA, 1, qB, w.S, lanes, Acc::kSet, nullptr, scale);
           if (masked) apply_masks<T, A>(p, b, h, i0, qn, j0, kn, lanes, w.S, w.mbuf);
