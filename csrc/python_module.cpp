@@ -256,8 +256,8 @@ namespace {
 // attention_fwd_autograd(*args): the forward op's five outputs, differentiable in q, k, v through
 // EagerAttention; NotImplemented where the Python formula must run instead: the cases of
 // attention_fwd_below_autograd, a rotation or attn_mask that requires grad (their gradients and
-// errors are the Python formula's), and inside a functorch transform (torch.func), where the
-// Python formula's refusal is the documented behaviour.
+// errors are the Python formula's), and inside a functorch transform (torch.func), whose levels
+// only the Python formula's functorch form (setup_context, a vmap rule) takes part in.
 PyObject* attention_fwd_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!arity_ok("attention_fwd", kForwardArgs, nargs)) return nullptr;

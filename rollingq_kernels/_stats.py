@@ -7,13 +7,29 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["AttentionStats", "accumulation_dtype"]
+__all__ = ["AttentionStats", "accumulation_dtype", "read_all_entries"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for everything else: the dtype every backend
     accumulates in and returns its statistics in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def read_all_entries(t: torch.Tensor, read):
+    """``read(t)``; inside torch.func transforms, ``read`` of the plain tensor under their
+    wrappers (under vmap, the data of every vmapped entry), with the transforms off so that
+    nothing it computes is wrapped again. For checks that must read values (key_modality's ids):
+    they check every entry, and the number of modalities inferred is the same for all of them,
+    as vmap requires."""
+    if not torch._C._are_functorch_transforms_active():
+        return read(t)
+    from torch._C import _functorch
+
+    with torch._C._DisableFuncTorch():
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        return read(t)
 
 
 class AttentionStats(NamedTuple):

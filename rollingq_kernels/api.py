@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends as _backends
-from ._stats import AttentionStats, accumulation_dtype
+from ._stats import AttentionStats, accumulation_dtype, read_all_entries
 from .backends import AttentionProblem, select_forward
 from .dropout import dropout_threshold, new_rng_state
 
@@ -125,6 +125,15 @@ def _cpu_id_range(ids: torch.Tensor) -> Tuple[int, int]:
 
 def _check_id_range(ids: torch.Tensor, num_modalities) -> int:
     """Range-check the key_modality ids against num_modalities (None = infer); return M."""
+    if not torch._C._are_functorch_transforms_active():
+        return _check_plain_id_range(ids, num_modalities)
+    # under vmap: the ids of every entry, (N, L) or (N, B, L) read as (N * B, L)
+    return read_all_entries(
+        ids, lambda t: _check_plain_id_range(t.flatten(0, -2) if t.dim() > 2 else t, num_modalities)
+    )
+
+
+def _check_plain_id_range(ids: torch.Tensor, num_modalities) -> int:
     on_gpu = not ids.is_cpu
     if on_gpu:
         if num_modalities is not None and _CHECKED_IDS.get(ids, num_modalities):

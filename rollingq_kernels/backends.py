@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 __all__ = [
     "AttentionProblem",
@@ -108,6 +109,20 @@ class AttentionProblem(NamedTuple):
         rot, mask = self.rotation, self.attn_mask
         return (rot is not None and rot.requires_grad) or (mask is not None and mask.requires_grad)
 
+    def has_tangents(self) -> bool:
+        """Does forward-mode AD give an input a tangent (torch.func.jvp, jacfwd, hessian,
+        torch.autograd.forward_ad)? Only a backend declaring forward_ad can carry it. Inside a
+        torch.func transform under a forward-mode one, every call counts as carrying one: there
+        the tangent can sit in a wrapper that unpack_dual does not open (hessian's)."""
+        if _forward_ad._current_level < 0:  # no dual level open: nothing can carry a tangent
+            return False
+        if torch._C._are_functorch_transforms_active():
+            return True
+        return any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None
+            for t in (self.q, self.k, self.v, self.rotation, self.attn_mask)
+        )
+
     def op_args(self) -> tuple:
         """The arguments of ``rollingq::*attention_fwd`` (op_contract.FWD_SCHEMA), in order."""
         return (
@@ -162,6 +177,7 @@ class AttentionProblem(NamedTuple):
             self.dropout_p > 0.0,
             k.shape[1] != qs[1],
             grad,
+            self.has_tangents(),
         )
 
     def describe(self) -> str:
@@ -199,6 +215,7 @@ class Features:
     dropout: bool = False
     gqa: bool = False
     backward: bool = True
+    forward_ad: bool = False  # forward-mode AD: tangents through the call (jvp)
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         out = []
@@ -224,6 +241,11 @@ class Features:
             out.append("no grouped-query attention (k/v with fewer heads than q)")
         if not self.backward and p.needs_grad():
             out.append("forward only (inputs require grad)")
+        if not self.forward_ad and p.has_tangents():
+            out.append(
+                "no forward-mode AD (an input carries a tangent: torch.func.jvp, jacfwd, hessian, "
+                "torch.autograd.forward_ad)"
+            )
         return out
 
     def summary(self) -> str:
@@ -234,6 +256,7 @@ class Features:
         parts.append(f"attn_mask={masks}{' (with grad)' if self.attn_mask_grad else ''}")
         parts.append(f"modalities<={self.max_modalities or 'any'}")
         parts.append(f"backward={'yes' if self.backward else 'no'}")
+        parts.append(f"forward_ad={'yes' if self.forward_ad else 'no'}")
         return ", ".join(parts)
 
 
@@ -535,6 +558,7 @@ register_backend(
             attn_mask_grad=True,
             dropout=True,
             gqa=True,
+            forward_ad=True,
         ),
         fused=False,
         description="pure PyTorch, materialised softmax; the oracle",

@@ -185,6 +185,13 @@ def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> 
     return grads
 
 
+def _double_backward_error(fam: OpFamily) -> RuntimeError:
+    return RuntimeError(
+        f"rollingq::{fam.name}attention_bwd: double backward (a gradient of the gradient) is not "
+        "supported by the fused kernels; use backend='reference' for higher-order gradients"
+    )
+
+
 def _register_autograd(fam: OpFamily) -> None:
     fwd_name = f"rollingq::{fam.name}attention_fwd"
     bwd_name = f"rollingq::{fam.name}attention_bwd"
@@ -195,15 +202,73 @@ def _register_autograd(fam: OpFamily) -> None:
     torch.library.register_autograd(fwd_name, backward, setup_context=_save_for_backward, lib=_LIB)
 
     def no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            f"{bwd_name}: double backward (a gradient of the gradient) is not supported by the "
-            "fused kernels; use backend='reference' for higher-order gradients"
-        )
+        raise _double_backward_error(fam)
 
     def bwd_setup(ctx, inputs, output):
         pass
 
     torch.library.register_autograd(bwd_name, no_double_backward, setup_context=bwd_setup, lib=_LIB)
+
+
+# torch.func.vmap. The op's batch dim B takes the vmapped dim too: each tensor argument is moved
+# to (N, B, ...) (N = the vmap's size; a tensor the vmap does not batch is broadcast, a short form
+# shared by every batch entry stays as it is) and folded into (N * B, ...), the op runs once, and
+# every output is unfolded to (N, B, ...). Broadcast (stride 0) dims of the mask stay broadcast, so
+# a (1, 1, L, L) mask is not materialised per head. What cannot fold runs once per vmapped entry:
+# a rotation that differs per entry (it has no batch dim), a dropout state that differs per entry,
+# and dropout under randomness="same" (a folded call would give each entry its own mask).
+
+# per op argument (schema order): None = not a tensor; True = the tensor's dim 0 is the op's B;
+# False = a tensor without B (rotation), which must not be batched to fold; "short" = the
+# (L,) / (B, L) forms of rotated_queries and key_modality, whose 1-D form is shared by all
+_FWD_FOLD = (True, True, True, False, "short", "short", None, True, True, None, None, None, None,
+             False)  # fmt: skip
+_BWD_FOLD = (True, True, True, True, True, True, False, "short", True, True, None, None, None,
+             None, False)  # fmt: skip
+
+
+def _fold(x, bdim, kind, n: int, b: int):
+    """x (a vmap rule's physical argument, batched at bdim or not) with the vmapped dim folded
+    into the op's batch dim: (N * B, ...)."""
+    if x is None or kind is None:
+        return x
+    if bdim is None and (kind is False or (kind == "short" and x.dim() == 1)):
+        return x  # not batched, and read the same way by every batch entry
+    if bdim is None:
+        x = x.unsqueeze(0).expand(n, *x.shape)
+    else:
+        x = x.movedim(bdim, 0)
+        if kind == "short" and x.dim() == 2:  # (N, L): one set of rows per vmapped entry
+            x = x.unsqueeze(1).expand(n, b, x.shape[1])
+    full = x.shape[2:]
+    broadcast = [d for d in range(2, x.dim()) if x.stride(d) == 0 and x.shape[d] > 1]
+    for d in broadcast:
+        x = x.narrow(d, 0, 1)
+    # a view where the strides allow it, else one copy (of the non-broadcast part only)
+    x = x.reshape(n * b, *x.shape[2:])
+    return x.expand(n * b, *full) if broadcast else x
+
+
+def _vmap_rule(op, kinds, batch_arg: int, dropout_arg: int):
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        if any(d is not None and kind is False for d, kind in zip(in_dims, kinds)) or (
+            args[dropout_arg] > 0 and info.randomness == "same"
+        ):
+            # once per vmapped entry, the entry's slice of every batched argument
+            per_entry = [
+                op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                for i in range(n)
+            ]
+            outputs = tuple(torch.stack(o) for o in zip(*per_entry))
+            return outputs, (0,) * len(outputs)
+        ref, bdim = args[batch_arg], in_dims[batch_arg]
+        b = ref.shape[0] if bdim is None else ref.movedim(bdim, 0).shape[1]
+        folded = [_fold(a, d, kind, n, b) for a, d, kind in zip(args, in_dims, kinds)]
+        outputs = op(*folded)
+        return tuple(o.unflatten(0, (n, b)) for o in outputs), (0,) * len(outputs)
+
+    return rule
 
 
 def family(name: str = "") -> OpFamily:
@@ -218,6 +283,13 @@ def family(name: str = "") -> OpFamily:
     torch.library.register_fake(f"rollingq::{bwd}", _fake_backward, lib=_LIB)
     fam = OpFamily(name, getattr(torch.ops.rollingq, fwd), getattr(torch.ops.rollingq, bwd))
     _register_autograd(fam)
+    dropout = _FWD_ARGS.index("dropout_p")
+    torch.library.register_vmap(
+        f"rollingq::{fwd}", _vmap_rule(fam.forward, _FWD_FOLD, 0, dropout), lib=_LIB
+    )
+    torch.library.register_vmap(
+        f"rollingq::{bwd}", _vmap_rule(fam.backward, _BWD_FOLD, 1, dropout + 1), lib=_LIB
+    )
     _FAMILIES[name] = fam
     return fam
 
@@ -235,7 +307,7 @@ def _below_autograd(op, direct: Optional[Callable], args) -> Tuple[torch.Tensor,
 class _EagerAttention(torch.autograd.Function):
     """The op's autograd formula for the eager calls that need a gradient and that the library's
     C++ node (``_C.attention_fwd_autograd``) declines: a rotation or float mask that requires
-    grad, functorch transforms, tensor subclasses, torch function modes, a library without it.
+    grad, torch.func transforms, tensor subclasses, torch function modes, a library without it.
 
     The same formula as the one registered on the op (``_save_for_backward``, ``_input_grads``),
     without the generic Python layer torch.library puts in front of it: that layer refills the
@@ -243,19 +315,44 @@ class _EagerAttention(torch.autograd.Function):
     several times the cost of the rest of a small call. The forward runs the op below autograd
     (through the library's direct entry where there is one), the backward runs the backward op
     below autograd (likewise) unless the caller asked for a graph of the gradients (create_graph),
-    where the op's own formula refuses a double backward."""
+    where the op's own formula refuses a double backward.
+
+    Forward and context are separate (``setup_context``) and the vmap rule is generated, so that
+    torch.func's transforms take it: ``grad`` / ``vjp`` run this formula, ``vmap`` of it runs the
+    op's and the backward op's vmap rules."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, fam, direct, direct_backward, *args):
-        outputs = _below_autograd(fam.forward, direct, args)
-        _save_for_backward(ctx, args, outputs)
+    def forward(fam, direct, direct_backward, *args):
+        return _below_autograd(fam.forward, direct, args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fam, _direct, direct_backward, *args = inputs
+        _save_for_backward(ctx, args, output)
         ctx.fam, ctx.direct_backward = fam, direct_backward
-        return outputs
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # the registry declines a call with tangents for these backends; a direct call gets this
+        raise RuntimeError(
+            f"rollingq::{ctx.fam.name}attention_fwd: forward-mode AD (torch.func.jvp, jacfwd, "
+            "hessian, torch.autograd.forward_ad) is not supported by the fused kernels; use "
+            "backend='reference'"
+        )
 
     @staticmethod
     def backward(ctx, grad_out, *_grad_stats):
         fam, direct = ctx.fam, ctx.direct_backward
-        if torch.is_grad_enabled():
+        if torch._C._are_functorch_transforms_active():
+            # torch.func computes gradients with a graph; the formula torch.library registered on
+            # the backward op is not one its transforms accept, so this one refuses a second order
+
+            def op(*a):
+                return _BackwardOnce.apply(fam, direct, *a)
+
+        elif torch.is_grad_enabled():
             op = fam.backward
         else:
 
@@ -264,6 +361,25 @@ class _EagerAttention(torch.autograd.Function):
 
         grads = _input_grads(fam, ctx, grad_out, ctx.needs_input_grad[3:], op)
         return (None, None, None, *grads)
+
+
+class _BackwardOnce(torch.autograd.Function):
+    """The backward op inside a torch.func transform: runs it below autograd and refuses to be
+    differentiated, as the op's own formula does (``_register_autograd``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(fam, direct, *args):
+        return _below_autograd(fam.backward, direct, args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fam = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _double_backward_error(ctx.fam)
 
 
 def run_forward(

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._stats import AttentionStats, accumulation_dtype
+from ._stats import AttentionStats, accumulation_dtype, read_all_entries
 from .dropout import dropout_keep_mask
 
 __all__ = [
@@ -120,6 +120,8 @@ def _weighted_values(weights: torch.Tensor, v: torch.Tensor, visible: torch.Tens
     NaN or inf value of a hidden key reaches every row as 0 * NaN, as in SDPA's math backend."""
     if torch.compiler.is_compiling():
         return torch.matmul(weights, v)
+    if torch._C._are_functorch_transforms_active():
+        return _weighted_values_no_branch(weights, v, visible)
     finite = torch.isfinite(v)
     if bool(finite.all()):
         return torch.matmul(weights, v)
@@ -132,6 +134,27 @@ def _weighted_values(weights: torch.Tensor, v: torch.Tensor, visible: torch.Tens
     bad = ~torch.isfinite(sub)[:, :, None]  # (B, H, 1, J, Dv)
     part = torch.where(seen & bad, w[..., None] * sub[:, :, None], v.new_zeros(()))
     return out + part.sum(-2)
+
+
+def _weighted_values_no_branch(weights, v, visible):
+    """:func:`_weighted_values` without a branch on the data, for torch.func transforms (vmap
+    cannot branch per entry): the finite values in one product, then each output element's
+    visible non-finite values counted by products of indicators. A visible +inf (-inf) with a
+    positive weight makes it +inf (-inf), both make it NaN, and a visible NaN, or an inf under
+    a zero weight (0 * inf), makes it NaN."""
+    finite = torch.isfinite(v)
+    out = torch.matmul(weights, torch.where(finite, v, torch.zeros_like(v)))
+    seen = visible.expand(weights.shape).to(weights.dtype)
+    positive = seen * (weights > 0).to(weights.dtype)
+
+    def hits(rows, cond):  # (B, H, Lq, Dv): how many of a row's keys in ``rows`` meet cond
+        return torch.matmul(rows, cond.to(weights.dtype)) > 0
+
+    inf = torch.tensor(math.inf, dtype=out.dtype, device=out.device)
+    nan = hits(seen, torch.isnan(v)) | hits(seen - positive, torch.isinf(v))
+    out = out + torch.where(hits(positive, v == math.inf), inf, 0.0)
+    out = out + torch.where(hits(positive, v == -math.inf), -inf, 0.0)
+    return torch.where(nan, torch.nan, out)
 
 
 def rolling_attention_reference(
@@ -251,14 +274,16 @@ def rolling_attention_reference(
         if key_modality is None or key_modality.numel() == 0:
             num_modalities = 1
         else:
-            num_modalities = max(int(key_modality.max()) + 1, 1)
+            num_modalities = max(read_all_entries(key_modality, lambda t: int(t.max())) + 1, 1)
     with torch.no_grad():
         onehot = modality_onehot(
             key_modality, num_modalities, key_padding_mask, B, Lk, dtype=acc, device=q.device
         )
         mass = torch.matmul(probs.detach(), onehot[:, None])  # (B, H, Lq, M)
         kd = kf.detach()
-        if torch.compiler.is_compiling() or bool(torch.isfinite(kd).all()):
+        if torch.compiler.is_compiling() or (
+            not torch._C._are_functorch_transforms_active() and bool(torch.isfinite(kd).all())
+        ):
             key_sum = torch.einsum("bhkd,bkm->bhmd", kd, onehot)
         else:  # a non-finite key reaches its own modality's sum only (not through 0 * NaN)
             counted = onehot.bool()[:, None, :, :, None]  # (B, 1, Lk, M, 1)

@@ -467,21 +467,20 @@ def test_gradgradcheck_raises_on_the_fused_op_and_passes_on_the_reference():
 
 
 @needs_op
-def test_torch_func_grad_raises_on_the_fused_op_and_works_on_the_reference():
-    # documented (docs/api.md): the fused formulas have no functorch form; an error, never a
-    # silently wrong gradient
+def test_torch_func_grad_on_the_fused_op_equals_its_autograd_gradient():
+    # torch.func.grad once raised here (the formula had no functorch form); it runs the same
+    # formula as torch.autograd (the C++ node), so the gradients are the same bits
     q, k, v, _ = _grad_inputs()
     q, k, v = (t.detach() for t in (q, k, v))
 
     def loss(backend):
         return lambda a: rolling_attention(a, k, v, backend=backend).square().sum()
 
-    with pytest.raises(RuntimeError, match="functorch|setup_context"):
-        torch.func.grad(loss("cpu"))(q)
-    got = torch.func.grad(loss("reference"))(q)
+    got = torch.func.grad(loss("cpu"))(q)
     qg = q.clone().requires_grad_()
     loss("cpu")(qg).backward()
-    torch.testing.assert_close(got, qg.grad)
+    assert torch.equal(got, qg.grad)
+    torch.testing.assert_close(torch.func.grad(loss("reference"))(q), qg.grad)
 
 
 # ---- the raw backward's arguments -----------------------------------------------------------

@@ -231,6 +231,42 @@ def test_gradients_float32(name):
         assert_close(a, e, rel=GRAD_REL_TOL[torch.float32], name=f"{name}: {n}")
 
 
+def test_vmap_of_grad_runs_the_triton_ops_batching_rules():
+    # torch.func on the Triton family: the forward and backward ops fold the vmapped dim into B
+    cases = [
+        make_case(2, 2, 9, 11, 16, dtype=torch.float32, seed=s, layout="blhd", padding=True,
+                  modalities=2, rotation="shared")
+        for s in (31, 32)
+    ]  # fmt: skip
+    rotation = cases[0].kwargs["rotation"]
+    q, k, v = (torch.stack([getattr(c, n) for c in cases], 1) for n in "qkv")
+    pad, ids = (torch.stack([c.kwargs[n] for c in cases]) for n in ("key_padding_mask",
+                                                                    "key_modality"))  # fmt: skip
+    w = torch.randn(2, 2, 2, 9, 16)
+
+    def loss(q, k, v, pad, ids, w):
+        p = make_problem(q, k, v, rotation=rotation, key_padding_mask=pad, key_modality=ids,
+                         num_modalities=2, return_stats=True)  # fmt: skip
+        out, stats = ta.forward(p)
+        return (out * w).sum(), (out, stats)
+
+    with nan_poisoned_outputs():
+        grads, (out, stats) = torch.func.vmap(
+            torch.func.grad(loss, argnums=(0, 1, 2), has_aux=True), in_dims=(1, 1, 1, 0, 0, 0)
+        )(q, k, v, pad, ids, w)
+    for i, c in enumerate(cases):
+        c.kwargs["rotation"] = rotation
+        check_against_reference(c, out[i], type(stats)(*(t[i] for t in stats)),
+                                dtype=torch.float32, what=f"entry {i} ")  # fmt: skip
+        leaves = [t.detach().double().requires_grad_(True) for t in (c.q, c.k, c.v)]
+        ref_out = rolling_attention_reference(
+            *leaves, rotation=rotation.double(), key_padding_mask=c.kwargs["key_padding_mask"]
+        )
+        want = torch.autograd.grad((ref_out * w[i].double()).sum(), leaves)
+        for n, a, e in zip(("dq", "dk", "dv"), grads, want):
+            assert_close(a[i], e, rel=GRAD_REL_TOL[torch.float32], name=f"entry {i} {n}")
+
+
 def test_gradients_head_dim_768():
     case = make_case(2, 1, 9, 11, 768, dtype=torch.float32, seed=6, rotation="shared",
                      rows="subset", padding=True, return_stats=False)  # fmt: skip
