@@ -157,6 +157,34 @@ def _weighted_values_no_branch(weights, v, visible):
     return torch.where(nan, torch.nan, out)
 
 
+_any_autocast = torch._C._is_any_autocast_enabled  # one C call (about 60 ns)
+
+
+def autocast_dtype(q) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs SDPA in on q's device, or None outside autocast (or for a q
+    that is not a tensor)."""
+    if not _any_autocast() or not isinstance(q, torch.Tensor):
+        return None
+    device = q.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def autocast_inputs(dtype: torch.dtype, *tensors) -> tuple:
+    """SDPA's autocast policy (lower precision): every floating tensor but a float64 one in the
+    autocast dtype; anything else (a bool mask, a CausalBias, None) as it is."""
+    from torch.nn.attention.bias import CausalBias
+
+    return tuple(
+        t.to(dtype)
+        if isinstance(t, torch.Tensor)
+        and not isinstance(t, CausalBias)
+        and t.is_floating_point()
+        and t.dtype not in (dtype, torch.float64)
+        else t
+        for t in tensors
+    )
+
+
 def rolling_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -207,6 +235,18 @@ def rolling_attention_reference(
     """
     from torch.nn.attention.bias import CausalBias
 
+    autocast = autocast_dtype(q)
+    if autocast is not None:
+        # as torch.autocast treats SDPA: the inputs in its dtype, the arithmetic as without it
+        q, k, v, attn_mask = autocast_inputs(autocast, q, k, v, attn_mask)
+        with torch.autocast(q.device.type, enabled=False):
+            return rolling_attention_reference(
+                q, k, v, rotation=rotation, rotated_queries=rotated_queries,
+                key_modality=key_modality, num_modalities=num_modalities,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+                causal_offset=causal_offset, scale=scale, dropout_p=dropout_p,
+                rng_state=rng_state, enable_gqa=enable_gqa, return_stats=return_stats,
+            )  # fmt: skip
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[-2]
     acc = accumulation_dtype(q.dtype)
