@@ -231,6 +231,12 @@ def _check_qkv(q, k, v) -> None:
     """The slow path of the q / k / v checks: raises the error that names what is wrong."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.is_nested:
+            raise TypeError(
+                f"{name} is a nested tensor; rolling_attention takes dense tensors: pad the "
+                "sequences to one length and pass key_padding_mask (True = the key takes part)"
+            )
     for name, t, want in (
         ("q", q, "(B, H, Lq, D)"),
         ("k", k, "(B, Hkv, Lk, D)"),
@@ -275,7 +281,9 @@ def _problem(
     is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
 ) -> AttentionProblem:  # fmt: skip
     # make_problem with positional arguments: rolling_attention calls it once per call
-    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)) or (
+        q.is_nested or k.is_nested or v.is_nested
+    ):
         _check_qkv(q, k, v)
     qs, ks, vs = q.shape, k.shape, v.shape
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
@@ -611,6 +619,11 @@ def scaled_dot_product_attention(
     """
     if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
         return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if query.is_nested or key.is_nested or value.is_nested:  # variable lengths: torch's kernels
+        return _TORCH_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
     autocast = autocast_dtype(query)
     if autocast is not None:
         # torch.autocast runs SDPA in its lower-precision dtype: the same here

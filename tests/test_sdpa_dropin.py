@@ -302,6 +302,26 @@ def test_empty_and_odd_calls_go_where_torch_goes():
     assert_close(got, TORCH_SDPA(q.double(), k.double(), v.double()), rel=2e-3, name="float16")
 
 
+@pytest.mark.parametrize("layout", ["jagged", "strided"])
+def test_nested_tensors_go_to_torch_and_rolling_attention_names_them(layout):
+    # variable-length sequences as nested tensors: torch's SDPA runs them, so the drop-in hands
+    # them over (they once reached the op, which no nested tensor implements, and raised)
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randn(n, 3, 16, generator=g) for n in (5, 9)]
+    if layout == "jagged":
+        q = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)
+    else:
+        q = torch.nested.nested_tensor([s.transpose(0, 1) for s in seqs])
+    got = rk.scaled_dot_product_attention(q, q, q)
+    assert got.is_nested
+    for i, s in enumerate(seqs):
+        x = s.transpose(0, 1)[None]
+        want = TORCH_SDPA(x, x, x)[0]
+        assert_close(got.unbind()[i], want, rel=1e-6, name=f"sequence {i}")
+    with pytest.raises(TypeError, match="q is a nested tensor; .* key_padding_mask"):
+        rk.rolling_attention(q, q, q)
+
+
 # ---- dropout --------------------------------------------------------------------------------
 
 
