@@ -346,9 +346,9 @@ struct HeadPacked {
     }
     if (j1 <= end) return;
     if (!k_in_place) {
-      const int64_t ahead = rows_ahead(D * int64_t(sizeof(bf16)));
+      const RowsAhead<bf16> k_ahead(k, p.k_row_stride, Lk, D);
       for (int64_t j = end; j < j1; ++j) {
-        if (j + ahead < Lk) prefetch_lines(k + (j + ahead) * p.k_row_stride, D * sizeof(bf16));
+        k_ahead.at(j);
         std::memcpy(kp + j * D, k + j * p.k_row_stride, size_t(D) * sizeof(bf16));
       }
     }

@@ -294,13 +294,13 @@ inline void interleave_rows(const bf16* a, const bf16* b, word32* dst, int64_t n
 inline void transpose_pairs(const bf16* src, int64_t ss, int64_t R, int64_t C, word32* dst,
                             int64_t ds, word32* scratch, int64_t avail) {
   const int64_t Cw = round_up(C, 32);
-  const int64_t ahead = rows_ahead(C * int64_t(sizeof(bf16)));
+  const RowsAhead<bf16> ahead(src, ss, avail, C);
   for (int64_t r0 = 0; r0 < R; r0 += 32) {
     const int64_t np = imin<int64_t>(16, (R - r0 + 1) / 2);
     for (int64_t i = 0; i < np; ++i) {
       const int64_t ra = r0 + 2 * i;
-      for (int64_t r = ra + ahead; r < imin(avail, ra + ahead + 2); ++r)
-        prefetch_lines(src + r * ss, C * int64_t(sizeof(bf16)));
+      ahead.at(ra);
+      ahead.at(ra + 1);
       interleave_rows(src + ra * ss, ra + 1 < R ? src + (ra + 1) * ss : nullptr, scratch + i * Cw,
                       C);
     }

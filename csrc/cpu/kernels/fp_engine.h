@@ -348,16 +348,17 @@ struct HeadRows {
       v0 = v_packed ? vbuf : reinterpret_cast<const A*>(v) + j0 * p.v_row_stride;
       vld = v_packed ? Dvp : p.v_row_stride;
     }
-    const int64_t ka = rows_ahead(D * int64_t(sizeof(T))), va = rows_ahead(Dv * int64_t(sizeof(T)));
+    const RowsAhead<T> k_ahead(k, p.k_row_stride, p.seqlen_k, D),
+        v_ahead(v, p.v_row_stride, p.seqlen_k, Dv);
     for (int64_t j = end; j < j1; ++j) {
       if (k_packed) {
-        if (j + ka < p.seqlen_k) prefetch_lines(k + (j + ka) * p.k_row_stride, D * sizeof(T));
+        k_ahead.at(j);
         A* dst = kbuf + (j - first) * kld;
         load_row(dst, k + j * p.k_row_stride, D);
         fill(dst + D, kld - D, A(0));
       }
       if ((want_v || !same_type<T, A>::value) && v_packed) {
-        if (j + va < p.seqlen_k) prefetch_lines(v + (j + va) * p.v_row_stride, Dv * sizeof(T));
+        v_ahead.at(j);
         A* dst = vbuf + (j - first) * vld;
         load_row(dst, v + j * p.v_row_stride, Dv);
         fill(dst + Dv, vld - Dv, A(0));

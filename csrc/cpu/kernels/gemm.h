@@ -168,7 +168,7 @@ __attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int6
     vstore(row, s * vbcast(alpha));  // x * 1 == x exactly
   };
   int64_t j = 0;
-  const int64_t ahead = rows_ahead(K * int64_t(sizeof(A)));
+  const RowsAhead<A> ahead(a, lda, a_rows, K);
   for (; j + 2 <= M; j += 2) {
     V acc0[N], acc1[N];
 #pragma GCC unroll 8
@@ -176,10 +176,8 @@ __attribute__((noinline)) void row_dots_n(int64_t M, int64_t K, const A* a, int6
     const A* a0 = a + j * lda;
     const A* a1 = a0 + lda;
     const A* p0 = pf != nullptr ? pf + j * ldpf : nullptr;
-    if (j + 1 + ahead < a_rows) {
-      prefetch_lines(a0 + ahead * lda, K * int64_t(sizeof(A)));
-      prefetch_lines(a1 + ahead * lda, K * int64_t(sizeof(A)));
-    }
+    ahead.at(j);
+    ahead.at(j + 1);
     for (int64_t k = 0; k < K; k += W) {
       if (pf != nullptr) {  // loop-invariant: the compiler takes it out of the loop
         __builtin_prefetch(p0 + k, 0, 2);

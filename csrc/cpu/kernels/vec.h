@@ -452,5 +452,19 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
   for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
 }
+// The rows of a tensor read one after another (`rows` of them exist, `stride` elements apart,
+// the first `width` elements of each read): at(j), as row j is read, requests the row
+// rows_ahead() further on when there is one. rows = 0: nothing is requested.
+template <typename T>
+struct RowsAhead {
+  const T* base;
+  int64_t stride, rows, width, ahead;
+  RowsAhead(const T* base_, int64_t stride_, int64_t rows_, int64_t width_)
+      : base(base_), stride(stride_), rows(rows_), width(width_),
+        ahead(rows_ahead(width_ * int64_t(sizeof(T)))) {}
+  void at(int64_t j) const {
+    if (j + ahead < rows) prefetch_lines(base + (j + ahead) * stride, width * int64_t(sizeof(T)));
+  }
+};
 
 ROLLINGQ_KERNELS_END
