@@ -326,6 +326,39 @@ def test_torch_compile_fullgraph_forward_backward():
         assert torch.equal(a, e)
 
 
+def test_torch_func_and_autocast_on_cuda():
+    # vmap(grad) folds the vmapped dim into the batch of the Triton ops (one launch per op), and
+    # under torch.autocast float32 inputs run as the same call on bfloat16 inputs
+    cases = [
+        make_case(2, 2, 67, 67, 64, seed=s, rotation="shared", modalities=2, padding=True)
+        for s in (21, 22)
+    ]
+    rotation = cases[0].kwargs["rotation"].cuda()
+    q, k, v = (torch.stack([getattr(c, n) for c in cases]).cuda().bfloat16() for n in "qkv")
+    pad = torch.stack([c.kwargs["key_padding_mask"] for c in cases]).cuda()
+    w = torch.randn(2, 2, 2, 67, 64, device="cuda")
+
+    def loss(q, k, v, pad, w):
+        out = rolling_attention(q, k, v, rotation=rotation, key_padding_mask=pad, backend="triton")
+        return (out.float() * w).sum()
+
+    with nan_poisoned_outputs():
+        grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)))(q, k, v, pad, w)
+    for i in range(2):
+        leaves = [t[i].detach().clone().requires_grad_(True) for t in (q, k, v)]
+        want = torch.autograd.grad(loss(*leaves, pad[i], w[i]), leaves)
+        for n, a, e in zip(("dq", "dk", "dv"), grads, want):
+            assert_close(a[i].float(), e.float(), rel=2e-2, name=f"vmap entry {i} {n}")
+
+    x = _cuda(make_case(2, 2, 67, 67, 64, seed=23, causal=True), torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = rolling_attention(x.q, x.k, x.v, is_causal=True, backend="triton")
+    assert out.dtype == torch.bfloat16
+    cast = rolling_attention(x.q.bfloat16(), x.k.bfloat16(), x.v.bfloat16(), is_causal=True,
+                             backend="triton")  # fmt: skip
+    assert torch.equal(out, cast)
+
+
 def test_opcheck_cuda():
     c = _cuda(make_case(1, 2, 33, 40, 64, rotation="shared", modalities=2, padding=True),
               torch.float16)  # fmt: skip
