@@ -523,18 +523,8 @@ def rolling_attention(
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str; got {type(backend).__name__}")
     autocast = autocast_dtype(q)
-    if autocast is not None:
-        # as torch.autocast treats SDPA: q, k, v and a float mask in the autocast dtype; the call
-        # itself (the reference's float32 arithmetic included) runs with autocast off
+    if autocast is not None:  # as torch.autocast treats SDPA (the reference handles its own math)
         q, k, v, attn_mask = autocast_inputs(autocast, q, k, v, attn_mask)
-        with torch.autocast(q.device.type, enabled=False):
-            return rolling_attention(
-                q, k, v, rotation=rotation, rotated_queries=rotated_queries,
-                key_modality=key_modality, num_modalities=num_modalities,
-                key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
-                scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa,
-                return_stats=return_stats, rng_state=rng_state, backend=backend,
-            )  # fmt: skip
     problem = _problem(
         q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask,
         attn_mask, is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
@@ -625,14 +615,8 @@ def scaled_dot_product_attention(
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
     autocast = autocast_dtype(query)
-    if autocast is not None:
-        # torch.autocast runs SDPA in its lower-precision dtype: the same here
+    if autocast is not None:  # torch.autocast runs SDPA in its lower-precision dtype: so here
         query, key, value, attn_mask = autocast_inputs(autocast, query, key, value, attn_mask)
-        with torch.autocast(query.device.type, enabled=False):
-            return scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                scale=scale, enable_gqa=enable_gqa,
-            )  # fmt: skip
     nd = query.dim()
     if nd < 3 or key.dim() != nd or value.dim() != nd:
         return _TORCH_SDPA(

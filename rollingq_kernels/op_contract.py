@@ -144,6 +144,10 @@ def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> 
     """The backward's part: the gradients of the forward's arguments (schema order; None where
     there is none). ``needs``: needs_input_grad in schema order; ``backward_op``: the family's
     backward op as the caller wants it run (through autograd, or below it)."""
+    if torch._C._is_any_autocast_enabled():
+        # a backward run inside torch.autocast: the rotation's products stay in float32
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _input_grads(fam, ctx, grad_out, needs, backward_op)
     q, k, v, out, lse, rotation, rows, pad, mask, rng = ctx.saved_tensors
     is_causal, offset, scale, dropout_p = ctx.flags
     if needs[_ARG["attn_mask"]]:

@@ -139,3 +139,23 @@ def test_a_float32_rope_model_under_autocast_runs_the_fused_kernel():
     assert count.calls == 1  # mixed dtypes under autocast are the kernel's, not handed to torch
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_a_backward_inside_autocast_keeps_the_rotation_gradient_in_float32():
+    # a backward run inside the autocast block (torch advises against it, models do it): the
+    # fused formula's own products for the rotation's gradient must not drop to bfloat16 (the
+    # reference is plain torch: its backward under autocast is torch's, as for any model)
+    backend = "cpu"
+    case = make_case(2, 2, 7, 10, 16, dtype=torch.bfloat16, seed=5, rotation="per_head")
+    rot = case.kwargs["rotation"]
+    w = torch.randn(2, 2, 7, 16)
+    grads = []
+    for inside in (False, True):
+        r = rot.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            out = rk.rolling_attention(case.q, case.k, case.v, rotation=r, backend=backend)
+            (out.float() * w).sum().backward()
+        grads.append(r.grad)
+    assert grads[1].dtype == torch.float32
+    assert torch.equal(grads[0], grads[1])
