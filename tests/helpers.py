@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch.nn.attention.bias import CausalBias as _CausalBias
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rollingq_kernels import rolling_attention_reference
 
@@ -272,3 +273,17 @@ def nan_poisoned_outputs():
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
         torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+class CountKernelCalls(TorchDispatchMode):
+    """Counts the calls of the compiled library's forward op that reach the kernels (under vmap,
+    after its batching rule: one per folded call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.rollingq.attention_fwd.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))

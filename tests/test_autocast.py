@@ -10,8 +10,7 @@ through gradients to float32 leaves.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_against_reference, make_case, nan_poisoned_outputs
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import CountKernelCalls, check_against_reference, make_case, nan_poisoned_outputs
 
 import rollingq_kernels as rk
 from rollingq_kernels.backends import backend_status
@@ -116,17 +115,6 @@ class _RopeAttention(torch.nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
-class _CountKernelCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.rollingq.attention_fwd.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 def test_a_float32_rope_model_under_autocast_runs_the_fused_kernel():
     torch.manual_seed(4)
@@ -134,7 +122,7 @@ def test_a_float32_rope_model_under_autocast_runs_the_fused_kernel():
     x = torch.randn(2, 17, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(x)
-        with rk.patch_sdpa(), _CountKernelCalls() as count:
+        with rk.patch_sdpa(), CountKernelCalls() as count:
             got = model(x)
     assert count.calls == 1  # mixed dtypes under autocast are the kernel's, not handed to torch
     assert got.dtype == want.dtype == torch.bfloat16

@@ -15,13 +15,13 @@ import pytest
 import torch
 from helpers import (
     REL_TOL,
+    CountKernelCalls,
     assert_close,
     check_against_reference,
     make_case,
     nan_poisoned_outputs,
     random_orthogonal,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rollingq_kernels import NoBackendError, rolling_attention, rolling_attention_reference
 from rollingq_kernels import backends as _backends
@@ -43,19 +43,6 @@ def _entries(dtype, *, seed=0, **kw):
 
 def _stacked(cases, name, dim=0):
     return torch.stack([getattr(c, name) if name in "qkv" else c.kwargs[name] for c in cases], dim)
-
-
-class _CountKernelCalls(TorchDispatchMode):
-    """Counts the calls of the library's forward op that reach the kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.rollingq.attention_fwd.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -87,7 +74,7 @@ def test_vmap_over_every_input_matches_the_reference_per_entry(dtype):
             key_padding_mask=pad, attn_mask=mask, return_stats=True, backend="cpu",
         )  # fmt: skip
 
-    with _no_fallback_warning(), nan_poisoned_outputs(), _CountKernelCalls() as count:
+    with _no_fallback_warning(), nan_poisoned_outputs(), CountKernelCalls() as count:
         out, stats = torch.func.vmap(f, in_dims=(1, 1, 1, 0, 0, 0, 0))(q, k, v, rows, ids, pad,
                                                                        mask)  # fmt: skip
     assert out.shape == (N, 2, 3, 7, 12)
@@ -113,7 +100,7 @@ def test_vmap_with_inputs_shared_by_every_entry(batched):
             c.q = q
         fn = torch.func.vmap(lambda k, v: rolling_attention(q, k, v, is_causal=True, backend="cpu"))
         args = (_stacked(cases, "k"), _stacked(cases, "v", dim=-1).movedim(-1, 0))
-    with _no_fallback_warning(), nan_poisoned_outputs(), _CountKernelCalls() as count:
+    with _no_fallback_warning(), nan_poisoned_outputs(), CountKernelCalls() as count:
         out = fn(*args)
     assert count.calls == 1
     for i, c in enumerate(cases):
@@ -124,7 +111,7 @@ def test_vmap_over_the_rotation_runs_each_entry_with_its_own():
     case = make_case(2, 3, 5, 8, 10, dtype=torch.float64, seed=4, rows="subset", rotation="shared")
     rows = case.kwargs["rotated_queries"]
     rotations = random_orthogonal(10, N, dtype=torch.float32)  # (N, D, D): one per entry
-    with _no_fallback_warning(), nan_poisoned_outputs(), _CountKernelCalls() as count:
+    with _no_fallback_warning(), nan_poisoned_outputs(), CountKernelCalls() as count:
         out = torch.func.vmap(
             lambda r: rolling_attention(
                 case.q, case.k, case.v, rotation=r, rotated_queries=rows, backend="cpu"
