@@ -297,6 +297,40 @@ def test_jit_trace_records_the_op_with_or_without_gradients():
 
 
 @pytest.mark.skipif(not CPU_OP, reason="the CPU extension is not built")
+@pytest.mark.skipif(not CPU_OP, reason="the CPU extension is not built")
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_torch_export_records_the_op_and_runs_it(strict):
+    # torch.export (strict: traced by dynamo; non-strict: the Python run on fake tensors) goes
+    # through validation and dispatch into one graph with the op, whose program gives the eager
+    # result bit for bit, at another sequence length too (a dynamic dim)
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 72)
+            self.rotation = torch.nn.Parameter(torch.linalg.qr(_rand(8, 8, seed=70)).Q.float())
+
+        def forward(self, x, ids):
+            B, L, _ = x.shape
+            q, k, v = self.proj(x).view(B, L, 3, 3, 8).permute(2, 0, 3, 1, 4)
+            out, stats = rk.rolling_attention(q, k, v, rotation=self.rotation, key_modality=ids,
+                                              num_modalities=2, return_stats=True)  # fmt: skip
+            return out, stats.modality_mass
+
+    torch.manual_seed(71)
+    block = Block()
+    x = _rand(2, 9, 24, seed=72, dtype=torch.float32)
+    ids = torch.tensor([-1, 0, 0, 1, 0, 1, 1, 0, 1])
+    length = torch.export.Dim("length", min=2, max=512)
+    program = torch.export.export(block, (x, ids), dynamic_shapes=({1: length}, {0: length}),
+                                  strict=strict)  # fmt: skip
+    assert "rollingq.attention_fwd" in str(program.graph)
+    for n in (9, 31):
+        x = _rand(2, n, 24, seed=n, dtype=torch.float32)
+        ids = torch.arange(n) % 2
+        for got, want in zip(program.module()(x, ids), block(x, ids)):
+            assert torch.equal(got, want)
+
+
 def test_double_backward_raises_instead_of_returning_zeros():
     q, k, v = (_rand(1, 2, 4, 5, seed=s).requires_grad_() for s in (32, 33, 34))
 
