@@ -295,3 +295,23 @@ def test_reference_under_vmap_keeps_the_non_finite_rules():
         want_out, want_stats = f(q[i], k[i], v[i], pad[i], ids[i])
         assert_close(out[i], want_out, rel=1e-14, name=f"entry {i} out")
         assert_close(stats.key_sum[i], want_stats.key_sum, rel=1e-14, name=f"entry {i} key_sum")
+
+
+def test_torch_compile_of_vmap_runs_the_rule_and_of_grad_raises():
+    # torch.compile traces vmap through the op's rule (the same bits as eager); grad inside
+    # torch.compile meets torch.library's autograd registration, which has no functorch form:
+    # an error (docs/api.md), never a wrong gradient
+    case = make_case(2, 3, 9, 9, 8, dtype=torch.float32, seed=13)
+    q = torch.stack([case.q, case.q.flip(2)])
+
+    def f(q):
+        return rolling_attention(q, case.k, case.v, is_causal=True, backend="cpu")
+
+    eager = torch.func.vmap(f)(q)
+    assert torch.equal(torch.compile(torch.func.vmap(f), fullgraph=True)(q), eager)
+
+    def g(q):
+        return torch.func.grad(lambda q: f(q).sum())(q)
+
+    with pytest.raises(Exception, match="setup_context"):
+        torch.compile(g, fullgraph=True)(case.q)
