@@ -1383,3 +1383,57 @@ def test_rotation_of_head_dim_one_with_a_few_rows(dtype, isa):
     case.kwargs["rotated_queries"] = sel
     out, stats = _run(case)
     check_against_reference(case, out, stats, dtype=dtype, what="D = 1: ")
+
+
+def _huge_kib(t):
+    """AnonHugePages (KiB) of the mappings that hold t's storage, from /proc/self/smaps (an
+    madvise'd range becomes mappings of its own)."""
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo < end and start < hi
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages not in madvise mode")
+def test_gradients_of_a_few_queries_are_advised_as_huge_pages():
+    # dK / dV of a few queries are written faster than 4 KiB pages fault in: the binding advises
+    # their whole 2 MiB pages as huge pages (csrc/binding_common.h); deep outputs are left alone.
+    # 40 MiB each: above glibc's largest mmap threshold, so each gradient is a mapping of its own.
+    g = torch.Generator().manual_seed(90)
+    k, v = (torch.randn(1, 1, 20480, 512, generator=g).requires_grad_() for _ in range(2))
+    for lq, advised in ((1, True), (300, False)):
+        q = torch.randn(1, 1, lq, 512, generator=g).requires_grad_()
+        grad = torch.randn(1, 1, lq, 512, generator=g)
+
+        def grads(q=q, grad=grad):
+            out = rolling_attention(q, k, v, backend="cpu")
+            return torch.autograd.grad(out, (q, k, v), grad)
+
+        dq, dk, dv = grads()  # (poisoning would touch every page before the advice)
+        for name, t in (("dk", dk), ("dv", dv)):
+            huge = _huge_kib(t)
+            assert (huge > 0) == advised, f"Lq={lq} {name}: {huge} KiB in huge pages"
+        del dq, dk, dv
+        # the advice changes where memory comes from, not what is written
+        with nan_poisoned_outputs():
+            got = grads()
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(rolling_attention_reference(*leaves), leaves, grad.double())
+        for name, a, e in zip(("dq", "dk", "dv"), got, want):
+            assert_close(a, e, rel=1e-5, name=f"Lq={lq} {name}")
