@@ -22,6 +22,8 @@ from .backends import AttentionProblem, select_forward
 from .dropout import dropout_threshold, new_rng_state
 from .reference import autocast_dtype, autocast_inputs
 
+_any_autocast = torch._C._is_any_autocast_enabled  # one C call (about 60 ns)
+
 __all__ = [
     "rolling_attention",
     "make_problem",
@@ -281,11 +283,15 @@ def _problem(
     is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
 ) -> AttentionProblem:  # fmt: skip
     # make_problem with positional arguments: rolling_attention calls it once per call
-    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)) or (
-        q.is_nested or k.is_nested or v.is_nested
-    ):
+    # exact tensors take the fast path; subclasses (a jagged nested tensor, among others) and
+    # anything else are checked first, and a strided nested tensor fails to give its shape
+    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
         _check_qkv(q, k, v)
-    qs, ks, vs = q.shape, k.shape, v.shape
+    try:
+        qs, ks, vs = q.shape, k.shape, v.shape
+    except RuntimeError:
+        _check_qkv(q, k, v)
+        raise
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         _check_qkv(q, k, v)
     on_cpu = q.is_cpu
@@ -522,9 +528,10 @@ def rolling_attention(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str; got {type(backend).__name__}")
-    autocast = autocast_dtype(q)
-    if autocast is not None:  # as torch.autocast treats SDPA (the reference handles its own math)
-        q, k, v, attn_mask = autocast_inputs(autocast, q, k, v, attn_mask)
+    if _any_autocast():  # as torch.autocast treats SDPA (the reference handles its own math)
+        autocast = autocast_dtype(q)
+        if autocast is not None:
+            q, k, v, attn_mask = autocast_inputs(autocast, q, k, v, attn_mask)
     problem = _problem(
         q, k, v, rotation, rotated_queries, key_modality, num_modalities, key_padding_mask,
         attn_mask, is_causal, scale, dropout_p, rng_state, enable_gqa, return_stats,
@@ -607,16 +614,27 @@ def scaled_dot_product_attention(
     (e.g. a dtype or device it does not support, or a float mask that requires grad) is handed to
     torch's own SDPA, never to the O(L^2) reference.
     """
-    if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
-        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if query.is_nested or key.is_nested or value.is_nested:  # variable lengths: torch's kernels
+    if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor):
+        if not (
+            isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)
+        ):
+            return _TORCH_SDPA(
+                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+            )
+        if query.is_nested or key.is_nested or value.is_nested:  # jagged: torch's kernels
+            return _TORCH_SDPA(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, enable_gqa=enable_gqa,
+            )  # fmt: skip
+    elif query.is_nested:  # a strided nested tensor (its type is Tensor's): torch's kernels
         return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    autocast = autocast_dtype(query)
-    if autocast is not None:  # torch.autocast runs SDPA in its lower-precision dtype: so here
-        query, key, value, attn_mask = autocast_inputs(autocast, query, key, value, attn_mask)
+    if _any_autocast():  # torch.autocast runs SDPA in its lower-precision dtype: so here
+        autocast = autocast_dtype(query)
+        if autocast is not None:
+            query, key, value, attn_mask = autocast_inputs(autocast, query, key, value, attn_mask)
     nd = query.dim()
     if nd < 3 or key.dim() != nd or value.dim() != nd:
         return _TORCH_SDPA(

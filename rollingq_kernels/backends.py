@@ -177,7 +177,7 @@ class AttentionProblem(NamedTuple):
             self.dropout_p > 0.0,
             k.shape[1] != qs[1],
             grad,
-            self.has_tangents(),
+            _forward_ad._current_level >= 0 and self.has_tangents(),
         )
 
     def describe(self) -> str:
