@@ -621,12 +621,10 @@ def scaled_dot_product_attention(
             return _TORCH_SDPA(
                 query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             )
-        if query.is_nested or key.is_nested or value.is_nested:  # jagged: torch's kernels
-            return _TORCH_SDPA(
-                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                scale=scale, enable_gqa=enable_gqa,
-            )  # fmt: skip
-    elif query.is_nested:  # a strided nested tensor (its type is Tensor's): torch's kernels
+        nested = query.is_nested or key.is_nested or value.is_nested  # a jagged one is a subclass
+    else:
+        nested = query.is_nested  # a strided nested tensor's type is Tensor's
+    if nested:  # variable lengths: torch's kernels
         return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
