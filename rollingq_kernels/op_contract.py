@@ -25,6 +25,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from ._stats import AttentionStats, accumulation_dtype
+from .reference import rolling_attention_reference
 
 __all__ = [
     "FWD_SCHEMA",
@@ -167,7 +168,9 @@ def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> 
     else:
         # dR needs the gradient of the rotated query: run the op on q_rot with no rotation,
         # then dq = dq_rot R on rotated rows (q_rot = q R^T) and dR = sum_i dq_rot_i^T q_i.
-        q_rot = _rotate_rows(q, rotation.detach(), rows)
+        # (through the rotation itself when a graph of the gradients is built: a double backward
+        # reaches R through q_rot as well as through the products below)
+        q_rot = _rotate_rows(q, rotation if torch.is_grad_enabled() else rotation.detach(), rows)
         dq_rot, dk, dv = backward_op(
             grad_out, q_rot, k, v, out, lse, None, None, pad, mask, is_causal, offset,
             scale, dropout_p, rng,
@@ -189,11 +192,56 @@ def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> 
     return grads
 
 
-def _double_backward_error(fam: OpFamily) -> RuntimeError:
-    return RuntimeError(
-        f"rollingq::{fam.name}attention_bwd: double backward (a gradient of the gradient) is not "
-        "supported by the fused kernels; use backend='reference' for higher-order gradients"
+# positions of the backward op's arguments
+_BWD_ARGS = (
+    "grad_out q k v out lse rotation rotated_queries key_padding_mask attn_mask is_causal "
+    "causal_offset scale dropout_p rng_state"
+).split()
+
+
+def _save_backward_inputs(ctx, args) -> None:
+    """What the backward op's own gradient (a double backward) needs: its arguments but the
+    forward's out and lse, which it recomputes."""
+    (grad_out, q, k, v, _out, _lse, rotation, rows, pad, mask, is_causal, offset, scale,
+     dropout_p, rng) = args  # fmt: skip
+    ctx.save_for_backward(grad_out, q, k, v, rotation, rows, pad, mask, rng)
+    ctx.flags = (is_causal, offset, scale, dropout_p)
+
+
+def _second_order(ctx, grad_dq, grad_dk, grad_dv) -> list:
+    """The gradient of the backward op (schema order): a double backward, e.g. a gradient
+    penalty or a Hessian-vector product.
+
+    The backward op maps (grad_out, q, k, v) to (dq, dk, dv); its out and lse arguments are
+    functions of q, k, v, so the whole derivative is taken through q, k, v and none through them.
+    The first-order gradients are recomputed by the reference from the saved inputs (the same
+    masks, the same dropout keep-mask) and differentiated by torch.func, so the result is exact,
+    itself differentiable (third and higher orders) and valid inside torch.func transforms. That
+    step materialises the (B, H, Lq, Lk) scores, as torch's math SDPA does: a second order costs
+    O(Lq * Lk) memory, the first order stays O(L)."""
+    grad_out, q, k, v, rotation, rows, pad, mask, rng = ctx.saved_tensors
+    is_causal, offset, scale, dropout_p = ctx.flags
+    if rotation is not None:  # the op's own rotation never requires grad (_input_grads)
+        rotation = rotation.detach()
+    if mask is not None:
+        mask = mask.detach()
+
+    def attention(q, k, v):
+        return rolling_attention_reference(
+            q, k, v, rotation=rotation, rotated_queries=rows, key_padding_mask=pad,
+            attn_mask=mask, is_causal=is_causal, causal_offset=offset, scale=scale,
+            dropout_p=dropout_p, rng_state=rng, enable_gqa=k.shape[1] != q.shape[1],
+        )  # fmt: skip
+
+    def first_order(g, q, k, v):
+        return torch.func.vjp(attention, q, k, v)[1](g)
+
+    cotangents = tuple(
+        torch.zeros_like(t) if c is None else c
+        for c, t in zip((grad_dq, grad_dk, grad_dv), (q, k, v))
     )
+    grads = torch.func.vjp(first_order, grad_out, q, k, v)[1](cotangents)
+    return [*grads] + [None] * (len(_BWD_ARGS) - 4)
 
 
 def _register_autograd(fam: OpFamily) -> None:
@@ -205,13 +253,13 @@ def _register_autograd(fam: OpFamily) -> None:
 
     torch.library.register_autograd(fwd_name, backward, setup_context=_save_for_backward, lib=_LIB)
 
-    def no_double_backward(ctx, *grads):
-        raise _double_backward_error(fam)
+    def double_backward(ctx, grad_dq, grad_dk, grad_dv):
+        return tuple(_second_order(ctx, grad_dq, grad_dk, grad_dv))
 
     def bwd_setup(ctx, inputs, output):
-        pass
+        _save_backward_inputs(ctx, inputs)
 
-    torch.library.register_autograd(bwd_name, no_double_backward, setup_context=bwd_setup, lib=_LIB)
+    torch.library.register_autograd(bwd_name, double_backward, setup_context=bwd_setup, lib=_LIB)
 
 
 # torch.func.vmap. The op's batch dim B takes the vmapped dim too: each tensor argument is moved
@@ -319,7 +367,7 @@ class _EagerAttention(torch.autograd.Function):
     several times the cost of the rest of a small call. The forward runs the op below autograd
     (through the library's direct entry where there is one), the backward runs the backward op
     below autograd (likewise) unless the caller asked for a graph of the gradients (create_graph),
-    where the op's own formula refuses a double backward.
+    where it runs through the backward op's own formula (``_second_order``).
 
     Forward and context are separate (``setup_context``) and the vmap rule is generated, so that
     torch.func's transforms take it: ``grad`` / ``vjp`` run this formula, ``vmap`` of it runs the
@@ -351,7 +399,8 @@ class _EagerAttention(torch.autograd.Function):
         fam, direct = ctx.fam, ctx.direct_backward
         if torch._C._are_functorch_transforms_active():
             # torch.func computes gradients with a graph; the formula torch.library registered on
-            # the backward op is not one its transforms accept, so this one refuses a second order
+            # the backward op is not one its transforms accept, so this one carries the same
+            # second order
 
             def op(*a):
                 return _BackwardOnce.apply(fam, direct, *a)
@@ -368,8 +417,8 @@ class _EagerAttention(torch.autograd.Function):
 
 
 class _BackwardOnce(torch.autograd.Function):
-    """The backward op inside a torch.func transform: runs it below autograd and refuses to be
-    differentiated, as the op's own formula does (``_register_autograd``)."""
+    """The backward op inside a torch.func transform: runs it below autograd, with the op's own
+    second-order formula (``_second_order``) as its gradient."""
 
     generate_vmap_rule = True
 
@@ -379,11 +428,11 @@ class _BackwardOnce(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.fam = inputs[0]
+        _save_backward_inputs(ctx, inputs[2:])
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise _double_backward_error(ctx.fam)
+    def backward(ctx, grad_dq, grad_dk, grad_dv):
+        return (None, None, *_second_order(ctx, grad_dq, grad_dk, grad_dv))
 
 
 def run_forward(

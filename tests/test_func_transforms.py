@@ -1,6 +1,6 @@
 """torch.func on the fused backends: vmap (the op's batching rule), grad / vjp / jacrev (the
-autograd formula), and the refusals (forward-mode AD, second order) that must be errors, never
-a silent zero.
+autograd formula), and the refusal (forward-mode AD) that must be an error, never a silent
+zero. Second order: tests/test_double_backward.py.
 
 Every check compares the transformed fused call with the float64 reference run once per vmapped
 entry (or with torch.autograd through the reference), on random inputs with odd sizes,
@@ -231,18 +231,6 @@ def test_forward_mode_ad_is_declined_by_the_fused_backend_and_auto_runs_the_refe
     )
     assert hessian.abs().sum() > 0
     assert_close(hessian, want, rel=1e-12, name="hessian")
-
-
-def test_second_order_under_torch_func_raises():
-    case = make_case(1, 2, 3, 5, 4, dtype=torch.float64, seed=9)
-
-    def first(q):
-        return torch.func.grad(
-            lambda q: rolling_attention(q, case.k, case.v, backend="cpu").pow(2).sum()
-        )(q)
-
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.func.grad(lambda q: first(q).sum())(case.q)
 
 
 def test_dropout_under_vmap_follows_the_randomness_flag():

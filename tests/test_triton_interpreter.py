@@ -267,6 +267,29 @@ def test_vmap_of_grad_runs_the_triton_ops_batching_rules():
             assert_close(a[i], e, rel=GRAD_REL_TOL[torch.float32], name=f"entry {i} {n}")
 
 
+def test_second_order_through_the_triton_ops():
+    # a double backward: the Triton forward and backward, then the backward op's own formula
+    case = make_case(2, 2, 9, 13, 16, dtype=torch.float32, seed=41, layout="blhd", causal=True,
+                     rotation="shared", rows="subset", return_stats=False)  # fmt: skip
+    w = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(42))
+
+    def hvp(q, k, v, run):
+        out = run(q, k, v)
+        (dq,) = torch.autograd.grad((out.square() * w.to(out.dtype)).sum(), q, create_graph=True)
+        return torch.autograd.grad((dq * w.to(dq.dtype)).sum(), (q, k, v))
+
+    leaves = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    with nan_poisoned_outputs():
+        got = hvp(*leaves, lambda q, k, v: ta.forward(make_problem(q, k, v, **case.kwargs))[0])
+    c64 = case.to(dtype=torch.float64)
+    kw = dict(c64.kwargs, rotation=c64.kwargs["rotation"].double())
+    leaves = [t.detach().requires_grad_() for t in (c64.q, c64.k, c64.v)]
+    want = hvp(*leaves, lambda q, k, v: rolling_attention_reference(q, k, v, **kw))
+    for n, a, e in zip(("q", "k", "v"), got, want):
+        assert a.abs().sum() > 0
+        assert_close(a, e, rel=2e-5, name=f"second order, d{n}")
+
+
 def test_gradients_head_dim_768():
     case = make_case(2, 1, 9, 11, 768, dtype=torch.float32, seed=6, rotation="shared",
                      rows="subset", padding=True, return_stats=False)  # fmt: skip
