@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import weakref
 from typing import Optional, Tuple, Union
 
@@ -229,11 +230,24 @@ def _zero_ids(Lk: int, device: torch.device) -> torch.Tensor:
     return ids
 
 
+def _is_dtensor(t) -> bool:
+    # no DTensor exists before torch.distributed.tensor is imported: no import here
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 def _check_qkv(q, k, v) -> None:
     """The slow path of the q / k / v checks: raises the error that names what is wrong."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if _is_dtensor(t):
+            raise TypeError(
+                f"{name} is a DTensor (placements {tuple(t.placements)}); rolling_attention runs "
+                "on the local shards: pass q.to_local(), k.to_local(), v.to_local() (shards along "
+                "the batch or head dim are independent attentions; the statistics come out per "
+                "shard)"
+            )
         if t.is_nested:
             raise TypeError(
                 f"{name} is a nested tensor; rolling_attention takes dense tensors: pad the "
@@ -621,10 +635,12 @@ def scaled_dot_product_attention(
             return _TORCH_SDPA(
                 query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             )
-        nested = query.is_nested or key.is_nested or value.is_nested  # a jagged one is a subclass
+        # a jagged nested tensor is a subclass; a DTensor has its sharding rules in torch's SDPA
+        to_torch = query.is_nested or key.is_nested or value.is_nested
+        to_torch = to_torch or _is_dtensor(query) or _is_dtensor(key) or _is_dtensor(value)
     else:
-        nested = query.is_nested  # a strided nested tensor's type is Tensor's
-    if nested:  # variable lengths: torch's kernels
+        to_torch = query.is_nested  # a strided nested tensor's type is Tensor's
+    if to_torch:  # variable lengths, distributed tensors: torch's kernels
         return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
@@ -666,8 +682,9 @@ def scaled_dot_product_attention(
                 q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                 enable_gqa=enable_gqa, rng_state=_placeholder_rng() if draw_seed else None,
             )  # fmt: skip
-    except (TypeError, ValueError):
-        # let torch raise its own error for what it does not accept either
+    except (TypeError, ValueError, RuntimeError):
+        # let torch raise its own error for what it does not accept either (a RuntimeError: a
+        # tensor that cannot give its shape, as a strided nested key beside a dense query)
         return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,

@@ -322,6 +322,63 @@ def test_nested_tensors_go_to_torch_and_rolling_attention_names_them(layout):
         rk.rolling_attention(q, q, q)
 
 
+def test_a_nested_key_beside_a_dense_query_gets_torchs_error():
+    # a strided nested key cannot give its shape: the drop-in once raised torch's internal
+    # "NestedTensorImpl doesn't support sizes" from its own shape read
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 3, 5, 8, generator=g)
+    k = torch.nested.nested_tensor([torch.randn(3, n, 8, generator=g) for n in (4, 6)])
+    with pytest.raises(RuntimeError) as want:
+        TORCH_SDPA(q, k, k)
+    with pytest.raises(RuntimeError) as got:
+        rk.scaled_dot_product_attention(q, k, k)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("placement", ["shard_heads", "shard_batch", "replicate"])
+def test_dtensors_go_to_torch_and_rolling_attention_names_them(one_rank_group, placement):
+    # tensor-parallel attention on DTensors: the drop-in does what torch's SDPA does with them
+    # (this package's op has no sharding rules: the drop-in once raised "no sharding strategy
+    # registered" where torch runs the call)
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    place = {"shard_heads": Shard(1), "shard_batch": Shard(0), "replicate": Replicate()}[placement]
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g) for _ in range(3))
+    dq, dk, dv = (distribute_tensor(t, one_rank_group, [place]) for t in (q, k, v))
+    got = rk.scaled_dot_product_attention(dq, dk, dv)
+    want = TORCH_SDPA(dq, dk, dv)
+    assert type(got).__name__ == "DTensor" and got.placements == want.placements
+    assert_close(got.full_tensor(), TORCH_SDPA(q, k, v), rel=1e-6, name="out")
+    # where torch's CPU kernel has no sharding rule (here: a causal call), the same error
+    with pytest.raises(NotImplementedError) as want:
+        TORCH_SDPA(dq, dk, dv, is_causal=True)
+    with pytest.raises(NotImplementedError) as same:
+        rk.scaled_dot_product_attention(dq, dk, dv, is_causal=True)
+    assert str(same.value) == str(want.value)
+    with pytest.raises(TypeError, match=r"q is a DTensor .*q\.to_local\(\)"):
+        rk.rolling_attention(dq, dk, dv)
+    # on the local shards, as the message says
+    local = rk.rolling_attention(dq.to_local(), dk.to_local(), dv.to_local(), is_causal=True)
+    assert_close(local, TORCH_SDPA(q, k, v, is_causal=True), rel=1e-5, name="local shards")
+
+
 # ---- dropout --------------------------------------------------------------------------------
 
 
