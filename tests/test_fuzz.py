@@ -704,11 +704,9 @@ def test_fuzz_rolling_attention(data):
 # ---- gradients ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_OP, reason=str(fused_op.load_error()))
-@fuzz_settings(40)
-@given(st.data())
-def test_fuzz_gradients_float64(data):
-    gen = Gen(data)
+def _grad_case(gen):
+    """float64 q, k, v (and a rotation that may require grad) with the features gradients see;
+    (leaves, kwargs, backend)."""
     B, H, Lq, Lk, D, Dv = _sizes(gen)
     q, k, v = (
         gen.tensor(n, s, torch.float64, poison=False, magnitude=1.0).detach().requires_grad_()
@@ -725,23 +723,67 @@ def test_fuzz_gradients_float64(data):
     leaves = [q, k, v] + (
         [kw["rotation"]] if kw.get("rotation") is not None and kw["rotation"].requires_grad else []
     )
-    out = rolling_attention(q, k, v, backend=backend, **kw)
-    g = gen.randn(*out.shape)
-    got = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    return leaves, kw, backend
+
+
+def _reference_leaves(leaves, kw):
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     rkw = dict(kw)
     if len(leaves) == 4:
         rkw["rotation"] = ref_leaves[3]
-    want_out = rolling_attention_reference(*ref_leaves[:3], **rkw)
-    want = torch.autograd.grad(want_out, ref_leaves, g, allow_unused=True)
+    return ref_leaves, rkw
+
+
+def _check_grads(got, want, Lk, what):
     for name, a, b in zip(("dq", "dk", "dv", "drotation"), got, want):
         a = torch.zeros_like(b) if a is None else a
         b = torch.zeros_like(a) if b is None else b
         size = b.abs().max().item() if b.numel() else 0.0
         err = (a - b).abs().max().item() if b.numel() else 0.0
         assert err <= 1e-9 * (1.0 + size) * max(1, Lk), (
-            f"{name}: error {err:.3e} (scale {size:.3e})"
+            f"{what} {name}: error {err:.3e} (scale {size:.3e})"
         )
+
+
+@pytest.mark.skipif(not HAS_OP, reason=str(fused_op.load_error()))
+@fuzz_settings(40)
+@given(st.data())
+def test_fuzz_gradients_float64(data):
+    gen = Gen(data)
+    leaves, kw, backend = _grad_case(gen)
+    q, k, v = leaves[:3]
+    out = rolling_attention(q, k, v, backend=backend, **kw)
+    g = gen.randn(*out.shape)
+    got = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    ref_leaves, rkw = _reference_leaves(leaves, kw)
+    want_out = rolling_attention_reference(*ref_leaves[:3], **rkw)
+    want = torch.autograd.grad(want_out, ref_leaves, g, allow_unused=True)
+    _check_grads(got, want, k.shape[2], "first order")
+
+
+@pytest.mark.skipif(not HAS_OP, reason=str(fused_op.load_error()))
+@fuzz_settings(25)
+@given(st.data())
+def test_fuzz_second_order_float64(data):
+    # a double backward: <first-order gradients, u> differentiated again
+    gen = Gen(data)
+    leaves, kw, backend = _grad_case(gen)
+    q, k, v = leaves[:3]
+    out = rolling_attention(q, k, v, backend=backend, **kw)
+    g = gen.randn(*out.shape)
+    us = [gen.randn(*t.shape) for t in leaves]
+
+    def second(out, leaves):
+        first = torch.autograd.grad(out, leaves, g, create_graph=True, allow_unused=True)
+        terms = [(f * u).sum() for f, u in zip(first, us) if f is not None and f.requires_grad]
+        if not terms:
+            return [None] * len(leaves)
+        return torch.autograd.grad(sum(terms), leaves, allow_unused=True)
+
+    got = second(out, leaves)
+    ref_leaves, rkw = _reference_leaves(leaves, kw)
+    want = second(rolling_attention_reference(*ref_leaves[:3], **rkw), ref_leaves)
+    _check_grads(got, want, k.shape[2], "second order")
 
 
 # ---- the SDPA drop-in ------------------------------------------------------------------------
