@@ -23,6 +23,9 @@ Rows (``run()`` returns them as dicts):
                (1 and 4 queries, 4096 keys, through scaled_dot_product_attention, float32 and
                bfloat16) and RollingQ's [CLS] row alone at the paper's (16, 1, 1101, 768), with
                rotation and statistics, forward + backward; shapes are (B, H, Lq, Lk, D);
+  * grad2      a gradient-penalty step (a double backward: the input gradient with create_graph,
+               its squared norm differentiated again) vs SDPA under sdpa_kernel(MATH), the torch
+               kernel that has a double backward (its flash kernel refuses one);
   * tiny       per-call time of a (1, 1, 16, 64) call through the public function vs SDPA;
   * memory     peak memory the fused forward with statistics adds at (1, 8, 16384, 64);
   * variants   the bf16 call under every kernel variant this CPU runs (and float32), one process;
@@ -175,6 +178,50 @@ def bench_dropout(shape=MASK_SHAPE, p: float = 0.1, *, reps: int, memory: bool) 
             "extra_mib"
         ]
     return row
+
+
+def bench_double_backward(shape, *, reps: int) -> Dict:
+    """A gradient penalty through attention: out = attention(q, k, v); g = d<out, w>/dq with a
+    graph; the gradient of |g|^2 with respect to q, k, v. Fused (the cpu backend's forward and
+    backward, the second order by the reference's formula) vs torch's math SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rollingq_kernels import rolling_attention
+
+    B, H, L, D = shape
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_() for _ in range(3)
+    )
+    w = torch.randn(B, H, L, D, generator=g)
+
+    def step(attention):
+        def run():
+            out = attention(q, k, v)
+            (dq,) = torch.autograd.grad(out, q, w, create_graph=True)
+            torch.autograd.grad(dq.square().sum(), (q, k, v))
+
+        return run
+
+    def math_sdpa(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    fused, sdpa = (
+        _summary(t)["median_ms"]
+        for t in interleaved_rounds(
+            [step(lambda q, k, v: rolling_attention(q, k, v, backend="cpu")), step(math_sdpa)],
+            warmup=1, reps=reps,
+        )
+    )  # fmt: skip
+    return {
+        "mode": "grad2",
+        "dtype": "float32",
+        "shape": tuple(shape),
+        "fused_ms": fused,
+        "sdpa_ms": sdpa,
+        "fused_over_sdpa": fused / sdpa,
+    }
 
 
 def bench_gqa(B=4, Hq=32, Hkv=8, L=1024, D=64, *, reps: int) -> Dict:
@@ -370,7 +417,8 @@ def bench_stream(shape, dtype, *, reps: int) -> Dict:
 
 
 ALL = (
-    "fwd", "fwd_bwd", "fp16", "few", "bias", "dropout", "gqa", "tiny", "memory", "variants", "stream",
+    "fwd", "fwd_bwd", "fp16", "few", "bias", "dropout", "gqa", "grad2", "tiny", "memory", "variants",
+    "stream",
 )  # fmt: skip
 
 
@@ -425,6 +473,9 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
                     rows.append(bench_stream(shape, dtype, reps=3 if quick else 15))
         if "gqa" in want:
             rows.append(bench_gqa(L=257 if quick else 1024, reps=r_fast))
+        if "grad2" in want:
+            rows.append(bench_double_backward((2, 4, 129, 64) if quick else (4, 8, 512, 64),
+                                              reps=r_fast))  # fmt: skip
         if "tiny" in want:
             rows.append(bench_tiny(reps=r_fast))
         if "memory" in want:
@@ -505,6 +556,13 @@ def format_rows(rows: List[Dict]) -> str:
                 f"{r['output_mib']:.1f} MiB: streamed {r['stream_ms']:.1f} ms, stored "
                 f"{r['store_ms']:.1f} ms ({r['stream_over_store']:.2f}x the time); the projection "
                 f"alone {r['projection_stream_ms']:.2f} / {r['projection_store_ms']:.2f} ms"
+            )
+            continue
+        if r["mode"] == "grad2":
+            notes.append(
+                f"gradient penalty (double backward), float32 ({shape}): fused "
+                f"{r['fused_ms']:.1f} ms, SDPA's math kernel {r['sdpa_ms']:.1f} ms, "
+                f"{r['fused_over_sdpa']:.2f}x its time"
             )
             continue
         if r["mode"].startswith("gqa"):

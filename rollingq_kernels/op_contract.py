@@ -25,7 +25,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from ._stats import AttentionStats, accumulation_dtype
-from .reference import rolling_attention_reference
+from .dropout import dropout_keep_mask
+from .reference import visibility_mask
 
 __all__ = [
     "FWD_SCHEMA",
@@ -206,6 +207,49 @@ def _save_backward_inputs(ctx, args) -> None:
      dropout_p, rng) = args  # fmt: skip
     ctx.save_for_backward(grad_out, q, k, v, rotation, rows, pad, mask, rng)
     ctx.flags = (is_causal, offset, scale, dropout_p)
+    # an output the caller did not use (dk of torch.autograd.grad(out, q)) gets None, not zeros:
+    # the second order then leaves out its products
+    ctx.set_materialize_grads(False)
+
+
+def _materialised_attention(q, k, v, rotation, rows, pad, mask, is_causal, offset, scale,
+                            dropout_p, rng):  # fmt: skip
+    """softmax(q k^T * scale + mask) v with the scores materialised, in the accumulation dtype:
+    the op's forward as plain differentiable torch operations, for its second order. Rows that
+    see no key give zeros (and zero gradients), as the op's; the reference (the oracle, which
+    the tests compare this with) spells out more of the non-finite cases and costs more."""
+    acc = rotation.dtype if rotation is not None else accumulation_dtype(q.dtype)
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    qf = q.to(acc)
+    if rotation is not None:
+        qf = _rotate_rows(qf, rotation, rows)
+    kf, vf = k.to(acc), v.to(acc)
+    if Hkv != H:  # grouped-query attention: query head h reads kv head h // (H / Hkv)
+        kf, vf = kf.repeat_interleave(H // Hkv, 1), vf.repeat_interleave(H // Hkv, 1)
+    s = torch.matmul(qf * scale, kf.transpose(-1, -2))  # scaled on the (Lq, D) side
+    hidden = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            hidden = ~mask
+        else:
+            s = s + mask.to(acc)
+    if pad is not None or is_causal:
+        visible = visibility_mask(B, Lq, Lk, key_padding_mask=pad, is_causal=is_causal,
+                                  causal_offset=offset, device=q.device)  # fmt: skip
+        hidden = ~visible if hidden is None else hidden | ~visible
+    if hidden is not None:
+        s = s.masked_fill(hidden, float("-inf"))
+    if hidden is not None or mask is not None:
+        # a row that sees no key (hidden keys, -inf mask entries) gives zeros, not softmax's NaN
+        empty = s.amax(-1, keepdim=True) == float("-inf")
+        p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    else:
+        p = torch.softmax(s, -1)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(rng, dropout_p, (B, H, Lq, Lk), device=q.device)
+        p = p * keep.to(acc) / (1.0 - dropout_p)
+    return torch.matmul(p, vf).to(q.dtype)
 
 
 def _second_order(ctx, grad_dq, grad_dk, grad_dv) -> list:
@@ -214,34 +258,48 @@ def _second_order(ctx, grad_dq, grad_dk, grad_dv) -> list:
 
     The backward op maps (grad_out, q, k, v) to (dq, dk, dv); its out and lse arguments are
     functions of q, k, v, so the whole derivative is taken through q, k, v and none through them.
-    The first-order gradients are recomputed by the reference from the saved inputs (the same
-    masks, the same dropout keep-mask) and differentiated by torch.func, so the result is exact,
-    itself differentiable (third and higher orders) and valid inside torch.func transforms. That
-    step materialises the (B, H, Lq, Lk) scores, as torch's math SDPA does: a second order costs
-    O(Lq * Lk) memory, the first order stays O(L)."""
+    The first-order gradients that received a cotangent are recomputed from the saved inputs by
+    the materialised attention (the same masks, the same dropout keep-mask) with a graph, and
+    differentiated again for the inputs that need it: exact, itself differentiable (third and
+    higher orders), and through torch.func inside its transforms. That step materialises the
+    (B, H, Lq, Lk) scores, as torch's math SDPA does: a second order costs O(Lq * Lk) memory, the
+    first order stays O(L)."""
     grad_out, q, k, v, rotation, rows, pad, mask, rng = ctx.saved_tensors
     is_causal, offset, scale, dropout_p = ctx.flags
     if rotation is not None:  # the op's own rotation never requires grad (_input_grads)
-        rotation = rotation.detach()
+        rotation = rotation.detach().to(accumulation_dtype(q.dtype))
     if mask is not None:
         mask = mask.detach()
+    none = [None] * (len(_BWD_ARGS) - 4)
+    cotangents = (grad_dq, grad_dk, grad_dv)
 
     def attention(q, k, v):
-        return rolling_attention_reference(
-            q, k, v, rotation=rotation, rotated_queries=rows, key_padding_mask=pad,
-            attn_mask=mask, is_causal=is_causal, causal_offset=offset, scale=scale,
-            dropout_p=dropout_p, rng_state=rng, enable_gqa=k.shape[1] != q.shape[1],
-        )  # fmt: skip
+        return _materialised_attention(q, k, v, rotation, rows, pad, mask, is_causal, offset,
+                                       scale, dropout_p, rng)  # fmt: skip
 
-    def first_order(g, q, k, v):
-        return torch.func.vjp(attention, q, k, v)[1](g)
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        # a graph of these gradients (a third order), or torch.func's transforms: the functional
+        # form, whose inputs stay the caller's tensors without their history being walked here
 
-    cotangents = tuple(
-        torch.zeros_like(t) if c is None else c
-        for c, t in zip((grad_dq, grad_dk, grad_dv), (q, k, v))
-    )
-    grads = torch.func.vjp(first_order, grad_out, q, k, v)[1](cotangents)
-    return [*grads] + [None] * (len(_BWD_ARGS) - 4)
+        def first_order(g, q, k, v):
+            return torch.func.vjp(attention, q, k, v)[1](g)
+
+        filled = tuple(
+            torch.zeros_like(t) if c is None else c for c, t in zip(cotangents, (q, k, v))
+        )
+        return [*torch.func.vjp(first_order, grad_out, q, k, v)[1](filled)] + none
+    # the common case: fresh leaves, and only the products these cotangents and inputs need
+    needs = ctx.needs_input_grad[:4]
+    with torch.enable_grad():
+        go, qq, kk, vv = (t.detach().requires_grad_() for t in (grad_out, q, k, v))
+        given = [(t, c) for t, c in zip((qq, kk, vv), cotangents) if c is not None]
+        wanted = [t for t, need in zip((go, qq, kk, vv), needs) if need]
+        if not given or not wanted:
+            return [None] * 4 + none
+        out = attention(qq, kk, vv)
+        first = torch.autograd.grad(out, [t for t, _ in given], go, create_graph=True)
+        grads = iter(torch.autograd.grad(first, wanted, [c for _, c in given], allow_unused=True))
+    return [next(grads) if need else None for need in needs] + none
 
 
 def _register_autograd(fam: OpFamily) -> None:

@@ -45,7 +45,10 @@ CASES = {
     "dv_ne_d_scale": dict(B=1, H=2, Lq=5, Lk=29, D=8, Dv=12, scale=0.3, layout="blhd"),
 }  # fmt: skip
 
-EXTRAS = ["none", "float_mask_gqa", "bool_mask", "dropout_gqa", "causal_lower_right"]
+EXTRAS = [
+    "none", "float_mask_gqa", "float_mask_with_a_hidden_row", "bool_mask", "dropout_gqa",
+    "causal_lower_right",
+]  # fmt: skip
 PARAMS = [
     (name, extra)
     for name in CASES
@@ -65,6 +68,10 @@ def _extra(kind, case, seed):
             "attn_mask": _randn(1, H, Lq, Lk, seed=seed, dtype=case.q.dtype),
             "enable_gqa": True,
         }
+    if kind == "float_mask_with_a_hidden_row":  # -inf on every key of row 0: a zero row
+        m = _randn(B, 1, Lq, Lk, seed=seed, dtype=case.q.dtype)
+        m[0, 0, 0] = float("-inf")
+        return {"attn_mask": m}
     if kind == "bool_mask":
         m = _randn(B, 1, Lq, Lk, seed=seed) > -0.8
         m[..., 0] = True
