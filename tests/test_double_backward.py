@@ -258,3 +258,27 @@ def test_bfloat16_second_order_within_twice_torch_math_error():
         err = (a.double() - e).abs().max().item()
         bound = 2 * (t.double() - e).abs().max().item() + 1e-3 * e.abs().max().item()
         assert a.dtype == torch.bfloat16 and err <= bound, f"d{n}: {err} > {bound}"
+
+
+def test_per_sample_second_order_under_vmap():
+    # vmap(grad(grad)): per-sample Hessian-vector products, padding and causality per entry
+    g = torch.Generator().manual_seed(70)
+    q, k, v = (torch.randn(3, 2, 2, n, 4, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    pad = torch.rand(3, 2, 7, generator=g) < 0.8
+    pad[..., 0] = True
+
+    def hvp(backend):
+        def loss(q, k, v, p):
+            out = rolling_attention(q, k, v, key_padding_mask=p, is_causal=True, backend=backend)
+            return out.pow(2).sum()
+
+        def one(q, k, v, p):
+            return torch.func.grad(lambda q: (torch.func.grad(loss)(q, k, v, p) * q.cos()).sum())(q)
+
+        return torch.func.vmap(one)(q, k, v, pad)
+
+    with nan_poisoned_outputs():
+        got = hvp("cpu")
+    want = hvp("reference")
+    assert got.abs().sum() > 0
+    assert_close(got, want, rel=1e-10, name="vmap(grad(grad))")
