@@ -21,7 +21,8 @@ Rows (``run()`` returns them as dicts):
   * gqa        32 query heads over 8 kv heads vs the same call with K / V repeated to 32 heads;
   * few        a few queries against many keys (scores taken by rows): decoding from a KV cache
                (1 and 4 queries, 4096 keys, through scaled_dot_product_attention, float32 and
-               bfloat16) and RollingQ's [CLS] row alone at the paper's (16, 1, 1101, 768), with
+               bfloat16; and 64 x 16 heads of one query over 16 keys, a batched decode's first
+               steps) and RollingQ's [CLS] row alone at the paper's (16, 1, 1101, 768), with
                rotation and statistics, forward + backward; shapes are (B, H, Lq, Lk, D);
   * grad2      a gradient-penalty step (a double backward: the input gradient with create_graph,
                its squared norm differentiated again) vs SDPA under sdpa_kernel(MATH), the torch
@@ -454,6 +455,9 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
             for dtype in (torch.float32, torch.bfloat16):
                 for Lq in (1, 4):
                     rows.append(bench_decode(1, 32, Lq, Lk, 128, dtype, reps=r_fast))
+            # the first steps of a batched decode: many heads, one query, a short cache
+            for dtype in (torch.float32, torch.bfloat16):
+                rows.append(bench_decode(64, 16, 1, 16, 64, dtype, reps=r_fast))
             for dtype in (torch.float32, torch.bfloat16):
                 B, L = (2, 301) if quick else (16, 1101)
                 rows.append(bench_cls_row(B, L, 768, dtype, reps=r_slow))
