@@ -264,6 +264,11 @@ def _second_order(ctx, grad_dq, grad_dk, grad_dv) -> list:
     higher orders), and through torch.func inside its transforms. That step materialises the
     (B, H, Lq, Lk) scores, as torch's math SDPA does: a second order costs O(Lq * Lk) memory, the
     first order stays O(L)."""
+    if torch._C._is_any_autocast_enabled():
+        # a backward run inside torch.autocast: the arithmetic stays in the accumulation dtype,
+        # as the kernels' and the reference's
+        with torch.autocast(ctx.saved_tensors[1].device.type, enabled=False):
+            return _second_order(ctx, grad_dq, grad_dk, grad_dv)
     grad_out, q, k, v, rotation, rows, pad, mask, rng = ctx.saved_tensors
     is_causal, offset, scale, dropout_p = ctx.flags
     if rotation is not None:  # the op's own rotation never requires grad (_input_grads)

@@ -282,3 +282,43 @@ def test_per_sample_second_order_under_vmap():
     want = hvp("reference")
     assert got.abs().sum() > 0
     assert_close(got, want, rel=1e-10, name="vmap(grad(grad))")
+
+
+def test_second_order_inside_autocast_multiplies_in_float32():
+    # a backward run inside torch.autocast: the second order's products stay in float32, as the
+    # kernels' and the reference's arithmetic does (they once ran in bfloat16 there)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default):
+                self.dtypes.update(a.dtype for a in args[:2])
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (
+        _randn(2, 3, 9, 16, seed=s, dtype=torch.float32).requires_grad_() for s in (80, 81, 82)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rolling_attention(q, k, v, is_causal=True, backend="cpu")
+        assert out.dtype == torch.bfloat16
+        (dq,) = torch.autograd.grad(out.float().square().sum(), q, create_graph=True)
+        with ProductDtypes() as seen:
+            got = torch.autograd.grad(dq.square().sum(), (q, k, v))
+    assert seen.dtypes == {torch.float32}, seen.dtypes
+    # and the result is as close to float64 as the reference's under autocast (2x rule)
+    leaves = [t.detach().bfloat16().double().requires_grad_() for t in (q, k, v)]
+    out64 = rolling_attention_reference(*leaves, is_causal=True)
+    (dq64,) = torch.autograd.grad(out64.square().sum(), leaves[0], create_graph=True)
+    want = torch.autograd.grad(dq64.square().sum(), leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r = rolling_attention(q, k, v, is_causal=True, backend="reference")
+        (dq_r,) = torch.autograd.grad(out_r.float().square().sum(), q, create_graph=True)
+        ref = torch.autograd.grad(dq_r.square().sum(), (q, k, v))
+    for n, a, r, e in zip("qkv", got, ref, want):
+        err = (a.double() - e).abs().max().item()
+        bound = 2 * (r.double() - e).abs().max().item() + 1e-3 * e.abs().max().item()
+        assert err <= bound, f"d{n}: {err} > {bound}"
