@@ -151,6 +151,10 @@ def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> 
         with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
             return _input_grads(fam, ctx, grad_out, needs, backward_op)
     q, k, v, out, lse, rotation, rows, pad, mask, rng = ctx.saved_tensors
+    # out and lse are functions of q, k and v, through which the backward op's own gradient (a
+    # double backward) is taken whole: no edge of the graph of the gradients leads back to this
+    # op through them (it would run this backward again, on zeros)
+    out, lse = out.detach(), lse.detach()
     is_causal, offset, scale, dropout_p = ctx.flags
     if needs[_ARG["attn_mask"]]:
         raise RuntimeError(

@@ -322,3 +322,40 @@ def test_second_order_inside_autocast_multiplies_in_float32():
         err = (a.double() - e).abs().max().item()
         bound = 2 * (r.double() - e).abs().max().item() + 1e-3 * e.abs().max().item()
         assert err <= bound, f"d{n}: {err} > {bound}"
+
+
+@pytest.mark.parametrize("path", ["cpp_node", "python_formula"])
+def test_second_backward_does_not_run_the_first_order_kernel_again(path):
+    # the backward op takes the forward's output; an edge from it back to the forward's node once
+    # ran the fused backward a second time, on zeros, in every double backward
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.rollingq.attention_bwd.default:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (_randn(2, 3, 9, 16, seed=s).requires_grad_() for s in (90, 91, 92))
+    kw = {}
+    if path == "python_formula":  # a rotation that requires grad takes the Python formula
+        kw["rotation"] = torch.linalg.qr(_randn(16, 16, seed=93))[0].requires_grad_()
+    out = rolling_attention(q, k, v, backend="cpu", **kw)
+    cpp = out.grad_fn.name() == "torch::autograd::CppNode<rollingq::EagerAttention>"
+    assert cpp == (path == "cpp_node")
+    # a cotangent that does not depend on the output (with one that does, as of out.square(),
+    # the chain rule through it runs the fused backward once, rightly)
+    w = _randn(*out.shape, seed=94)
+    (dq,) = torch.autograd.grad(out, q, w, create_graph=True)
+    with BackwardCalls() as seen:
+        got = torch.autograd.grad(dq.square().sum(), (q, k, v))
+    assert seen.calls == 0
+    out_r = rolling_attention_reference(q, k, v, **kw)
+    (dq_r,) = torch.autograd.grad(out_r, q, w, create_graph=True)
+    want = torch.autograd.grad(dq_r.square().sum(), (q, k, v))
+    for n, a, e in zip("qkv", got, want):
+        assert_close(a, e, rel=1e-10, name=f"d{n}")
