@@ -359,6 +359,31 @@ def test_torch_func_and_autocast_on_cuda():
     assert torch.equal(out, cast)
 
 
+def test_double_backward_on_cuda():
+    # a gradient penalty through the Triton ops: the fused forward and backward, the second order
+    # by the backward op's formula on the GPU, against torch.autograd through the reference
+    c = _cuda(make_case(2, 2, 67, 80, 64, seed=24, causal=True, padding=True, rotation="shared",
+                        rows="subset", return_stats=False), torch.float32)  # fmt: skip
+    w = torch.randn(2, 2, 67, 64, device="cuda")
+
+    def penalty(q, k, v, backend):
+        out = rolling_attention(q, k, v, backend=backend, **c.kwargs)
+        (dq,) = torch.autograd.grad(out, q, w.to(out.dtype), create_graph=True)
+        return torch.autograd.grad(dq.float().square().sum(), (q, k, v))
+
+    leaves = [t.bfloat16().requires_grad_(True) for t in (c.q, c.k, c.v)]
+    with nan_poisoned_outputs():
+        got = penalty(*leaves, "triton")
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]  # the same bf16 values
+    kw = dict(c.kwargs, rotation=c.kwargs["rotation"].double())
+    out = rolling_attention_reference(*ref, **kw)
+    (dq,) = torch.autograd.grad(out, ref[0], w.double(), create_graph=True)
+    want = torch.autograd.grad(dq.square().sum(), ref)
+    for n, a, e in zip("qkv", got, want):
+        assert a.abs().sum() > 0
+        assert_close(a.double(), e, rel=3e-2, name=f"second order d{n}")
+
+
 def test_opcheck_cuda():
     c = _cuda(make_case(1, 2, 33, 40, 64, rotation="shared", modalities=2, padding=True),
               torch.float16)  # fmt: skip
