@@ -276,14 +276,15 @@ def nan_poisoned_outputs():
 
 
 class CountKernelCalls(TorchDispatchMode):
-    """Counts the calls of the compiled library's forward op that reach the kernels (under vmap,
-    after its batching rule: one per folded call)."""
+    """Counts the calls of one of the compiled library's ops that reach the kernels (by default
+    the forward; under vmap, after its batching rule: one per folded call)."""
 
-    def __init__(self):
+    def __init__(self, op=None):
         super().__init__()
+        self.op = torch.ops.rollingq.attention_fwd.default if op is None else op
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.rollingq.attention_fwd.default:
+        if func is self.op:
             self.calls += 1
         return func(*args, **(kwargs or {}))

@@ -11,7 +11,7 @@ non-contiguous layouts and NaN-poisoned outputs.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, make_case, nan_poisoned_outputs
+from helpers import CountKernelCalls, assert_close, make_case, nan_poisoned_outputs
 
 import rollingq_kernels as rk
 from rollingq_kernels import rolling_attention, rolling_attention_reference
@@ -328,18 +328,6 @@ def test_second_order_inside_autocast_multiplies_in_float32():
 def test_second_backward_does_not_run_the_first_order_kernel_again(path):
     # the backward op takes the forward's output; an edge from it back to the forward's node once
     # ran the fused backward a second time, on zeros, in every double backward
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BackwardCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.rollingq.attention_bwd.default:
-                self.calls += 1
-            return func(*args, **(kwargs or {}))
-
     q, k, v = (_randn(2, 3, 9, 16, seed=s).requires_grad_() for s in (90, 91, 92))
     kw = {}
     if path == "python_formula":  # a rotation that requires grad takes the Python formula
@@ -351,7 +339,7 @@ def test_second_backward_does_not_run_the_first_order_kernel_again(path):
     # the chain rule through it runs the fused backward once, rightly)
     w = _randn(*out.shape, seed=94)
     (dq,) = torch.autograd.grad(out, q, w, create_graph=True)
-    with BackwardCalls() as seen:
+    with CountKernelCalls(torch.ops.rollingq.attention_bwd.default) as seen:
         got = torch.autograd.grad(dq.square().sum(), (q, k, v))
     assert seen.calls == 0
     out_r = rolling_attention_reference(q, k, v, **kw)

@@ -745,45 +745,43 @@ def _check_grads(got, want, Lk, what):
         )
 
 
-@pytest.mark.skipif(not HAS_OP, reason=str(fused_op.load_error()))
-@fuzz_settings(40)
-@given(st.data())
-def test_fuzz_gradients_float64(data):
-    gen = Gen(data)
+def _check_order(gen, order: int) -> None:
+    """Gradients of a fused call against the reference's: the first order (a vjp with a random
+    cotangent g), or the second (<first-order gradients, u> for random u, differentiated again)."""
     leaves, kw, backend = _grad_case(gen)
     q, k, v = leaves[:3]
     out = rolling_attention(q, k, v, backend=backend, **kw)
     g = gen.randn(*out.shape)
-    got = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    us = [gen.randn(*t.shape) for t in leaves] if order == 2 else []
+
+    def grads(out, leaves):
+        first = torch.autograd.grad(out, leaves, g, create_graph=order == 2, allow_unused=True)
+        if order == 1:
+            return first
+        terms = [(f * u).sum() for f, u in zip(first, us) if f is not None and f.requires_grad]
+        if not terms:
+            return [None] * len(leaves)
+        return torch.autograd.grad(sum(terms), leaves, allow_unused=True)
+
+    got = grads(out, leaves)
     ref_leaves, rkw = _reference_leaves(leaves, kw)
-    want_out = rolling_attention_reference(*ref_leaves[:3], **rkw)
-    want = torch.autograd.grad(want_out, ref_leaves, g, allow_unused=True)
-    _check_grads(got, want, k.shape[2], "first order")
+    want = grads(rolling_attention_reference(*ref_leaves[:3], **rkw), ref_leaves)
+    _check_grads(got, want, k.shape[2], "first order" if order == 1 else "second order")
+
+
+@pytest.mark.skipif(not HAS_OP, reason=str(fused_op.load_error()))
+@fuzz_settings(40)
+@given(st.data())
+def test_fuzz_gradients_float64(data):
+    _check_order(Gen(data), 1)
 
 
 @pytest.mark.skipif(not HAS_OP, reason=str(fused_op.load_error()))
 @fuzz_settings(25)
 @given(st.data())
 def test_fuzz_second_order_float64(data):
-    # a double backward: <first-order gradients, u> differentiated again
-    gen = Gen(data)
-    leaves, kw, backend = _grad_case(gen)
-    q, k, v = leaves[:3]
-    out = rolling_attention(q, k, v, backend=backend, **kw)
-    g = gen.randn(*out.shape)
-    us = [gen.randn(*t.shape) for t in leaves]
-
-    def second(out, leaves):
-        first = torch.autograd.grad(out, leaves, g, create_graph=True, allow_unused=True)
-        terms = [(f * u).sum() for f, u in zip(first, us) if f is not None and f.requires_grad]
-        if not terms:
-            return [None] * len(leaves)
-        return torch.autograd.grad(sum(terms), leaves, allow_unused=True)
-
-    got = second(out, leaves)
-    ref_leaves, rkw = _reference_leaves(leaves, kw)
-    want = second(rolling_attention_reference(*ref_leaves[:3], **rkw), ref_leaves)
-    _check_grads(got, want, k.shape[2], "second order")
+    # a double backward
+    _check_order(Gen(data), 2)
 
 
 # ---- the SDPA drop-in ------------------------------------------------------------------------

@@ -257,6 +257,20 @@ RotatedRows<A> rotate_selected(const AttentionParams& p, int64_t b, int64_t h, i
       p, h, cnt, [&](int64_t c, A* dst, int64_t st) { gather(idx[c], dst, st); }, tmp);
 }
 
+// The selected rows of the query tile i0 .. i0 + qn, rotated: already rotated at rot (rows of D,
+// prerotate_queries) where rot is not null, else rotated here from the rows gather reads.
+template <typename A, typename Gather>
+RotatedRows<A> tile_rotated_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                                 int64_t qn, const A* rot, Gather gather, A* tmp, int64_t* idx) {
+  if (rot == nullptr) return rotate_selected<A>(p, b, h, i0, qn, gather, tmp, idx);
+  RotatedRows<A> rr;
+  rr.cnt = selected_rows(p, b, i0, qn, idx);
+  rr.r = rot;
+  rr.rc = p.head_dim;
+  rr.ra = 1;
+  return rr;
+}
+
 // The query tile i0 .. i0 + qn of one (batch, head), rotated rows R q_i:
 //   qT    [D][lanes]  transposed (lanes >= qn are 0)
 //   qrows [lanes][Dp] by rows, when qrows is not null
@@ -286,20 +300,12 @@ void pack_queries(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   transpose(src, ss, qT, lanes, qn, D);
   for (int64_t d = 0; d < D; ++d) fill(qT + d * lanes + qn, lanes - qn, A(0));
   int64_t idx[kMaxQueryTile];
-  RotatedRows<A> rr;
-  if (rot != nullptr) {
-    rr.cnt = selected_rows(p, b, i0, qn, idx);
-    rr.r = rot;
-    rr.rc = D;
-    rr.ra = 1;
-  } else {
-    rr = rotate_selected<A>(
-        p, b, h, i0, qn,
-        [&](int64_t l, A* dst, int64_t st) {
-          for (int64_t d = 0; d < D; ++d) dst[d * st] = qT[d * lanes + l];
-        },
-        tmp, idx);
-  }
+  const RotatedRows<A> rr = tile_rotated_rows<A>(
+      p, b, h, i0, qn, rot,
+      [&](int64_t l, A* dst, int64_t st) {
+        for (int64_t d = 0; d < D; ++d) dst[d * st] = qT[d * lanes + l];
+      },
+      tmp, idx);
   // put back: lanes of Q^T and rows
   for (int64_t d = 0; d < D; ++d)
     for (int64_t c = 0; c < rr.cnt; ++c) qT[d * lanes + idx[c]] = rr.at(c, d);
@@ -322,20 +328,12 @@ void pack_query_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
     fill(qrows + l * Dp + D, Dp - D, A(0));
   }
   int64_t idx[kMaxQueryTile];
-  RotatedRows<A> rr;
-  if (rot != nullptr) {
-    rr.cnt = selected_rows(p, b, i0, qn, idx);
-    rr.r = rot;
-    rr.rc = D;
-    rr.ra = 1;
-  } else {
-    rr = rotate_selected<A>(
-        p, b, h, i0, qn,
-        [&](int64_t l, A* dst, int64_t st) {
-          for (int64_t d = 0; d < D; ++d) dst[d * st] = qrows[l * Dp + d];
-        },
-        tmp, idx);
-  }
+  const RotatedRows<A> rr = tile_rotated_rows<A>(
+      p, b, h, i0, qn, rot,
+      [&](int64_t l, A* dst, int64_t st) {
+        for (int64_t d = 0; d < D; ++d) dst[d * st] = qrows[l * Dp + d];
+      },
+      tmp, idx);
   for (int64_t c = 0; c < rr.cnt; ++c)
     for (int64_t d = 0; d < D; ++d) qrows[idx[c] * Dp + d] = rr.at(c, d);
 }
