@@ -231,18 +231,20 @@ struct EagerAttention : torch::autograd::Function<EagerAttention> {
                                                  torch::autograd::variable_list grad_outputs) {
     const auto s = ctx->get_saved_variables();
     const auto& d = ctx->saved_data;
-    // the output and lse go in detached: the backward op's own gradient (a double backward) is
-    // taken through q, k and v whole, and an edge back to this node would run it again on zeros
+    // under GradMode the output and lse go in detached: the backward op's own gradient (a double
+    // backward) is taken through q, k and v whole, and an edge back to this node would run it
+    // again on zeros; below autograd no edge is recorded, so they go in as saved
+    const bool graph = at::GradMode::is_enabled();
     const auto call = [&] {
-      return backward_op().call(grad_outputs[0], s[0], s[1], s[2], s[3].detach(), s[4].detach(),
-                                present(s[5]),
+      return backward_op().call(grad_outputs[0], s[0], s[1], s[2], graph ? s[3].detach() : s[3],
+                                graph ? s[4].detach() : s[4], present(s[5]),
                                 present(s[6]), present(s[7]), present(s[8]),
                                 d.at("is_causal").toBool(), d.at("causal_offset").toInt(),
                                 d.at("scale").toDouble(), d.at("dropout_p").toDouble(),
                                 present(s[9]));
     };
     std::tuple<Tensor, Tensor, Tensor> grads;
-    if (at::GradMode::is_enabled()) {
+    if (graph) {
       grads = call();
     } else {
       at::AutoDispatchBelowAutograd below_autograd;

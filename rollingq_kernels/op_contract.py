@@ -151,10 +151,11 @@ def _input_grads(fam: OpFamily, ctx, grad_out, needs, backward_op: Callable) -> 
         with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
             return _input_grads(fam, ctx, grad_out, needs, backward_op)
     q, k, v, out, lse, rotation, rows, pad, mask, rng = ctx.saved_tensors
-    # out and lse are functions of q, k and v, through which the backward op's own gradient (a
-    # double backward) is taken whole: no edge of the graph of the gradients leads back to this
-    # op through them (it would run this backward again, on zeros)
-    out, lse = out.detach(), lse.detach()
+    if torch.is_grad_enabled():
+        # a graph of the gradients: out and lse are functions of q, k and v, through which the
+        # backward op's own gradient (a double backward) is taken whole, so no edge of that graph
+        # leads back to this op through them (it would run this backward again, on zeros)
+        out, lse = out.detach(), lse.detach()
     is_causal, offset, scale, dropout_p = ctx.flags
     if needs[_ARG["attn_mask"]]:
         raise RuntimeError(
@@ -222,7 +223,7 @@ def _materialised_attention(q, k, v, rotation, rows, pad, mask, is_causal, offse
     the op's forward as plain differentiable torch operations, for its second order. Rows that
     see no key give zeros (and zero gradients), as the op's; the reference (the oracle, which
     the tests compare this with) spells out more of the non-finite cases and costs more."""
-    acc = rotation.dtype if rotation is not None else accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)  # the caller passes the rotation in this dtype
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     qf = q.to(acc)
