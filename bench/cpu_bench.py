@@ -93,14 +93,14 @@ def _pair(name: str, shape, dtype, fused: Callable, sdpa: Callable, *, flops: fl
     }
 
 
-def bench_forward(shape, dtype=torch.float32, *, reps: int) -> Dict:
+def bench_forward(shape, dtype=torch.float32, *, reps: int, name: str = "fwd") -> Dict:
     from rollingq_kernels import rolling_attention
     from rollingq_kernels.reference import apply_rotation
 
     q, k, v, kw = make_inputs(*shape, dtype=dtype)
     q_rot = apply_rotation(q, kw["rotation"], kw["rotated_queries"])
     return _pair(
-        "fwd", shape, dtype,
+        name, shape, dtype,
         lambda: rolling_attention(q, k, v, backend="cpu", **kw),
         lambda: F.scaled_dot_product_attention(q_rot, k, v),
         flops=attention_flops(*shape[:3], shape[2], shape[3]), reps=reps, warmup=2,
@@ -418,7 +418,7 @@ def bench_stream(shape, dtype, *, reps: int) -> Dict:
 
 
 ALL = (
-    "fwd", "fwd_bwd", "fp16", "few", "bias", "dropout", "gqa", "grad2", "tiny", "memory", "variants",
+    "fwd", "fwd_bwd", "fp16", "few", "one", "bias", "dropout", "gqa", "grad2", "tiny", "memory", "variants",
     "stream",
 )  # fmt: skip
 
@@ -461,6 +461,10 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
             for dtype in (torch.float32, torch.bfloat16):
                 B, L = (2, 301) if quick else (16, 1101)
                 rows.append(bench_cls_row(B, L, 768, dtype, reps=r_slow))
+        if "one" in want:  # one (batch, head): its query tiles are all the threads have to share
+            for dtype in (torch.float32, torch.bfloat16):
+                shape = (1, 1, 301, 768) if quick else (1, 1, 1101, 768)
+                rows.append(bench_forward(shape, dtype, reps=r_slow, name="one head, forward"))
         mask_shape = (2, 4, 257, 64) if quick else MASK_SHAPE
         if "bias" in want:
             for kind in ("1,1,L,L", "B,1,1,L"):

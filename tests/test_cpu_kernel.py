@@ -60,6 +60,8 @@ def _cpu_library():
     ]
     lib.rollingq_cpu_set_stream_bytes.argtypes = [ctypes.c_int64]
     lib.rollingq_cpu_set_stream_bytes.restype = ctypes.c_int64
+    lib.rollingq_cpu_chunk_tasks.argtypes = [ctypes.c_int64] * 4
+    lib.rollingq_cpu_chunk_tasks.restype = ctypes.c_int64
     return lib
 
 
@@ -583,8 +585,22 @@ def test_bf16_scores_spread_far_beyond_the_seeded_max(scale, isa):
         dict(B=1, H=1, Lq=70, Lk=700, D=24, rotation="shared", rows="subset", modalities=2),
         # a few queries: scores by rows, dK / dV written in place, key chunks
         dict(B=1, H=2, Lq=3, Lk=700, D=64, rotation="shared", modalities=2),
+        # one head of several query tiles, shared by the threads (each packs the head's K and V
+        # itself); causal: each tile packs further keys than the one before
+        dict(
+            B=1,
+            H=1,
+            Lq=700,
+            Lk=650,
+            D=40,
+            rotation="shared",
+            rows="subset",
+            modalities=2,
+            padding=True,
+            causal=True,
+        ),
     ],
-    ids=["many_heads", "one_head_key_chunks", "few_queries"],
+    ids=["many_heads", "one_head_key_chunks", "few_queries", "one_head_query_tiles"],
 )
 def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
     # Tasks are cut by shape only and every element is reduced in a fixed order inside one task:
@@ -601,6 +617,31 @@ def test_thread_count_does_not_change_a_bit(kw, dtype, isa):
     for other in results[1:]:
         for name, a, b in zip(names, results[0], other):
             assert torch.equal(a, b), f"{name} differs between thread counts"
+
+
+@pytest.mark.parametrize(
+    "n,share,group,threads,want",
+    [
+        (16, 1, 16, 2, 1),  # one head of 16 query tiles: every tile its own chunk
+        (48, 3, 16, 2, 3),  # three heads over two threads: a third of a head per chunk
+        (7, 1, 7, 2, 1),
+        (64, 4, 16, 2, 16),  # four heads over two threads: whole heads, K and V packed once
+        (64, 4, 16, 4, 16),
+        (256, 16, 8, 2, 16),  # many heads: whole heads, a few per chunk
+        (17 * 16, 1, 16, 2, 16),  # 17 heads: as many chunks as wanted, whole heads
+        (36, 1, 3, 8, 1),  # 12 heads of 3 tiles over 8 threads
+        (30, 2, 5, 4, 2),  # 6 heads of 5 tiles over 4 threads: about a share each
+        (10, 9, 5, 2, 10),  # a share of more than a head: rounded up to whole heads
+    ],
+)
+def test_chunks_split_a_head_only_where_whole_heads_leave_threads_idle(
+    n, share, group, threads, want
+):
+    # run_tasks hands the threads chunks of tasks. A head's query tiles share its packed K and
+    # V, so chunks are whole heads, except where that loads the threads unevenly: a single head
+    # of 1000 queries was one chunk, and one thread ran it while the other idled (1.13x SDPA's
+    # time at (1, 1, 1000, 65536, 64) on two threads, 0.54x once shared).
+    assert _LIB.rollingq_cpu_chunk_tasks(n, share, group, threads) == want
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)

@@ -232,10 +232,29 @@ constexpr int64_t kTaskOverheadFlops = int64_t(1) << 14;
 // core shared with another process a fixed share leaves the other thread waiting at the end
 // (with a busy loop beside the call on one of the two cores, the chunks took 0.86-0.97x the
 // time of fixed halves; on quiet cores the two were level within 2 %). A chunk is about
-// 1 / kChunksPerThread of a thread's share, rounded up to whole task groups (a head's query
-// tiles, which share the head's packed K and V). Which thread runs a task changes no result:
-// every output element is reduced inside one task.
+// 1 / kChunksPerThread of a thread's share. Which thread runs a task changes no result: every
+// output element is reduced inside one task.
 constexpr int64_t kChunksPerThread = 8;
+
+}  // namespace
+
+// Tasks per chunk: `share` (about 1 / kChunksPerThread of a thread's tasks, at least the grain)
+// rounded up to whole task groups (a head's query tiles, which share the head's packed K and V),
+// unless whole groups would load the threads unevenly: fewer groups than chunks wanted and a
+// count the threads do not divide (one head of 1000 queries was one chunk, so one thread ran it
+// all while the others idled). Then a chunk is a near-equal part of a group, and a thread that
+// takes part of a head packs that head's rows itself (once: its workspace keeps them).
+int64_t chunk_tasks(int64_t n, int64_t share, int64_t group, int64_t threads) {
+  group = std::max<int64_t>(1, group);
+  share = std::max<int64_t>(1, share);
+  const int64_t groups = (n + group - 1) / group;
+  if (share >= group || groups % threads == 0 || groups >= threads * kChunksPerThread)
+    return (share + group - 1) / group * group;
+  const int64_t parts = (group + share - 1) / share;
+  return (group + parts - 1) / parts;
+}
+
+namespace {
 
 template <typename F>
 void run_tasks(int64_t n, int64_t flops_per_task, int64_t group, size_t workspace_bytes,
@@ -249,8 +268,8 @@ void run_tasks(int64_t n, int64_t flops_per_task, int64_t group, size_t workspac
     return;
   }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  int64_t chunk = std::max<int64_t>(grain, n / (threads * kChunksPerThread));
-  chunk = (chunk + group - 1) / group * group;
+  const int64_t chunk =
+      chunk_tasks(n, std::max<int64_t>(grain, n / (threads * kChunksPerThread)), group, threads);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Workspace ws(workspace_bytes);
@@ -386,4 +405,12 @@ extern "C" __attribute__((visibility("default"))) int64_t rollingq_cpu_set_strea
   } catch (...) {
     return -2;
   }
+}
+
+// Tasks per chunk that run_tasks hands the threads (chunk_tasks), for tests.
+extern "C" __attribute__((visibility("default"))) int64_t rollingq_cpu_chunk_tasks(int64_t n,
+                                                                                  int64_t share,
+                                                                                  int64_t group,
+                                                                                  int64_t threads) {
+  return rollingq::cpu::chunk_tasks(n, share, group, std::max<int64_t>(1, threads));
 }

@@ -26,7 +26,8 @@ struct Plan {
   int64_t tasks = 0;            // tasks of the main phase
   int64_t flops_per_task = 1;   // to run small problems on the calling thread
   int64_t task_group = 1;       // consecutive tasks that share packed rows (a head's query tiles):
-                                // threads take tasks in chunks of whole groups where they can
+                                // threads take tasks in chunks of whole groups where those
+                                // balance the threads (chunk_tasks, dispatch.cpp)
   size_t workspace_bytes = 0;   // per thread, 64-byte aligned
   size_t shared_bytes = 0;      // one buffer for all tasks (backward: partial dq sums)
   int64_t reduce_tasks = 0;     // backward: tasks of the second phase (0 = none)
