@@ -298,14 +298,14 @@ class BackendSpec:
         why = _import_module(self.module)
         if why:
             raise ImportError(why)
-        return sys.modules[self.module]
+        return _module(self.module)
 
     def unavailable(self) -> Optional[str]:
         """Why the backend cannot load at all (None when it can)."""
         why = _import_module(self.module)
         if why:
             return why
-        return sys.modules[self.module].unavailable_reason()
+        return _module(self.module).unavailable_reason()
 
     def reasons(self, p: AttentionProblem) -> List[str]:
         """Every reason this backend cannot run ``p``; empty when it can."""
@@ -315,7 +315,7 @@ class BackendSpec:
         why = self.unavailable()
         if why:
             return [why]
-        return list(sys.modules[self.module].unsupported_reasons(p))
+        return list(_module(self.module).unsupported_reasons(p))
 
 
 def _import_module(name: str) -> str:
@@ -336,6 +336,19 @@ def _import_module(name: str) -> str:
 # set directly because calling that function imports torch._dynamo (over a second), which an
 # import of this package must not pay. tests/test_reference.py traces dispatch to check it.
 _import_module._dynamo_marked_constant = True
+
+
+def _module(name: str):
+    """The module ``name``, imported already (by _import_module), as an attribute of its package.
+
+    Not ``sys.modules[name]``: torch.compile reads sys.modules as it was when the trace began, so
+    a backend module first imported during the trace (the first call of a process, compiled) was
+    missing from it (KeyError). A package's attributes are read as they are."""
+    root, _, rest = name.partition(".")
+    module = sys.modules[root]
+    for part in rest.split(".") if rest else ():
+        module = getattr(module, part)
+    return module
 
 
 class NoBackendError(RuntimeError):
@@ -487,7 +500,7 @@ def select_forward(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
                 + "; ".join(reasons)
             )
         # it runs this signature: next time only its size check is asked
-        module = sys.modules[spec.module]
+        module = _module(spec.module)
         _AUTO_CACHE[(backend, key)] = (spec, module.forward, module.unsupported_reasons)
         return spec, module.forward
     candidates = _AUTO_CACHE.get(key)
@@ -504,7 +517,7 @@ def select_forward(p: AttentionProblem, backend: str = "auto", *, warn: bool = T
                 passed[name] = reasons
             else:
                 # the module is imported now (unavailable() did it): keep its functions at hand
-                module = sys.modules[spec.module]
+                module = _module(spec.module)
                 found.append((name, spec, module.forward, module.unsupported_reasons))
         candidates = tuple(found)
         _AUTO_CACHE[key] = candidates

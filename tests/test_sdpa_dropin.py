@@ -626,3 +626,37 @@ def test_compiles_without_graph_breaks(extra):
         assert torch.equal(compiled(q, k, v), got)  # reproducible from the seed when compiled too
     else:
         assert_close(got, want, rel=1e-6, name=f"compiled {extra}")
+
+
+# The first call of a process, compiled: the backend modules are imported during the trace.
+_FIRST_CALL_COMPILED = """
+import sys
+import torch
+import torch.nn.functional as F
+import rollingq_kernels as rk
+assert "rollingq_kernels._reference_backend" not in sys.modules
+g = torch.Generator().manual_seed(4)
+q = torch.randn(2, 8, 1, 24, generator=g)  # a decoding step of grouped-query attention
+k, v = (torch.randn(2, 2, 37, 24, generator=g) for _ in range(2))
+f = torch.compile(
+    lambda q, k, v: rk.scaled_dot_product_attention(q, k, v, enable_gqa=True), fullgraph=True,
+    backend="aot_eager",
+)
+err = (f(q, k, v) - F.scaled_dot_product_attention(q, k, v, enable_gqa=True)).abs().max()
+print(err.item())
+"""
+
+
+def test_the_first_call_of_a_process_compiles_without_graph_breaks():
+    # Backend modules are imported on a call's first look at them. torch.compile reads
+    # sys.modules as it was when the trace began, so the module of a backend imported during the
+    # trace was missing from it (KeyError, a graph break that fullgraph refuses); the suite's
+    # other tests import every module first, hence a fresh process.
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALL_COMPILED], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.split()[-1]) < 1e-5
