@@ -257,28 +257,34 @@ def bench_gqa(B=4, Hq=32, Hkv=8, L=1024, D=64, *, reps: int) -> Dict:
     }
 
 
-def bench_decode(B, H, Lq, Lk, D, dtype, *, reps: int) -> Dict:
-    """Lq new queries against a KV cache of Lk keys, through the drop-in for SDPA."""
+def bench_decode(B, H, Lq, Lk, D, dtype, *, reps: int, Hkv: Optional[int] = None) -> Dict:
+    """Lq new queries against a KV cache of Lk keys, through the drop-in for SDPA; ``Hkv``: K / V
+    heads of grouped-query attention (default H)."""
     from rollingq_kernels import scaled_dot_product_attention
 
+    Hkv = H if Hkv is None else Hkv
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
-    k, v = (torch.randn(B, H, Lk, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g).to(dtype) for _ in range(2))
+    gqa = Hkv != H
 
     def call(fn):
         def run():
             with torch.no_grad():
-                fn(q, k, v)
+                fn(q, k, v, enable_gqa=gqa)
 
         return run
 
+    what = f"decode fwd, {Lq} quer{'y' if Lq == 1 else 'ies'}"
+    if gqa:
+        what += f", {H}q/{Hkv}kv heads"
     row = _pair(
-        f"decode fwd, {Lq} quer{'y' if Lq == 1 else 'ies'}", (B, H, Lq, Lk, D), dtype,
+        what, (B, H, Lq, Lk, D), dtype,
         call(scaled_dot_product_attention), call(F.scaled_dot_product_attention),
         flops=attention_flops(B, H, Lq, Lk, D), reps=reps, warmup=2,
     )  # fmt: skip
     # memory-bound: what counts is how fast K and V stream in, not the GEMM fraction
-    kv = 2 * B * H * Lk * D * q.element_size()
+    kv = 2 * B * Hkv * Lk * D * q.element_size()
     row["kv_mib"] = kv / 2**20
     row["fused_kv_gbs"] = kv / (row["fused_ms"] * 1e-3) / 1e9
     row["sdpa_kv_gbs"] = kv / (row["sdpa_ms"] * 1e-3) / 1e9
@@ -455,6 +461,9 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
             for dtype in (torch.float32, torch.bfloat16):
                 for Lq in (1, 4):
                     rows.append(bench_decode(1, 32, Lq, Lk, 128, dtype, reps=r_fast))
+            # grouped-query attention: 4 query heads per K / V head
+            for dtype in (torch.float32, torch.bfloat16):
+                rows.append(bench_decode(1, 32, 1, Lk, 128, dtype, reps=r_fast, Hkv=8))
             # the first steps of a batched decode: many heads, one query, a short cache
             for dtype in (torch.float32, torch.bfloat16):
                 rows.append(bench_decode(64, 16, 1, 16, 64, dtype, reps=r_fast))

@@ -1105,6 +1105,80 @@ def test_grouped_query_attention_matches_reference(Hkv, dtype, isa):
     _check_contract(q, k, v, kw, dtype, f"gqa {Hkv}")
 
 
+# Grouped-query calls of a few queries run with each group's query heads folded into the query
+# rows of one head (fused_op.fold_query_groups): K and V are read once per group.
+FOLD_CASES = [
+    # Lq, q's layout, attn_mask, whether the call folds
+    (1, "blhd", None, True),  # decoding: one query per head folds in any layout
+    (1, "bhld", "pad", True),
+    (3, "bhld", "float_heads", True),
+    (32, "bhld", "pad_rows", True),
+    (3, "blhd", None, False),  # a group's rows are not at one stride in q: unfolded
+    (3, "bhld", "rows", False),  # nor in a mask shared by the heads that differs by row
+    (3, "bhld", "causal", False),  # causal: row i sees keys <= i, whatever its head
+    (33, "bhld", None, False),  # more queries than FOLD_MAX_QUERIES
+]
+
+
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("Lq,layout,mask,folds", FOLD_CASES)
+def test_grouped_query_heads_folded_into_rows_match_reference(Lq, layout, mask, folds, dtype, isa):
+    assert fused_op.FOLD_MAX_QUERIES == 32
+    g = torch.Generator().manual_seed(Lq + len(layout) + len(mask or ""))
+    B, H, Hkv, Lk, D, Dv = 2, 6, 2, 77, 40, 24
+    f64 = torch.float64
+    q = torch.randn(B, Lq, H, D, generator=g, dtype=f64).to(dtype).transpose(1, 2)
+    if layout == "bhld":
+        q = q.contiguous()
+    k = torch.randn(B, Hkv, Lk, D + 3, generator=g, dtype=f64).to(dtype)[..., 1 : D + 1]
+    v = torch.randn(B, Lk, Hkv, Dv, generator=g, dtype=f64).to(dtype).transpose(1, 2)
+    kpm = torch.rand(B, Lk, generator=g) < 0.85
+    kpm[:, 0] = True
+    kw = dict(enable_gqa=True, key_padding_mask=kpm, is_causal=mask == "causal")
+    keys = torch.rand(B, 1, Lq if mask == "rows" else 1, Lk, generator=g) < 0.8
+    keys[..., 0] = True  # every row sees a key
+    if mask == "pad" or mask == "rows":
+        kw["attn_mask"] = keys
+    elif mask == "pad_rows":  # a (B, 1, 1, Lk) mask expanded over the rows: stride 0
+        kw["attn_mask"] = keys.expand(B, 1, Lq, Lk)
+    elif mask == "float_heads":
+        kw["attn_mask"] = torch.randn(B, H, Lq, Lk, generator=g, dtype=f64).to(dtype)
+    problem = make_problem(q, k, v, **kw)
+    assert (fused_op.fold_query_groups(problem) is not None) == folds
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with nan_poisoned_outputs():
+        out = rolling_attention(*inputs, backend="cpu", **kw)
+    assert out.shape == (B, H, Lq, Dv) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous() if layout == "blhd" else out.is_contiguous()
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    kw64 = dict(kw)
+    if "attn_mask" in kw and kw["attn_mask"].is_floating_point():
+        kw64["attn_mask"] = kw["attn_mask"].double()
+    ref_out = rolling_attention_reference(*ref_in, **kw64)
+    if dtype == torch.bfloat16:  # twice the error of PyTorch's own bf16 attention
+        sdpa_mask = kw.get("attn_mask")
+        kpm4 = kpm[:, None, None, :]
+        sdpa_mask = kpm4 if sdpa_mask is None else sdpa_mask & kpm4 if mask != "float_heads" else (
+            sdpa_mask.masked_fill(~kpm4, float("-inf"))
+        )  # fmt: skip
+        if mask == "causal":
+            sdpa_mask = sdpa_mask & torch.ones(Lq, Lk, dtype=torch.bool).tril()
+        torch_out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
+        bound = 2 * (torch_out.double() - ref_out.detach()).abs().max().item() + 1e-3
+        err = (out.double() - ref_out.detach()).abs().max().item()
+        assert err <= bound, f"out max error {err:.3e} > {bound:.3e}"
+    else:
+        assert_close(out, ref_out, rel=REL[dtype], name="out")
+    gout = torch.randn(out.shape, generator=g, dtype=f64)
+    with nan_poisoned_outputs():
+        got = torch.autograd.grad(out, inputs, gout.to(dtype))
+    want = torch.autograd.grad(ref_out, ref_in, gout)
+    rel = {f64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape and a.dtype == dtype
+        assert_close(a, b, rel=rel, name=f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_is_the_reference_keep_mask(p, dtype, isa):
