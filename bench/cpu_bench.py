@@ -134,15 +134,20 @@ def bench_forward_backward(shape, dtype=torch.float32, *, reps: int) -> Dict:
 
 
 def bench_bias(kind: str, shape=MASK_SHAPE, *, reps: int) -> Dict:
-    """Plain attention with a float additive mask, the same mask to both."""
+    """Plain attention with a float additive mask ("1,1,L,L", "B,1,1,L") or a boolean one
+    ("bool B,1,L,L": a padding mask per row, as transformers builds), the same mask to both."""
     from rollingq_kernels import rolling_attention
 
     B, H, L, D = shape
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3))
-    bias = torch.randn(*((1, 1, L, L) if kind == "1,1,L,L" else (B, 1, 1, L)), generator=g)
+    if kind.startswith("bool"):
+        bias = torch.rand(B, 1, L, L, generator=g) < 0.9
+        bias[..., 0] = True
+    else:
+        bias = torch.randn(*((1, 1, L, L) if kind == "1,1,L,L" else (B, 1, 1, L)), generator=g)
     return _pair(
-        f"bias ({kind})", shape, torch.float32,
+        f"{'mask' if kind.startswith('bool') else 'bias'} ({kind})", shape, torch.float32,
         lambda: rolling_attention(q, k, v, attn_mask=bias, backend="cpu"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
         flops=attention_flops(B, H, L, L, D), reps=reps,
@@ -476,7 +481,7 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
                 rows.append(bench_forward(shape, dtype, reps=r_slow, name="one head, forward"))
         mask_shape = (2, 4, 257, 64) if quick else MASK_SHAPE
         if "bias" in want:
-            for kind in ("1,1,L,L", "B,1,1,L"):
+            for kind in ("1,1,L,L", "B,1,1,L", "bool B,1,L,L"):
                 rows.append(bench_bias(kind, mask_shape, reps=r_fast))
         if "dropout" in want:
             rows.append(bench_dropout(mask_shape, reps=3 if quick else 5, memory=not quick))

@@ -62,6 +62,26 @@ inline A mask_value(const char* base, int64_t idx) {
   }
 }
 
+// n contiguous bools as 0 (true: takes part) or -inf, a vector at a time (bytes widened to the
+// lanes' integer width; a scalar loop with a select per element cost 1.7-2.1x the time of a
+// float mask's whole forward).
+template <typename A>
+inline void bools_as_bias(A* dst, const bool* src, int64_t n) {
+  using V = vec_t<A>;
+  constexpr int W = VT<A>::W;
+  typedef decltype(V{} < V{}) Mask;
+  typedef uint8_t Bytes __attribute__((vector_size(W)));
+  const V ninf = vbcast(-std::numeric_limits<A>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Bytes bytes;
+    std::memcpy(&bytes, src + j, W);
+    const Mask keep = __builtin_convertvector(bytes, Mask) != Mask{};
+    vstore(dst + j, keep ? V{} : ninf);
+  }
+  for (; j < n; ++j) dst[j] = src[j] ? A(0) : -std::numeric_limits<A>::infinity();
+}
+
 // attn_mask of query head h over the block: bool as 0 / -inf (then a select), float added.
 template <typename MT, typename A>
 void apply_attn_mask(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
@@ -98,9 +118,19 @@ void apply_attn_mask(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
   }
   if (!in_place) {  // gathered into rows of A first
     A* rows = buf + kn * lanes;
-    for (int64_t l = 0; l < qn; ++l)
-      for (int64_t j = 0; j < kn; ++j)
-        rows[l * kn + j] = mask_value<MT, A>(base, (i0 + l) * rs + (j0 + j) * cs);
+    const MT* m = reinterpret_cast<const MT*>(base) + i0 * rs + j0 * cs;
+    if (cs == 1) {  // rows converted a vector at a time
+      for (int64_t l = 0; l < qn; ++l) {
+        if constexpr (kBool)
+          bools_as_bias(rows + l * kn, m + l * rs, kn);
+        else
+          load_row(rows + l * kn, m + l * rs, kn);
+      }
+    } else {
+      for (int64_t l = 0; l < qn; ++l)
+        for (int64_t j = 0; j < kn; ++j)
+          rows[l * kn + j] = mask_value<MT, A>(base, (i0 + l) * rs + (j0 + j) * cs);
+    }
     transpose(rows, kn, T, lanes, qn, kn);
   }
   for (int64_t j = 0; j < kn; ++j) {
