@@ -135,13 +135,18 @@ def bench_forward_backward(shape, dtype=torch.float32, *, reps: int) -> Dict:
 
 def bench_bias(kind: str, shape=MASK_SHAPE, *, reps: int) -> Dict:
     """Plain attention with a float additive mask ("1,1,L,L", "B,1,1,L") or a boolean one
-    ("bool B,1,L,L": a padding mask per row, as transformers builds), the same mask to both."""
+    ("bool B,1,L,L": a mask per row, as transformers builds; "bool B,1,1,L padded": a batch of
+    which two samples are padded, to half and three quarters of L), the same mask to both."""
     from rollingq_kernels import rolling_attention
 
     B, H, L, D = shape
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3))
-    if kind.startswith("bool"):
+    if kind == "bool B,1,1,L padded":  # two samples of four padded to a half and 3/4 of L
+        bias = torch.ones(B, 1, 1, L, dtype=torch.bool)
+        bias[0, ..., L // 2 :] = False
+        bias[1, ..., 3 * L // 4 :] = False
+    elif kind.startswith("bool"):
         bias = torch.rand(B, 1, L, L, generator=g) < 0.9
         bias[..., 0] = True
     else:
@@ -481,7 +486,7 @@ def run(quick: bool = False, forward: bool = True, only: Optional[List[str]] = N
                 rows.append(bench_forward(shape, dtype, reps=r_slow, name="one head, forward"))
         mask_shape = (2, 4, 257, 64) if quick else MASK_SHAPE
         if "bias" in want:
-            for kind in ("1,1,L,L", "B,1,1,L", "bool B,1,L,L"):
+            for kind in ("1,1,L,L", "B,1,1,L", "bool B,1,L,L", "bool B,1,1,L padded"):
                 rows.append(bench_bias(kind, mask_shape, reps=r_fast))
         if "dropout" in want:
             rows.append(bench_dropout(mask_shape, reps=3 if quick else 5, memory=not quick))

@@ -1117,6 +1117,44 @@ def test_grouped_query_attention_matches_reference(Hkv, dtype, isa):
     _check_contract(q, k, v, kw, dtype, f"gqa {Hkv}")
 
 
+# Key blocks that key padding or a bool attn_mask hides from a whole query tile are skipped.
+@pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("how", ["padding", "bool_causal", "bool_keys", "few_queries"])
+def test_key_blocks_hidden_from_a_whole_tile_are_skipped(how, dtype, isa):
+    # Sample 0 pads its last 600 of 1000 keys (whole key blocks of either engine: 128 or 256
+    # keys), sample 1 pads none; with a bool causal mask every tile also has blocks past its
+    # diagonal. NaN in the hidden keys and values: a skipped block adds nothing to a row, as in
+    # the reference (a computed one could add 0 * NaN, docs/numerics.md), so the output has no
+    # NaN at all, and the rest matches the reference.
+    g = torch.Generator().manual_seed(len(how))
+    B, H, Lk, D, Dv = 2, 2, 1000, 40, 24
+    Lq = 3 if how == "few_queries" else 333
+    f64 = torch.float64
+    q = torch.randn(B, Lq, H, D, generator=g, dtype=f64).to(dtype).transpose(1, 2)
+    k = torch.randn(B, H, Lk, D, generator=g, dtype=f64).to(dtype)
+    v = torch.randn(B, H, Lk, Dv, generator=g, dtype=f64).to(dtype)
+    visible = torch.ones(B, Lk, dtype=torch.bool)
+    visible[0, 400:] = False
+    k[0, :, 700] = float("nan")
+    v[0, :, 650:660] = float("nan")
+    kw = {}
+    if how in ("padding", "few_queries"):
+        kw["key_padding_mask"] = visible
+    elif how == "bool_keys":  # (B, 1, 1, Lk): the same row for every query
+        kw["attn_mask"] = visible[:, None, None, :]
+    else:  # lower-right causal band and the padding in one (B, 1, Lq, Lk) bool mask
+        band = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+        kw["attn_mask"] = (band & visible[:, None, :])[:, None].contiguous()
+    with nan_poisoned_outputs():
+        out = rolling_attention(q, k, v, backend="cpu", **kw)
+    assert not out.isnan().any()
+    kw64 = dict(kw)
+    ref = rolling_attention_reference(q.double(), k.double(), v.double(), **kw64)
+    assert not ref.isnan().any()
+    tol = {f64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert_close(out, ref, rel=tol, name=f"{how}: out")
+
+
 # Grouped-query calls of a few queries run with each group's query heads folded into the query
 # rows of one head (fused_op.fold_query_groups): K and V are read once per group.
 FOLD_CASES = [

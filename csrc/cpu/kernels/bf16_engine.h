@@ -441,7 +441,7 @@ bool bf16_fwd_key_steps(const AttentionParams& p, int64_t b, int64_t h, int64_t 
   const int64_t D = p.head_dim, Dv = p.value_dim, hk = kv_head(p, h);
   const bf16* k = ptr<bf16>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const bf16* v = ptr<bf16>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const bool masked = has_masks(p);
+  const bool masked = has_masks(p), skip_hidden = may_hide_blocks(p);
   fill(w.OT, Dv * lanes, 0.0f);
   fill(w.m, lanes, -std::numeric_limits<float>::infinity());
   fill(w.l, lanes, 0.0f);
@@ -460,6 +460,7 @@ bool bf16_fwd_key_steps(const AttentionParams& p, int64_t b, int64_t h, int64_t 
     kn = imin(fuse && j0 == 0 && !seeded ? kFirstStep : kBf16KeyBlock - off, k_end - j0);
     const int64_t knp = round_up(kn, 32);
     hp.ensure(p, k, v, b * p.heads_kv + hk, imin(p.seqlen_k, j0 + knp));
+    if (skip_hidden && block_hidden(p, b, h, i0, qn, j0, kn)) continue;
     bool moved = false;
     if (fuse && (j0 > 0 || seeded)) {
       const bf16* kr = hp.krows + j0 * D;

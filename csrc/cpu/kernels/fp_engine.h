@@ -799,7 +799,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
   const int64_t hk = kv_head(p, h);
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const bool masked = has_masks(p);
+  const bool masked = has_masks(p), skip_hidden = may_hide_blocks(p);
   const int64_t k_end = causal_end(p, i0, qn);
   for (int64_t j0 = 0; j0 < k_end; j0 += kKeyBlock) {
     const int64_t kn = imin(kKeyBlock, k_end - j0);
@@ -808,6 +808,7 @@ void fwd_task_fp(const AttentionParams& p, int64_t task, int64_t tiles, int64_t 
     int64_t ldk;
     const A* kA = rows.kA(j0, &ldk);
     if (sums) key_stats<T, A>(p, b, h, h == 0, j0, j0 + kn, kA, ldk);
+    if (skip_hidden && block_hidden(p, b, h, i0, qn, j0, kn)) continue;
     if (by_rows) {  // K's rows are padded to Dp with zeros (HeadRows), as are the query rows
       // V's rows that O += P V will read from the tensor are fetched while the scores are taken
       // (row_dots' prefetch), so that K and V stream in together

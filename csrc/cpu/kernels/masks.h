@@ -45,6 +45,44 @@ inline bool row_sees_a_key(const AttentionParams& p, int64_t b, int64_t h, int64
   return false;
 }
 
+// Whether none of x[0, n) is true (bools are bytes 0 / 1: eight at a time).
+inline bool none_true(const bool* x, int64_t n) {
+  uint64_t any = 0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, x + j, 8);
+    any |= word;
+  }
+  for (; j < n; ++j) any |= uint64_t(x[j]);
+  return any == 0;
+}
+
+// Whether a boolean mask can hide whole blocks of keys: key padding or a bool attn_mask.
+inline bool may_hide_blocks(const AttentionParams& p) {
+  return p.key_padding != nullptr || p.attn_mask_kind == AttentionParams::kMaskBool;
+}
+
+// Whether keys [j0, j0 + kn) are hidden from every row of [i0, i0 + qn) of (b, h) by the key
+// padding alone or by a bool attn_mask alone (the causal band ends the keys at causal_end). Such
+// a block adds nothing to a row but 0 * v where v holds NaN or inf (docs/numerics.md: the
+// reference does not add that either), so the products skip it: a padded batch's tail, the
+// upper triangle of a causal bool mask. Costs a read of the block's mask bytes at most, and
+// stops at the first key that takes part.
+inline bool block_hidden(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
+                         int64_t j0, int64_t kn) {
+  if (p.key_padding != nullptr &&
+      none_true(p.key_padding + b * p.key_padding_batch_stride + j0, kn))
+    return true;
+  if (p.attn_mask_kind != AttentionParams::kMaskBool || p.mask_col_stride != 1) return false;
+  const bool* m = static_cast<const bool*>(p.attn_mask) + b * p.mask_batch_stride +
+                  h * p.mask_head_stride + i0 * p.mask_row_stride + j0;
+  const int64_t rows = p.mask_row_stride == 0 ? 1 : qn;
+  for (int64_t l = 0; l < rows; ++l)
+    if (!none_true(m + l * p.mask_row_stride, kn)) return false;
+  return true;
+}
+
 inline bool has_masks(const AttentionParams& p) {
   return p.key_padding != nullptr || p.is_causal || p.attn_mask_kind != AttentionParams::kMaskNone;
 }
