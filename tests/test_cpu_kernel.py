@@ -1145,14 +1145,31 @@ def test_key_blocks_hidden_from_a_whole_tile_are_skipped(how, dtype, isa):
     else:  # lower-right causal band and the padding in one (B, 1, Lq, Lk) bool mask
         band = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
         kw["attn_mask"] = (band & visible[:, None, :])[:, None].contiguous()
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    gout = torch.randn(B, H, Lq, Dv, generator=g, dtype=f64).to(dtype)
     with nan_poisoned_outputs():
-        out = rolling_attention(q, k, v, backend="cpu", **kw)
+        out = rolling_attention(*inputs, backend="cpu", **kw)
+        grads = torch.autograd.grad(out, inputs, gout)
     assert not out.isnan().any()
-    kw64 = dict(kw)
-    ref = rolling_attention_reference(q.double(), k.double(), v.double(), **kw64)
+    for name, t in zip("qkv", grads):  # the backward skips the same blocks
+        assert not t.isnan().any(), f"d{name} has NaN"
+    ref = rolling_attention_reference(q.double(), k.double(), v.double(), **kw)
     assert not ref.isnan().any()
     tol = {f64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert_close(out, ref, rel=tol, name=f"{how}: out")
+    # gradients against the reference's (whose own backward meets 0 * NaN): on finite inputs
+    k[0, :, 700] = 1.0
+    v[0, :, 650:660] = 1.0
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with nan_poisoned_outputs():
+        got = torch.autograd.grad(rolling_attention(*inputs, backend="cpu", **kw), inputs, gout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(rolling_attention_reference(*leaves, **kw), leaves, gout.double())
+    rel = {f64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    for name, a, e in zip("qkv", got, want):
+        assert_close(a, e, rel=rel, name=f"{how}: d{name}")
+        if name != "q":  # hidden keys get exactly zero gradient
+            assert torch.equal(a[0, :, 400:], torch.zeros_like(a[0, :, 400:]))
 
 
 # Grouped-query calls of a few queries run with each group's query heads folded into the query

@@ -732,7 +732,7 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
   const int64_t ckp = round_up(imax<int64_t>(ck, 1), 32);
   const float inf = std::numeric_limits<float>::infinity();
   const float scale = float(p.scale);
-  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0;
+  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0, skip_hidden = may_hide_blocks(p);
   const float c_mul = scale * log2e<float>();
   const bool fuse = G::kFusedSoftmax && !masked && !dropout && std::isfinite(c_mul);
 
@@ -790,6 +790,8 @@ void bf16_bwd_task(const AttentionBwdParams& p, const BwdShape& s, int64_t task,
 
       for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t kn = imin(kKeyBlock, k_hi - j0), knp = round_up(kn, 32);
+        // a block hidden from the whole tile: P = 0 there, nothing to add (dK, dV start at 0)
+        if (skip_hidden && block_hidden(p, b, h, i0, qn, j0, kn)) continue;
         // P^T = exp(S^T - lse), and its bf16 rows (with dropout: of P Z)
         const float* PZ = w.S;
         if (fold) {

@@ -1084,7 +1084,7 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
   const int64_t c0 = imin(Lk, c * s.chunk), c1 = imin(Lk, c0 + s.chunk), ck = c1 - c0;
   const A inf = std::numeric_limits<A>::infinity();
   const A scale = A(p.scale);
-  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0;
+  const bool masked = has_masks(p), dropout = p.dropout_p > 0.0, skip_hidden = may_hide_blocks(p);
 
   const T* k = ptr<T>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = ptr<T>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
@@ -1180,6 +1180,17 @@ void bwd_task_fp(const AttentionBwdParams& p, const BwdShape& s, int64_t task, B
 
         for (int64_t j0 = c0; j0 < k_hi; j0 += kKeyBlock) {
           const int64_t kn = imin(kKeyBlock, k_hi - j0);
+          if (skip_hidden && block_hidden(p, b, h, i0, qn, j0, kn)) {
+            // P = 0 for the whole tile: nothing to add. Rows no product has set yet are set to
+            // zero here, so that the rows below set_end keep holding sums.
+            for (int64_t j = imax(set_end, j0); j < j0 + kn; ++j) {
+              fill(dKc + (j - c0) * ldK, Dp, A(0));
+              fill(dVc + (j - c0) * ldV, Dvp, A(0));
+            }
+            set_end = imax(set_end, j0 + kn);
+            if (once && !direct) write_keys(j0, j0 + kn);
+            continue;
+          }
           int64_t ldkA, ldvA;
           const A* kA = rows.kA(j0, &ldkA);
           const A* vA = by_rows ? rows.vR(j0, &ldvA) : rows.vA(p, v, j0, Dvp, &ldvA);
