@@ -58,6 +58,21 @@ inline bool none_true(const bool* x, int64_t n) {
   return any == 0;
 }
 
+// Whether all of x[0, n) are true.
+inline bool all_true(const bool* x, int64_t n) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  uint64_t all = kOnes;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, x + j, 8);
+    all &= word;
+  }
+  bool tail = true;
+  for (; j < n; ++j) tail &= x[j];
+  return all == kOnes && tail;
+}
+
 // Whether a boolean mask can hide whole blocks of keys: key padding or a bool attn_mask.
 inline bool may_hide_blocks(const AttentionParams& p) {
   return p.key_padding != nullptr || p.attn_mask_kind == AttentionParams::kMaskBool;
@@ -144,6 +159,14 @@ void apply_attn_mask(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
       }
     }
     return;
+  }
+  if constexpr (kBool) {  // a block the mask hides nothing of (below a causal mask's diagonal)
+    if (cs == 1) {
+      const bool* m = reinterpret_cast<const bool*>(base) + i0 * rs + j0;
+      bool all = true;
+      for (int64_t l = 0; l < qn && all; ++l) all = all_true(m + l * rs, kn);
+      if (all) return;
+    }
   }
   // rows of the mask, transposed into buf[j][lane]
   A* T = buf;
