@@ -24,9 +24,9 @@ from ._stats import AttentionStats
 
 __all__ = [
     "attention_forward",
-    "fold_query_groups",
     "direct_backward_entry",
     "direct_entry",
+    "fold_query_groups",
     "id_range_entry",
     "load_error",
     "library_path",
@@ -175,11 +175,12 @@ def fold_query_groups(problem):
     row), a rotation or statistics.
     """
     q, k = problem.q, problem.k
-    B, H, Lq, D = q.shape
     Hkv = k.shape[1]
+    if Hkv == q.shape[1]:  # no groups: every call without GQA leaves here
+        return None
+    B, H, Lq, D = q.shape
     if (
-        Hkv == H
-        or Lq > FOLD_MAX_QUERIES
+        Lq > FOLD_MAX_QUERIES
         or problem.return_stats
         or problem.rotation is not None
         or problem.is_causal

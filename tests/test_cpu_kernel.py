@@ -1051,9 +1051,7 @@ def _check_contract(q, k, v, kw, dtype, what, grads=True):
     with nan_poisoned_outputs():
         got = torch.autograd.grad(out, inputs, gout.to(dtype))
     want = torch.autograd.grad(ref_out, ref_in, gout)
-    rel = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[
-        dtype
-    ]
+    rel = GRAD_REL[dtype]
     for name, a, b in zip("qkv", got, want):
         assert a.shape == b.shape and a.dtype == dtype
         assert_close(a, b, rel=rel, name=f"{what}: d{name}")
@@ -1061,6 +1059,8 @@ def _check_contract(q, k, v, kw, dtype, what, grads=True):
 
 # float16: its output rounding (2^-11 relative), everything before it in float32
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}
+# gradients against the float64 reference's
+GRAD_REL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
 @pytest.mark.parametrize("dtype", CONTRACT_DTYPES, ids=dtype_id)
@@ -1165,7 +1165,7 @@ def test_key_blocks_hidden_from_a_whole_tile_are_skipped(how, dtype, isa):
         got = torch.autograd.grad(rolling_attention(*inputs, backend="cpu", **kw), inputs, gout)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(rolling_attention_reference(*leaves, **kw), leaves, gout.double())
-    rel = {f64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    rel = GRAD_REL[dtype]
     for name, a, e in zip("qkv", got, want):
         assert_close(a, e, rel=rel, name=f"{how}: d{name}")
         if name != "q":  # hidden keys get exactly zero gradient
@@ -1240,7 +1240,7 @@ def test_grouped_query_heads_folded_into_rows_match_reference(Lq, layout, mask, 
     with nan_poisoned_outputs():
         got = torch.autograd.grad(out, inputs, gout.to(dtype))
     want = torch.autograd.grad(ref_out, ref_in, gout)
-    rel = {f64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    rel = GRAD_REL[dtype]
     for name, a, b in zip("qkv", got, want):
         assert a.shape == b.shape and a.dtype == dtype
         assert_close(a, b, rel=rel, name=f"d{name}")
@@ -1353,7 +1353,7 @@ def test_backward_matches_reference_autograd(kw, dtype, isa):
     want = torch.autograd.grad(ref_out, ref_in, g)
     # float32 gradients: the error of float32 arithmetic over L-long sums, well below 1e-4;
     # bfloat16 / float16: the rounding of the inputs and of the stored gradients (8 / 11 bits).
-    rel = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    rel = GRAD_REL[dtype]
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype
         assert_close(a, b, rel=rel, name=f"d{name}")

@@ -45,32 +45,19 @@ inline bool row_sees_a_key(const AttentionParams& p, int64_t b, int64_t h, int64
   return false;
 }
 
-// Whether none of x[0, n) is true (bools are bytes 0 / 1: eight at a time).
-inline bool none_true(const bool* x, int64_t n) {
-  uint64_t any = 0;
+// Whether every one of x[0, n) is `value` (bools are bytes 0 / 1: eight at a time, stopping at
+// the first word that differs).
+inline bool all_bools(const bool* x, int64_t n, bool value) {
+  const uint64_t want = value ? 0x0101010101010101ull : 0;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     uint64_t word;
     std::memcpy(&word, x + j, 8);
-    any |= word;
+    if (word != want) return false;
   }
-  for (; j < n; ++j) any |= uint64_t(x[j]);
-  return any == 0;
-}
-
-// Whether all of x[0, n) are true.
-inline bool all_true(const bool* x, int64_t n) {
-  constexpr uint64_t kOnes = 0x0101010101010101ull;
-  uint64_t all = kOnes;
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    uint64_t word;
-    std::memcpy(&word, x + j, 8);
-    all &= word;
-  }
-  bool tail = true;
-  for (; j < n; ++j) tail &= x[j];
-  return all == kOnes && tail;
+  for (; j < n; ++j)
+    if (x[j] != value) return false;
+  return true;
 }
 
 // Whether a boolean mask can hide whole blocks of keys: key padding or a bool attn_mask.
@@ -87,14 +74,14 @@ inline bool may_hide_blocks(const AttentionParams& p) {
 inline bool block_hidden(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t qn,
                          int64_t j0, int64_t kn) {
   if (p.key_padding != nullptr &&
-      none_true(p.key_padding + b * p.key_padding_batch_stride + j0, kn))
+      all_bools(p.key_padding + b * p.key_padding_batch_stride + j0, kn, false))
     return true;
   if (p.attn_mask_kind != AttentionParams::kMaskBool || p.mask_col_stride != 1) return false;
   const bool* m = static_cast<const bool*>(p.attn_mask) + b * p.mask_batch_stride +
                   h * p.mask_head_stride + i0 * p.mask_row_stride + j0;
   const int64_t rows = p.mask_row_stride == 0 ? 1 : qn;
   for (int64_t l = 0; l < rows; ++l)
-    if (!none_true(m + l * p.mask_row_stride, kn)) return false;
+    if (!all_bools(m + l * p.mask_row_stride, kn, false)) return false;
   return true;
 }
 
@@ -164,7 +151,7 @@ void apply_attn_mask(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
     if (cs == 1) {
       const bool* m = reinterpret_cast<const bool*>(base) + i0 * rs + j0;
       bool all = true;
-      for (int64_t l = 0; l < qn && all; ++l) all = all_true(m + l * rs, kn);
+      for (int64_t l = 0; l < qn && all; ++l) all = all_bools(m + l * rs, kn, true);
       if (all) return;
     }
   }
